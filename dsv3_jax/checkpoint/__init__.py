@@ -1,0 +1,1 @@
+"""Checkpoints: orbax for training state, safetensors for the Hugging Face layout."""

@@ -1,0 +1,378 @@
+"""Typed, validated configuration.
+
+Experiment files under `configs/` are ml_collections ConfigDicts (easy to override from the
+command line); the library turns them once into the frozen dataclasses below and validates
+them, so that every module downstream reads typed fields and every bad value fails early with
+a `ValueError` naming the field and the rule it breaks.
+
+Model field names follow the Hugging Face `DeepseekV3Config` where one exists, so that
+`from_hf_config` / `to_hf_config` are plain renames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+PRECISIONS = ("fp32", "bf16", "fp8")
+DTYPES = ("float32", "bfloat16")
+PIPELINES = ("none", "1f1b", "dualpipe")
+
+
+def _require(ok: bool, field: str, rule: str, value: Any) -> None:
+  if not ok:
+    raise ValueError(f"invalid config field `{field}` = {value!r}: {rule}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The network's hyperparameters (DeepSeek-V3 names; see REFERENCE §1)."""
+
+  vocab_size: int = 512
+  hidden_size: int = 256
+  intermediate_size: int = 768  # dense (first_k_dense_replace) layers' SwiGLU width
+  moe_intermediate_size: int = 128  # each routed / shared expert's width
+  num_hidden_layers: int = 4
+  first_k_dense_replace: int = 1  # the first k layers are dense
+  num_attention_heads: int = 4
+  q_lora_rank: int = 0  # 0 = no low-rank query (a plain W_q projection)
+  kv_lora_rank: int = 64
+  qk_nope_head_dim: int = 32
+  qk_rope_head_dim: int = 16
+  v_head_dim: int = 32
+  n_routed_experts: int = 16
+  n_shared_experts: int = 1
+  num_experts_per_tok: int = 4
+  n_group: int = 4
+  topk_group: int = 2
+  routed_scaling_factor: float = 2.5
+  norm_topk_prob: bool = True
+  num_nextn_predict_layers: int = 1  # MTP depth D
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  max_position_embeddings: int = 2048
+  # YaRN (rope_scaling in HF); factor 1.0 turns it off.
+  rope_factor: float = 1.0
+  rope_original_max_position_embeddings: int = 4096
+  rope_beta_fast: float = 32.0
+  rope_beta_slow: float = 1.0
+  rope_mscale: float = 1.0
+  rope_mscale_all_dim: float = 1.0
+  init_std: float = 0.006
+  dtype: str = "float32"  # activation dtype; parameters are always float32 masters
+  matmul_precision: str = "fp32"  # fp32 | bf16 | fp8 for every linear projection
+  expert_block_size: int = 64  # rows per block of the dropless grouped expert GEMM
+
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+  @property
+  def n_dense_layers(self) -> int:
+    return min(self.first_k_dense_replace, self.num_hidden_layers)
+
+  @property
+  def n_moe_layers(self) -> int:
+    return self.num_hidden_layers - self.n_dense_layers
+
+  def validate(self) -> "ModelConfig":
+    positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                "max_position_embeddings", "expert_block_size",
+                "rope_original_max_position_embeddings")
+    for name in positive:
+      v = getattr(self, name)
+      _require(isinstance(v, int) and v > 0, f"model.{name}", "must be a positive integer", v)
+    for name in ("q_lora_rank", "first_k_dense_replace", "n_shared_experts",
+                 "num_nextn_predict_layers"):
+      v = getattr(self, name)
+      _require(isinstance(v, int) and v >= 0, f"model.{name}", "must be an integer >= 0", v)
+    _require(self.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim",
+             "rotary dims come in pairs, so it must be even", self.qk_rope_head_dim)
+    _require(self.first_k_dense_replace <= self.num_hidden_layers, "model.first_k_dense_replace",
+             f"cannot exceed num_hidden_layers={self.num_hidden_layers}",
+             self.first_k_dense_replace)
+    if self.n_moe_layers > 0 or self.num_nextn_predict_layers > 0:
+      _require(self.n_routed_experts > 0, "model.n_routed_experts", "must be positive",
+               self.n_routed_experts)
+      _require(0 < self.num_experts_per_tok <= self.n_routed_experts, "model.num_experts_per_tok",
+               f"must be in [1, n_routed_experts={self.n_routed_experts}]",
+               self.num_experts_per_tok)
+      _require(self.n_group > 0, "model.n_group", "must be positive", self.n_group)
+      _require(self.n_routed_experts % self.n_group == 0, "model.n_routed_experts",
+               f"must be divisible by n_group={self.n_group}", self.n_routed_experts)
+      _require(0 < self.topk_group <= self.n_group, "model.topk_group",
+               f"must be in [1, n_group={self.n_group}]", self.topk_group)
+      per_group = self.n_routed_experts // self.n_group
+      _require(self.topk_group * per_group >= self.num_experts_per_tok, "model.topk_group",
+               f"the kept groups hold topk_group*experts_per_group = {self.topk_group}*"
+               f"{per_group} experts, fewer than num_experts_per_tok="
+               f"{self.num_experts_per_tok}", self.topk_group)
+      _require(self.n_group == 1 or per_group >= 2, "model.n_group",
+               "a group's score is the sum of its top-2 experts, so groups need >= 2 experts",
+               self.n_group)
+    _require(self.routed_scaling_factor > 0, "model.routed_scaling_factor", "must be positive",
+             self.routed_scaling_factor)
+    _require(self.rms_norm_eps > 0, "model.rms_norm_eps", "must be positive", self.rms_norm_eps)
+    _require(self.rope_theta > 1, "model.rope_theta", "must be > 1", self.rope_theta)
+    _require(self.rope_factor >= 1.0, "model.rope_factor", "must be >= 1 (1 = no YaRN)",
+             self.rope_factor)
+    _require(self.rope_beta_fast > self.rope_beta_slow > 0, "model.rope_beta_fast",
+             f"need beta_fast > beta_slow={self.rope_beta_slow} > 0", self.rope_beta_fast)
+    _require(self.init_std > 0, "model.init_std", "must be positive", self.init_std)
+    _require(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}", self.dtype)
+    _require(self.matmul_precision in PRECISIONS, "model.matmul_precision",
+             f"must be one of {PRECISIONS}", self.matmul_precision)
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation and loop settings (DeepSeek-V3 recipe defaults, REFERENCE §3, §4, §7)."""
+
+  steps: int = 100
+  global_batch: int = 8  # sequences per step, divisible by the batch mesh axes
+  seq_len: int = 128
+  learning_rate: float = 2.2e-4  # peak
+  warmup_steps: int = 10
+  min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+  moment_dtype: str = "bfloat16"  # AdamW moments; master weights stay float32
+  mtp_lambda: float = 0.3
+  balance_alpha: float = 1e-4  # complementary sequence-wise balance loss weight
+  bias_update_gamma: float = 1e-3  # aux-loss-free bias update speed
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 50
+  eval_batches: int = 4
+  checkpoint_every: int = 50
+  keep_checkpoints: int = 3
+
+  def validate(self) -> "TrainConfig":
+    for name in ("steps", "global_batch", "seq_len", "log_every", "eval_every",
+                 "eval_batches", "checkpoint_every", "keep_checkpoints"):
+      v = getattr(self, name)
+      _require(isinstance(v, int) and v > 0, f"train.{name}", "must be a positive integer", v)
+    _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", self.warmup_steps)
+    _require(self.learning_rate > 0, "train.learning_rate", "must be positive",
+             self.learning_rate)
+    _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]",
+             self.min_lr_ratio)
+    for name in ("b1", "b2"):
+      v = getattr(self, name)
+      _require(0 <= v < 1, f"train.{name}", "must be in [0, 1)", v)
+    for name in ("weight_decay", "mtp_lambda", "balance_alpha", "bias_update_gamma"):
+      v = getattr(self, name)
+      _require(v >= 0, f"train.{name}", "must be >= 0", v)
+    _require(self.grad_clip > 0, "train.grad_clip", "must be positive", self.grad_clip)
+    _require(self.moment_dtype in DTYPES, "train.moment_dtype", f"must be one of {DTYPES}",
+             self.moment_dtype)
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where tokens come from."""
+
+  path: str = ""  # "" = the Python standard library's sources; else files/dirs/globs, comma-separated
+  tokenizer: str = ""  # "" = byte-level; else a HF tokenizer.json
+  heldout_fraction: float = 0.05  # share of files held out (split by file)
+  max_bytes: int = 0  # 0 = read everything; else cap the corpus (quick runs)
+
+  def validate(self) -> "DataConfig":
+    _require(0 < self.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)",
+             self.heldout_fraction)
+    _require(self.max_bytes >= 0, "data.max_bytes", "must be >= 0", self.max_bytes)
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+  """The device mesh: sizes of the `data`, `expert` and `pipe` axes (-1 = the rest)."""
+
+  data: int = -1
+  expert: int = 1
+  pipe: int = 1
+  ep_ranks_per_node: int = 1  # EP ranks forming one "node" for node-limited routing
+  pipeline: str = "none"  # none | 1f1b | dualpipe
+  microbatches: int = 4
+
+  def validate(self) -> "ParallelConfig":
+    sizes = (self.data, self.expert, self.pipe)
+    _require(sum(s == -1 for s in sizes) <= 1, "parallel.data",
+             "at most one of data/expert/pipe may be -1", sizes)
+    for name in ("data", "expert", "pipe"):
+      v = getattr(self, name)
+      _require(v == -1 or v > 0, f"parallel.{name}", "must be positive or -1", v)
+    _require(self.ep_ranks_per_node > 0, "parallel.ep_ranks_per_node", "must be positive",
+             self.ep_ranks_per_node)
+    _require(self.pipeline in PIPELINES, "parallel.pipeline", f"must be one of {PIPELINES}",
+             self.pipeline)
+    _require(self.microbatches > 0, "parallel.microbatches", "must be positive",
+             self.microbatches)
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+
+  def validate(self) -> "Config":
+    self.model.validate()
+    self.train.validate()
+    self.data.validate()
+    self.parallel.validate()
+    _require(self.train.seq_len <= self.model.max_position_embeddings, "train.seq_len",
+             f"exceeds model.max_position_embeddings={self.model.max_position_embeddings}",
+             self.train.seq_len)
+    return self
+
+
+_SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig,
+             "parallel": ParallelConfig}
+
+
+def _build(cls, values: Mapping[str, Any], prefix: str):
+  known = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - set(known))
+  if unknown:
+    raise ValueError(f"unknown config field(s) {', '.join(prefix + u for u in unknown)}; "
+                     f"known: {', '.join(sorted(known))}")
+  kwargs = {}
+  for name, value in values.items():
+    default = known[name].default
+    if isinstance(default, bool) and not isinstance(value, bool):
+      raise ValueError(f"invalid config field `{prefix}{name}` = {value!r}: must be a bool")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+      if not value.is_integer():
+        raise ValueError(f"invalid config field `{prefix}{name}` = {value!r}: must be an integer")
+      value = int(value)
+    kwargs[name] = value
+  return cls(**kwargs)
+
+
+def from_dict(values: Mapping[str, Any]) -> Config:
+  """Builds and validates a `Config` from a nested mapping or an ml_collections ConfigDict."""
+  if hasattr(values, "to_dict"):
+    values = values.to_dict()
+  unknown = sorted(set(values) - set(_SECTIONS))
+  if unknown:
+    raise ValueError(f"unknown config section(s) {unknown}; known: {sorted(_SECTIONS)}")
+  parts = {name: _build(cls, values.get(name, {}), f"{name}.") for name, cls in _SECTIONS.items()}
+  return Config(**parts).validate()
+
+
+def to_dict(config: Config) -> dict:
+  return dataclasses.asdict(config)
+
+
+def replace(config: Config, **sections: Mapping[str, Any]) -> Config:
+  """`replace(cfg, model={"n_routed_experts": 8})` -> a new validated Config."""
+  values = to_dict(config)
+  for name, updates in sections.items():
+    values[name].update(updates)
+  return from_dict(values)
+
+
+# ----------------------------------------------------------------------------- HF interop
+_HF_RENAMES = {
+    "rope_factor": "factor",
+    "rope_original_max_position_embeddings": "original_max_position_embeddings",
+    "rope_beta_fast": "beta_fast",
+    "rope_beta_slow": "beta_slow",
+    "rope_mscale": "mscale",
+    "rope_mscale_all_dim": "mscale_all_dim",
+}
+_HF_PLAIN = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+             "num_hidden_layers", "first_k_dense_replace", "num_attention_heads",
+             "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+             "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group",
+             "topk_group", "routed_scaling_factor", "norm_topk_prob",
+             "num_nextn_predict_layers", "rms_norm_eps", "rope_theta",
+             "max_position_embeddings")
+
+
+def from_hf_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
+  """ModelConfig from a HF DeepSeek-V3 `config.json` mapping."""
+  kwargs = {name: hf[name] for name in _HF_PLAIN if hf.get(name) is not None}
+  kwargs["q_lora_rank"] = hf.get("q_lora_rank") or 0
+  kwargs["init_std"] = hf.get("initializer_range", 0.006)
+  if hf.get("scoring_func", "sigmoid") != "sigmoid":
+    raise ValueError(f"HF config scoring_func={hf['scoring_func']!r}: only 'sigmoid' "
+                     "(DeepSeek-V3) is supported")
+  scaling = hf.get("rope_scaling") or {}
+  kind = scaling.get("type", scaling.get("rope_type"))
+  if kind not in (None, "yarn", "default"):
+    raise ValueError(f"HF config rope_scaling type {kind!r}: only 'yarn' is supported")
+  if kind == "yarn":
+    for ours, theirs in _HF_RENAMES.items():
+      if scaling.get(theirs) is not None:
+        kwargs[ours] = scaling[theirs]
+  for name in ("routed_scaling_factor", "rms_norm_eps", "rope_theta", "rope_factor",
+               "rope_beta_fast", "rope_beta_slow", "rope_mscale", "rope_mscale_all_dim"):
+    if name in kwargs:
+      kwargs[name] = float(kwargs[name])
+  kwargs.update(overrides)
+  return ModelConfig(**kwargs).validate()
+
+
+def to_hf_config(cfg: ModelConfig) -> dict:
+  """A HF DeepSeek-V3 `config.json` mapping for this model."""
+  hf = {name: getattr(cfg, name) for name in _HF_PLAIN}
+  hf.update(
+      architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
+      q_lora_rank=cfg.q_lora_rank or None, hidden_act="silu", scoring_func="sigmoid",
+      topk_method="noaux_tc", moe_layer_freq=1, tie_word_embeddings=False,
+      attention_bias=False, attention_dropout=0.0, initializer_range=cfg.init_std,
+      rope_interleave=True, torch_dtype="bfloat16", bos_token_id=0, eos_token_id=1)
+  if cfg.rope_factor > 1.0:
+    hf["rope_scaling"] = {"type": "yarn", "rope_type": "yarn",
+                          **{theirs: getattr(cfg, ours) for ours, theirs in _HF_RENAMES.items()}}
+  else:
+    hf["rope_scaling"] = None
+  return hf
+
+
+def param_counts(cfg: ModelConfig) -> dict:
+  """Analytic parameter counts (total, activated per token, MTP), for cross-checks."""
+  d = cfg.hidden_size
+  h = cfg.num_attention_heads
+  if cfg.q_lora_rank:
+    q = d * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * h * cfg.qk_head_dim
+  else:
+    q = d * h * cfg.qk_head_dim
+  kv = (d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
+        + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+  attn = q + kv + h * cfg.v_head_dim * d + 2 * d  # + the two block norms
+  dense = 3 * d * cfg.intermediate_size
+  expert = 3 * d * cfg.moe_intermediate_size
+  moe_total = (cfg.n_routed_experts + cfg.n_shared_experts) * expert + d * cfg.n_routed_experts
+  moe_active = (cfg.num_experts_per_tok + cfg.n_shared_experts) * expert + d * cfg.n_routed_experts
+  embed = cfg.vocab_size * d
+  head = cfg.vocab_size * d + d
+  body_total = cfg.n_dense_layers * (attn + dense) + cfg.n_moe_layers * (attn + moe_total)
+  body_active = cfg.n_dense_layers * (attn + dense) + cfg.n_moe_layers * (attn + moe_active)
+  mtp_unique = cfg.num_nextn_predict_layers * (2 * d * d + 2 * d + d + attn + moe_total)
+  return {"total": embed + body_total + head,
+          "activated": embed + body_active + head,
+          "mtp_unique": mtp_unique,
+          "mtp_with_shared": mtp_unique + cfg.num_nextn_predict_layers * (embed + head - d)}
+
+
+def describe(cfg: ModelConfig) -> str:
+  c = param_counts(cfg)
+  return (f"{c['total'] / 1e9:.2f}B params, {c['activated'] / 1e9:.2f}B activated, "
+          f"MTP {c['mtp_unique'] / 1e9:.2f}B unique")
+
+
+__all__ = ["Config", "ModelConfig", "TrainConfig", "DataConfig", "ParallelConfig", "from_dict",
+           "to_dict", "replace", "from_hf_config", "to_hf_config", "param_counts", "describe"]

@@ -1,0 +1,1 @@
+"""Flax NNX layers of DeepSeek-V3, one concept per file."""

@@ -1,0 +1,45 @@
+"""One pre-norm transformer block: x + MLA(norm(x)), then + FFN(norm(x)).
+
+The FFN is a dense SwiGLU MLP for the first `first_k_dense_replace` layers and DeepSeekMoE
+after that. Every block returns the same aux structure (zeros for dense blocks) so stacks of
+either kind scan the same way.
+"""
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.mla import MLA, LatentCache
+from dsv3_jax.layers.mlp import MLP
+from dsv3_jax.layers.moe import MoE
+from dsv3_jax.layers.norms import RMSNorm
+
+
+def empty_aux(cfg: ModelConfig) -> dict:
+  return {"load": jnp.zeros((max(cfg.n_routed_experts, 1),), jnp.float32),
+          "balance_loss": jnp.zeros((), jnp.float32)}
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed")
+    self.attn = MLA(cfg, rngs=rngs)
+    self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed")
+    self.is_moe = moe
+    self.ffn = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
+
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, cos, sin,
+               cache: Optional[LatentCache] = None, absorb: Optional[bool] = None):
+    a, cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL, cos, sin, cache, absorb)
+    x_BxLxD = x_BxLxD + a
+    h = self.ffn_norm(x_BxLxD)
+    if self.is_moe:
+      f, aux = self.ffn(h)
+    else:
+      f, aux = self.ffn(h), empty_aux(self.cfg)
+    return x_BxLxD + f, aux, cache

@@ -1,0 +1,146 @@
+"""Multi-head Latent Attention (REFERENCE §2).
+
+Queries go through an optional low-rank bottleneck (`W_qa`, RMSNorm, `W_qb`); keys and
+values are compressed into one `kv_lora_rank` latent `c_kv` per token (RMSNorm'd) plus one
+rotary key `k_pe` shared by all heads. Only `c_kv` and `k_pe` are ever cached.
+
+Two ways to attend over the latents, equal up to rounding:
+  * naive   -- expand every cached latent into per-head keys/values with `W_kvb`
+               (cheap when many queries share the keys: training, prefill);
+  * absorbed -- fold `W_UK` into the query and `W_UV` after the softmax, so attention runs
+               directly on the latents (cheap at decode: nothing is re-expanded).
+
+Legend: B batch, L query length, T key length, H heads, D model, K kv_lora_rank,
+R rope dim, N nope dim, V value dim, Q q_lora_rank.
+"""
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import rope
+from dsv3_jax.layers.linear import Linear
+from dsv3_jax.layers.norms import RMSNorm
+
+
+class LatentCache(NamedTuple):
+  """One layer's cache: what MLA needs of each past token, and nothing more."""
+
+  c_kv_BxTxK: jax.Array
+  k_pe_BxTxR: jax.Array
+
+
+def init_latent_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.bfloat16,
+                      n_layers: Optional[int] = None) -> LatentCache:
+  lead = () if n_layers is None else (n_layers,)
+  return LatentCache(jnp.zeros(lead + (batch, length, cfg.kv_lora_rank), dtype),
+                     jnp.zeros(lead + (batch, length, cfg.qk_rope_head_dim), dtype))
+
+
+def cache_bytes_per_token(cfg: ModelConfig, dtype=jnp.bfloat16) -> int:
+  """Per token, per layer: (kv_lora_rank + rope dim) values."""
+  return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
+
+
+def _write(cache_BxTxC: jax.Array, new_BxLxC: jax.Array, positions_BxL: jax.Array) -> jax.Array:
+  b = jnp.arange(cache_BxTxC.shape[0])[:, None]
+  return cache_BxTxC.at[b, positions_BxL].set(new_BxLxC.astype(cache_BxTxC.dtype),
+                                              mode="drop")
+
+
+class MLA(nnx.Module):
+  """MLA with decoupled RoPE; `__call__` returns (output, updated cache or None)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    lin = dict(std=cfg.init_std, precision=cfg.matmul_precision, rngs=rngs)
+    if cfg.q_lora_rank:
+      self.wq_a = Linear(d, cfg.q_lora_rank, axes=("embed", "q_lora"), **lin)
+      self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, "q_lora")
+      self.wq_b = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, axes=("q_lora", "heads"), **lin)
+    else:
+      self.wq = Linear(d, h * cfg.qk_head_dim, axes=("embed", "heads"), **lin)
+    self.wkv_a = Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, axes=("embed", "kv_lora"),
+                        **lin)
+    self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, "kv_lora")
+    self.wkv_b = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                        axes=("kv_lora", "heads"), **lin)
+    self.wo = Linear(h * cfg.v_head_dim, d, axes=("heads", "embed"), **lin)
+
+  def queries(self, x_BxLxD, cos, sin):
+    cfg = self.cfg
+    b, l, _ = x_BxLxD.shape
+    if cfg.q_lora_rank:
+      q = self.wq_b(self.q_norm(self.wq_a(x_BxLxD)))
+    else:
+      q = self.wq(x_BxLxD)
+    q_BxLxHxQK = q.reshape(b, l, cfg.num_attention_heads, cfg.qk_head_dim)
+    q_nope = q_BxLxHxQK[..., :cfg.qk_nope_head_dim]
+    q_pe = rope.apply_rope(q_BxLxHxQK[..., cfg.qk_nope_head_dim:], cos, sin)
+    return q_nope, q_pe
+
+  def latents(self, x_BxLxD, cos, sin):
+    cfg = self.cfg
+    kv = self.wkv_a(x_BxLxD)
+    c_kv_BxLxK = self.kv_norm(kv[..., :cfg.kv_lora_rank])
+    k_pe_BxLxR = rope.apply_rope(kv[..., None, cfg.kv_lora_rank:], cos, sin)[:, :, 0]
+    return c_kv_BxLxK, k_pe_BxLxR
+
+  def _split_kvb(self):
+    cfg = self.cfg
+    w = self.wkv_b.kernel[...].reshape(cfg.kv_lora_rank, cfg.num_attention_heads,
+                                       cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
+
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, cos, sin,
+               cache: Optional[LatentCache] = None, absorb: Optional[bool] = None):
+    cfg = self.cfg
+    b, l, _ = x_BxLxD.shape
+    q_nope, q_pe = self.queries(x_BxLxD, cos, sin)
+    c_kv, k_pe = self.latents(x_BxLxD, cos, sin)
+    if cache is None:
+      keys_c, keys_pe = c_kv, k_pe
+      key_pos_BxT = positions_BxL
+    else:
+      cache = LatentCache(_write(cache.c_kv_BxTxK, c_kv, positions_BxL),
+                          _write(cache.k_pe_BxTxR, k_pe, positions_BxL))
+      keys_c = cache.c_kv_BxTxK.astype(x_BxLxD.dtype)
+      keys_pe = cache.k_pe_BxTxR.astype(x_BxLxD.dtype)
+      key_pos_BxT = jnp.broadcast_to(jnp.arange(keys_c.shape[1]), (b, keys_c.shape[1]))
+    mask_Bx1xLxT = (key_pos_BxT[:, None, None, :] <= positions_BxL[:, None, :, None])
+    if absorb is None:
+      absorb = cache is not None and l == 1
+    attend = self._attend_absorbed if absorb else self._attend_naive
+    o_BxLxHxV = attend(q_nope, q_pe, keys_c, keys_pe, mask_Bx1xLxT)
+    out = self.wo(o_BxLxHxV.reshape(b, l, cfg.num_attention_heads * cfg.v_head_dim))
+    return out, cache
+
+  def _softmax(self, scores_BxHxLxT, mask_Bx1xLxT, dtype):
+    scores = jnp.where(mask_Bx1xLxT, scores_BxHxLxT.astype(jnp.float32) * rope.softmax_scale(
+        self.cfg), -jnp.inf)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+  def _attend_naive(self, q_nope, q_pe, c_kv_BxTxK, k_pe_BxTxR, mask):
+    cfg = self.cfg
+    b, t, _ = c_kv_BxTxK.shape
+    kv = self.wkv_b(c_kv_BxTxK).reshape(b, t, cfg.num_attention_heads,
+                                        cfg.qk_nope_head_dim + cfg.v_head_dim)
+    k_nope_BxTxHxN, v_BxTxHxV = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
+    scores = (jnp.einsum("blhn,bthn->bhlt", q_nope, k_nope_BxTxHxN)
+              + jnp.einsum("blhr,btr->bhlt", q_pe, k_pe_BxTxR))
+    p_BxHxLxT = self._softmax(scores, mask, v_BxTxHxV.dtype)
+    return jnp.einsum("bhlt,bthv->blhv", p_BxHxLxT, v_BxTxHxV)
+
+  def _attend_absorbed(self, q_nope, q_pe, c_kv_BxTxK, k_pe_BxTxR, mask):
+    w_uk_KxHxN, w_uv_KxHxV = self._split_kvb()
+    dtype = q_nope.dtype
+    q_c_BxLxHxK = jnp.einsum("blhn,khn->blhk", q_nope, w_uk_KxHxN.astype(dtype))
+    scores = (jnp.einsum("blhk,btk->bhlt", q_c_BxLxHxK, c_kv_BxTxK)
+              + jnp.einsum("blhr,btr->bhlt", q_pe, k_pe_BxTxR))
+    p_BxHxLxT = self._softmax(scores, mask, dtype)
+    o_c_BxLxHxK = jnp.einsum("bhlt,btk->blhk", p_BxHxLxT, c_kv_BxTxK)
+    return jnp.einsum("blhk,khv->blhv", o_c_BxLxHxK, w_uv_KxHxV.astype(dtype))

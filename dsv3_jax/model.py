@@ -1,0 +1,153 @@
+"""The DeepSeek-V3 transformer: embedding, dense blocks, MoE blocks, head, MTP modules.
+
+Blocks of one kind are created stacked (`nnx.vmap` over a leading layer axis) and run with
+`jax.lax.scan`, so compile time does not grow with depth and a stack can be cut into
+pipeline stages along that axis. Every cache is the MLA latent cache (`LatentCache`),
+stacked the same way.
+
+`model(tokens)` returns logits; `model.forward(...)` returns everything a training step or a
+decoder needs (hidden states, per-layer expert loads, the balance loss, the updated cache).
+"""
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import rope
+from dsv3_jax.layers.block import Block
+from dsv3_jax.layers.linear import Linear
+from dsv3_jax.layers.mla import LatentCache, init_latent_cache
+from dsv3_jax.layers.mtp import MTPModule
+from dsv3_jax.layers.norms import RMSNorm
+
+
+class Output(NamedTuple):
+  logits_BxLxV: jax.Array       # float32
+  hidden_BxLxD: jax.Array       # last block's output, before the final norm (feeds MTP)
+  load_LxE: jax.Array           # token copies per expert, per MoE layer
+  balance_loss: jax.Array       # sum over MoE layers of the sequence-wise loss (no alpha)
+  cache: Optional[dict]
+
+
+class ModelCache(NamedTuple):
+  dense: Optional[LatentCache]
+  moe: Optional[LatentCache]
+
+
+def _stack(cfg: ModelConfig, moe: bool, n: int, key: jax.Array) -> Block:
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(k):
+    return Block(cfg, moe=moe, rngs=nnx.Rngs(params=k))
+
+  return make(jax.random.split(key, n))
+
+
+def run_stack(stack: Block, x_BxLxD, positions_BxL, cos, sin, cache=None, absorb=None):
+  """Scans the stacked blocks: returns (x, aux stacked over layers, cache)."""
+  graphdef, state = nnx.split(stack)
+
+  def body(x, xs):
+    layer_state, layer_cache = xs
+    x, aux, layer_cache = nnx.merge(graphdef, layer_state)(x, positions_BxL, cos, sin,
+                                                            layer_cache, absorb)
+    return x, (aux, layer_cache)
+
+  x, (aux, cache) = jax.lax.scan(body, x_BxLxD, (state, cache))
+  return x, aux, cache
+
+
+class Transformer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    cfg.validate()
+    self.cfg = cfg
+    d, v = cfg.hidden_size, cfg.vocab_size
+    self.embed = nnx.Param(jax.random.normal(rngs.params(), (v, d), jnp.float32) * cfg.init_std,
+                           axes=("vocab", "embed"))
+    self.dense = (_stack(cfg, False, cfg.n_dense_layers, rngs.params())
+                  if cfg.n_dense_layers else None)
+    self.moe = _stack(cfg, True, cfg.n_moe_layers, rngs.params()) if cfg.n_moe_layers else None
+    self.norm = RMSNorm(d, cfg.rms_norm_eps, "embed")
+    self.head = Linear(d, v, axes=("embed", "vocab"), std=cfg.init_std, precision="fp32",
+                       rngs=rngs)
+    self.mtp = nnx.List([MTPModule(cfg, rngs=rngs)
+                         for _ in range(cfg.num_nextn_predict_layers)])
+
+  # ------------------------------------------------------------------ main model
+  def embed_tokens(self, tokens_BxL: jax.Array) -> jax.Array:
+    return jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.dtype)
+
+  def logits(self, h_normed_BxLxD: jax.Array) -> jax.Array:
+    return self.head(h_normed_BxLxD.astype(jnp.float32))
+
+  def forward(self, tokens_BxL: jax.Array, positions_BxL: Optional[jax.Array] = None,
+              cache: Optional[ModelCache] = None, absorb: Optional[bool] = None) -> Output:
+    cfg = self.cfg
+    b, l = tokens_BxL.shape
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    cos, sin = rope.rope_angles(cfg, positions_BxL)
+    x = self.embed_tokens(tokens_BxL)
+    dense_cache = moe_cache = None
+    if self.dense is not None:
+      x, _, dense_cache = run_stack(self.dense, x, positions_BxL, cos, sin,
+                                    cache.dense if cache else None, absorb)
+    if self.moe is not None:
+      x, aux, moe_cache = run_stack(self.moe, x, positions_BxL, cos, sin,
+                                    cache.moe if cache else None, absorb)
+      load, balance = aux["load"], aux["balance_loss"].sum()
+    else:
+      load = jnp.zeros((0, max(cfg.n_routed_experts, 1)), jnp.float32)
+      balance = jnp.zeros((), jnp.float32)
+    logits = self.logits(self.norm(x))
+    new_cache = ModelCache(dense_cache, moe_cache) if cache is not None else None
+    return Output(logits, x, load, balance, new_cache)
+
+  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    """Logits [B, L, V] (float32) for int token ids [B, L]."""
+    return self.forward(tokens_BxL).logits_BxLxV
+
+  def init_cache(self, batch: int, length: int, dtype=jnp.bfloat16) -> ModelCache:
+    cfg = self.cfg
+    dense = (init_latent_cache(cfg, batch, length, dtype, cfg.n_dense_layers)
+             if cfg.n_dense_layers else None)
+    moe = (init_latent_cache(cfg, batch, length, dtype, cfg.n_moe_layers)
+           if cfg.n_moe_layers else None)
+    return ModelCache(dense, moe)
+
+  # ------------------------------------------------------------------ MTP
+  def mtp_forward(self, hidden_BxLxD: jax.Array, tokens_BxLpD: jax.Array,
+                  positions_BxL: Optional[jax.Array] = None):
+    """Runs every MTP depth over the main model's hidden states.
+
+    `tokens_BxLpD` holds the main inputs followed by D more tokens (D = depth), so depth k
+    sees `tokens[:, k : k+L]`. Returns (list of logits [B, L, V] predicting t_{i+k+1},
+    loads [D, E], balance loss summed over depths).
+    """
+    cfg = self.cfg
+    b, l, _ = hidden_BxLxD.shape
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    cos, sin = rope.rope_angles(cfg, positions_BxL)
+    h = hidden_BxLxD
+    logits, loads, balance = [], [], jnp.zeros((), jnp.float32)
+    for k, module in enumerate(self.mtp, start=1):
+      emb = self.embed_tokens(tokens_BxLpD[:, k:k + l])
+      h, h_normed, aux, _ = module(h, emb, positions_BxL, cos, sin)
+      logits.append(self.logits(h_normed))
+      loads.append(aux["load"])
+      balance = balance + aux["balance_loss"]
+    loads = jnp.stack(loads) if loads else jnp.zeros((0, cfg.n_routed_experts), jnp.float32)
+    return logits, loads, balance
+
+
+def create(cfg: ModelConfig, seed: int = 0) -> Transformer:
+  return Transformer(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract(cfg: ModelConfig) -> Transformer:
+  """The model with ShapeDtypeStruct leaves: no memory is allocated."""
+  return nnx.eval_shape(lambda: create(cfg))

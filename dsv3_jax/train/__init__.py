@@ -1,0 +1,1 @@
+"""Training: losses, aux-loss-free balancing, the optimizer, the jitted step and the loop."""

@@ -1,0 +1,131 @@
+"""The train state, created already sharded, and the jitted train and eval steps.
+
+State is plain pytrees: `params` (float32 masters, trained by the gradient), `biases` (the
+MoE routers' aux-loss-free biases, moved by loads only), the optax state and the step.
+The model's structure (`graphdef`) is static; `nnx.merge` rebuilds the modules inside the
+jitted functions, which is much cheaper per call than `nnx.jit`.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from dsv3_jax import model as model_lib
+from dsv3_jax.config import Config, ModelConfig, param_counts
+from dsv3_jax.layers.moe import RouterBias
+from dsv3_jax.parallel import mesh as mesh_lib
+from dsv3_jax.train import balance
+from dsv3_jax.train.loss import cross_entropy, model_losses
+from dsv3_jax.train.optimizer import learning_rate_schedule, make_optimizer
+
+
+class TrainState(NamedTuple):
+  params: Any
+  biases: Any
+  opt_state: Any
+  step: jax.Array
+
+
+def split_model(model) -> tuple[Any, dict, dict]:
+  graphdef, params, biases = nnx.split(model, nnx.Param, RouterBias)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(biases)
+
+
+def update_biases(biases: dict, loads_LxE: jax.Array, gamma: float) -> dict:
+  """Applies the bias update layer by layer; loads are ordered main MoE layers, then MTP."""
+  new = jax.tree.map(lambda x: x, biases)
+  i = 0
+  if "moe" in biases:
+    b = biases["moe"]["ffn"]["bias"]
+    new["moe"]["ffn"]["bias"] = balance.bias_update(b, loads_LxE[i:i + b.shape[0]], gamma)
+    i += b.shape[0]
+  for k in sorted(biases.get("mtp", {})):
+    b = biases["mtp"][k]["block"]["ffn"]["bias"]
+    new["mtp"][k]["block"]["ffn"]["bias"] = balance.bias_update(b, loads_LxE[i], gamma)
+    i += 1
+  return new
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6 x matmul params touched + causal attention scores."""
+  counts = param_counts(cfg)
+  matmul_params = counts["activated"] - cfg.vocab_size * cfg.hidden_size  # no lookup
+  depth = cfg.num_nextn_predict_layers
+  if depth:
+    mtp_active = (counts["mtp_unique"] - cfg.n_routed_experts * 3 * cfg.hidden_size
+                  * cfg.moe_intermediate_size
+                  + cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size)
+    matmul_params += depth * (mtp_active + cfg.vocab_size * cfg.hidden_size)
+  attn_layers = cfg.num_hidden_layers + depth
+  attn = 6 * attn_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (
+      seq_len / 2)
+  return 6.0 * matmul_params + attn
+
+
+class Trainer:
+  """Owns the model structure, the optimizer, the mesh and the compiled step functions."""
+
+  def __init__(self, cfg: Config, mesh: Mesh):
+    self.cfg = cfg
+    self.mesh = mesh
+    self.optimizer = make_optimizer(cfg.train)
+    self.lr = learning_rate_schedule(cfg.train)
+    abstract = model_lib.abstract(cfg.model)
+    self.graphdef, abs_params, abs_biases = nnx.split(abstract, nnx.Param, RouterBias)
+    repl = mesh_lib.replicated(mesh)
+    param_sh = mesh_lib.shardings(mesh, mesh_lib.param_specs(abs_params))
+    bias_sh = jax.tree.map(lambda _: repl, nnx.to_pure_dict(abs_biases))
+    abs_opt = jax.eval_shape(self.optimizer.init, nnx.to_pure_dict(abs_params))
+    opt_sh = optax.tree_map_params(self.optimizer, lambda _, s: s, abs_opt, param_sh,
+                                   transform_non_params=lambda _: repl)
+    self.state_sharding = TrainState(param_sh, bias_sh, opt_sh, repl)
+    self.batch_sharding = mesh_lib.batch_sharding(mesh)
+    # Created already sharded: nothing is materialised on one device first.
+    self._init = jax.jit(self._init_fn, out_shardings=self.state_sharding)
+    # The state is donated: the step updates it in place.
+    self.train_step = jax.jit(self._train_fn, donate_argnums=0,
+                              in_shardings=(self.state_sharding, self.batch_sharding),
+                              out_shardings=(self.state_sharding, repl))
+    self.eval_step = jax.jit(self._eval_fn,
+                             in_shardings=(self.state_sharding, self.batch_sharding),
+                             out_shardings=repl)
+
+  def abstract_state(self) -> TrainState:
+    shapes = jax.eval_shape(self._init_fn)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, self.state_sharding)
+
+  def init(self) -> TrainState:
+    return self._init()
+
+  def _init_fn(self) -> TrainState:
+    model = model_lib.create(self.cfg.model, seed=self.cfg.train.seed)
+    _, params, biases = split_model(model)
+    return TrainState(params, biases, self.optimizer.init(params), jnp.zeros((), jnp.int32))
+
+  def merge(self, params, biases):
+    return nnx.merge(self.graphdef, params, biases)
+
+  def _train_fn(self, state: TrainState, batch: dict):
+    tcfg = self.cfg.train
+
+    def loss_fn(params):
+      loss, metrics, loads = model_losses(self.merge(params, state.biases), batch["tokens"], tcfg)
+      return loss, (metrics, loads)
+
+    (_, (metrics, loads)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    biases = update_biases(state.biases, loads, tcfg.bias_update_gamma)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), learning_rate=self.lr(state.step),
+                   max_vio=balance.max_violation(loads), load=loads)
+    return TrainState(params, biases, opt_state, state.step + 1), metrics
+
+  def _eval_fn(self, state: TrainState, batch: dict):
+    tokens = batch["tokens"]
+    out = self.merge(state.params, state.biases).forward(tokens[:, :-1])
+    return cross_entropy(out.logits_BxLxV, tokens[:, 1:])

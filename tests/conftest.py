@@ -1,0 +1,14 @@
+"""Test-wide setup: 8 emulated CPU devices and strict JAX flags.
+
+The device count must be fixed before jax is first imported, so it is set here,
+at collection time, ahead of every test module.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_threefry_partitionable", True)
