@@ -1,0 +1,1 @@
+"""Parallelism for DeepSeek-V3: pipeline schedules, timelines and executors."""
