@@ -1,0 +1,38 @@
+# `make run`: set up .venv, train the `small` model on an emulated 8-device CPU mesh,
+# checkpoint, report held-out loss, then decode a sample.  `make test`: the test suite.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+WORKDIR ?= runs/small
+DEVICES ?= 8
+RUN_FLAGS ?=
+export XLA_FLAGS := --xla_force_host_platform_device_count=$(DEVICES)
+
+.PHONY: run test test-slow bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.base: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.test: setup.cfg pyproject.toml $(VENV)/.base
+	$(BIN)/pip install -q -e ".[test,hf,notebooks]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+run: $(VENV)/.base
+	$(BIN)/python -m experiments.train --config=configs/dsv3.py:small --workdir=$(WORKDIR) $(RUN_FLAGS)
+	$(BIN)/python -m experiments.decode --workdir=$(WORKDIR) --prompt="def main(" \
+	    --prompt="import " --prompt="class Config:" --max_new_tokens=96
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-slow: $(VENV)/.test
+	$(BIN)/python -m pytest -q -m slow tests
+
+clean:
+	rm -rf $(VENV) runs

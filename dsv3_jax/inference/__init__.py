@@ -1,0 +1,1 @@
+"""Serving: latent-cache generation, MTP speculative decoding, expert placement."""

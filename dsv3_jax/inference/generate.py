@@ -1,0 +1,181 @@
+"""Compiled autoregressive generation over the MLA latent cache.
+
+One jitted prefill runs the (right-padded) prompts through the model and fills the latent
+cache; one jitted `lax.while_loop` then decodes token by token with absorbed attention, each
+sequence at its own position, until every sequence has emitted EOS or `max_new_tokens`.
+Right padding is safe: a padded slot at position p is overwritten by the token generated
+for p before any query at position >= p reads it.
+
+Sampling (REFERENCE §8): temperature 0 is greedy argmax; otherwise logits / T, optionally
+restricted to the top-k and to the top-p nucleus, sampled with `jax.random.categorical`.
+"""
+
+import dataclasses
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3_jax.layers.mla import cache_bytes_per_token
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int = 32
+  temperature: float = 0.0  # 0 = greedy
+  top_k: int = 0  # 0 = no top-k filter
+  top_p: float = 1.0  # 1 = no nucleus filter
+  eos_id: Optional[int] = None  # stop a sequence when it emits this id
+  seed: int = 0
+
+  def validate(self) -> "SamplingConfig":
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    return self
+
+
+@dataclasses.dataclass
+class Generation:
+  tokens: list  # per sequence: generated ids, EOS excluded
+  finished: list  # per sequence: True if it stopped at EOS
+  prefill_seconds: float
+  decode_seconds: float
+  new_tokens: int  # total generated tokens over the batch (EOS included)
+
+
+def sample(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int,
+           top_p: float) -> jax.Array:
+  """Next token ids [B] from float32 logits; the filters are static Python numbers."""
+  if temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits = logits_BxV.astype(jnp.float32) / max(temperature, 1e-5)
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it
+    # is < top_p.
+    keep_sorted = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
+    threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _bucket(n: int, multiple: int = 16) -> int:
+  return -(-n // multiple) * multiple
+
+
+class Generator:
+  """Holds the split model and caches compiled prefill/decode functions per shape."""
+
+  def __init__(self, model, cache_dtype=jnp.bfloat16):
+    self.cfg = model.cfg
+    self.graphdef, self.state = nnx.split(model)
+    self.cache_dtype = jnp.dtype(cache_dtype)
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=("sampling",))
+    self._decode = jax.jit(self._decode_fn, static_argnames=("sampling",))
+
+  def cache_bytes_per_token(self) -> int:
+    """Latent cache bytes per token over all layers (MTP excluded)."""
+    return cache_bytes_per_token(self.cfg, self.cache_dtype) * self.cfg.num_hidden_layers
+
+  def _prefill_fn(self, state, tokens_BxL, lengths_B, cache, key, sampling):
+    model = nnx.merge(self.graphdef, state)
+    out = model.forward(tokens_BxL, cache=cache, absorb=False)
+    last_BxV = jnp.take_along_axis(out.logits_BxLxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    first = sample(last_BxV, key, sampling.temperature, sampling.top_k, sampling.top_p)
+    return first, out.cache
+
+  def _decode_fn(self, state, cache, first_B, lengths_B, key, sampling):
+    model = nnx.merge(self.graphdef, state)
+    b = first_B.shape[0]
+    n = sampling.max_new_tokens
+    eos = -1 if sampling.eos_id is None else sampling.eos_id
+    out_BxN = jnp.zeros((b, n), jnp.int32).at[:, 0].set(first_B)
+    done = first_B == eos
+
+    def cond(carry):
+      i, _, _, _, done, _ = carry
+      return (i < n) & ~jnp.all(done)
+
+    def body(carry):
+      i, cache, out, pos, done, key = carry
+      key, sub = jax.random.split(key)
+      prev = out[:, i - 1]
+      res = model.forward(prev[:, None], positions_BxL=pos[:, None], cache=cache, absorb=True)
+      nxt = sample(res.logits_BxLxV[:, 0], sub, sampling.temperature, sampling.top_k,
+                   sampling.top_p)
+      nxt = jnp.where(done, eos if eos >= 0 else 0, nxt)
+      return (i + 1, res.cache, out.at[:, i].set(nxt), pos + 1, done | (nxt == eos), key)
+
+    carry = (jnp.int32(1), cache, out_BxN, lengths_B.astype(jnp.int32), done, key)
+    i, _, out_BxN, _, _, _ = jax.lax.while_loop(cond, body, carry)
+    return out_BxN, i
+
+  def validate_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+    if len(prompts) == 0:
+      raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+      if len(p) == 0:
+        raise ValueError(f"prompt {i} is empty: give at least one token")
+      bad = [t for t in p if not 0 <= int(t) < self.cfg.vocab_size]
+      if bad:
+        raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary "
+                         f"[0, {self.cfg.vocab_size})")
+      if len(p) + max_new_tokens > self.cfg.max_position_embeddings:
+        raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens={max_new_tokens} "
+                         f"exceeds the model's context of {self.cfg.max_position_embeddings}")
+
+  def generate(self, prompts: Sequence[Sequence[int]],
+               sampling: SamplingConfig = SamplingConfig()) -> Generation:
+    sampling.validate()
+    self.validate_prompts(prompts, sampling.max_new_tokens)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    width = min(_bucket(int(lengths.max())), self.cfg.max_position_embeddings)
+    tokens = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+    total = min(_bucket(width + sampling.max_new_tokens), self.cfg.max_position_embeddings)
+    model = nnx.merge(self.graphdef, self.state)
+    cache = model.init_cache(len(prompts), total, self.cache_dtype)
+    key_prefill, key_decode = jax.random.split(jax.random.key(sampling.seed))
+    t0 = time.perf_counter()
+    first, cache = self._prefill(self.state, jnp.asarray(tokens), jnp.asarray(lengths), cache,
+                                 key_prefill, sampling=sampling)
+    first.block_until_ready()
+    t1 = time.perf_counter()
+    out, steps = self._decode(self.state, cache, first, jnp.asarray(lengths), key_decode,
+                              sampling=sampling)
+    out = np.asarray(out)
+    t2 = time.perf_counter()
+    seqs, finished = [], []
+    for row in out[:, :int(steps)]:
+      row = row.tolist()
+      if sampling.eos_id is not None and sampling.eos_id in row:
+        seqs.append(row[:row.index(sampling.eos_id)])
+        finished.append(True)
+      else:
+        seqs.append(row)
+        finished.append(False)
+    return Generation(seqs, finished, t1 - t0, t2 - t1, int(steps) * len(prompts))
+
+
+def generate_text(model, tokenizer, prompts: Sequence[str],
+                  sampling: SamplingConfig = SamplingConfig(), **kw) -> list:
+  """Convenience: strings in, strings out (BOS-less byte or HF tokenizer)."""
+  gen = Generator(model, **kw)
+  if sampling.eos_id is None:
+    sampling = dataclasses.replace(sampling, eos_id=tokenizer.eos_id)
+  result = gen.generate([tokenizer.encode(p) for p in prompts], sampling)
+  return [tokenizer.decode(t) for t in result.tokens]
