@@ -52,3 +52,36 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def load_model(workdir: str, step: Optional[int] = None):
+  """The trained model of a `train_and_evaluate` workdir, on one device.
+
+  Returns (model, Config, step). Raises FileNotFoundError / ValueError naming what is
+  missing or broken.
+  """
+  import json
+
+  from flax import nnx
+
+  from dsv3_jax import config as config_lib
+  from dsv3_jax.config import ParallelConfig
+  from dsv3_jax.parallel import mesh as mesh_lib
+  from dsv3_jax.train.step import Trainer
+
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(f"{workdir} has no config.json: not a training workdir")
+  with open(cfg_path) as f:
+    cfg = config_lib.from_dict(json.load(f))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{workdir} has no checkpoint to load")
+  cfg = config_lib.replace(cfg, parallel={"data": 1, "expert": 1, "pipe": 1})
+  mesh = mesh_lib.make_mesh(ParallelConfig(data=1, expert=1, pipe=1), jax.devices()[:1])
+  trainer = Trainer(cfg, mesh)
+  state, _ = ckpt.restore(step, trainer.abstract_state())
+  ckpt.close()
+  model = nnx.merge(trainer.graphdef, state.params, state.biases)
+  return model, cfg, step
