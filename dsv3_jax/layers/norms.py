@@ -8,7 +8,8 @@ from flax import nnx
 def rms_norm(x_xD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
   x = x_xD.astype(jnp.float32)
   y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-  return (y * scale_D.astype(jnp.float32)).astype(x_xD.dtype)
+  scale = scale_D.astype(jnp.float32).reshape((1,) * (y.ndim - 1) + (-1,))
+  return (y * scale).astype(x_xD.dtype)
 
 
 class RMSNorm(nnx.Module):

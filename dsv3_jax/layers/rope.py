@@ -63,7 +63,7 @@ def attention_factor(cfg: ModelConfig) -> float:
 def rope_angles(cfg: ModelConfig, positions_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
   """cos, sin of shape [B, L, R/2] for integer positions."""
   freqs = jnp.asarray(inv_frequencies(cfg), jnp.float32)
-  angles = positions_BxL.astype(jnp.float32)[..., None] * freqs
+  angles = positions_BxL.astype(jnp.float32)[..., None] * freqs[None, None, :]
   factor = attention_factor(cfg)
   return jnp.cos(angles) * factor, jnp.sin(angles) * factor
 

@@ -1,0 +1,143 @@
+"""Tests for dsv3_jax.train.loss (cross-entropy) and dsv3_jax.train.balance (the
+aux-loss-free bias update and MaxVio), against NumPy formulas written here.
+"""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from dsv3_jax.train import balance
+from dsv3_jax.train import loss as loss_lib
+
+
+def _ref_nll(logits, targets):
+  """Per-token negative log-likelihood from a float64 log-softmax."""
+  z = np.asarray(logits, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  return -np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0]
+
+
+def _ref_max_violation(load):
+  load = np.asarray(load, np.float64)
+  mean = load.mean(-1)
+  return (load.max(-1) - mean) / mean
+
+
+class CrossEntropyTest(parameterized.TestCase):
+
+  def _batch(self, seed=0, b=3, l=5, v=11, offset=0.0):
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((b, l, v)) * 3 + offset).astype(np.float32)
+    targets = rng.integers(0, v, size=(b, l))
+    return logits, targets
+
+  @parameterized.named_parameters(("plain", 0.0), ("large_offset", 1e4))
+  def test_matches_numpy(self, offset):
+    logits, targets = self._batch(offset=offset)
+    got = loss_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(targets))
+    self.assertEqual(got.dtype, jnp.float32)
+    np.testing.assert_allclose(got, _ref_nll(logits, targets).mean(), rtol=1e-5)
+
+  def test_masked_matches_numpy(self):
+    logits, targets = self._batch(seed=1)
+    mask = np.random.default_rng(2).random(targets.shape) < 0.6
+    got = loss_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+    nll = _ref_nll(logits, targets)
+    np.testing.assert_allclose(got, nll[mask].mean(), rtol=1e-5)
+    # Masked positions do not matter, whatever their logits hold.
+    scrambled = np.where(mask[..., None], logits, np.float32(1e3))
+    np.testing.assert_allclose(
+        loss_lib.cross_entropy(jnp.asarray(scrambled), jnp.asarray(targets), jnp.asarray(mask)),
+        got, rtol=1e-6)
+    # An all-true mask is the plain mean.
+    np.testing.assert_allclose(
+        loss_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
+                               jnp.ones(targets.shape, bool)), nll.mean(), rtol=1e-5)
+
+  def test_empty_mask_is_zero(self):
+    logits, targets = self._batch(seed=3)
+    got = loss_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
+                                 jnp.zeros(targets.shape, bool))
+    self.assertEqual(float(got), 0.0)
+
+  def test_bfloat16_logits_computed_in_float32(self):
+    logits, targets = self._batch(seed=4)
+    lb = jnp.asarray(logits, jnp.bfloat16)
+    got = loss_lib.cross_entropy(lb, jnp.asarray(targets))
+    self.assertEqual(got.dtype, jnp.float32)
+    np.testing.assert_allclose(got, _ref_nll(np.asarray(lb, np.float32), targets).mean(),
+                               rtol=1e-5)
+
+  def test_gradient_is_softmax_minus_onehot(self):
+    logits, targets = self._batch(seed=5, b=2, l=3, v=7)
+    grad = jax.grad(loss_lib.cross_entropy)(jnp.asarray(logits), jnp.asarray(targets))
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    p = z / z.sum(-1, keepdims=True)
+    want = (p - np.eye(7)[targets]) / targets.size
+    np.testing.assert_allclose(grad, want, atol=1e-6)
+
+
+class BiasUpdateTest(parameterized.TestCase):
+
+  def test_sign_of_the_update(self):
+    load = jnp.array([4.0, 1.0, 2.0, 1.0], jnp.float32)  # mean 2
+    bias = jnp.array([0.5, 0.0, -0.25, 1.0], jnp.float32)
+    new = balance.bias_update(bias, load, 1e-3)
+    # overloaded -> down by gamma; under-loaded -> up by gamma; at the mean -> unchanged.
+    np.testing.assert_allclose(new - bias, [-1e-3, 1e-3, 0.0, 1e-3], atol=1e-7)
+    self.assertEqual(float(new[2]), float(bias[2]))
+
+  def test_per_layer_means_and_random_loads(self):
+    rng = np.random.default_rng(0)
+    load = rng.integers(0, 20, size=(3, 16)).astype(np.float32)
+    load[1] = 5.0  # a perfectly balanced layer: nothing moves
+    bias = rng.standard_normal((3, 16)).astype(np.float32)
+    gamma = 0.01
+    new = np.asarray(balance.bias_update(jnp.asarray(bias), jnp.asarray(load), gamma))
+    mean = load.mean(-1, keepdims=True)
+    want = bias + gamma * np.sign(mean - load)
+    np.testing.assert_allclose(new, want, atol=1e-7)
+    np.testing.assert_array_equal(new[1], bias[1])
+    np.testing.assert_array_equal(np.asarray(balance.bias_update(jnp.asarray(bias),
+                                                                 jnp.asarray(load), 0.0)), bias)
+
+  def test_update_moves_towards_balance(self):
+    # Repeated updates on a fixed preference push the biased choice towards uniform load.
+    rng = np.random.default_rng(1)
+    scores = rng.random((256, 8)).astype(np.float32) + np.linspace(0, 0.5, 8, dtype=np.float32)
+    bias = jnp.zeros((8,), jnp.float32)
+
+    def loads(bias):
+      top = np.argsort(-(scores + np.asarray(bias)), axis=-1)[:, :2]
+      return jnp.asarray(np.bincount(top.ravel(), minlength=8), jnp.float32)
+
+    before = float(balance.max_violation(loads(bias)))
+    for _ in range(200):
+      bias = balance.bias_update(bias, loads(bias), 0.01)
+    after = float(balance.max_violation(loads(bias)))
+    self.assertGreater(before, 1.0)
+    self.assertLess(after, 0.5 * before)
+
+
+class MaxViolationTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(("vector", (16,)), ("per_layer", (4, 16)))
+  def test_matches_numpy(self, shape):
+    load = np.random.default_rng(0).integers(1, 50, size=shape).astype(np.float32)
+    got = balance.max_violation(jnp.asarray(load))
+    chex.assert_shape(got, shape[:-1])
+    np.testing.assert_allclose(got, _ref_max_violation(load), rtol=1e-6)
+
+  def test_balanced_is_zero_and_one_hot_is_e_minus_one(self):
+    np.testing.assert_allclose(balance.max_violation(jnp.full((8,), 3.0)), 0.0, atol=1e-7)
+    one_hot = jnp.zeros((8,), jnp.float32).at[2].set(40.0)
+    np.testing.assert_allclose(balance.max_violation(one_hot), 7.0, rtol=1e-6)
+
+  def test_empty_load_is_finite(self):
+    self.assertEqual(float(balance.max_violation(jnp.zeros((8,)))), 0.0)
+
+
+if __name__ == "__main__":
+  absltest.main()
