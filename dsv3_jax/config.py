@@ -12,6 +12,7 @@ Model field names follow the Hugging Face `DeepseekV3Config` where one exists, s
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -198,6 +199,7 @@ class ParallelConfig:
   expert: int = 1
   pipe: int = 1
   ep_ranks_per_node: int = 1  # EP ranks forming one "node" for node-limited routing
+  capacity_factor: float = 0.0  # EP dispatch slots per (src, dst) rank pair; 0 = dropless
   pipeline: str = "none"  # none | 1f1b | dualpipe
   microbatches: int = 4
 
@@ -210,6 +212,8 @@ class ParallelConfig:
       _require(v == -1 or v > 0, f"parallel.{name}", "must be positive or -1", v)
     _require(self.ep_ranks_per_node > 0, "parallel.ep_ranks_per_node", "must be positive",
              self.ep_ranks_per_node)
+    _require(self.capacity_factor >= 0, "parallel.capacity_factor",
+             "must be >= 0 (0 = dropless expert dispatch)", self.capacity_factor)
     _require(self.pipeline in PIPELINES, "parallel.pipeline", f"must be one of {PIPELINES}",
              self.pipeline)
     _require(self.microbatches > 0, "parallel.microbatches", "must be positive",
@@ -301,24 +305,85 @@ _HF_PLAIN = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate
              "max_position_embeddings")
 
 
-def from_hf_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
-  """ModelConfig from a HF DeepSeek-V3 `config.json` mapping."""
-  kwargs = {name: hf[name] for name in _HF_PLAIN if hf.get(name) is not None}
-  kwargs["q_lora_rank"] = hf.get("q_lora_rank") or 0
-  kwargs["init_std"] = hf.get("initializer_range", 0.006)
-  if hf.get("scoring_func", "sigmoid") != "sigmoid":
-    raise ValueError(f"HF config scoring_func={hf['scoring_func']!r}: only 'sigmoid' "
-                     "(DeepSeek-V3) is supported")
-  scaling = hf.get("rope_scaling") or {}
-  kind = scaling.get("type", scaling.get("rope_type"))
+def _yarn_mscale(factor: float, mscale: float) -> float:
+  return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1.0 else 1.0
+
+
+def _hf_rope_fields(hf: Mapping[str, Any]) -> dict:
+  """Our rope_* fields from HF's `rope_scaling` (published) or `rope_parameters` (newer).
+
+  Follows transformers' YaRN semantics exactly: cos/sin carry `attention_factor` (given, or
+  mscale(f, mscale) / mscale(f, mscale_all_dim) when both are set, else mscale(f, 1)); the
+  softmax scale carries mscale(f, mscale_all_dim)^2 only when mscale_all_dim is set. Ours
+  computes cos/sin x mscale(f, rope_mscale) / mscale(f, rope_mscale_all_dim) and softmax x
+  mscale(f, rope_mscale_all_dim)^2, so rope_mscale is solved for when HF's rule differs.
+  """
+  scaling = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+  out = {}
+  theta = hf.get("rope_theta", scaling.get("rope_theta"))
+  if theta is not None:
+    out["rope_theta"] = float(theta)
+  kind = scaling.get("rope_type", scaling.get("type"))
   if kind not in (None, "yarn", "default"):
-    raise ValueError(f"HF config rope_scaling type {kind!r}: only 'yarn' is supported")
-  if kind == "yarn":
-    for ours, theirs in _HF_RENAMES.items():
-      if scaling.get(theirs) is not None:
-        kwargs[ours] = scaling[theirs]
-  for name in ("routed_scaling_factor", "rms_norm_eps", "rope_theta", "rope_factor",
-               "rope_beta_fast", "rope_beta_slow", "rope_mscale", "rope_mscale_all_dim"):
+    raise ValueError(f"HF config rope_scaling type {kind!r}: only 'yarn' or none is supported")
+  if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+    raise ValueError("HF config rope partial_rotary_factor != 1 is not supported")
+  if kind != "yarn":
+    return out
+  if scaling.get("truncate", True) is False:
+    raise ValueError("HF config rope_scaling truncate=false is not supported (DeepSeek floors "
+                     "and ceils the YaRN correction range)")
+  orig = scaling.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+  factor = scaling.get("factor")
+  if factor is None:
+    factor = hf["max_position_embeddings"] / orig
+  factor = float(factor)
+  m, a, af = scaling.get("mscale"), scaling.get("mscale_all_dim"), scaling.get("attention_factor")
+  out.update(rope_factor=factor, rope_original_max_position_embeddings=int(orig),
+             rope_beta_fast=float(scaling.get("beta_fast") or 32.0),
+             rope_beta_slow=float(scaling.get("beta_slow") or 1.0),
+             rope_mscale_all_dim=float(a or 0.0))
+  if af is None and m and a:
+    out["rope_mscale"] = float(m)
+  else:
+    target = float(af) if af is not None else _yarn_mscale(factor, 1.0)
+    denom = _yarn_mscale(factor, out["rope_mscale_all_dim"])
+    log_f = math.log(factor) if factor > 1.0 else 0.0
+    out["rope_mscale"] = (target * denom - 1.0) / (0.1 * log_f) if log_f else 1.0
+  return out
+
+
+_HF_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def from_hf_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
+  """ModelConfig from a HF DeepSeek-V3 `config.json` mapping.
+
+  Reads both the published layout (`rope_scaling`, top-level `rope_theta`) and the newer
+  transformers one (`rope_parameters`). Settings this model cannot honour raise ValueError
+  instead of being ignored (transformers ignores `scoring_func` and `topk_method`).
+  """
+  missing = [k for k in _HF_REQUIRED if hf.get(k) is None]
+  if missing:
+    raise ValueError(f"HF config lacks required field(s) {missing}")
+  kwargs = {name: hf[name] for name in _HF_PLAIN if hf.get(name) is not None}
+  kwargs.pop("rope_theta", None)
+  kwargs["q_lora_rank"] = hf.get("q_lora_rank") or 0
+  kwargs["n_group"] = hf.get("n_group") or 1
+  kwargs["topk_group"] = hf.get("topk_group") or 1
+  kwargs["num_nextn_predict_layers"] = int(hf.get("num_nextn_predict_layers",
+                                                  hf.get("num_mtp_layers")) or 0)
+  kwargs["init_std"] = hf.get("initializer_range", 0.006)
+  if kwargs.get("first_k_dense_replace", 0) > kwargs["num_hidden_layers"]:
+    kwargs["first_k_dense_replace"] = kwargs["num_hidden_layers"]  # all dense, as in HF
+  checks = (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("hidden_act", "silu"),
+            ("attention_bias", False), ("moe_layer_freq", 1))
+  for key, want in checks:
+    if hf.get(key) is not None and hf[key] != want:
+      raise ValueError(f"HF config {key}={hf[key]!r}: only {want!r} (DeepSeek-V3) is supported")
+  kwargs.update(_hf_rope_fields(hf))
+  for name in ("routed_scaling_factor", "rms_norm_eps"):
     if name in kwargs:
       kwargs[name] = float(kwargs[name])
   kwargs.update(overrides)
@@ -326,17 +391,22 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
 
 
 def to_hf_config(cfg: ModelConfig) -> dict:
-  """A HF DeepSeek-V3 `config.json` mapping for this model."""
+  """A HF DeepSeek-V3 `config.json` mapping for this model (the published layout)."""
   hf = {name: getattr(cfg, name) for name in _HF_PLAIN}
   hf.update(
       architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
       q_lora_rank=cfg.q_lora_rank or None, hidden_act="silu", scoring_func="sigmoid",
       topk_method="noaux_tc", moe_layer_freq=1, tie_word_embeddings=False,
       attention_bias=False, attention_dropout=0.0, initializer_range=cfg.init_std,
+      num_key_value_heads=cfg.num_attention_heads,
       rope_interleave=True, torch_dtype="bfloat16", bos_token_id=0, eos_token_id=1)
   if cfg.rope_factor > 1.0:
     hf["rope_scaling"] = {"type": "yarn", "rope_type": "yarn",
                           **{theirs: getattr(cfg, ours) for ours, theirs in _HF_RENAMES.items()}}
+    ours = (_yarn_mscale(cfg.rope_factor, cfg.rope_mscale)
+            / _yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim))
+    if not (cfg.rope_mscale and cfg.rope_mscale_all_dim):
+      hf["rope_scaling"]["attention_factor"] = ours  # HF's default rule would differ
   else:
     hf["rope_scaling"] = None
   return hf
