@@ -26,10 +26,13 @@ from dsv3_jax.layers.norms import RMSNorm
 
 class Output(NamedTuple):
   logits_BxLxV: jax.Array       # float32
-  hidden_BxLxD: jax.Array       # last block's output, before the final norm (feeds MTP)
+  hidden_BxLxD: jax.Array       # after the final norm: what the head reads and MTP consumes
   load_LxE: jax.Array           # token copies per expert, per MoE layer
   balance_loss: jax.Array       # sum over MoE layers of the sequence-wise loss (no alpha)
   cache: Optional[dict]
+  # Expert-parallel dispatch statistics summed over the MoE layers (dropped_copies,
+  # cross_node_copies, remote_node_sends; see parallel/expert.py); empty on one device.
+  stats: Optional[dict] = None
 
 
 class ModelCache(NamedTuple):
@@ -99,12 +102,15 @@ class Transformer(nnx.Module):
       x, aux, moe_cache = run_stack(self.moe, x, positions_BxL, cos, sin,
                                     cache.moe if cache else None, absorb)
       load, balance = aux["load"], aux["balance_loss"].sum()
+      stats = {k: v.sum() for k, v in aux.items() if k not in ("load", "balance_loss")}
     else:
       load = jnp.zeros((0, max(cfg.n_routed_experts, 1)), jnp.float32)
       balance = jnp.zeros((), jnp.float32)
-    logits = self.logits(self.norm(x))
+      stats = {}
+    h = self.norm(x)
+    logits = self.logits(h)
     new_cache = ModelCache(dense_cache, moe_cache) if cache is not None else None
-    return Output(logits, x, load, balance, new_cache)
+    return Output(logits, h, load, balance, new_cache, stats)
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
     """Logits [B, L, V] (float32) for int token ids [B, L]."""
@@ -136,8 +142,10 @@ class Transformer(nnx.Module):
     logits, loads, balance = [], [], jnp.zeros((), jnp.float32)
     for k, module in enumerate(self.mtp, start=1):
       emb = self.embed_tokens(tokens_BxLpD[:, k:k + l])
-      h, h_normed, aux, _ = module(h, emb, positions_BxL, cos, sin)
-      logits.append(self.logits(h_normed))
+      # Each depth consumes the previous depth's normed hidden state (what its head read),
+      # as transformers' and vLLM's MTP drafting do with the published checkpoint.
+      _, h, aux, _ = module(h, emb, positions_BxL, cos, sin)
+      logits.append(self.logits(h))
       loads.append(aux["load"])
       balance = balance + aux["balance_loss"]
     loads = jnp.stack(loads) if loads else jnp.zeros((0, cfg.n_routed_experts), jnp.float32)

@@ -31,7 +31,7 @@ def main(argv):
 
   model, cfg, step = load_model(_WORKDIR.value, _STEP.value)
   tokenizer = load_tokenizer(cfg.data.tokenizer or None)
-  gen = Generator(model)
+  gen = Generator(model, vocab_limit=tokenizer.vocab_size)
   sampling = SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                             top_k=_TOP_K.value, top_p=_TOP_P.value, eos_id=tokenizer.eos_id,
                             seed=_SEED.value)

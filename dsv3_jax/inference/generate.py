@@ -79,12 +79,21 @@ def _bucket(n: int, multiple: int = 16) -> int:
 class Generator:
   """Holds the split model and caches compiled prefill/decode functions per shape."""
 
-  def __init__(self, model, cache_dtype=jnp.bfloat16):
+  def __init__(self, model, cache_dtype=jnp.bfloat16, vocab_limit: Optional[int] = None):
+    """`vocab_limit`: only ids below it are ever generated (the tokenizer's real vocabulary
+    when the model's embedding table is padded beyond it)."""
     self.cfg = model.cfg
+    self.vocab_limit = vocab_limit
     self.graphdef, self.state = nnx.split(model)
     self.cache_dtype = jnp.dtype(cache_dtype)
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("sampling",))
     self._decode = jax.jit(self._decode_fn, static_argnames=("sampling",))
+
+  def _limit(self, logits_BxV):
+    if self.vocab_limit is None or self.vocab_limit >= logits_BxV.shape[-1]:
+      return logits_BxV
+    valid = jnp.arange(logits_BxV.shape[-1]) < self.vocab_limit
+    return jnp.where(valid[None, :], logits_BxV, -jnp.inf)
 
   def cache_bytes_per_token(self) -> int:
     """Latent cache bytes per token over all layers (MTP excluded)."""
@@ -94,7 +103,7 @@ class Generator:
     model = nnx.merge(self.graphdef, state)
     out = model.forward(tokens_BxL, cache=cache, absorb=False)
     last_BxV = jnp.take_along_axis(out.logits_BxLxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-    first = sample(last_BxV, key, sampling.temperature, sampling.top_k, sampling.top_p)
+    first = sample(self._limit(last_BxV), key, sampling.temperature, sampling.top_k, sampling.top_p)
     return first, out.cache
 
   def _decode_fn(self, state, cache, first_B, lengths_B, key, sampling):
@@ -114,7 +123,7 @@ class Generator:
       key, sub = jax.random.split(key)
       prev = out[:, i - 1]
       res = model.forward(prev[:, None], positions_BxL=pos[:, None], cache=cache, absorb=True)
-      nxt = sample(res.logits_BxLxV[:, 0], sub, sampling.temperature, sampling.top_k,
+      nxt = sample(self._limit(res.logits_BxLxV[:, 0]), sub, sampling.temperature, sampling.top_k,
                    sampling.top_p)
       nxt = jnp.where(done, eos if eos >= 0 else 0, nxt)
       return (i + 1, res.cache, out.at[:, i].set(nxt), pos + 1, done | (nxt == eos), key)
@@ -174,6 +183,7 @@ class Generator:
 def generate_text(model, tokenizer, prompts: Sequence[str],
                   sampling: SamplingConfig = SamplingConfig(), **kw) -> list:
   """Convenience: strings in, strings out (BOS-less byte or HF tokenizer)."""
+  kw.setdefault("vocab_limit", tokenizer.vocab_size)
   gen = Generator(model, **kw)
   if sampling.eos_id is None:
     sampling = dataclasses.replace(sampling, eos_id=tokenizer.eos_id)

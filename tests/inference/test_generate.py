@@ -97,3 +97,9 @@ def test_seeded_sampling_reproducible(gen):
 def test_bad_input_errors(gen, prompts, kwargs, match):
   with pytest.raises(ValueError, match=match):
     gen.generate(prompts, SamplingConfig(**kwargs))
+
+
+def test_vocab_limit_respected(model):
+  limited = Generator(model, cache_dtype=jnp.float32, vocab_limit=50)
+  out = limited.generate(PROMPTS, SamplingConfig(max_new_tokens=6, temperature=3.0, seed=1))
+  assert all(0 <= t < 50 for seq in out.tokens for t in seq)
