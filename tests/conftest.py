@@ -12,3 +12,11 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_threefry_partitionable", True)
+
+# Identical programs (the same tiny train step in several tests) compile once per session.
+import tempfile  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("DSV3_TEST_CACHE", tempfile.mkdtemp(prefix="jax_cache_")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
