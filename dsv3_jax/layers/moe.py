@@ -44,7 +44,7 @@ def route(x_NxD: jax.Array, gate_DxE: jax.Array, bias_E: jax.Array, cfg: ModelCo
   e, g = cfg.n_routed_experts, cfg.n_group
   logits = jnp.dot(x_NxD.astype(jnp.float32), gate_DxE.astype(jnp.float32))
   scores_NxE = jax.nn.sigmoid(logits)
-  choice_NxE = scores_NxE + bias_E.astype(jnp.float32)
+  choice_NxE = scores_NxE + bias_E.astype(jnp.float32)[None, :]
   if g > 1 and cfg.topk_group < g:
     grouped_NxGxS = choice_NxE.reshape(n, g, e // g)
     group_score_NxG = jax.lax.top_k(grouped_NxGxS, 2)[0].sum(-1)
@@ -88,9 +88,21 @@ def _block_vjp(precision):
   return f
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def grouped_matmul(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision="fp32"):
-  """`out[b] = x[b] @ w[block_expert[b]]` for blocks b < n_used; zeros beyond."""
+  """`out[b] = x[b] @ w[block_expert[b]]` for blocks b < n_used; zeros beyond.
+
+  fp32 / bf16 run each block through `matmul` (its VJP per block in backward); fp8 runs
+  `dsv3_jax.quant.fp8_grouped`, whose backward keeps only the FP8 activations and scales and
+  computes dgrad and wgrad with FP8 operands too.
+  """
+  if precision == "fp8":
+    from dsv3_jax.quant import fp8_grouped  # local import, as in layers/linear.py
+    return fp8_grouped.grouped_matmul_fp8(x_NBxSxK, w_ExKxF, block_expert_NB, n_used)
+  return _grouped_hp(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _grouped_hp(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision):
   return _grouped_fwd(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision)[0]
 
 
@@ -113,19 +125,27 @@ def _grouped_bwd(precision, res, g_NBxSxF):
   def step(dw, args):
     xb, gb, e, b = args
 
-    def compute(dw):
+    def compute():
       _, vjp = jax.vjp(f, xb, w[e])
       dxb, dwe = vjp(gb.astype(x.dtype))
-      return dw.at[e].add(dwe.astype(dw.dtype)), dxb.astype(x.dtype)
+      return dxb.astype(x.dtype), dwe.astype(dw.dtype)
 
-    return jax.lax.cond(b < n_used, compute, lambda dw: (dw, jnp.zeros_like(xb)), dw)
+    def skip():
+      return jnp.zeros_like(xb), jnp.zeros(w.shape[1:], dw.dtype)
+
+    # Only the small per-block results go through the cond; the [E, K, F] accumulator is
+    # updated in place outside it (a cond carrying it would copy it every block).
+    dxb, dwe = jax.lax.cond(b < n_used, compute, skip)
+    zero = jnp.zeros((), jnp.int32)
+    current = jax.lax.dynamic_slice(dw, (e, zero, zero), (1,) + dw.shape[1:])
+    return jax.lax.dynamic_update_slice(dw, current + dwe[None], (e, zero, zero)), dxb
 
   dw, dx = jax.lax.scan(step, jnp.zeros(w.shape, jnp.float32),
                         (x, g_NBxSxF, block_expert, jnp.arange(x.shape[0])))
   return dx, dw.astype(w.dtype), None, None
 
 
-grouped_matmul.defvjp(_grouped_fwd, _grouped_bwd)
+_grouped_hp.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 class BlockLayout(NamedTuple):
@@ -206,6 +226,9 @@ class MoE(nnx.Module):
                    if cfg.n_shared_experts else None)
 
   def __call__(self, x_BxLxD: jax.Array):
+    ep = _active_expert_parallel()
+    if ep is not None:
+      return self._call_expert_parallel(x_BxLxD, ep)
     cfg = self.cfg
     b, l, d = x_BxLxD.shape
     x_NxD = x_BxLxD.reshape(b * l, d)
@@ -217,3 +240,19 @@ class MoE(nnx.Module):
     aux = {"load": expert_load(routing.experts_Nxk, cfg.n_routed_experts),
            "balance_loss": sequence_balance_loss(routing, b, cfg)}
     return y.reshape(b, l, d), aux
+
+  def _call_expert_parallel(self, x_BxLxD: jax.Array, ep):
+    """Routed experts in shard_map over the mesh's `expert` axis (`parallel/expert.py`)."""
+    from dsv3_jax.parallel import expert  # local import: parallel/expert.py imports this file
+    b, l, d = x_BxLxD.shape
+    y, aux = expert.routed_experts(x_BxLxD, self.gate[...], self.bias[...], self.w1[...],
+                                   self.w3[...], self.w2[...], self.cfg, ep)
+    if self.shared is not None:
+      y = y + self.shared(x_BxLxD.reshape(b * l, d)).reshape(b, l, d)
+    return y, aux
+
+
+def _active_expert_parallel():
+  """The `parallel.expert.use(...)` setting in effect while tracing, or None (one device)."""
+  from dsv3_jax.parallel import expert
+  return expert.active()

@@ -21,6 +21,7 @@ from absl import logging
 from dsv3_jax import config as config_lib
 from dsv3_jax import data as data_lib
 from dsv3_jax.checkpoint.orbax import Checkpointer
+from dsv3_jax.parallel import distributed
 from dsv3_jax.parallel import mesh as mesh_lib
 from dsv3_jax.train.metrics import MetricWriter
 from dsv3_jax.train.step import Trainer, flops_per_token
@@ -86,6 +87,14 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
                                   tcfg.eval_batches, **shard)
 
   trainer = Trainer(cfg, mesh)
+  memory = trainer.memory_per_device()
+  if is_main:
+    mb = {k: v / 2**20 for k, v in memory.items()}
+    line = (f"train state per device: {mb['total']:.2f} MiB (params {mb['params']:.2f}, "
+            f"optimizer {mb['opt_state']:.2f} with ZeRO-1 vs {mb['opt_state_without_zero1']:.2f}"
+            f" without) on mesh {dict(mesh.shape)}")
+    logging.info(line)
+    print(line, flush=True)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
   writer = MetricWriter(workdir, enabled=is_main)
   if is_main:
@@ -117,9 +126,11 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
       state, metrics = trainer.train_step(state, batch)
       step += 1
       window_steps += 1
-      loss = float(metrics["loss"])
-      if not math.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss} at step {step}; stopping without saving "
+      loss = float(metrics["loss"])  # waits for the step
+      distributed.kick()
+      if not (math.isfinite(loss) and bool(metrics["finite"])):
+        raise FloatingPointError(f"loss is {loss} at step {step} (parameters finite: "
+                                 f"{bool(metrics['finite'])}); stopping without saving "
                                  f"(the last good checkpoint is kept)")
       if bar is not None:
         bar.update(1)
@@ -127,7 +138,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
       if step % tcfg.log_every == 0 or step == end_step:
         elapsed = time.time() - t_window
         tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-        scalars = {k: v for k, v in metrics.items() if k != "load"}
+        scalars = {k: v for k, v in metrics.items() if k not in ("load", "finite")}
         scalars.update(tokens_per_sec=tok_s, model_flops_per_sec=tok_s * flops_tok)
         record = writer.write(step, scalars, {"load": metrics["load"]})
         history.append({"step": step, **record})
@@ -150,6 +161,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
       "heldout_loss": eval_history[-1]["heldout_loss"] if eval_history else None,
       "unigram_entropy": corpus.unigram_entropy,
       "wall_time_s": time.time() - t_start,
+      "memory_per_device": memory,
       "history": history, "eval_history": eval_history,
   }
   if is_main:

@@ -26,7 +26,7 @@ def model_losses(model, tokens_BxL1: jax.Array, cfg: TrainConfig):
   depth = len(model.mtp)
   balance = out.balance_loss
   loads = [out.load_LxE]
-  metrics = {"ce": ce}
+  metrics = {"ce": ce, **(out.stats or {})}
   loss = ce
   if depth:
     padded = jnp.concatenate([tokens_BxL1, jnp.zeros((b, depth), tokens_BxL1.dtype)], axis=1)

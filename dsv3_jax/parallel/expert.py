@@ -1,0 +1,270 @@
+"""Expert parallelism: DeepSeekMoE's routed experts in `jax.shard_map` over the `expert` axis.
+
+The batch is split over data x expert and the routed experts over `expert` (E / R experts
+per rank, R = size of the `expert` axis). Each shard of the mesh runs, on its own tokens:
+
+  1. route       `route` (sigmoid + bias, group-limited top-k) on the local tokens;
+  2. dispatch    every token copy goes to the rank owning its expert with one `all_to_all`
+                 of a fixed-size buffer [R, S, D] (S slots per destination rank; fixed
+                 because `ragged_all_to_all` does not compile on XLA:CPU);
+  3. experts     the grouped GEMM (`block_layout` + `grouped_matmul`) over the local experts
+                 on the R*S received rows;
+  4. combine     the results travel back with the inverse `all_to_all`; each token sums its
+                 copies' outputs weighted by the routing weights.
+
+Dropless by construction: a rank holds E/R experts and a token picks k distinct experts, so a
+token sends at most min(k, E/R) copies to one rank and a source sends at most
+`N_local * min(k, E/R)` copies to one destination — the default slot count S, which can never
+overflow. That buffer is R * min(k, E/R) / k times the real copies (memory the benchmark
+measures). `capacity_factor` > 0 instead sizes S = ceil(cf * N_local * k / R): copies beyond
+a destination's S slots are dropped (their weight zeroed, token order decides) and counted
+exactly in the `dropped_copies` statistic, which is provably zero in the default.
+
+Node-limited routing: `ep_ranks_per_node` consecutive EP ranks form a node. With expert
+groups nested in nodes (n_group a multiple of the node count; n_group = nodes is DeepSeek-V3's
+layout), `topk_group = M` keeps each token's copies within M nodes. The statistics count, per
+step, copies whose expert lives on another node (`cross_node_copies`) and the distinct other
+nodes each token reaches (`remote_node_sends`: DeepSeek-V3 sends a token once per node over
+IB and fans it out inside the node over NVLink, so this is its cross-node traffic).
+
+Balance statistics (expert loads for the bias update and MaxVio, the sequence-wise loss) are
+psum'ed over the whole mesh inside the shard_map, so every rank sees the same global values
+and applies the same bias update.
+
+Legend: b local batch, N local tokens, C = N*k local copies, R expert ranks, S slots per
+destination, D model, E experts, El experts per rank.
+"""
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from dsv3_jax.config import ModelConfig, ParallelConfig
+from dsv3_jax.layers.moe import (Routing, block_layout, expert_load, grouped_matmul, route,
+                                 sequence_balance_loss)
+from dsv3_jax.parallel.mesh import BATCH
+
+EXPERT = "expert"
+STATS = ("dropped_copies", "cross_node_copies", "remote_node_sends")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel:
+  """Where the routed experts run: a mesh with an `expert` axis and the dispatch settings."""
+
+  mesh: Mesh
+  capacity_factor: float = 0.0  # 0 = dropless (the default); else slots per (src, dst) pair
+  ranks_per_node: int = 1  # EP ranks forming one node (node-limited routing)
+
+  @property
+  def size(self) -> int:
+    return self.mesh.shape[EXPERT]
+
+  @property
+  def n_nodes(self) -> int:
+    return self.size // self.ranks_per_node
+
+  @property
+  def n_shards(self) -> int:
+    """Batch shards: data x expert."""
+    return math.prod(self.mesh.shape[a] for a in BATCH)
+
+  def validate(self, cfg: ModelConfig) -> "ExpertParallel":
+    if EXPERT not in self.mesh.shape:
+      raise ValueError(f"expert parallelism needs a mesh with an `{EXPERT}` axis; got axes "
+                       f"{tuple(self.mesh.shape)}")
+    if cfg.n_routed_experts % self.size:
+      raise ValueError(f"invalid config field `model.n_routed_experts` = {cfg.n_routed_experts}:"
+                       f" must be divisible by the `expert` mesh axis size {self.size}")
+    if self.ranks_per_node <= 0 or self.size % self.ranks_per_node:
+      raise ValueError(f"invalid config field `parallel.ep_ranks_per_node` = "
+                       f"{self.ranks_per_node}: must divide the `expert` mesh axis size "
+                       f"{self.size}")
+    if self.capacity_factor < 0:
+      raise ValueError(f"invalid config field `parallel.capacity_factor` = "
+                       f"{self.capacity_factor}: must be >= 0 (0 = dropless)")
+    return self
+
+
+def from_config(mesh: Mesh, parallel: ParallelConfig) -> ExpertParallel:
+  return ExpertParallel(mesh, parallel.capacity_factor, parallel.ep_ranks_per_node)
+
+
+# ----------------------------------------------------------------------------- activation
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("expert_parallel", default=None)
+
+
+@contextlib.contextmanager
+def use(ep: Optional[ExpertParallel]):
+  """While active (at trace time), `MoE.__call__` runs `routed_experts` on `ep`'s mesh.
+
+  It takes effect only for meshes whose `expert` axis is larger than 1; `use(None)` turns
+  expert parallelism off inside the block.
+  """
+  token = _ACTIVE.set(ep)
+  try:
+    yield ep
+  finally:
+    _ACTIVE.reset(token)
+
+
+def active() -> Optional[ExpertParallel]:
+  """The expert parallelism in effect for MoE layers being traced now, or None."""
+  ep = _ACTIVE.get()
+  return ep if ep is not None and ep.size > 1 else None
+
+
+# ----------------------------------------------------------------------------- sizes
+def slots_per_rank(n_local_tokens: int, cfg: ModelConfig, ep: ExpertParallel) -> int:
+  """S: buffer slots a source reserves for each destination rank."""
+  k = cfg.num_experts_per_tok
+  bound = n_local_tokens * min(k, cfg.n_routed_experts // ep.size)  # never overflows
+  if ep.capacity_factor == 0:
+    return bound
+  return max(1, min(bound, math.ceil(ep.capacity_factor * n_local_tokens * k / ep.size)))
+
+
+def max_nodes_per_token(cfg: ModelConfig, n_nodes: int) -> int:
+  """The most nodes one token's copies can reach under group-limited routing."""
+  k, g, m = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+  if m >= g:
+    return min(k, n_nodes)
+  if g % n_nodes == 0:  # groups nest in nodes: M groups touch at most M nodes
+    return min(m, k, n_nodes)
+  if n_nodes % g == 0:  # each group spans n_nodes / g nodes
+    return min(m * (n_nodes // g), k, n_nodes)
+  return min(k, n_nodes)
+
+
+def node_of_expert(experts: jax.Array, n_experts: int, n_nodes: int) -> jax.Array:
+  """Node holding each expert: experts are laid out rank-major, ranks node-major."""
+  return experts // (n_experts // n_nodes)
+
+
+# ----------------------------------------------------------------------------- local experts
+def expert_rows(x_CxD: jax.Array, expert_C: jax.Array, w1_ExDxF, w3_ExDxF, w2_ExFxD,
+                block: int, precision: str) -> jax.Array:
+  """SwiGLU of each row through its expert: [C, D]; rows with expert id El are empty slots.
+
+  Rows are sorted by expert and padded to blocks (`block_layout`, with the empty slots as an
+  extra last group) and run by `grouped_matmul`, which skips the blocks of empty slots.
+  """
+  e_loc = w1_ExDxF.shape[0]
+  c, d = x_CxD.shape
+  lay = block_layout(expert_C, e_loc + 1, block)
+  counts = jnp.zeros((e_loc,), jnp.int32).at[expert_C].add(1, mode="drop")
+  real_blocks = jnp.sum((counts + block - 1) // block)
+  lay = lay._replace(block_expert_NB=jnp.minimum(lay.block_expert_NB, e_loc - 1),
+                     n_used=real_blocks)
+  rows = lay.n_blocks * block
+  xs = jnp.zeros((rows, d), x_CxD.dtype).at[lay.dest_C].set(x_CxD[lay.order_C])
+  xs_NBxSxD = xs.reshape(lay.n_blocks, block, d)
+  gm = functools.partial(grouped_matmul, block_expert_NB=lay.block_expert_NB,
+                         n_used=lay.n_used, precision=precision)
+  h = jax.nn.silu(gm(xs_NBxSxD, w1_ExDxF)) * gm(xs_NBxSxD, w3_ExDxF)
+  ys = gm(h, w2_ExFxD).reshape(rows, d)
+  return jnp.zeros((c, d), ys.dtype).at[lay.order_C].set(ys[lay.dest_C])
+
+
+def _slots(dst_C: jax.Array, n_ranks: int) -> jax.Array:
+  """Each copy's position among the copies (in token order) going to the same rank."""
+  onehot_CxR = (dst_C[:, None] == jnp.arange(n_ranks, dtype=dst_C.dtype)[None, :])
+  running_CxR = jnp.cumsum(onehot_CxR.astype(jnp.int32), axis=0)
+  return jnp.sum(running_CxR * onehot_CxR, axis=1) - 1
+
+
+# ----------------------------------------------------------------------------- the EP layer
+def _shard_fn(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, *, cfg: ModelConfig, ep: ExpertParallel):
+  """One mesh shard: route, dispatch, local experts, combine; stats psum'ed over the mesh."""
+  b, l, d = x_bxLxD.shape
+  n, k = b * l, cfg.num_experts_per_tok
+  r = ep.size
+  e_loc = cfg.n_routed_experts // r
+  s = slots_per_rank(n, cfg, ep)
+  x_NxD = x_bxLxD.reshape(n, d)
+  routing: Routing = route(x_NxD, gate_DxE, bias_E, cfg)
+
+  experts_C = routing.experts_Nxk.reshape(-1)
+  token_C = jnp.arange(n * k, dtype=jnp.int32) // k
+  dst_C = experts_C // e_loc
+  slot_C = _slots(dst_C, r)
+  keep_C = slot_C < s
+  slot_or_oob_C = jnp.where(keep_C, slot_C, s)  # out-of-bounds rows are dropped by the scatter
+
+  # Dispatch: row [j, t] of the buffer is the t-th copy this rank sends to rank j.
+  send_RxSxD = jnp.zeros((r, s, d), x_NxD.dtype).at[dst_C, slot_or_oob_C].set(
+      x_NxD[token_C], mode="drop")
+  send_e_RxS = jnp.full((r, s), e_loc, jnp.int32).at[dst_C, slot_or_oob_C].set(
+      experts_C % e_loc, mode="drop")
+  recv_RxSxD = jax.lax.all_to_all(send_RxSxD, EXPERT, 0, 0)
+  recv_e_RxS = jax.lax.all_to_all(send_e_RxS, EXPERT, 0, 0)
+
+  y_rows = expert_rows(recv_RxSxD.reshape(r * s, d), recv_e_RxS.reshape(r * s), w1, w3, w2,
+                       cfg.expert_block_size, cfg.matmul_precision)
+
+  # Combine: the inverse all_to_all puts each result back in the slot its copy left from.
+  back_RxSxD = jax.lax.all_to_all(y_rows.reshape(r, s, d), EXPERT, 0, 0)
+  y_CxD = back_RxSxD[dst_C, jnp.where(keep_C, slot_C, 0)].astype(jnp.float32)
+  w_C = routing.weights_Nxk.reshape(-1).astype(jnp.float32) * keep_C.astype(jnp.float32)
+  y_NxD = (y_CxD * w_C[:, None]).reshape(n, k, d).sum(1).astype(x_NxD.dtype)
+
+  # Global statistics: sums over every shard of the mesh.
+  psum = functools.partial(jax.lax.psum, axis_name=BATCH)
+  load_E = psum(jax.lax.stop_gradient(expert_load(routing.experts_Nxk, cfg.n_routed_experts)))
+  balance = psum(sequence_balance_loss(routing, b, cfg)) / ep.n_shards
+  node_C = dst_C // ep.ranks_per_node
+  my_node = jax.lax.axis_index(EXPERT) // ep.ranks_per_node
+  remote_C = (node_C != my_node) & keep_C
+  reached_NxkxM = ((node_C[:, None] == jnp.arange(ep.n_nodes)[None, :])
+                   & remote_C[:, None]).reshape(n, k, ep.n_nodes)
+  stats = {
+      "dropped_copies": psum(jnp.sum(~keep_C).astype(jnp.float32)),
+      "cross_node_copies": psum(jnp.sum(remote_C).astype(jnp.float32)),
+      "remote_node_sends": psum(jnp.sum(jnp.any(reached_NxkxM, axis=1)).astype(jnp.float32)),
+  }
+  aux = {"load": load_E, "balance_loss": balance, **jax.lax.stop_gradient(stats)}
+  return y_NxD.reshape(b, l, d), aux
+
+
+def routed_experts(x_BxLxD: jax.Array, gate_DxE: jax.Array, bias_E: jax.Array,
+                   w1_ExDxF: jax.Array, w3_ExDxF: jax.Array, w2_ExFxD: jax.Array,
+                   cfg: ModelConfig, ep: ExpertParallel):
+  """The routed-expert half of DeepSeekMoE, expert-parallel over `ep.mesh`.
+
+  Returns (y [B, L, D] without the shared experts, aux) with aux = {load [E], balance_loss,
+  dropped_copies, cross_node_copies, remote_node_sends}, every entry a global value.
+  """
+  ep.validate(cfg)
+  b = x_BxLxD.shape[0]
+  if b % ep.n_shards:
+    raise ValueError(f"expert parallelism splits the batch over data x expert = {ep.n_shards} "
+                     f"shards; batch {b} is not divisible by it")
+  batch_spec = P(BATCH, None, None)
+  expert_spec = P(EXPERT, None, None)
+  aux_specs = {"load": P(), "balance_loss": P(), **{name: P() for name in STATS}}
+  # check_vma=False: grouped_matmul's skip branches (cond / scan carries) build
+  # mesh-invariant zeros next to per-shard blocks, which the VMA checker rejects. The
+  # sharded-vs-unsharded tests check values and gradients instead.
+  fn = jax.shard_map(functools.partial(_shard_fn, cfg=cfg, ep=ep), mesh=ep.mesh,
+                     in_specs=(batch_spec, P(), P(), expert_spec, expert_spec, expert_spec),
+                     out_specs=(batch_spec, aux_specs), check_vma=False)
+  return fn(x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD)
+
+
+def buffer_bytes(n_local_tokens: int, cfg: ModelConfig, ep: ExpertParallel,
+                 itemsize: int) -> dict:
+  """Per-device dispatch buffer sizes: the fixed all_to_all payload vs the real copies."""
+  s = slots_per_rank(n_local_tokens, cfg, ep)
+  d = cfg.hidden_size
+  return {"slots_per_rank": s,
+          "buffer_rows": ep.size * s,
+          "real_copies": n_local_tokens * cfg.num_experts_per_tok,
+          "send_buffer_bytes": ep.size * s * d * itemsize,
+          "overhead_vs_real": ep.size * s / (n_local_tokens * cfg.num_experts_per_tok)}

@@ -1,0 +1,274 @@
+"""Expert parallelism (parallel/expert.py) against the single-device MoE layer.
+
+The EP layer must equal the unsharded layer — outputs, loads, balance loss and gradients —
+on every (data, expert) mesh of 8 devices; drop nothing by default, even when every token
+picks the same experts; drop exactly what it says under a capacity factor; and keep every
+token within `topk_group` groups and so within that many nodes.
+"""
+
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings, strategies as st
+
+from dsv3_jax.config import ModelConfig, ParallelConfig
+from dsv3_jax.layers import moe as moe_lib
+from dsv3_jax.parallel import expert
+from dsv3_jax.parallel import mesh as mesh_lib
+
+MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]  # (data, expert)
+
+
+def _cfg(**overrides) -> ModelConfig:
+  base = dict(hidden_size=32, moe_intermediate_size=16, n_routed_experts=16,
+              num_experts_per_tok=4, n_group=4, topk_group=2, expert_block_size=8)
+  base.update(overrides)
+  return ModelConfig(**base).validate()
+
+
+def _ep(data: int, exp: int, **kw) -> expert.ExpertParallel:
+  mesh = mesh_lib.make_mesh(ParallelConfig(data=data, expert=exp))
+  return expert.ExpertParallel(mesh, **kw)
+
+
+def _layer(cfg: ModelConfig, seed: int = 0):
+  module = moe_lib.MoE(cfg, rngs=nnx.Rngs(params=seed))
+  # A non-zero router bias, so that selection (s + b) and weights (s) differ.
+  module.bias[...] = jax.random.normal(jax.random.key(seed + 7), module.bias[...].shape) * 0.02
+  return nnx.split(module)
+
+
+def _objective(y, aux):
+  # A non-linear read-out so that every output element gets its own cotangent.
+  return jnp.sum(y * jnp.sin(y)) + aux["balance_loss"]
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _reference(graphdef, state, x):
+  def f(state, x):
+    y, aux = nnx.merge(graphdef, state)(x)
+    return _objective(y, aux), (y, aux)
+  return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(state, x)
+
+
+def _sharded(graphdef, state, x, ep):
+  """The MoE layer with its routed experts expert-parallel (any expert-axis size)."""
+  def f(state, x):
+    m = nnx.merge(graphdef, state)
+    y, aux = expert.routed_experts(x, m.gate[...], m.bias[...], m.w1[...], m.w3[...],
+                                   m.w2[...], m.cfg, ep)
+    b, l, d = x.shape
+    y = y + m.shared(x.reshape(b * l, d)).reshape(b, l, d)
+    return _objective(y, aux), (y, aux)
+  return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(state, x)
+
+
+@pytest.fixture(scope="module")
+def layer():
+  cfg = _cfg()
+  graphdef, state = _layer(cfg)
+  x = jax.random.normal(jax.random.key(1), (8, 6, cfg.hidden_size), jnp.float32)
+  return cfg, graphdef, state, x, _reference(graphdef, state, x)
+
+
+@pytest.mark.parametrize("data,exp", MESHES, ids=[f"{d}x{e}" for d, e in MESHES])
+def test_ep_forward_and_gradients_equal_unsharded(layer, data, exp):
+  cfg, graphdef, state, x, ((ref_loss, (ref_y, ref_aux)), ref_grads) = layer
+  ep = _ep(data, exp)
+  (loss, (y, aux)), grads = _sharded(graphdef, state, x, ep)
+  chex.assert_trees_all_close(y, ref_y, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(loss, ref_loss, rtol=1e-6)
+  np.testing.assert_array_equal(aux["load"], ref_aux["load"])
+  chex.assert_trees_all_close(aux["balance_loss"], ref_aux["balance_loss"], rtol=1e-6)
+  assert float(aux["dropped_copies"]) == 0.0
+  # Gradients w.r.t. the input, the gate, every expert and the shared expert.
+  chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-7)
+  g_w1 = nnx.to_pure_dict(grads[0])["w1"]
+  assert float(jnp.abs(g_w1).max()) > 0  # the comparison is not vacuous
+
+
+def test_moe_call_uses_ep_when_a_mesh_with_expert_axis_is_active(layer):
+  cfg, graphdef, state, x, ((_, (ref_y, ref_aux)), _) = layer
+  ep = _ep(2, 4)
+
+  @jax.jit
+  def run(state, x):
+    with expert.use(ep):
+      return nnx.merge(graphdef, state)(x)
+
+  y, aux = run(state, x)
+  assert set(expert.STATS) <= set(aux)  # the EP path ran (the one-device path has no stats)
+  chex.assert_trees_all_close(y, ref_y, rtol=1e-5, atol=1e-6)
+  # With an expert axis of 1 the hook stays off: the one-device path runs unchanged.
+  with expert.use(_ep(8, 1)):
+    assert expert.active() is None
+    _, aux1 = jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, x)
+  assert set(aux1) == {"load", "balance_loss"}
+  assert expert.active() is None  # the context is gone after the block
+
+
+def _all_to_first_experts(cfg):
+  """A layer on which every token picks experts 0..k-1 (all on EP rank 0 when k <= E / R)."""
+  m = nnx.merge(*_layer(cfg))
+  bias = np.zeros((cfg.n_routed_experts,), np.float32)
+  bias[:cfg.num_experts_per_tok] = 10.0
+  m.bias[...] = jnp.asarray(bias)
+  return m
+
+
+def test_dropless_when_every_token_picks_the_same_experts():
+  cfg = _cfg()
+  m = _all_to_first_experts(cfg)
+  ep = _ep(2, 4)  # 4 experts per rank: all k=4 copies of every token go to rank 0
+  x = jax.random.normal(jax.random.key(2), (8, 6, cfg.hidden_size), jnp.float32)
+  routing = moe_lib.route(x.reshape(-1, cfg.hidden_size), m.gate[...], m.bias[...], cfg)
+  np.testing.assert_array_equal(np.sort(routing.experts_Nxk, axis=1),
+                                np.tile(np.arange(4), (48, 1)))
+  n_local = 8 * 6 // ep.n_shards
+  # The buffer is exactly full: each source sends N_local * k copies to rank 0.
+  assert expert.slots_per_rank(n_local, cfg, ep) == n_local * cfg.num_experts_per_tok
+  y, aux = jax.jit(lambda x: expert.routed_experts(
+      x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], cfg, ep))(x)
+  ref = moe_lib.dense_ffn_reference(x.reshape(-1, cfg.hidden_size), routing, m.w1[...],
+                                    m.w3[...], m.w2[...])
+  assert float(aux["dropped_copies"]) == 0.0
+  chex.assert_trees_all_close(y.reshape(-1, cfg.hidden_size), ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(aux["load"][:4], np.full(4, 48.0))
+  assert float(aux["load"][4:].sum()) == 0.0
+
+
+def test_capacity_factor_drops_and_counts_exactly():
+  cfg = _cfg()
+  m = _all_to_first_experts(cfg)
+  ep = _ep(2, 4, capacity_factor=1.0)
+  b, l, d, k = 8, 6, cfg.hidden_size, cfg.num_experts_per_tok
+  x = jax.random.normal(jax.random.key(3), (b, l, d), jnp.float32)
+  n_local = b * l // ep.n_shards
+  slots = expert.slots_per_rank(n_local, cfg, ep)
+  assert slots == math.ceil(n_local * k / ep.size)  # = 6 copies of 24 reach rank 0
+  # Copies leave in token order (k per token), so each shard keeps its first `slots` copies.
+  copy_in_shard_Nxk = (np.arange(b * l) % n_local)[:, None] * k + np.arange(k)[None, :]
+  kept_Nxk = jnp.asarray(copy_in_shard_Nxk < slots, jnp.float32)
+  assert 0 < kept_Nxk.sum() < kept_Nxk.size
+
+  def sharded(x):
+    y, aux = expert.routed_experts(x, m.gate[...], m.bias[...], m.w1[...], m.w3[...],
+                                   m.w2[...], cfg, ep)
+    return jnp.sum(y * jnp.sin(y)), (y, aux)
+
+  def reference(x):  # dropped copies = zero combine weight
+    routing = moe_lib.route(x.reshape(-1, d), m.gate[...], m.bias[...], cfg)
+    routing = routing._replace(weights_Nxk=routing.weights_Nxk * kept_Nxk)
+    y = moe_lib.dense_ffn_reference(x.reshape(-1, d), routing, m.w1[...], m.w3[...],
+                                    m.w2[...]).reshape(b, l, d)
+    return jnp.sum(y * jnp.sin(y)), y
+
+  (_, (y, aux)), dx = jax.jit(jax.value_and_grad(sharded, has_aux=True))(x)
+  (_, ref), ref_dx = jax.value_and_grad(reference, has_aux=True)(x)
+  assert float(aux["dropped_copies"]) == ep.n_shards * (n_local * k - slots)
+  chex.assert_trees_all_close(y, ref, rtol=1e-5, atol=1e-6)
+  # Dropped copies pass no gradient back to their tokens' inputs.
+  chex.assert_trees_all_close(dx, ref_dx, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_node_statistics_match_a_count_from_the_routing():
+  cfg = _cfg(n_group=4, topk_group=2)
+  graphdef, state = _layer(cfg, seed=3)
+  m = nnx.merge(graphdef, state)
+  ep = _ep(1, 8, ranks_per_node=2)  # 8 EP ranks, 4 nodes of 2: one expert group per node
+  b, l, d = 8, 4, cfg.hidden_size
+  x = jax.random.normal(jax.random.key(4), (b, l, d), jnp.float32)
+  _, aux = jax.jit(lambda x: expert.routed_experts(
+      x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], cfg, ep))(x)
+  routing = moe_lib.route(x.reshape(-1, d), m.gate[...], m.bias[...], cfg)
+  experts_Nxk = np.asarray(routing.experts_Nxk)
+  node_Nxk = np.asarray(expert.node_of_expert(experts_Nxk, cfg.n_routed_experts, ep.n_nodes))
+  n_local = b * l // ep.n_shards
+  src_node_N = (np.arange(b * l) // n_local % ep.size) // ep.ranks_per_node
+  remote = node_Nxk != src_node_N[:, None]
+  assert float(aux["cross_node_copies"]) == remote.sum()
+  sends = sum(len(set(node_Nxk[i][remote[i]])) for i in range(b * l))
+  assert float(aux["remote_node_sends"]) == sends
+  # Node-limited: every token reaches at most topk_group = 2 of the 4 nodes.
+  assert max(len(set(row)) for row in node_Nxk) <= cfg.topk_group
+  assert expert.max_nodes_per_token(cfg, ep.n_nodes) == cfg.topk_group
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), n_group=st.sampled_from([2, 4, 8]),
+       per_group=st.sampled_from([2, 4]), data=st.data())
+def test_every_token_stays_within_topk_group_groups_and_nodes(seed, n_group, per_group, data):
+  topk_group = data.draw(st.integers(1, n_group), label="topk_group")
+  k = data.draw(st.integers(1, min(topk_group * per_group, 8)), label="k")
+  n_nodes = data.draw(st.sampled_from([n for n in (1, 2, 4, 8) if n_group % n == 0]),
+                      label="n_nodes")
+  e = n_group * per_group
+  cfg = _cfg(n_routed_experts=e, n_group=n_group, topk_group=topk_group,
+             num_experts_per_tok=k)
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(24, cfg.hidden_size)), jnp.float32)
+  gate = jnp.asarray(rng.normal(size=(cfg.hidden_size, e)) * 0.3, jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(e,)) * 0.5, jnp.float32)
+  experts_Nxk = np.asarray(moe_lib.route(x, gate, bias, cfg).experts_Nxk)
+  groups_Nxk = experts_Nxk // per_group
+  nodes_Nxk = np.asarray(expert.node_of_expert(experts_Nxk, e, n_nodes))
+  bound = expert.max_nodes_per_token(cfg, n_nodes)
+  assert bound <= topk_group
+  for row, groups, nodes in zip(experts_Nxk, groups_Nxk, nodes_Nxk):
+    assert len(set(row)) == k
+    assert len(set(groups)) <= topk_group
+    assert len(set(nodes)) <= bound
+
+
+def test_buffer_bound_and_memory():
+  cfg = _cfg()  # E=16, k=4
+  ep = _ep(1, 8)  # 2 experts per rank: a token sends at most 2 copies to one rank
+  sizes = expert.buffer_bytes(48, cfg, ep, itemsize=4)
+  assert sizes["slots_per_rank"] == 48 * 2
+  assert sizes["buffer_rows"] == 8 * 96
+  assert sizes["overhead_vs_real"] == pytest.approx(8 * 2 / 4)
+  assert sizes["send_buffer_bytes"] == 8 * 96 * cfg.hidden_size * 4
+  capped = expert.buffer_bytes(48, cfg, expert.ExpertParallel(ep.mesh, capacity_factor=1.25),
+                               itemsize=4)
+  assert capped["slots_per_rank"] == math.ceil(1.25 * 48 * 4 / 8)
+
+
+def test_invalid_settings_name_the_field():
+  mesh = mesh_lib.make_mesh(ParallelConfig(data=1, expert=8))
+  with pytest.raises(ValueError, match="model.n_routed_experts"):
+    expert.ExpertParallel(mesh).validate(_cfg(n_routed_experts=12, n_group=4))
+  with pytest.raises(ValueError, match="parallel.ep_ranks_per_node"):
+    expert.ExpertParallel(mesh, ranks_per_node=3).validate(_cfg())
+  with pytest.raises(ValueError, match="parallel.capacity_factor"):
+    expert.ExpertParallel(mesh, capacity_factor=-1.0).validate(_cfg())
+  cfg = _cfg()
+  x = jnp.zeros((4, 2, cfg.hidden_size))
+  graphdef, state = _layer(cfg)
+  m = nnx.merge(graphdef, state)
+  with pytest.raises(ValueError, match="not divisible"):
+    expert.routed_experts(x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], cfg,
+                          expert.ExpertParallel(mesh))
+
+
+def test_mesh_shapes_rules_and_errors():
+  mesh = mesh_lib.make_mesh(ParallelConfig(data=2, expert=4))
+  assert dict(mesh.shape) == {"data": 2, "expert": 4, "pipe": 1}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  assert dict(mesh_lib.make_mesh(ParallelConfig(data=-1, expert=2)).shape)["data"] == 4
+  with pytest.raises(ValueError, match="does not match 8 devices"):
+    mesh_lib.make_mesh(ParallelConfig(data=2, expert=2))
+  with pytest.raises(ValueError, match="not divisible"):
+    mesh_lib.make_mesh(ParallelConfig(data=-1, expert=3))
+  # Routed experts are split over `expert` (after the stacked-layer axis); the rest replicate.
+  P = jax.sharding.PartitionSpec
+  assert mesh_lib.logical_to_mesh(("expert", "embed", "expert_mlp"), 4) == P(
+      None, "expert", None, None)
+  assert mesh_lib.logical_to_mesh(("embed", "mlp"), 2) == P(None, None)
+  with pytest.raises(ValueError, match="no sharding rule"):
+    mesh_lib.logical_to_mesh(("nonsense",), 1)
