@@ -26,7 +26,8 @@ $(VENV)/.test: setup.cfg pyproject.toml $(VENV)/.base
 run: $(VENV)/.base
 	$(BIN)/python -m experiments.train --config=configs/dsv3.py:small --workdir=$(WORKDIR) $(RUN_FLAGS)
 	$(BIN)/python -m experiments.decode --workdir=$(WORKDIR) --prompt="def main(" \
-	    --prompt="import " --prompt="class Config:" --max_new_tokens=96
+	    --prompt="import " --prompt="class Config:" --max_new_tokens=96 \
+	    --temperature=0.7 --top_p=0.9
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -93,9 +93,9 @@ _MODELS = {
 _TRAIN = {
     "tiny": dict(steps=4, global_batch=8, seq_len=32, warmup_steps=2, learning_rate=3e-3,
                  log_every=1, eval_every=2, eval_batches=1, checkpoint_every=2),
-    "small": dict(steps=300, global_batch=16, seq_len=128, warmup_steps=30,
-                  learning_rate=3e-3, log_every=10, eval_every=100, eval_batches=8,
-                  checkpoint_every=100),
+    "small": dict(steps=160, global_batch=16, seq_len=128, warmup_steps=20,
+                  learning_rate=3e-3, log_every=10, eval_every=80, eval_batches=8,
+                  checkpoint_every=40),
     "bench": dict(steps=100, global_batch=4, seq_len=512, warmup_steps=10,
                   learning_rate=1e-3),
     "671b": dict(steps=100, global_batch=15360, seq_len=4096, warmup_steps=2000,

@@ -9,3 +9,13 @@ Shape legend used in names throughout (`x_BxLxD`, `logits_BxLxV`):
 """
 
 __version__ = "0.1.0"
+
+
+def from_pretrained(path, **kwargs):
+  """A ready model from a HF DeepSeek-V3 directory, an orbax export or a training workdir.
+
+  `model(tokens)` maps int token ids [batch, length] to float32 logits [batch, length, vocab].
+  See `dsv3_jax.pretrained.from_pretrained` for the options (fp8, dtype, mtp, overrides).
+  """
+  from dsv3_jax import pretrained  # imported lazily: keeps `import dsv3_jax` light
+  return pretrained.from_pretrained(path, **kwargs)
