@@ -129,6 +129,8 @@ def main(argv):
   ours["fraction_of_peak"] = ours["model_flops_per_s"] / peak
   result = {"config": _CONFIG.value, "batch": batch, "seq_len": seq_len, "steps": steps,
             "cpu_count": os.cpu_count(), "matmul_peak_flops_per_s": peak, "dsv3_jax": ours}
+  import jax
+  result["device"] = jax.devices()[0].device_kind
   if _PEER.value:
     try:
       hf = bench_hf(model_cfg, batch, seq_len, steps)
@@ -152,7 +154,9 @@ def main(argv):
   elif hf:
     rows.append(("HF transformers", hf["skipped"]))
   width = max(len(r[0]) for r in rows)
-  print(f"bench train step, batch {batch} x {seq_len}, 1 CPU device, {os.cpu_count()} cores")
+  import jax
+  print(f"bench train step, batch {batch} x {seq_len}, one {jax.devices()[0].device_kind} "
+        f"device, {os.cpu_count()} CPU cores")
   for name, value in rows:
     print(f"  {name:<{width}}  {value}")
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)

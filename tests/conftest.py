@@ -20,3 +20,7 @@ jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("DSV3_TEST_CACHE", tempfile.mkdtemp(prefix="jax_cache_")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# Float32 means float32 on every backend (GPUs default to TF32-like dots), so the tight
+# tolerances against numpy references hold wherever the suite runs.
+jax.config.update("jax_default_matmul_precision", "highest")
