@@ -177,12 +177,25 @@ def block_layout(experts_C: jax.Array, n_experts: int, block: int) -> BlockLayou
   return BlockLayout(order, dest, block_expert.astype(jnp.int32), n_used, n_blocks)
 
 
+def effective_block(block: int, copies: int, n_experts: int) -> int:
+  """Rows per block: `block`, shrunk (to a power of two) when experts get few copies each.
+
+  A decode step routes a handful of copies over many experts; padding each to a 64-row block
+  would multiply the expert FLOPs by ~64. Shapes are static, so this is a trace-time choice.
+  """
+  per_expert = max(1, copies // max(n_experts, 1))
+  return min(block, 1 << (per_expert - 1).bit_length())
+
+
 def grouped_ffn(x_NxD, routing: Routing, w1_ExDxF, w3_ExDxF, w2_ExFxD, block: int,
                 precision: str) -> jax.Array:
   """Dropless routed-expert SwiGLU, combined with the routing weights: [N, D]."""
   n, d = x_NxD.shape
   k = routing.experts_Nxk.shape[1]
   e = w1_ExDxF.shape[0]
+  if n * k <= e and precision != "fp8":
+    return _gathered_ffn(x_NxD, routing, w1_ExDxF, w3_ExDxF, w2_ExFxD)
+  block = effective_block(block, n * k, e)
   lay = block_layout(routing.experts_Nxk.reshape(-1), e, block)
   token_of_copy = lay.order_C // k
   rows = lay.n_blocks * block
@@ -197,6 +210,22 @@ def grouped_ffn(x_NxD, routing: Routing, w1_ExDxF, w3_ExDxF, w2_ExFxD, block: in
   w_C = routing.weights_Nxk.reshape(-1).astype(jnp.float32)
   y_NxkxD = (y_CxD.astype(jnp.float32) * w_C[:, None]).reshape(n, k, d)
   return y_NxkxD.sum(1).astype(x_NxD.dtype)
+
+
+def _gathered_ffn(x_NxD, routing: Routing, w1, w3, w2) -> jax.Array:
+  """Few copies (decode): gather each copy's expert weights and run one batched product.
+
+  Reads exactly the experts in use, with no block loop; chosen when copies <= experts.
+  """
+  n, d = x_NxD.shape
+  k = routing.experts_Nxk.shape[1]
+  ex_C = routing.experts_Nxk.reshape(-1)
+  x_CxD = jnp.repeat(x_NxD, k, axis=0)
+  h = (jax.nn.silu(jnp.einsum("cd,cdf->cf", x_CxD, w1[ex_C].astype(x_NxD.dtype)))
+       * jnp.einsum("cd,cdf->cf", x_CxD, w3[ex_C].astype(x_NxD.dtype)))
+  y_CxD = jnp.einsum("cf,cfd->cd", h, w2[ex_C].astype(x_NxD.dtype)).astype(jnp.float32)
+  w_C = routing.weights_Nxk.reshape(-1).astype(jnp.float32)
+  return (y_CxD * w_C[:, None]).reshape(n, k, d).sum(1).astype(x_NxD.dtype)
 
 
 def dense_ffn_reference(x_NxD, routing: Routing, w1, w3, w2) -> jax.Array:

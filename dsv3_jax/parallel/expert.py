@@ -47,8 +47,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig, ParallelConfig
-from dsv3_jax.layers.moe import (Routing, block_layout, expert_load, grouped_matmul, route,
-                                 sequence_balance_loss)
+from dsv3_jax.layers.moe import (Routing, block_layout, effective_block, expert_load,
+                                 grouped_matmul, route, sequence_balance_loss)
+
+
 from dsv3_jax.parallel.mesh import BATCH
 
 EXPERT = "expert"
@@ -158,6 +160,7 @@ def expert_rows(x_CxD: jax.Array, expert_C: jax.Array, w1_ExDxF, w3_ExDxF, w2_Ex
   """
   e_loc = w1_ExDxF.shape[0]
   c, d = x_CxD.shape
+  block = effective_block(block, c, e_loc)
   lay = block_layout(expert_C, e_loc + 1, block)
   counts = jnp.zeros((e_loc,), jnp.int32).at[expert_C].add(1, mode="drop")
   real_blocks = jnp.sum((counts + block - 1) // block)

@@ -326,3 +326,22 @@ class BalanceLossTest(parameterized.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+def test_gathered_path_equals_block_path():
+  """Few copies take the gather path; it must equal the block loop on the same routing."""
+  e, d, f, n, k = 16, 8, 6, 3, 2
+  keys = jax.random.split(jax.random.key(11), 5)
+  x = jax.random.normal(keys[0], (n, d), jnp.float32)
+  w1, w3 = (jax.random.normal(kk, (e, d, f), jnp.float32) for kk in keys[1:3])
+  w2 = jax.random.normal(keys[3], (e, f, d), jnp.float32)
+  experts = jnp.array([[1, 5], [5, 9], [0, 15]], jnp.int32)
+  routing = moe.Routing(experts, jax.random.uniform(keys[4], (n, k)), jnp.zeros((n, e)))
+  assert n * k <= e  # grouped_ffn would choose the gather path
+  gathered = moe._gathered_ffn(x, routing, w1, w3, w2)
+  lay_path = moe.grouped_ffn(jnp.tile(x, (8, 1)), routing._replace(
+      experts_Nxk=jnp.tile(experts, (8, 1)), weights_Nxk=jnp.tile(routing.weights_Nxk, (8, 1))),
+      w1, w3, w2, 4, "fp32")[:n]
+  np.testing.assert_allclose(np.asarray(gathered), np.asarray(lay_path), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gathered), np.asarray(
+      moe.dense_ffn_reference(x, routing, w1, w3, w2)), rtol=1e-5, atol=1e-5)
