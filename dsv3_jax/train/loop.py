@@ -86,7 +86,11 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
   heldout = data_lib.eval_batches(corpus.heldout_tokens, tcfg.seq_len, tcfg.global_batch,
                                   tcfg.eval_batches, **shard)
 
-  trainer = Trainer(cfg, mesh)
+  if cfg.parallel.pipeline == "none":
+    trainer = Trainer(cfg, mesh)
+  else:  # the model cut into stages over the `pipe` mesh axis (1F1B or DualPipe)
+    from dsv3_jax.train.pipeline_step import PipelineTrainer
+    trainer = PipelineTrainer(cfg, mesh)
   memory = trainer.memory_per_device()
   if is_main:
     mb = {k: v / 2**20 for k, v in memory.items()}

@@ -1,0 +1,198 @@
+"""The pipelined train step: `Trainer`'s step with the model cut into pipeline stages.
+
+Stages are equal slices of the stacked MoE layers (`params['moe']`, leading layer
+axis): stage ``s`` of ``S`` runs MoE layers ``[s*n/S, (s+1)*n/S)``.  The embedding
+and the dense layers run in stage 0; the final norm, the output head, the MTP
+modules and every loss in stage ``S-1``.  Under DualPipe rank ``r`` holds stages
+``r`` and ``S-1-r``, so rank 0 (and rank ``S-1``) holds both ends: the shared
+embedding and the output head sit on the same rank, and MTP -- which needs both --
+runs there with no extra transfer, as DeepSeek-V3 does.  Under 1F1B they are on
+ranks 0 and ``S-1``; rather than sending MTP's embeddings down the pipe, those
+"shared" parameters are replicated on every pipe rank and their gradients summed
+(`Pipeline`'s ``shared_params``); each rank runs only what its stage needs.
+
+Everything else is `Trainer`'s: the state, its sharding, the optimizer, the bias
+update and the metrics.  Loss, gradients and loads equal the unpipelined step's up
+to float rounding (tests check it): micro-batches have equal sizes, so the mean
+of their mean losses is the batch mean, and loads are sums.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from dsv3_jax.config import Config
+from dsv3_jax.layers import rope
+from dsv3_jax.model import run_stack
+from dsv3_jax.parallel import mesh as mesh_lib
+from dsv3_jax.parallel import schedules
+from dsv3_jax.parallel.pipeline import Pipeline
+from dsv3_jax.train import balance
+from dsv3_jax.train.loss import cross_entropy
+from dsv3_jax.train.step import Trainer, TrainState, update_biases
+
+STAGED = "moe"  # the stacked layers cut into stages
+
+
+def make_schedule(name: str, pp: int, n_mb: int) -> schedules.Schedule:
+  """The schedule ``name`` (`schedules.SCHEDULES`) with errors naming the config fields."""
+  if name not in schedules.SCHEDULES:
+    raise ValueError(f"invalid config field `parallel.pipeline` = {name!r}: must be one of "
+                     f"{sorted(schedules.SCHEDULES)} (or 'none')")
+  try:
+    return schedules.SCHEDULES[name](pp, n_mb)
+  except ValueError as e:
+    raise ValueError(f"invalid config fields `parallel.pipe` = {pp} / "
+                     f"`parallel.microbatches` = {n_mb} for pipeline {name!r}: {e}") from e
+
+
+def split_params(tree: dict, n_stages: int) -> tuple[dict, dict]:
+  """``(stage tree with leaves [n_stages, n/S, ...], the rest)``."""
+  per = None
+  for a in jax.tree.leaves(tree[STAGED]):
+    per = a.shape[0] // n_stages
+  stage = jax.tree.map(lambda a: a.reshape(n_stages, per, *a.shape[1:]), tree[STAGED])
+  return stage, {k: v for k, v in tree.items() if k != STAGED}
+
+
+def join_params(stage: dict, shared: dict) -> dict:
+  flat = jax.tree.map(lambda a: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:]), stage)
+  return dict(shared, **{STAGED: flat})
+
+
+def make_stage_fn(graphdef, cfg: Config, n_stages: int, scale: float):
+  """DeepSeek-V3 stage ``stage`` for one micro-batch (see `Pipeline` for the contract).
+
+  ``loss`` is this stage's share of the objective times ``scale`` (1 / micro-batches
+  summed): the balance loss of its MoE layers and, in the last stage, CE + MTP.
+  ``aux`` holds loads ``[n_moe + D, E]`` (zero outside this stage's rows) and the
+  un-scaled CE, MTP CE and balance loss for the metrics.
+  """
+  mcfg, tcfg = cfg.model, cfg.train
+  n_moe, depth = mcfg.n_moe_layers, mcfg.num_nextn_predict_layers
+  per, n_exp = n_moe // n_stages, max(mcfg.n_routed_experts, 1)
+
+  def stage_fn(chunk_p, shared_p, x_BxLxD, chunk_b, shared_b, tokens_BxL1, stage):
+    model = nnx.merge(graphdef, dict(shared_p, **{STAGED: chunk_p}),
+                      dict(shared_b, **{STAGED: chunk_b}))
+    inputs, targets = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
+    b, l = inputs.shape
+    positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    cos, sin = rope.rope_angles(mcfg, positions_BxL)
+
+    def embed():
+      h = model.embed_tokens(inputs)
+      if model.dense is not None:
+        h = run_stack(model.dense, h, positions_BxL, cos, sin)[0]
+      return h.astype(x_BxLxD.dtype)
+
+    h = jax.lax.cond(stage == 0, embed, lambda: x_BxLxD)
+    h, aux, _ = run_stack(model.moe, h, positions_BxL, cos, sin)
+    moe_balance = aux["balance_loss"].sum()
+    load = jax.lax.dynamic_update_slice(jnp.zeros((n_moe + depth, n_exp), jnp.float32),
+                                        aux["load"].astype(jnp.float32), (stage * per, 0))
+
+    def head():
+      hn = model.norm(h)  # what the head reads and MTP consumes (as `Transformer.forward`)
+      ce = cross_entropy(model.logits(hn), targets)
+      if not depth:
+        z = jnp.zeros((), jnp.float32)
+        return ce, ce, z, z, jnp.zeros((0, n_exp), jnp.float32)
+      padded = jnp.concatenate([tokens_BxL1, jnp.zeros((b, depth), tokens_BxL1.dtype)], axis=1)
+      mtp_logits, mtp_load, mtp_balance = model.mtp_forward(hn, padded)
+      mtp_ce = []
+      for k, logits in enumerate(mtp_logits, start=1):
+        mask = jnp.broadcast_to(jnp.arange(l) < l - k, (b, l))
+        mtp_ce.append(cross_entropy(logits, padded[:, k + 1:k + 1 + l], mask))
+      mtp_ce = jnp.stack(mtp_ce)
+      loss = ce + tcfg.mtp_lambda / depth * jnp.sum(mtp_ce) + tcfg.balance_alpha * mtp_balance
+      return loss, ce, jnp.mean(mtp_ce), mtp_balance, mtp_load.astype(jnp.float32)
+
+    def no_head():
+      z = jnp.zeros((), jnp.float32)
+      return z, z, z, z, jnp.zeros((depth, n_exp), jnp.float32)
+
+    head_loss, ce, mtp_ce, mtp_balance, mtp_load = jax.lax.cond(stage == n_stages - 1, head,
+                                                                no_head)
+    load = load.at[n_moe:].add(mtp_load)
+    loss = (head_loss + tcfg.balance_alpha * moe_balance) * scale
+    aux = {"load": load, "ce": ce, "balance_loss": moe_balance + mtp_balance}
+    if depth:
+      aux["mtp_ce"] = mtp_ce
+    return (h, loss), aux
+
+  return stage_fn
+
+
+class PipelineTrainer(Trainer):
+  """`Trainer` whose step runs the model as a pipeline over the mesh's ``pipe`` axis.
+
+  ``cfg.parallel.pipeline`` names the schedule (``1f1b``, ``dualpipe``; the
+  executor also takes ``gpipe``, ``zb1p`` and ``dualpipev``), ``microbatches`` the
+  micro-batches per batch shard.  The batch is split over ``data x expert`` as in
+  `Trainer`; each shard runs its own pipeline over ``pipe``.
+  """
+
+  def __init__(self, cfg: Config, mesh: Mesh, *, schedule_name: str | None = None,
+               granularity: str = "unit"):
+    pcfg, mcfg, tcfg = cfg.parallel, cfg.model, cfg.train
+    name = schedule_name or pcfg.pipeline
+    pp = mesh.shape["pipe"]
+    if pp < 2:
+      raise ValueError(f"invalid config field `parallel.pipe` = {pp}: pipeline {name!r} "
+                       "needs at least 2 pipe ranks")
+    self.schedule = make_schedule(name, pp, pcfg.microbatches)
+    n_stages = self.schedule.n_stages
+    if mcfg.n_moe_layers == 0 or mcfg.n_moe_layers % n_stages:
+      raise ValueError(f"invalid config field `model.num_hidden_layers` = "
+                       f"{mcfg.num_hidden_layers}: its {mcfg.n_moe_layers} MoE layers must "
+                       f"split evenly into {n_stages} pipeline stages ({name})")
+    shards = mesh_lib.batch_size_per_step(mesh)
+    if tcfg.global_batch % (shards * pcfg.microbatches):
+      raise ValueError(f"invalid config field `train.global_batch` = {tcfg.global_batch}: "
+                       f"must be divisible by data x expert ({shards}) x "
+                       f"parallel.microbatches ({pcfg.microbatches})")
+    super().__init__(cfg, mesh)
+    self.n_stages, self.n_shards = n_stages, shards
+    self.mb_size = tcfg.global_batch // (shards * pcfg.microbatches)
+    scale = 1.0 / (shards * pcfg.microbatches)
+    self.stage_fn = make_stage_fn(self.graphdef, cfg, n_stages, scale)
+    self.pipeline = Pipeline(self.stage_fn, self.schedule, mesh, pipe_axis="pipe",
+                             batch_axes=mesh_lib.BATCH, granularity=granularity)
+
+  def act_spec(self) -> jax.ShapeDtypeStruct:
+    m = self.cfg.model
+    return jax.ShapeDtypeStruct((self.mb_size, self.cfg.train.seq_len, m.hidden_size),
+                                jnp.dtype(m.dtype))
+
+  def loss_and_grads(self, params: dict, biases: dict, tokens_BxL1: jax.Array, *,
+                     timing: bool = False):
+    """``(loss, metrics, loads, grads)`` of one batch, computed by the pipeline."""
+    sp, shp = split_params(params, self.n_stages)
+    sb, shb = split_params(biases, self.n_stages)
+    loss, aux, g_stage, g_shared = self.pipeline(sp, shp, sb, shb, tokens_BxL1,
+                                                 self.act_spec(), timing=timing)
+    grads = join_params(g_stage, g_shared)
+    n = self.n_shards * self.cfg.parallel.microbatches
+    metrics = {"ce": aux["ce"] / n, "loss": loss, "balance_loss": aux["balance_loss"] / n}
+    if "mtp_ce" in aux:
+      metrics["mtp_ce"] = aux["mtp_ce"] / n
+    return loss, metrics, aux["load"], grads
+
+  def _train_fn(self, state: TrainState, batch: dict):
+    tcfg = self.cfg.train
+    _, metrics, loads, grads = self.loss_and_grads(state.params, state.biases, batch["tokens"])
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    biases = update_biases(state.biases, loads, tcfg.bias_update_gamma)
+    # As `Trainer`: a finite loss can still leave overflowed weights behind.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+    metrics = dict(metrics, finite=finite, grad_norm=optax.global_norm(grads),
+                   learning_rate=self.lr(state.step), max_vio=balance.max_violation(loads),
+                   load=loads)
+    return TrainState(params, biases, opt_state, state.step + 1), metrics
