@@ -91,7 +91,7 @@ def logical_to_mesh(axes: Sequence[str | None], ndim: int) -> P:
 
 def param_specs(state) -> dict:
   """Pure-dict tree of PartitionSpecs for an nnx State whose Variables carry `axes`."""
-  from flax import nnx, traverse_util
+  from flax import traverse_util
 
   flat = {}
   for path, v in state.flat_state():

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -31,9 +30,8 @@ from dsv3_jax.model import run_stack
 from dsv3_jax.parallel import mesh as mesh_lib
 from dsv3_jax.parallel import schedules
 from dsv3_jax.parallel.pipeline import Pipeline
-from dsv3_jax.train import balance
 from dsv3_jax.train.loss import cross_entropy
-from dsv3_jax.train.step import Trainer, TrainState, update_biases
+from dsv3_jax.train.step import Trainer, TrainState
 
 STAGED = "moe"  # the stacked layers cut into stages
 
@@ -184,15 +182,5 @@ class PipelineTrainer(Trainer):
     return loss, metrics, aux["load"], grads
 
   def _train_fn(self, state: TrainState, batch: dict):
-    tcfg = self.cfg.train
     _, metrics, loads, grads = self.loss_and_grads(state.params, state.biases, batch["tokens"])
-    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    biases = update_biases(state.biases, loads, tcfg.bias_update_gamma)
-    # As `Trainer`: a finite loss can still leave overflowed weights behind.
-    finite = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.stack(
-        [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
-    metrics = dict(metrics, finite=finite, grad_norm=optax.global_norm(grads),
-                   learning_rate=self.lr(state.step), max_vio=balance.max_violation(loads),
-                   load=loads)
-    return TrainState(params, biases, opt_state, state.step + 1), metrics
+    return self.apply_gradients(state, grads, metrics, loads)

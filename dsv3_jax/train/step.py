@@ -163,15 +163,23 @@ class Trainer:
       return loss, (metrics, loads)
 
     (_, (metrics, loads)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return self.apply_gradients(state, grads, metrics, loads)
+
+  def apply_gradients(self, state: TrainState, grads, metrics: dict, loads_LxE):
+    """AdamW on the params, the bias update from the loads, and the step's metrics.
+
+    Shared by every way of computing the gradients (this step, the pipelined one).
+    """
+    tcfg = self.cfg.train
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    biases = update_biases(state.biases, loads, tcfg.bias_update_gamma)
+    biases = update_biases(state.biases, loads_LxE, tcfg.bias_update_gamma)
     # A finite loss can still leave overflowed weights behind: check the new state too.
     finite = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.stack(
         [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
     metrics = dict(metrics, finite=finite, grad_norm=optax.global_norm(grads),
                    learning_rate=self.lr(state.step),
-                   max_vio=balance.max_violation(loads), load=loads)
+                   max_vio=balance.max_violation(loads_LxE), load=loads_LxE)
     return TrainState(params, biases, opt_state, state.step + 1), metrics
 
   def _eval_fn(self, state: TrainState, batch: dict):

@@ -82,7 +82,6 @@ def _multi(tmp_path, name: str, steps: int, heartbeat: int = 30, step_timeout: i
   return workdir, procs, logs
 
 
-@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
   single_dir = str(tmp_path / "single")
   single_log = str(tmp_path / "single.log")

@@ -141,7 +141,6 @@ def test_zero1_expert_parallel_step_equals_one_device(trainer_2x4):
       state_a.opt_state, state_b.opt_state)
 
 
-@pytest.mark.slow
 def test_resume_checkpoint_from_2x4_onto_4x2(trainer_2x4, tmp_path):
   other = _trainer(4, 2)
   state, _ = trainer_2x4.train_step(trainer_2x4.init(), _batch(trainer_2x4, 0))

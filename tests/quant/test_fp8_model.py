@@ -365,7 +365,6 @@ class ParityMathTest(absltest.TestCase):
 # ---------------------------------------------------------------- end to end (slow)
 
 
-@pytest.mark.slow
 def test_tiny_model_trains_in_fp8_exports_and_decodes(tmp_path):
   from dsv3_jax.train.loop import train_and_evaluate
 
