@@ -86,8 +86,10 @@ class Generator:
     self.vocab_limit = vocab_limit
     self.graphdef, self.state = nnx.split(model)
     self.cache_dtype = jnp.dtype(cache_dtype)
-    self._prefill = jax.jit(self._prefill_fn, static_argnames=("sampling",))
-    self._decode = jax.jit(self._decode_fn, static_argnames=("sampling",))
+    # Only what shapes the program is static (filters, length); seed and EOS are traced, so a
+    # new seed or EOS id reuses the compiled functions.
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=("filters",))
+    self._decode = jax.jit(self._decode_fn, static_argnames=("filters", "max_new_tokens"))
 
   def _limit(self, logits_BxV):
     if self.vocab_limit is None or self.vocab_limit >= logits_BxV.shape[-1]:
@@ -99,18 +101,17 @@ class Generator:
     """Latent cache bytes per token over all layers (MTP excluded)."""
     return cache_bytes_per_token(self.cfg, self.cache_dtype) * self.cfg.num_hidden_layers
 
-  def _prefill_fn(self, state, tokens_BxL, lengths_B, cache, key, sampling):
+  def _prefill_fn(self, state, tokens_BxL, lengths_B, cache, key, filters):
     model = nnx.merge(self.graphdef, state)
     out = model.forward(tokens_BxL, cache=cache, absorb=False)
     last_BxV = jnp.take_along_axis(out.logits_BxLxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-    first = sample(self._limit(last_BxV), key, sampling.temperature, sampling.top_k, sampling.top_p)
+    first = sample(self._limit(last_BxV), key, *filters)
     return first, out.cache
 
-  def _decode_fn(self, state, cache, first_B, lengths_B, key, sampling):
+  def _decode_fn(self, state, cache, first_B, lengths_B, key, eos, filters, max_new_tokens):
     model = nnx.merge(self.graphdef, state)
     b = first_B.shape[0]
-    n = sampling.max_new_tokens
-    eos = -1 if sampling.eos_id is None else sampling.eos_id
+    n = max_new_tokens
     out_BxN = jnp.zeros((b, n), jnp.int32).at[:, 0].set(first_B)
     done = first_B == eos
 
@@ -123,9 +124,8 @@ class Generator:
       key, sub = jax.random.split(key)
       prev = out[:, i - 1]
       res = model.forward(prev[:, None], positions_BxL=pos[:, None], cache=cache, absorb=True)
-      nxt = sample(self._limit(res.logits_BxLxV[:, 0]), sub, sampling.temperature, sampling.top_k,
-                   sampling.top_p)
-      nxt = jnp.where(done, eos if eos >= 0 else 0, nxt)
+      nxt = sample(self._limit(res.logits_BxLxV[:, 0]), sub, *filters)
+      nxt = jnp.where(done, jnp.maximum(eos, 0), nxt)
       return (i + 1, res.cache, out.at[:, i].set(nxt), pos + 1, done | (nxt == eos), key)
 
     carry = (jnp.int32(1), cache, out_BxN, lengths_B.astype(jnp.int32), done, key)
@@ -159,13 +159,15 @@ class Generator:
     model = nnx.merge(self.graphdef, self.state)
     cache = model.init_cache(len(prompts), total, self.cache_dtype)
     key_prefill, key_decode = jax.random.split(jax.random.key(sampling.seed))
+    filters = (sampling.temperature, sampling.top_k, sampling.top_p)
     t0 = time.perf_counter()
     first, cache = self._prefill(self.state, jnp.asarray(tokens), jnp.asarray(lengths), cache,
-                                 key_prefill, sampling=sampling)
+                                 key_prefill, filters=filters)
     first.block_until_ready()
     t1 = time.perf_counter()
     out, steps = self._decode(self.state, cache, first, jnp.asarray(lengths), key_decode,
-                              sampling=sampling)
+                              jnp.int32(-1 if sampling.eos_id is None else sampling.eos_id),
+                              filters=filters, max_new_tokens=sampling.max_new_tokens)
     out = np.asarray(out)
     t2 = time.perf_counter()
     seqs, finished = [], []
