@@ -9,12 +9,12 @@ checkpoint is never overwritten.
 
 import dataclasses
 import json
-import math
 import os
 import time
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -53,6 +53,18 @@ def load_corpus(cfg: config_lib.Config) -> Corpus:
 
 def _to_global(batch: dict, sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+@jax.jit
+def _record_non_finite(first_bad, finite, step):
+  return jnp.where((first_bad == 0) & ~finite, step, first_bad)
+
+
+def _raise_if_non_finite(first_bad):
+  bad = int(first_bad)
+  if bad:
+    raise FloatingPointError(f"loss is non-finite or the weights overflowed at step {bad}; "
+                             "stopping without saving (the last good checkpoint is kept)")
 
 
 def evaluate(trainer: Trainer, state, batches, sharding) -> float:
@@ -124,22 +136,25 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
   t_start = time.time()
   t_window, window_steps = time.time(), 0
   step = start_step
+  first_bad = jnp.zeros((), jnp.int32)  # 0 = every step so far finite
   try:
     while step < end_step:
       batch = _to_global(next(data_iter), trainer.batch_sharding)
       state, metrics = trainer.train_step(state, batch)
       step += 1
       window_steps += 1
-      loss = float(metrics["loss"])  # waits for the step
+      # No host sync per step: the first non-finite step is recorded on device and checked
+      # wherever the host waits anyway (metrics, eval, checkpoint), always before a save.
+      first_bad = _record_non_finite(first_bad, metrics["finite"], step)
       distributed.kick()
-      if not (math.isfinite(loss) and bool(metrics["finite"])):
-        raise FloatingPointError(f"loss is {loss} at step {step} (parameters finite: "
-                                 f"{bool(metrics['finite'])}); stopping without saving "
-                                 f"(the last good checkpoint is kept)")
       if bar is not None:
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
+      syncs = [tcfg.log_every, tcfg.eval_every, tcfg.checkpoint_every]
+      if step == end_step or any(step % n == 0 for n in syncs):
+        _raise_if_non_finite(first_bad)
       if step % tcfg.log_every == 0 or step == end_step:
+        if bar is not None:
+          bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
         elapsed = time.time() - t_window
         tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
         scalars = {k: v for k, v in metrics.items() if k not in ("load", "finite")}
