@@ -29,7 +29,7 @@ class Output(NamedTuple):
   hidden_BxLxD: jax.Array       # after the final norm: what the head reads and MTP consumes
   load_LxE: jax.Array           # token copies per expert, per MoE layer
   balance_loss: jax.Array       # sum over MoE layers of the sequence-wise loss (no alpha)
-  cache: Optional[dict]
+  cache: Optional["ModelCache"]
   # Expert-parallel dispatch statistics summed over the MoE layers (dropped_copies,
   # cross_node_copies, remote_node_sends; see parallel/expert.py); empty on one device.
   stats: Optional[dict] = None

@@ -11,13 +11,14 @@ machine's memory bandwidth (a large copy timed in the same run), to state decode
 of the bandwidth limit (weights and cache streamed once per step). Prints a table, writes JSON.
 """
 
-import json
 import os
 import sys
 import tempfile
 import time
 
 from absl import app, flags
+
+from experiments import common
 
 _CONFIG = flags.DEFINE_string("config", "bench", "Variant of configs/dsv3.py.")
 _PREFILL_BATCH = flags.DEFINE_integer("prefill_batch", 4, "Prefill batch.")
@@ -170,10 +171,7 @@ def main(argv):
           "the memory-bandwidth limit")
   if "skipped" in hf:
     print("  HF transformers:", hf["skipped"])
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {_OUT.value}")
+  common.write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ host. On CPU FP8 is emulated (no speed-up is expected); on an H100 the FP8 dots 
 Prints a table, writes JSON.
 """
 
-import json
-import os
 import sys
 import time
 
 from absl import app, flags
+
+from experiments import common
 
 _SHAPES = flags.DEFINE_string("shapes", "1024x1024x1024,2048x7168x2048",
                               "Comma-separated MxKxN.")
@@ -74,10 +74,8 @@ def main(argv):
     print(f"{r['m']:>6}x{r['k']}x{r['n']:<6} {r['fp8_fwd_tflops']:>10.2f} "
           f"{r['fp8_fwd_bwd_tflops']:>10.2f} {r['bf16_tflops']:>10.2f} {r['fp32_tflops']:>10.2f} "
           f"{r['fp8_rel_err']:>9.4f} {r['bf16_rel_err']:>9.4f}")
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump({"device": device, "backend": jax.default_backend(), "rows": rows}, f, indent=1)
-  print(f"wrote {_OUT.value}")
+  common.write_json(_OUT.value, {"device": device, "backend": jax.default_backend(),
+                                 "rows": rows})
 
 
 if __name__ == "__main__":

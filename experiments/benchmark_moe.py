@@ -25,13 +25,14 @@ random, so routing is close to uniform; a trained router's choices are more corr
 (buffers, all_to_all, bookkeeping), not a speed-up. Prints a table, writes JSON.
 """
 
-import json
 import os
 import statistics
 import sys
 import time
 
 from absl import app, flags
+
+from experiments import common
 
 _CONFIG = flags.DEFINE_string("config", "bench", "Variant of configs/dsv3.py for the layer.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Emulated CPU devices (all on the expert axis).")
@@ -260,10 +261,7 @@ def main(argv):
   res = {"layer": layer_benchmark(), "v3_shape_routing": v3,
          "platform": jax.devices()[0].platform, "jax": jax.__version__}
   print(_table(res))
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(res, f, indent=1)
-  print(f"wrote {_OUT.value}")
+  common.write_json(_OUT.value, res)
 
 
 if __name__ == "__main__":

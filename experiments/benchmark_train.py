@@ -10,12 +10,13 @@ installed — HF's DeepseekV3ForCausalLM on the same config doing forward + back
 torch.optim.AdamW with torch threads = cores. Prints a table, writes JSON.
 """
 
-import json
 import os
 import sys
 import time
 
 from absl import app, flags
+
+from experiments import common
 
 _CONFIG = flags.DEFINE_string("config", "bench", "Variant of configs/dsv3.py.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Sequences per step.")
@@ -159,10 +160,7 @@ def main(argv):
         f"device, {os.cpu_count()} CPU cores")
   for name, value in rows:
     print(f"  {name:<{width}}  {value}")
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {_OUT.value}")
+  common.write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":

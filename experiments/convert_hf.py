@@ -21,6 +21,8 @@ import time
 
 from absl import app, flags
 
+from experiments import common
+
 _SRC = flags.DEFINE_string("src", None, "HF directory, orbax model directory or training workdir.")
 _DST = flags.DEFINE_string("dst", None, "Output directory.")
 _TO = flags.DEFINE_enum("to", None, ["hf", "orbax"], "Output format.")
@@ -79,9 +81,7 @@ def main(argv):
   summary = convert(_SRC.value, _DST.value, _TO.value, dtype=_DTYPE.value, fp8=_FP8.value,
                     pow2=_POW2.value, shard_bytes=int(_SHARD_GB.value * (1 << 30)), mtp=mtp)
   print(json.dumps(summary, indent=1))
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      json.dump(summary, f, indent=1)
+  common.write_json(_OUTPUT.value, summary, announce=False)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from typing import Optional
 import numpy as np
 from absl import app, flags
 
+from experiments import common
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF directory, orbax directory or workdir.")
 _TEXT = flags.DEFINE_string("text", None, "A UTF-8 text file to score.")
 _TOKENS = flags.DEFINE_string("tokens", None,
@@ -180,9 +182,7 @@ def main(argv):
   if n_bytes:
     summary["bits_per_byte"] = result["nll"] * result["tokens_scored"] / n_bytes / math.log(2)
   print(json.dumps(summary, indent=1))
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      json.dump(summary, f, indent=1)
+  common.write_json(_OUTPUT.value, summary, announce=False)
 
 
 if __name__ == "__main__":

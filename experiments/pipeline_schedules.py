@@ -16,6 +16,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import common
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/dsv3.py:tiny", "Model config.")
 _OUTDIR = flags.DEFINE_string("outdir", "runs/pipeline_schedules", "JSON and PNGs go here.")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Emulated CPU devices (0 = leave XLA_FLAGS).")
@@ -32,9 +34,7 @@ _GRAN = flags.DEFINE_enum("granularity", "unit", ["unit", "op"], "Executor tick 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _DEVICES.value:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={_DEVICES.value}")
+  common.emulate_cpu_devices(_DEVICES.value)
   import jax  # after XLA_FLAGS
   jax.config.update("jax_threefry_partitionable", True)
   from dsv3_jax import config as config_lib

@@ -15,11 +15,12 @@ $DSV3_NUM_PROCESSES and $DSV3_PROCESS_ID. Each process loads only its rows of ev
 """
 
 import json
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from experiments import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/dsv3.py:small", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/small", "Checkpoints, metrics and summary.")
@@ -38,9 +39,7 @@ _STEP_TIMEOUT = flags.DEFINE_integer(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _DEVICES.value:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={_DEVICES.value}")
+  common.emulate_cpu_devices(_DEVICES.value)
   import jax  # after XLA_FLAGS
   jax.config.update("jax_threefry_partitionable", True)
   from dsv3_jax.parallel import distributed
