@@ -412,37 +412,5 @@ def to_hf_config(cfg: ModelConfig) -> dict:
   return hf
 
 
-def param_counts(cfg: ModelConfig) -> dict:
-  """Analytic parameter counts (total, activated per token, MTP), for cross-checks."""
-  d = cfg.hidden_size
-  h = cfg.num_attention_heads
-  if cfg.q_lora_rank:
-    q = d * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * h * cfg.qk_head_dim
-  else:
-    q = d * h * cfg.qk_head_dim
-  kv = (d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
-        + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim))
-  attn = q + kv + h * cfg.v_head_dim * d + 2 * d  # + the two block norms
-  dense = 3 * d * cfg.intermediate_size
-  expert = 3 * d * cfg.moe_intermediate_size
-  moe_total = (cfg.n_routed_experts + cfg.n_shared_experts) * expert + d * cfg.n_routed_experts
-  moe_active = (cfg.num_experts_per_tok + cfg.n_shared_experts) * expert + d * cfg.n_routed_experts
-  embed = cfg.vocab_size * d
-  head = cfg.vocab_size * d + d
-  body_total = cfg.n_dense_layers * (attn + dense) + cfg.n_moe_layers * (attn + moe_total)
-  body_active = cfg.n_dense_layers * (attn + dense) + cfg.n_moe_layers * (attn + moe_active)
-  mtp_unique = cfg.num_nextn_predict_layers * (2 * d * d + 2 * d + d + attn + moe_total)
-  return {"total": embed + body_total + head,
-          "activated": embed + body_active + head,
-          "mtp_unique": mtp_unique,
-          "mtp_with_shared": mtp_unique + cfg.num_nextn_predict_layers * (embed + head - d)}
-
-
-def describe(cfg: ModelConfig) -> str:
-  c = param_counts(cfg)
-  return (f"{c['total'] / 1e9:.2f}B params, {c['activated'] / 1e9:.2f}B activated, "
-          f"MTP {c['mtp_unique'] / 1e9:.2f}B unique")
-
-
 __all__ = ["Config", "ModelConfig", "TrainConfig", "DataConfig", "ParallelConfig", "from_dict",
-           "to_dict", "replace", "from_hf_config", "to_hf_config", "param_counts", "describe"]
+           "to_dict", "replace", "from_hf_config", "to_hf_config"]

@@ -50,7 +50,7 @@ def memory_bandwidth(nbytes=1 << 29) -> float:
 
 def decode_bytes_per_step(cfg, batch: int, context: int, cache_bytes_per_token: int) -> float:
   """Weights touched by one decode step (float32) plus the cache read: the bandwidth floor."""
-  from dsv3_jax.config import param_counts
+  from dsv3_jax.counts import param_counts
   c = param_counts(cfg)
   expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
   e, k = cfg.n_routed_experts, cfg.num_experts_per_tok

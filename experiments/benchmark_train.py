@@ -53,7 +53,8 @@ def bench_ours(model_cfg, train_overrides, batch, seq_len, steps):
   from dsv3_jax.config import ParallelConfig
   from dsv3_jax.parallel import mesh as mesh_lib
   from dsv3_jax.train.loss import model_losses
-  from dsv3_jax.train.step import Trainer, flops_per_token
+  from dsv3_jax.counts import flops_per_token
+  from dsv3_jax.train.step import Trainer
 
   cd = dsv3.get_config(model_cfg)
   cd.train.global_batch, cd.train.seq_len = batch, seq_len

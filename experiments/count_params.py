@@ -4,7 +4,7 @@ r"""Counts a config's parameters without allocating them.
 
 Builds the model abstractly (`nnx.eval_shape`: ShapeDtypeStructs only), counts the real
 parameter tensors, and cross-checks them against the analytic formula in
-`dsv3_jax.config.param_counts`. Prints billions with a `B` suffix.
+`dsv3_jax.counts.param_counts`. Prints billions with a `B` suffix.
 """
 
 import json
@@ -22,7 +22,7 @@ def count(model_cfg) -> dict:
   from flax import nnx
 
   from dsv3_jax import model as model_lib
-  from dsv3_jax.config import param_counts
+  from dsv3_jax.counts import param_counts
 
   abstract = model_lib.abstract(model_cfg)
   params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))

@@ -19,12 +19,13 @@ import numpy as np
 from absl import logging
 
 from dsv3_jax import config as config_lib
+from dsv3_jax import counts
 from dsv3_jax import data as data_lib
 from dsv3_jax.checkpoint.orbax import Checkpointer
 from dsv3_jax.parallel import distributed
 from dsv3_jax.parallel import mesh as mesh_lib
 from dsv3_jax.train.metrics import MetricWriter
-from dsv3_jax.train.step import Trainer, flops_per_token
+from dsv3_jax.train.step import Trainer
 
 
 @dataclasses.dataclass
@@ -89,7 +90,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
                      f"be divisible by the data x expert mesh size {n_batch_shards}")
   is_main = jax.process_index() == 0
   logging.info("process %d/%d, mesh %s, %s", jax.process_index(), jax.process_count(),
-               dict(mesh.shape), config_lib.describe(cfg.model))
+               dict(mesh.shape), counts.describe(cfg.model))
 
   corpus = load_corpus(cfg)
   shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -127,7 +128,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
 
   end_step = tcfg.steps if max_steps is None else min(tcfg.steps, start_step + max_steps)
   tokens_per_step = tcfg.global_batch * tcfg.seq_len
-  flops_tok = flops_per_token(cfg.model, tcfg.seq_len)
+  flops_tok = counts.flops_per_token(cfg.model, tcfg.seq_len)
   history, eval_history = [], []
   bar = None
   if progress and is_main:

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dsv3_jax import model as model_lib
-from dsv3_jax.config import Config, ModelConfig, param_counts
+from dsv3_jax.config import Config
 from dsv3_jax.layers.moe import RouterBias
 from dsv3_jax.parallel import expert as expert_lib
 from dsv3_jax.parallel import mesh as mesh_lib
@@ -57,22 +57,6 @@ def update_biases(biases: dict, loads_LxE: jax.Array, gamma: float) -> dict:
     new["mtp"][k]["block"]["ffn"]["bias"] = balance.bias_update(b, loads_LxE[i], gamma)
     i += 1
   return new
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token: 6 x matmul params touched + causal attention scores."""
-  counts = param_counts(cfg)
-  matmul_params = counts["activated"] - cfg.vocab_size * cfg.hidden_size  # no lookup
-  depth = cfg.num_nextn_predict_layers
-  if depth:
-    mtp_active = (counts["mtp_unique"] - cfg.n_routed_experts * 3 * cfg.hidden_size
-                  * cfg.moe_intermediate_size
-                  + cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size)
-    matmul_params += depth * (mtp_active + cfg.vocab_size * cfg.hidden_size)
-  attn_layers = cfg.num_hidden_layers + depth
-  attn = 6 * attn_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (
-      seq_len / 2)
-  return 6.0 * matmul_params + attn
 
 
 class Trainer:

@@ -18,6 +18,7 @@ from flax import nnx
 
 from configs.dsv3 import get_config
 from dsv3_jax import config as config_lib
+from dsv3_jax import counts as counts_lib
 from dsv3_jax import model as model_lib
 from dsv3_jax.train import loss as loss_lib
 
@@ -119,7 +120,7 @@ class MTPLossTest(absltest.TestCase):
 class ParamCountTest(parameterized.TestCase):
 
   def test_671b_analytic(self):
-    counts = config_lib.param_counts(_config("671b").model)
+    counts = counts_lib.param_counts(_config("671b").model)
     self.assertLess(abs(counts["total"] - 671e9) / 671e9, 1e-3)
     np.testing.assert_allclose(counts["total"] / 1e9, 671.03, atol=0.005)
     np.testing.assert_allclose(counts["mtp_unique"] / 1e9, 11.6, atol=0.05)
@@ -135,7 +136,7 @@ class ParamCountTest(parameterized.TestCase):
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     self.assertIsInstance(leaves[0], jax.ShapeDtypeStruct)
     total, mtp = _n_params(model), _n_params(model.mtp)
-    counts = config_lib.param_counts(cfg)
+    counts = counts_lib.param_counts(cfg)
     self.assertEqual(total - mtp, counts["total"])
     self.assertEqual(mtp, counts["mtp_unique"])
     self.assertGreater(mtp, 0)
