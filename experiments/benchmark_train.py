@@ -95,7 +95,7 @@ def bench_hf(model_cfg, batch, seq_len, steps):
   import torch
   import transformers
 
-  from dsv3_jax.config import to_hf_config
+  from dsv3_jax.checkpoint.hf_config import to_hf_config
 
   torch.set_num_threads(os.cpu_count() or 1)
   hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in to_hf_config(model_cfg).items()

@@ -58,7 +58,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from dsv3_jax import config as config_lib
+from dsv3_jax.checkpoint.hf_config import from_hf_config, to_hf_config
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.moe import RouterBias
 from dsv3_jax.quant import fp8 as fp8_lib
@@ -418,7 +418,7 @@ def load_hf_state(path: str, cfg: Optional[ModelConfig] = None, *, mtp: Optional
   """
   hf_cfg = read_hf_config(path)
   if cfg is None:
-    cfg = config_lib.from_hf_config(hf_cfg, **overrides)
+    cfg = from_hf_config(hf_cfg, **overrides)
   ckpt = HFCheckpoint(path)
   declared = _mtp_prefixes(cfg, cfg.num_nextn_predict_layers)
   present = any(n.startswith(declared) for n in ckpt.tensors) if declared else False
@@ -539,7 +539,7 @@ def save_hf_state(path: str, cfg: ModelConfig, state: dict, *, dtype: str = "bfl
   elif os.path.exists(os.path.join(path, INDEX_FILE)):
     os.remove(os.path.join(path, INDEX_FILE))
 
-  hf = config_lib.to_hf_config(cfg)
+  hf = to_hf_config(cfg)
   hf["torch_dtype"] = dtype
   if fp8:
     hf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3_jax import config as config_lib
 from dsv3_jax import pretrained
 from dsv3_jax.checkpoint import hf
+from dsv3_jax.checkpoint.hf_config import from_hf_config, to_hf_config
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import rope
 from dsv3_jax.quant import fp8 as fp8_lib
@@ -343,15 +343,15 @@ PUBLISHED = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432,
 
 
 def test_from_hf_config_published_and_newer_layouts():
-  cfg = config_lib.from_hf_config(PUBLISHED)
+  cfg = from_hf_config(PUBLISHED)
   assert (cfg.rope_factor, cfg.rope_theta, cfg.num_nextn_predict_layers) == (40.0, 1e4, 1)
   assert abs(rope.softmax_scale(cfg) - 0.1352338) < 1e-6  # REFERENCE §2
   newer = {k: v for k, v in PUBLISHED.items() if k not in ("rope_scaling", "rope_theta")}
   newer["rope_parameters"] = dict(PUBLISHED["rope_scaling"], rope_type="yarn", rope_theta=1e4)
-  assert config_lib.from_hf_config(newer) == cfg
+  assert from_hf_config(newer) == cfg
   plain = dict(PUBLISHED, rope_scaling=None, q_lora_rank=None, n_group=1, topk_group=1,
                num_nextn_predict_layers=0)
-  cfg = config_lib.from_hf_config(plain)
+  cfg = from_hf_config(plain)
   assert (cfg.rope_factor, cfg.q_lora_rank, cfg.n_group, cfg.num_nextn_predict_layers) == (
       1.0, 0, 1, 0)
 
@@ -367,11 +367,11 @@ def test_from_hf_config_published_and_newer_layouts():
 def test_yarn_mscale_follows_transformers(scaling):
   hf_cfg = dict(PUBLISHED, rope_scaling=dict(scaling, type="yarn",
                                              original_max_position_embeddings=4096))
-  cfg = config_lib.from_hf_config(hf_cfg)
+  cfg = from_hf_config(hf_cfg)
   af, scale = _hf_yarn_reference(scaling, cfg.qk_head_dim)
   assert rope.attention_factor(cfg) == pytest.approx(af, rel=1e-12)
   assert rope.softmax_scale(cfg) == pytest.approx(scale, rel=1e-12)
-  again = config_lib.from_hf_config(json.loads(json.dumps(config_lib.to_hf_config(cfg))))
+  again = from_hf_config(json.loads(json.dumps(to_hf_config(cfg))))
   assert rope.attention_factor(again) == pytest.approx(af, rel=1e-12)
   assert rope.softmax_scale(again) == pytest.approx(scale, rel=1e-12)
 
@@ -385,13 +385,12 @@ def test_yarn_mscale_follows_transformers(scaling):
 ])
 def test_from_hf_config_rejects_what_it_cannot_honour(change, match):
   with pytest.raises(ValueError, match=match):
-    config_lib.from_hf_config(dict(PUBLISHED, **change))
+    from_hf_config(dict(PUBLISHED, **change))
 
 
 def test_to_hf_config_roundtrip():
   cfg = _cfg(q_lora_rank=0, n_group=1, topk_group=1, rope_mscale=0.9, rope_mscale_all_dim=0.6)
-  again = config_lib.from_hf_config(config_lib.to_hf_config(cfg),
-                                    expert_block_size=cfg.expert_block_size)
+  again = from_hf_config(to_hf_config(cfg), expert_block_size=cfg.expert_block_size)
   assert again == cfg
 
 

@@ -5,6 +5,7 @@ from absl.testing import parameterized
 
 from configs import dsv3
 from dsv3_jax import config as config_lib
+from dsv3_jax.checkpoint.hf_config import from_hf_config, to_hf_config
 
 
 def _cfg(variant="tiny", **sections):
@@ -62,8 +63,8 @@ class InvalidConfigTest(parameterized.TestCase):
 
   def test_hf_round_trip(self):
     cfg = config_lib.from_dict(dsv3.get_config("671b")).model
-    hf = config_lib.to_hf_config(cfg)
+    hf = to_hf_config(cfg)
     self.assertEqual(hf["rope_scaling"]["factor"], 40.0)
-    back = config_lib.from_hf_config(hf, dtype=cfg.dtype, matmul_precision=cfg.matmul_precision,
-                                     expert_block_size=cfg.expert_block_size)
+    back = from_hf_config(hf, dtype=cfg.dtype, matmul_precision=cfg.matmul_precision,
+                          expert_block_size=cfg.expert_block_size)
     self.assertEqual(back, cfg)
