@@ -1,0 +1,1 @@
+"""Serving-time machinery: redundant experts and their load balancing (EPLB)."""
