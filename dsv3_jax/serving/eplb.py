@@ -26,15 +26,17 @@ physical slots, R / num_gpus per GPU, GPU g holding slots [g * R/num_gpus, (g+1)
 
 Ties break towards the lower index (sorting is stable). This reproduces the worked example of
 DeepSeek's EPLB release exactly; that release sorts with an unstable sort, so where loads tie
-exactly its layout may differ from this one (equally balanced). The outputs are the tables a serving engine needs: phy2log [L, R] (the logical
-expert each slot holds), log2phy [L, E, max_count] (the slots of each expert by replica rank,
-padded with -1) and logcnt [L, E] (replicas per expert).
+exactly its greedy layout may differ from this one. The outputs are the tables a serving engine
+needs: phy2log [L, R] (the logical expert each slot holds), log2phy [L, E, max_count] (the slots
+of each expert by replica rank, padded with -1) and logcnt [L, E] (replicas per expert).
 
 At run time the router still selects logical experts (scores, biases, group limits and gate
 weights unchanged); `physical_experts` maps each (token, choice) to one replica of its expert
 and `replicate_weights` builds the slot-ordered weights, so the layer's output is unchanged.
 `LoadWindow` keeps recent load statistics and the rebalancing schedule; `device_loads`,
-`imbalance` and `compare_placements` measure max / mean load per GPU before and after.
+`imbalance` and `compare_placements` measure max / mean load per GPU before and after;
+`loads_from_metrics` reads the per-expert loads a training run logged, `zipf_load` makes skewed
+synthetic ones.
 """
 
 import json
