@@ -284,3 +284,22 @@ def test_rebalancing_reduces_imbalance_on_zipf_load(groups, nodes):
   assert result["hierarchical"] == (groups % nodes == 0)
   assert all(a < b for a, b in zip(result["after_per_layer"], result["before_per_layer"]))
   assert result["after_mean"] < 1.6 < 4.0 < result["before_mean"]
+
+
+def test_benchmark_report_on_a_workdir(tmp_path):
+  from benchmarks import eplb as bench
+
+  (tmp_path / "config.json").write_text(json.dumps({"model": {"n_group": 4}}))
+  load_LxE = eplb.zipf_load(3, 16, 5000, seed=2)
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    for step in range(1, 4):
+      f.write(json.dumps({"step": step, "load": (load_LxE / 3).tolist()}) + "\n")
+  result = bench.report(str(tmp_path), gpus=4, nodes=2, redundant=4, zipf_layers=2,
+                        zipf_tokens=20_000)
+  assert result["example"]["phy2log"] == EXAMPLE_PHY2LOG
+  row = result["rows"]["workdir"]
+  assert (row["layers"], row["experts"], row["replicas"], row["groups"]) == (3, 16, 20, 4)
+  for name, row in result["rows"].items():
+    assert row["after_mean"] < row["before_mean"], name
+  table = bench.format_table(result)
+  assert "workdir" in table and "zipf s=1" in table
