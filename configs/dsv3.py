@@ -42,7 +42,8 @@ def _model(**overrides) -> ml_collections.ConfigDict:
   m.rms_norm_eps = 1e-6
   m.rope_theta = 10000.0
   m.max_position_embeddings = 2048
-  m.rope_factor = 1.0  # YaRN factor; 1.0 = plain RoPE
+  m.rope_scaling = "none"  # none = plain RoPE | yarn = YaRN context extension
+  m.rope_factor = 1.0  # YaRN factor; 1.0 under rope_scaling none
   m.rope_original_max_position_embeddings = 4096
   m.rope_beta_fast = 32.0
   m.rope_beta_slow = 1.0
@@ -62,7 +63,7 @@ _MODELS = {
                  num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
                  qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
                  n_group=4, topk_group=2, max_position_embeddings=256, expert_block_size=16,
-                 rope_factor=2.0, rope_original_max_position_embeddings=64),
+                 rope_scaling="yarn", rope_factor=2.0, rope_original_max_position_embeddings=64),
     "small": dict(vocab_size=272, hidden_size=256, intermediate_size=768,
                   moe_intermediate_size=128, num_hidden_layers=4, first_k_dense_replace=1,
                   num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64,
@@ -75,7 +76,7 @@ _MODELS = {
                   qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                   n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4,
                   n_shared_experts=1, num_nextn_predict_layers=1, max_position_embeddings=2048,
-                  rope_factor=4.0, rope_original_max_position_embeddings=512,
+                  rope_scaling="yarn", rope_factor=4.0, rope_original_max_position_embeddings=512,
                   expert_block_size=64),
     "671b": dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432,
                  moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=3,
@@ -84,11 +85,16 @@ _MODELS = {
                  n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8,
                  topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True,
                  num_nextn_predict_layers=1, rms_norm_eps=1e-6, rope_theta=10000.0,
-                 max_position_embeddings=163840, rope_factor=40.0,
+                 max_position_embeddings=163840, rope_scaling="yarn", rope_factor=40.0,
                  rope_original_max_position_embeddings=4096, rope_beta_fast=32.0,
                  rope_beta_slow=1.0, rope_mscale=1.0, rope_mscale_all_dim=1.0, init_std=0.006,
                  dtype="bfloat16", matmul_precision="fp8", expert_block_size=128),
 }
+
+# The same network as pretrained (report §4.2): plain RoPE over a 4K context. The report then
+# extends the context with YaRN (§4.3), which gives `671b`.
+_MODELS["671b_pretrain"] = dict(_MODELS["671b"], rope_scaling="none", rope_factor=1.0,
+                                max_position_embeddings=4096)
 
 _TRAIN = {
     "tiny": dict(steps=4, global_batch=8, seq_len=32, warmup_steps=2, learning_rate=3e-3,
@@ -102,6 +108,9 @@ _TRAIN = {
                  learning_rate=2.2e-4, mtp_lambda=0.3),
 }
 
+
+_TRAIN["671b_pretrain"] = _TRAIN["671b"]
+VARIANTS = tuple(_MODELS)
 
 # `small` (the main job) runs on 8 devices as data 2 x expert 4: 4 experts per EP rank, each
 # rank its own "node", so the 4 expert groups are 4 nodes and topk_group=2 caps every token at

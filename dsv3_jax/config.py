@@ -17,6 +17,7 @@ from typing import Any, Mapping
 PRECISIONS = ("fp32", "bf16", "fp8")
 DTYPES = ("float32", "bfloat16")
 PIPELINES = ("none", "1f1b", "dualpipe")
+ROPE_SCALINGS = ("none", "yarn")
 
 
 def _require(ok: bool, field: str, rule: str, value: Any) -> None:
@@ -51,8 +52,11 @@ class ModelConfig:
   rms_norm_eps: float = 1e-6
   rope_theta: float = 10000.0
   max_position_embeddings: int = 2048
-  # YaRN (rope_scaling in HF); factor 1.0 turns it off.
-  rope_factor: float = 1.0
+  # Rotary scaling, chosen by intent (report §4.3): "none" = plain RoPE, as DeepSeek-V3 is
+  # pretrained at 4K; "yarn" = YaRN context extension, as in the extension phases and the
+  # published checkpoint. The rope_* fields below are YaRN's and are read only under "yarn".
+  rope_scaling: str = "none"
+  rope_factor: float = 1.0  # YaRN scale s (the report's 40); must stay 1.0 under "none"
   rope_original_max_position_embeddings: int = 4096
   rope_beta_fast: float = 32.0
   rope_beta_slow: float = 1.0
@@ -116,10 +120,19 @@ class ModelConfig:
              self.routed_scaling_factor)
     _require(self.rms_norm_eps > 0, "model.rms_norm_eps", "must be positive", self.rms_norm_eps)
     _require(self.rope_theta > 1, "model.rope_theta", "must be > 1", self.rope_theta)
-    _require(self.rope_factor >= 1.0, "model.rope_factor", "must be >= 1 (1 = no YaRN)",
-             self.rope_factor)
-    _require(self.rope_beta_fast > self.rope_beta_slow > 0, "model.rope_beta_fast",
-             f"need beta_fast > beta_slow={self.rope_beta_slow} > 0", self.rope_beta_fast)
+    _require(self.rope_scaling in ROPE_SCALINGS, "model.rope_scaling",
+             f"must be one of {ROPE_SCALINGS}", self.rope_scaling)
+    if self.rope_scaling == "yarn":
+      _require(self.rope_factor > 1.0, "model.rope_factor",
+               "must be > 1 with model.rope_scaling='yarn' (YaRN at factor 1 is plain RoPE: "
+               "set rope_scaling='none')", self.rope_factor)
+      _require(self.rope_beta_fast > self.rope_beta_slow > 0, "model.rope_beta_fast",
+               f"need beta_fast > beta_slow={self.rope_beta_slow} > 0", self.rope_beta_fast)
+    else:
+      _require(self.rope_factor == 1.0, "model.rope_factor",
+               "is read only with model.rope_scaling='yarn'; set rope_scaling='yarn' to extend "
+               "the context with YaRN, or leave rope_factor at 1.0 for plain RoPE",
+               self.rope_factor)
     _require(self.init_std > 0, "model.init_std", "must be positive", self.init_std)
     _require(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}", self.dtype)
     _require(self.matmul_precision in PRECISIONS, "model.matmul_precision",

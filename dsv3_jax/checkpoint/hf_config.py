@@ -35,6 +35,8 @@ _HF_PLAIN = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate
 def _hf_rope_fields(hf: Mapping[str, Any]) -> dict:
   """Our rope_* fields from HF's `rope_scaling` (published) or `rope_parameters` (newer).
 
+  HF's YaRN becomes `rope_scaling="yarn"`; no scaling (or type "default") becomes "none", and
+  so does YaRN at factor 1, which is plain RoPE (unless it sets an `attention_factor`).
   Follows transformers' YaRN semantics exactly: cos/sin carry `attention_factor` (given, or
   mscale(f, mscale) / mscale(f, mscale_all_dim) when both are set, else mscale(f, 1)); the
   softmax scale carries mscale(f, mscale_all_dim)^2 only when mscale_all_dim is set. Ours
@@ -62,7 +64,14 @@ def _hf_rope_fields(hf: Mapping[str, Any]) -> dict:
     factor = hf["max_position_embeddings"] / orig
   factor = float(factor)
   m, a, af = scaling.get("mscale"), scaling.get("mscale_all_dim"), scaling.get("attention_factor")
-  out.update(rope_factor=factor, rope_original_max_position_embeddings=int(orig),
+  if factor < 1.0:
+    raise ValueError(f"HF config rope_scaling factor={factor!r}: YaRN needs a factor >= 1")
+  if factor == 1.0:
+    if af is not None and float(af) != 1.0:
+      raise ValueError(f"HF config rope_scaling attention_factor={af!r} with factor 1 is not "
+                       "supported (it scales plain RoPE)")
+    return out
+  out.update(rope_scaling="yarn", rope_factor=factor, rope_original_max_position_embeddings=int(orig),
              rope_beta_fast=float(scaling.get("beta_fast") or 32.0),
              rope_beta_slow=float(scaling.get("beta_slow") or 1.0),
              rope_mscale_all_dim=float(a or 0.0))
@@ -71,8 +80,7 @@ def _hf_rope_fields(hf: Mapping[str, Any]) -> dict:
   else:
     target = float(af) if af is not None else yarn_mscale(factor, 1.0)
     denom = yarn_mscale(factor, out["rope_mscale_all_dim"])
-    log_f = math.log(factor) if factor > 1.0 else 0.0
-    out["rope_mscale"] = (target * denom - 1.0) / (0.1 * log_f) if log_f else 1.0
+    out["rope_mscale"] = (target * denom - 1.0) / (0.1 * math.log(factor))
   return out
 
 
@@ -114,7 +122,10 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
 
 
 def to_hf_config(cfg: ModelConfig) -> dict:
-  """A HF DeepSeek-V3 `config.json` mapping for this model (the published layout)."""
+  """A HF DeepSeek-V3 `config.json` mapping for this model (the published layout).
+
+  `rope_scaling` is written (as YaRN) only for `cfg.rope_scaling == "yarn"`, else null.
+  """
   hf = {name: getattr(cfg, name) for name in _HF_PLAIN}
   hf.update(
       architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
@@ -123,7 +134,7 @@ def to_hf_config(cfg: ModelConfig) -> dict:
       attention_bias=False, attention_dropout=0.0, initializer_range=cfg.init_std,
       num_key_value_heads=cfg.num_attention_heads,
       rope_interleave=True, torch_dtype="bfloat16", bos_token_id=0, eos_token_id=1)
-  if cfg.rope_factor > 1.0:
+  if cfg.rope_scaling == "yarn":
     hf["rope_scaling"] = {"type": "yarn", "rope_type": "yarn",
                           **{theirs: getattr(cfg, ours) for ours, theirs in _HF_RENAMES.items()}}
     ours = (yarn_mscale(cfg.rope_factor, cfg.rope_mscale)

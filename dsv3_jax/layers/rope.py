@@ -1,9 +1,14 @@
-"""Rotary position embedding with YaRN context extension (REFERENCE §2).
+"""Rotary position embedding, plain or with YaRN context extension.
 
-Rotation acts on *interleaved* pairs (x0, x1), (x2, x3), ... as DeepSeek's code does (HF
-permutes to a half split and rotates; the result is the same). YaRN rescales the low
-frequencies by 1/factor with a linear ramp between the `beta_fast` and `beta_slow`
-correction dims, and multiplies the softmax scale by mscale(factor, mscale_all_dim)^2.
+MLA applies RoPE only to the decoupled query/key dims q^R, k^R (DeepSeek-V3 report, arXiv
+2412.19437, §2.1.1, Eqs. 3 and 8). Rotation acts on *interleaved* pairs (x0, x1), (x2, x3),
+... as DeepSeek's code does (HF permutes to a half split and rotates; the result is the same).
+
+`cfg.rope_scaling` picks the variant by intent. "none" is plain RoPE, how DeepSeek-V3 is
+pretrained (4K context, §4.2). "yarn" is the context extension of §4.3 (YaRN, s = 40,
+alpha = 1, beta = 32, sqrt(t) = 0.1 ln s + 1 for the published model): it rescales the low
+frequencies by 1/factor with a linear ramp between the `beta_fast` and `beta_slow` correction
+dims, and multiplies the softmax scale by mscale(factor, mscale_all_dim)^2.
 """
 
 import math
@@ -33,10 +38,10 @@ def yarn_correction_range(cfg: ModelConfig) -> tuple[int, int]:
 
 
 def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
-  """Per-pair angular frequencies [R/2] (float64 numpy; YaRN-corrected when factor > 1)."""
+  """Per-pair angular frequencies [R/2] (float64 numpy; YaRN-corrected under "yarn")."""
   dim = cfg.qk_rope_head_dim
   freqs = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-  if cfg.rope_factor <= 1.0:
+  if cfg.rope_scaling != "yarn":
     return freqs
   low, high = yarn_correction_range(cfg)
   if low == high:
@@ -47,14 +52,14 @@ def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
 
 def softmax_scale(cfg: ModelConfig) -> float:
   scale = cfg.qk_head_dim ** -0.5
-  if cfg.rope_factor > 1.0:
+  if cfg.rope_scaling == "yarn":
     scale *= yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim) ** 2
   return scale
 
 
 def attention_factor(cfg: ModelConfig) -> float:
   """HF's extra cos/sin factor mscale(f, mscale) / mscale(f, mscale_all_dim) (1 for V3)."""
-  if cfg.rope_factor <= 1.0:
+  if cfg.rope_scaling != "yarn":
     return 1.0
   return (yarn_mscale(cfg.rope_factor, cfg.rope_mscale)
           / yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim))

@@ -26,7 +26,8 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediat
             num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=24,
             kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
             n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
-            num_nextn_predict_layers=1, rope_factor=4.0, rope_original_max_position_embeddings=32,
+            num_nextn_predict_layers=1, rope_scaling="yarn", rope_factor=4.0,
+            rope_original_max_position_embeddings=32,
             max_position_embeddings=256, init_std=0.05, expert_block_size=8)
 
 
@@ -344,16 +345,17 @@ PUBLISHED = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432,
 
 def test_from_hf_config_published_and_newer_layouts():
   cfg = from_hf_config(PUBLISHED)
-  assert (cfg.rope_factor, cfg.rope_theta, cfg.num_nextn_predict_layers) == (40.0, 1e4, 1)
-  assert abs(rope.softmax_scale(cfg) - 0.1352338) < 1e-6  # REFERENCE §2
+  assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_theta, cfg.num_nextn_predict_layers) == (
+      "yarn", 40.0, 1e4, 1)
+  assert abs(rope.softmax_scale(cfg) - 0.1352338) < 1e-6  # YaRN's sqrt(t) (report §4.3)
   newer = {k: v for k, v in PUBLISHED.items() if k not in ("rope_scaling", "rope_theta")}
   newer["rope_parameters"] = dict(PUBLISHED["rope_scaling"], rope_type="yarn", rope_theta=1e4)
   assert from_hf_config(newer) == cfg
   plain = dict(PUBLISHED, rope_scaling=None, q_lora_rank=None, n_group=1, topk_group=1,
                num_nextn_predict_layers=0)
   cfg = from_hf_config(plain)
-  assert (cfg.rope_factor, cfg.q_lora_rank, cfg.n_group, cfg.num_nextn_predict_layers) == (
-      1.0, 0, 1, 0)
+  assert (cfg.rope_scaling, cfg.rope_factor, cfg.q_lora_rank, cfg.n_group,
+          cfg.num_nextn_predict_layers) == ("none", 1.0, 0, 1, 0)
 
 
 @pytest.mark.parametrize("scaling", [
@@ -394,6 +396,31 @@ def test_to_hf_config_roundtrip():
   assert again == cfg
 
 
+@pytest.mark.parametrize("scaling", ["none", "yarn"])
+def test_rope_scaling_survives_hf_round_trip(scaling):
+  """YaRN is exported as `rope_scaling` only when the config asks for it, and comes back."""
+  plain = dict(rope_factor=1.0, rope_original_max_position_embeddings=4096)  # HF keeps no YaRN
+  cfg = _cfg(rope_scaling=scaling, **(plain if scaling == "none" else {}))
+  hf_cfg = json.loads(json.dumps(to_hf_config(cfg)))
+  if scaling == "yarn":
+    assert hf_cfg["rope_scaling"]["rope_type"] == "yarn"
+    assert hf_cfg["rope_scaling"]["factor"] == 4.0
+  else:
+    assert hf_cfg["rope_scaling"] is None
+  again = from_hf_config(hf_cfg, expert_block_size=cfg.expert_block_size)
+  assert again.rope_scaling == scaling
+  assert again == cfg
+
+
+def test_hf_yarn_at_factor_one_is_plain_rope():
+  scaling = dict(PUBLISHED["rope_scaling"], factor=1.0)
+  assert from_hf_config(dict(PUBLISHED, rope_scaling=scaling)).rope_scaling == "none"
+  with pytest.raises(ValueError, match="attention_factor"):
+    from_hf_config(dict(PUBLISHED, rope_scaling=dict(scaling, attention_factor=1.2)))
+  with pytest.raises(ValueError, match="factor"):
+    from_hf_config(dict(PUBLISHED, rope_scaling=dict(scaling, factor=0.5)))
+
+
 # ----------------------------------------------------------------------------- formats, tools
 def test_orbax_roundtrip_and_checkpoint_kinds(tiny, tmp_path):
   model, path = tiny
@@ -411,7 +438,7 @@ def test_orbax_roundtrip_and_checkpoint_kinds(tiny, tmp_path):
 
 
 def test_convert_hf_to_orbax_and_back(tiny, tmp_path):
-  from experiments.convert_hf import convert
+  from dsv3_jax.checkpoint.convert import convert
   model, path = tiny
   orb, back = str(tmp_path / "orb"), str(tmp_path / "back")
   assert convert(path, orb, "orbax")["mtp_depth"] == 1
@@ -431,7 +458,7 @@ def test_hidden_states_end_at_the_models_output(tiny):
 
 
 def test_evaluate_scores_every_token_once(tiny, tmp_path):
-  from experiments.evaluate import read_tokens, score
+  from dsv3_jax.inference.score import read_tokens, score
   model, _ = tiny
   tokens = np.asarray(_tokens(1, 30, seed=5)).reshape(-1)
   dump = np.zeros((3, 12, model.cfg.vocab_size), np.float32)

@@ -1,7 +1,8 @@
 """Tests for dsv3_jax.layers.rope: YaRN frequencies, softmax scale, interleaved rotation.
 
-The references are written here from the formulas (REFERENCE §2): YaRN in float64 numpy and
-the rotation as complex multiplication of adjacent pairs, as DeepSeek's own code does.
+The references are written here from the formulas (DeepSeek-V3 report, arXiv 2412.19437,
+§2.1.1 and §4.3): YaRN in float64 numpy and the rotation as complex multiplication of adjacent
+pairs, as DeepSeek's own code does.
 """
 import dataclasses
 import math
@@ -87,12 +88,41 @@ class YarnTest(parameterized.TestCase):
 
   def test_no_yarn_is_plain_rope(self):
     cfg = _model_cfg("small")
-    self.assertEqual(cfg.rope_factor, 1.0)
+    self.assertEqual((cfg.rope_scaling, cfg.rope_factor), ("none", 1.0))
     r = cfg.qk_rope_head_dim
     np.testing.assert_allclose(rope.inv_frequencies(cfg),
                                1e4 ** -(np.arange(0, r, 2, dtype=np.float64) / r), rtol=1e-12)
     np.testing.assert_allclose(rope.softmax_scale(cfg), cfg.qk_head_dim ** -0.5, rtol=1e-12)
     self.assertEqual(rope.attention_factor(cfg), 1.0)
+
+  def test_scaling_follows_config_intent(self):
+    """The same network is plain RoPE under "none" and YaRN under "yarn", whatever its length."""
+    yarn = self.cfg
+    self.assertEqual(yarn.rope_scaling, "yarn")
+    plain = dataclasses.replace(yarn, rope_scaling="none", rope_factor=1.0).validate()
+    r = plain.qk_rope_head_dim
+    base = 1e4 ** -(np.arange(0, r, 2, dtype=np.float64) / r)
+    np.testing.assert_allclose(rope.inv_frequencies(plain), base, rtol=1e-12)
+    np.testing.assert_allclose(rope.softmax_scale(plain), plain.qk_head_dim ** -0.5, rtol=1e-12)
+    self.assertEqual(rope.attention_factor(plain), 1.0)
+    # YaRN changes the low frequencies and the softmax scale; plain RoPE leaves both alone.
+    self.assertFalse(np.allclose(rope.inv_frequencies(yarn), base))
+    self.assertGreater(rope.softmax_scale(yarn), rope.softmax_scale(plain) * 1.8)
+    got = _rotate(plain, np.ones((1, 1, 1, r), np.float32), np.array([[1000]]))
+    ref = _ref_rotate(np.ones((1, 1, 1, r)), np.array([[1000]]), base)
+    np.testing.assert_allclose(got, ref, atol=2e-4)
+
+  def test_pretrain_preset_is_plain_rope_at_4k(self):
+    cfg = _model_cfg("671b_pretrain")
+    self.assertEqual((cfg.rope_scaling, cfg.max_position_embeddings), ("none", 4096))
+    r = cfg.qk_rope_head_dim
+    np.testing.assert_allclose(rope.inv_frequencies(cfg),
+                               1e4 ** -(np.arange(0, r, 2, dtype=np.float64) / r), rtol=1e-12)
+    self.assertEqual(rope.softmax_scale(cfg), 192 ** -0.5)
+    # ... and it is the 671b network otherwise.
+    published = _model_cfg("671b")
+    self.assertEqual(dataclasses.replace(cfg, rope_scaling="yarn", rope_factor=40.0,
+                                         max_position_embeddings=163840), published)
 
   @parameterized.named_parameters(("tiny", "tiny"), ("bench", "bench"), ("671b", "671b"))
   def test_frequencies_match_reference(self, variant):

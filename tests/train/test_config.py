@@ -16,7 +16,7 @@ def _cfg(variant="tiny", **sections):
   return cd
 
 
-@pytest.mark.parametrize("variant", ["tiny", "small", "bench", "671b"])
+@pytest.mark.parametrize("variant", sorted(dsv3.VARIANTS))
 def test_variants_validate(variant):
   cfg = config_lib.from_dict(dsv3.get_config(variant))
   assert isinstance(cfg.model, config_lib.ModelConfig)
@@ -35,6 +35,10 @@ INVALID = [
     ("bad_dtype", "model", {"dtype": "float16"}, "model.dtype"),
     ("negative_width", "model", {"hidden_size": -1}, "model.hidden_size"),
     ("rope_factor_below_one", "model", {"rope_factor": 0.5}, "model.rope_factor"),
+    ("bad_rope_scaling", "model", {"rope_scaling": "ntk"}, "model.rope_scaling"),
+    # tiny is YaRN with factor 2: plain RoPE with a factor left over is a mistake, not a choice.
+    ("factor_without_yarn", "model", {"rope_scaling": "none"}, "model.rope_factor"),
+    ("yarn_without_factor", "model", {"rope_factor": 1.0}, "model.rope_factor"),
     ("zero_steps", "train", {"steps": 0}, "train.steps"),
     ("bad_b2", "train", {"b2": 1.0}, "train.b2"),
     ("bad_moment_dtype", "train", {"moment_dtype": "int8"}, "train.moment_dtype"),
@@ -64,7 +68,16 @@ class InvalidConfigTest(parameterized.TestCase):
   def test_hf_round_trip(self):
     cfg = config_lib.from_dict(dsv3.get_config("671b")).model
     hf = to_hf_config(cfg)
-    self.assertEqual(hf["rope_scaling"]["factor"], 40.0)
+    self.assertEqual((hf["rope_scaling"]["rope_type"], hf["rope_scaling"]["factor"]),
+                     ("yarn", 40.0))
+    back = from_hf_config(hf, dtype=cfg.dtype, matmul_precision=cfg.matmul_precision,
+                          expert_block_size=cfg.expert_block_size)
+    self.assertEqual(back, cfg)
+
+  def test_pretrain_preset_exports_plain_rope(self):
+    cfg = config_lib.from_dict(dsv3.get_config("671b_pretrain")).model
+    hf = to_hf_config(cfg)
+    self.assertIsNone(hf["rope_scaling"])
     back = from_hf_config(hf, dtype=cfg.dtype, matmul_precision=cfg.matmul_precision,
                           expert_block_size=cfg.expert_block_size)
     self.assertEqual(back, cfg)
