@@ -27,43 +27,48 @@ def _require(ok: bool, field: str, rule: str, value: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The network's hyperparameters (DeepSeek-V3 names; see REFERENCE §1)."""
+  """The network's hyperparameters, named as HF's `DeepseekV3Config`.
 
-  vocab_size: int = 512
-  hidden_size: int = 256
-  intermediate_size: int = 768  # dense (first_k_dense_replace) layers' SwiGLU width
-  moe_intermediate_size: int = 128  # each routed / shared expert's width
-  num_hidden_layers: int = 4
-  first_k_dense_replace: int = 1  # the first k layers are dense
-  num_attention_heads: int = 4
-  q_lora_rank: int = 0  # 0 = no low-rank query (a plain W_q projection)
-  kv_lora_rank: int = 64
-  qk_nope_head_dim: int = 32
-  qk_rope_head_dim: int = 16
-  v_head_dim: int = 32
-  n_routed_experts: int = 16
-  n_shared_experts: int = 1
-  num_experts_per_tok: int = 4
-  n_group: int = 4
-  topk_group: int = 2
-  routed_scaling_factor: float = 2.5
-  norm_topk_prob: bool = True
-  num_nextn_predict_layers: int = 1  # MTP depth D
-  rms_norm_eps: float = 1e-6
-  rope_theta: float = 10000.0
-  max_position_embeddings: int = 2048
+  Sections cite the DeepSeek-V3 report (arXiv 2412.19437): MLA §2.1.1, DeepSeekMoE §2.1.2,
+  MTP §2.2; the published sizes are in §4.2 (the `671b` variant of `configs/dsv3.py`). The
+  defaults are a small CPU-sized model; every variant starts from them.
+  """
+
+  vocab_size: int = 512  # token ids; >= the tokenizer's (byte-level: 259)
+  hidden_size: int = 256  # model width d
+  intermediate_size: int = 768  # SwiGLU width of the dense layers
+  moe_intermediate_size: int = 128  # SwiGLU width of each routed and shared expert
+  num_hidden_layers: int = 4  # dense + MoE blocks (MTP modules not counted)
+  first_k_dense_replace: int = 1  # the first k blocks are dense, the rest MoE
+  num_attention_heads: int = 4  # n_h
+  q_lora_rank: int = 0  # query compression width d_c'; 0 = a full-rank query projection
+  kv_lora_rank: int = 64  # KV compression width d_c: the cached latent's width
+  qk_nope_head_dim: int = 32  # per-head query/key dims without RoPE (d_h)
+  qk_rope_head_dim: int = 16  # per-head decoupled rotary dims d_h^R (even: rotated in pairs)
+  v_head_dim: int = 32  # per-head value dims
+  n_routed_experts: int = 16  # N_r
+  n_shared_experts: int = 1  # N_s
+  num_experts_per_tok: int = 4  # routed experts per token K_r
+  n_group: int = 4  # expert groups for group-limited routing (the report's nodes)
+  topk_group: int = 2  # groups one token may route to (the report's M)
+  routed_scaling_factor: float = 2.5  # multiplies the routed experts' gated sum
+  norm_topk_prob: bool = True  # normalise the chosen experts' gates to sum to 1
+  num_nextn_predict_layers: int = 1  # MTP depth D (0 = no MTP)
+  rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+  rope_theta: float = 10000.0  # RoPE base
+  max_position_embeddings: int = 2048  # longest context (in tokens) the model is built for
   # Rotary scaling, chosen by intent (report §4.3): "none" = plain RoPE, as DeepSeek-V3 is
   # pretrained at 4K; "yarn" = YaRN context extension, as in the extension phases and the
   # published checkpoint. The rope_* fields below are YaRN's and are read only under "yarn".
   rope_scaling: str = "none"
   rope_factor: float = 1.0  # YaRN scale s (the report's 40); must stay 1.0 under "none"
-  rope_original_max_position_embeddings: int = 4096
-  rope_beta_fast: float = 32.0
-  rope_beta_slow: float = 1.0
-  rope_mscale: float = 1.0
-  rope_mscale_all_dim: float = 1.0
-  init_std: float = 0.006
-  dtype: str = "float32"  # activation dtype; parameters are always float32 masters
+  rope_original_max_position_embeddings: int = 4096  # the context YaRN extends (pretraining's)
+  rope_beta_fast: float = 32.0  # dims turning > this often in that context keep RoPE (beta)
+  rope_beta_slow: float = 1.0  # dims turning < this often get frequency / s (alpha)
+  rope_mscale: float = 1.0  # cos/sin x mscale(s, rope_mscale) / mscale(s, rope_mscale_all_dim)
+  rope_mscale_all_dim: float = 1.0  # softmax x mscale(s, this)^2, the report's sqrt(t) squared
+  init_std: float = 0.006  # std of the normal init of every projection (report §4.2)
+  dtype: str = "float32"  # activations: float32 | bfloat16; parameters stay float32 masters
   matmul_precision: str = "fp32"  # fp32 | bf16 | fp8 for every linear projection
   expert_block_size: int = 64  # rows per block of the dropless grouped expert GEMM
 
@@ -142,28 +147,28 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Optimisation and loop settings (DeepSeek-V3 recipe defaults, REFERENCE §3, §4, §7)."""
+  """Optimisation and loop settings (the DeepSeek-V3 recipe, report §4.2, where it applies)."""
 
-  steps: int = 100
-  global_batch: int = 8  # sequences per step, divisible by the batch mesh axes
-  seq_len: int = 128
-  learning_rate: float = 2.2e-4  # peak
-  warmup_steps: int = 10
+  steps: int = 100  # optimizer steps
+  global_batch: int = 8  # sequences per step, divisible by the batch (data x expert) axes
+  seq_len: int = 128  # tokens per sequence
+  learning_rate: float = 2.2e-4  # peak, after the linear warmup; cosine decay afterwards
+  warmup_steps: int = 10  # linear warmup from 0
   min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
-  weight_decay: float = 0.1
-  b1: float = 0.9
-  b2: float = 0.95
-  grad_clip: float = 1.0
+  weight_decay: float = 0.1  # AdamW, decoupled
+  b1: float = 0.9  # AdamW beta_1
+  b2: float = 0.95  # AdamW beta_2
+  grad_clip: float = 1.0  # global-norm gradient clip
   moment_dtype: str = "bfloat16"  # AdamW moments; master weights stay float32
-  mtp_lambda: float = 0.3
-  balance_alpha: float = 1e-4  # complementary sequence-wise balance loss weight
-  bias_update_gamma: float = 1e-3  # aux-loss-free bias update speed
-  seed: int = 0
-  log_every: int = 10
-  eval_every: int = 50
-  eval_batches: int = 4
-  checkpoint_every: int = 50
-  keep_checkpoints: int = 3
+  mtp_lambda: float = 0.3  # MTP loss weight lambda (divided by the depth D)
+  balance_alpha: float = 1e-4  # complementary sequence-wise balance loss weight alpha
+  bias_update_gamma: float = 1e-3  # aux-loss-free bias update speed gamma, per step
+  seed: int = 0  # parameter init and data order
+  log_every: int = 10  # steps between metric writes
+  eval_every: int = 50  # steps between held-out evaluations
+  eval_batches: int = 4  # held-out batches per evaluation
+  checkpoint_every: int = 50  # steps between checkpoints
+  keep_checkpoints: int = 3  # newest checkpoints kept on disk
 
   def validate(self) -> "TrainConfig":
     for name in ("steps", "global_batch", "seq_len", "log_every", "eval_every",
@@ -191,7 +196,8 @@ class TrainConfig:
 class DataConfig:
   """Where tokens come from."""
 
-  path: str = ""  # "" = the Python standard library's sources; else files/dirs/globs, comma-separated
+  # "" = the Python standard library's sources; else files, dirs or globs, comma-separated
+  path: str = ""
   tokenizer: str = ""  # "" = byte-level; else a HF tokenizer.json
   heldout_fraction: float = 0.05  # share of files held out (split by file)
   max_bytes: int = 0  # 0 = read everything; else cap the corpus (quick runs)
@@ -207,13 +213,13 @@ class DataConfig:
 class ParallelConfig:
   """The device mesh: sizes of the `data`, `expert` and `pipe` axes (-1 = the rest)."""
 
-  data: int = -1
-  expert: int = 1
-  pipe: int = 1
+  data: int = -1  # data-parallel axis size
+  expert: int = 1  # expert-parallel axis size (divides n_routed_experts)
+  pipe: int = 1  # pipeline axis size
   ep_ranks_per_node: int = 1  # EP ranks forming one "node" for node-limited routing
   capacity_factor: float = 0.0  # EP dispatch slots per (src, dst) rank pair; 0 = dropless
   pipeline: str = "none"  # none | 1f1b | dualpipe
-  microbatches: int = 4
+  microbatches: int = 4  # pipeline micro-batches per step
 
   def validate(self) -> "ParallelConfig":
     sizes = (self.data, self.expert, self.pipe)

@@ -37,6 +37,7 @@ def _hf_rope_fields(hf: Mapping[str, Any]) -> dict:
 
   HF's YaRN becomes `rope_scaling="yarn"`; no scaling (or type "default") becomes "none", and
   so does YaRN at factor 1, which is plain RoPE (unless it sets an `attention_factor`).
+
   Follows transformers' YaRN semantics exactly: cos/sin carry `attention_factor` (given, or
   mscale(f, mscale) / mscale(f, mscale_all_dim) when both are set, else mscale(f, 1)); the
   softmax scale carries mscale(f, mscale_all_dim)^2 only when mscale_all_dim is set. Ours
@@ -63,7 +64,8 @@ def _hf_rope_fields(hf: Mapping[str, Any]) -> dict:
   if factor is None:
     factor = hf["max_position_embeddings"] / orig
   factor = float(factor)
-  m, a, af = scaling.get("mscale"), scaling.get("mscale_all_dim"), scaling.get("attention_factor")
+  m, a = scaling.get("mscale"), scaling.get("mscale_all_dim")
+  af = scaling.get("attention_factor")
   if factor < 1.0:
     raise ValueError(f"HF config rope_scaling factor={factor!r}: YaRN needs a factor >= 1")
   if factor == 1.0:
@@ -71,7 +73,8 @@ def _hf_rope_fields(hf: Mapping[str, Any]) -> dict:
       raise ValueError(f"HF config rope_scaling attention_factor={af!r} with factor 1 is not "
                        "supported (it scales plain RoPE)")
     return out
-  out.update(rope_scaling="yarn", rope_factor=factor, rope_original_max_position_embeddings=int(orig),
+  out.update(rope_scaling="yarn", rope_factor=factor,
+             rope_original_max_position_embeddings=int(orig),
              rope_beta_fast=float(scaling.get("beta_fast") or 32.0),
              rope_beta_slow=float(scaling.get("beta_slow") or 1.0),
              rope_mscale_all_dim=float(a or 0.0))

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import dsv3
+from dsv3_jax import config as config_lib
 from dsv3_jax import pretrained
 from dsv3_jax.checkpoint import hf
 from dsv3_jax.checkpoint.hf_config import from_hf_config, to_hf_config
@@ -356,6 +358,15 @@ def test_from_hf_config_published_and_newer_layouts():
   cfg = from_hf_config(plain)
   assert (cfg.rope_scaling, cfg.rope_factor, cfg.q_lora_rank, cfg.n_group,
           cfg.num_nextn_predict_layers) == ("none", 1.0, 0, 1, 0)
+
+
+def test_671b_preset_is_the_published_config():
+  """`configs/dsv3.py:671b` lists only what differs from the defaults; it must stay V3's."""
+  preset = config_lib.from_dict(dsv3.get_config("671b")).model
+  published = from_hf_config(PUBLISHED, dtype=preset.dtype,
+                             matmul_precision=preset.matmul_precision,
+                             expert_block_size=preset.expert_block_size)
+  assert preset == published
 
 
 @pytest.mark.parametrize("scaling", [
