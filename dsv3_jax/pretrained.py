@@ -6,7 +6,8 @@
 Three kinds of `path` are recognised:
   * a Hugging Face DeepSeek-V3 directory (`config.json` with `model_type`, `*.safetensors`),
     BF16 / float32 or FP8 with `weight_scale_inv` (dequantized by 128x128 blocks);
-  * a model checkpoint written by `save_orbax` (`dsv3_model.json` + an orbax `state/`);
+  * an orbax checkpoint directory: a model export written by `save_orbax` or a training
+    run's `checkpoints/` (one layout, `dsv3_jax.checkpoint.orbax`), its latest step;
   * a training workdir of `experiments/train.py` (`config.json` + `checkpoints/`), its latest
     step.
 Parameters are float32 masters whatever the checkpoint's precision. `fp8=True` runs every
@@ -31,17 +32,16 @@ from flax import nnx
 from dsv3_jax import config as config_lib
 from dsv3_jax.checkpoint import hf as hf_lib
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import rope
-
-MODEL_FILE = "dsv3_model.json"
-STATE_DIR = "state"
 
 
 def checkpoint_kind(path: str) -> str:
-  """'hf', 'orbax' (a `save_orbax` directory) or 'workdir' (a training run); else raises."""
+  """'hf', 'orbax' (a checkpoint directory: a `save_orbax` export or a run's `checkpoints/`)
+  or 'workdir' (a training run); else raises."""
+  from dsv3_jax.checkpoint import orbax as orbax_lib
+
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such checkpoint directory")
-  if os.path.exists(os.path.join(path, MODEL_FILE)):
+  if orbax_lib.checkpoint_dir(path) == path:
     return "orbax"
   cfg_path = os.path.join(path, "config.json")
   if os.path.exists(cfg_path):
@@ -51,9 +51,9 @@ def checkpoint_kind(path: str) -> str:
       return "hf"
     if "model" in cfg and os.path.isdir(os.path.join(path, "checkpoints")):
       return "workdir"
-  raise ValueError(f"{path}: neither a HF directory (config.json + *.safetensors), a "
-                   f"`save_orbax` directory ({MODEL_FILE}) nor a training workdir "
-                   "(config.json + checkpoints/)")
+  raise ValueError(f"{path}: neither a HF directory (config.json + *.safetensors), an "
+                   "orbax checkpoint directory (numbered steps, e.g. from `save_orbax`) nor a "
+                   "training workdir (config.json + checkpoints/)")
 
 
 def _settings(fp8: bool, dtype) -> dict:
@@ -78,12 +78,7 @@ def from_pretrained(path: str, *, fp8: bool = False, dtype="float32", mtp: Optio
   kind = checkpoint_kind(path)
   if kind == "hf":
     return hf_lib.load_hf(path, mtp=mtp, **settings)
-  if kind == "orbax":
-    cfg, state = load_orbax_state(path)
-  else:
-    from dsv3_jax.checkpoint.orbax import load_model
-    model, _, _ = load_model(path)
-    cfg, state = hf_lib.model_state(model)
+  cfg, state = load_orbax_state(path)  # an orbax export or a training workdir
   cfg = dataclasses.replace(cfg, **settings).validate()
   return hf_lib.model_from_state(cfg, state)
 
@@ -99,70 +94,38 @@ def save_pretrained(model, path: str, *, format: str = "hf", **kwargs) -> dict:
 
 
 # ----------------------------------------------------------------------------- orbax
-def save_orbax(model, path: str) -> dict:
-  """Writes the model's parameters and router biases with orbax, plus its config as JSON."""
-  import orbax.checkpoint as ocp
+def save_orbax(model, path: str, step: int = 0) -> dict:
+  """Exports the model's parameters and router biases as step `step` of the orbax checkpoint
+  directory `path`, in the training checkpoints' layout (`dsv3_jax.checkpoint.orbax`): a
+  `state` item {"params", "biases"} and a `meta` item with the model config."""
+  from dsv3_jax.checkpoint import orbax as orbax_lib
 
-  cfg, state = hf_lib.model_state(model)
-  os.makedirs(path, exist_ok=True)
-  target = os.path.join(os.path.abspath(path), STATE_DIR)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(target, state, force=True)
-  ckptr.wait_until_finished()
-  with open(os.path.join(path, MODEL_FILE), "w") as f:
-    json.dump({"format": "dsv3_jax.model", "version": 1, "model": dataclasses.asdict(cfg)}, f,
-              indent=1)
-  n = sum(x.size for x in jax.tree.leaves(state))
-  return {"parameters": int(n), "path": path}
+  return orbax_lib.save_model(model, path, step)
 
 
-def load_orbax_state(path: str) -> tuple[ModelConfig, dict]:
-  """(cfg, {"params", "biases"}) of a `save_orbax` directory."""
-  import orbax.checkpoint as ocp
+def load_orbax_state(path: str, step: Optional[int] = None, *,
+                     shardings=None) -> tuple[ModelConfig, dict]:
+  """(cfg, {"params", "biases"}) of an orbax checkpoint directory or a training workdir (its
+  latest step by default), placed by `shardings` (`orbax.load_model_state`; one device by
+  default)."""
+  from dsv3_jax.checkpoint import orbax as orbax_lib
 
-  with open(os.path.join(path, MODEL_FILE)) as f:
-    meta = json.load(f)
-  cfg = config_lib.from_dict({"model": meta["model"]}).model
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                        hf_lib.abstract_state(cfg))
-  ckptr = ocp.StandardCheckpointer()
-  try:
-    state = ckptr.restore(os.path.join(os.path.abspath(path), STATE_DIR), target)
-  except Exception as e:  # orbax raises many types; name the directory in one clear error
-    raise ValueError(f"cannot restore {path}/{STATE_DIR} for the model in {MODEL_FILE}: "
-                     f"{type(e).__name__}: {e}") from e
-  return cfg, state
+  cfg, state, _ = orbax_lib.load_model_state(path, step, shardings=shardings)
+  return cfg.model, state
 
 
 # ----------------------------------------------------------------------------- inspection
 def hidden_states(model, tokens_BxL: jax.Array) -> list[jax.Array]:
   """[embedding output, output of block 0, ..., output of the last block (before the final
-  norm)]: the main model layer by layer, to localise a numerical difference. One jitted
-  program per model structure; the layers are unrolled (meant for small models)."""
+  norm)]: the main model layer by layer, to localise a numerical difference. The model's own
+  walk (`forward(hidden_states=True)`), one jitted program per model structure."""
   graphdef, state = nnx.split(model)
   return _hidden_states(graphdef, state, tokens_BxL)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _hidden_states(graphdef, state, tokens_BxL):
-  model = nnx.merge(graphdef, state)
-  cfg = model.cfg
-  b, l = tokens_BxL.shape
-  positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-  cos, sin = rope.rope_angles(cfg, positions_BxL)
-  x = model.embed_tokens(tokens_BxL)
-  outs = [x]
-  for stack in (model.dense, model.moe):
-    if stack is None:
-      continue
-    stack_def, stack_state = nnx.split(stack)
-    n = jax.tree.leaves(stack_state)[0].shape[0]
-    for i in range(n):
-      block = nnx.merge(stack_def, jax.tree.map(lambda a, i=i: a[i], stack_state))
-      x, _, _ = block(x, positions_BxL, cos, sin)
-      outs.append(x)
-  return outs
+  return nnx.merge(graphdef, state).forward(tokens_BxL, hidden_states=True).hidden_states
 
 
 @functools.partial(jax.jit, static_argnums=0)
