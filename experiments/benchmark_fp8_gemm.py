@@ -36,6 +36,7 @@ def _time(fn, reps):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_logs()
   import jax
   import jax.numpy as jnp
   import numpy as np

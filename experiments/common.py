@@ -1,7 +1,13 @@
-"""Small pieces every experiment binary shares."""
+"""Small pieces every experiment binary shares: devices, logging, config flags, JSON."""
 
 import json
+import logging
 import os
+import re
+import sys
+
+# Libraries whose INFO chatter (checkpoint bookkeeping, backend probing) is hidden by default.
+NOISY_LOGGERS = ("absl", "orbax", "jax", "jax._src", "grain", "tensorstore")
 
 
 def emulate_cpu_devices(n: int) -> None:
@@ -9,6 +15,85 @@ def emulate_cpu_devices(n: int) -> None:
   if n:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={n}")
+
+
+def quiet_logs() -> None:
+  """Keeps library INFO logs (orbax, absl, jax) below WARNING unless `--verbosity` asks.
+
+  Every binary calls this first thing in `main` (after absl parsed the flags), so a run shows
+  its progress bar, metrics and results only. `--verbosity=0` restores INFO (and `-v=1`
+  DEBUG); `--logger_levels=orbax:INFO` raises single loggers.
+  """
+  from absl import flags
+  from absl import logging as absl_logging
+
+  if flags.FLAGS["verbosity"].present:
+    return  # the user chose a level; absl has applied it
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  chosen = flags.FLAGS["logger_levels"].value or {}
+  for name in NOISY_LOGGERS:
+    if name not in chosen:
+      logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _flag_value(name: str, argv) -> str | None:
+  """The last `--name=value` / `--name value` in argv, or None."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg == "--":
+      break
+    m = re.match(r"^--?" + re.escape(name) + r"(=(.*))?$", arg)
+    if m:
+      value = m.group(2) if m.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
+  return value
+
+
+def _check_overrides(name: str, load_config) -> None:
+  """Exits with a usage message when a `--name.<field>` override names no field of the config
+  (ml_collections would fail with a bare AttributeError), listing close field names."""
+  from dsv3_jax import overrides
+
+  argv = sys.argv[1:]
+  if not overrides.override_paths(argv, name):
+    return
+  try:
+    config = load_config(argv)
+  except Exception:  # noqa: BLE001 -- a config that does not load is ml_collections' to report
+    return
+  try:
+    overrides.check_argv(config, argv, name)
+  except ValueError as e:
+    sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on "
+             "flags.")
+
+
+def define_config_file(name: str, default: str, help_string: str):
+  """`config_flags.DEFINE_config_file`, with overrides of missing fields reported clearly.
+
+  The check runs when the flag is defined, because ml_collections applies the overrides to
+  the default config right then when `--name` itself is not given.
+  """
+  import importlib.util
+
+  from ml_collections import config_flags
+
+  def load(argv):  # what ml_collections does: `path[:arg]` -> module.get_config(arg)
+    path, *arg = (_flag_value(name, argv) or default).split(":", 1)
+    spec = importlib.util.spec_from_file_location(f"_{name}_config_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*arg)
+
+  _check_overrides(name, load)
+  return config_flags.DEFINE_config_file(name, default, help_string)
+
+
+def define_config_dict(name: str, config, help_string: str):
+  """`config_flags.DEFINE_config_dict`, with overrides of missing fields reported clearly."""
+  from ml_collections import config_flags
+
+  _check_overrides(name, lambda argv: config)
+  return config_flags.DEFINE_config_dict(name, config, help_string)
 
 
 def write_json(path: str, result: dict, announce: bool = True) -> None:

@@ -11,9 +11,10 @@ import json
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/dsv3.py:671b", "Model config.")
+from experiments import common
+
+_CONFIG = common.define_config_file("config", "configs/dsv3.py:671b", "Model config.")
 _JSON = flags.DEFINE_string("json", "", "Also write the counts to this JSON file.")
 
 
@@ -47,6 +48,7 @@ def count(model_cfg) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_logs()
   from dsv3_jax import config as config_lib
 
   cfg = config_lib.from_dict(_CONFIG.value).model

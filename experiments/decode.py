@@ -12,6 +12,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import common
+
 _WORKDIR = flags.DEFINE_string("workdir", "runs/small", "A train_and_evaluate workdir.")
 _PROMPT = flags.DEFINE_multi_string("prompt", ["def "], "Prompt text (repeat for a batch).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
@@ -25,11 +27,16 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_logs()
   from dsv3_jax.checkpoint.orbax import load_model
   from dsv3_jax.data import load_tokenizer
   from dsv3_jax.inference.generate import Generator, SamplingConfig
 
-  model, cfg, step = load_model(_WORKDIR.value, _STEP.value)
+  try:
+    model, cfg, step = load_model(_WORKDIR.value, _STEP.value)
+  except FileNotFoundError as e:  # nothing trained there yet
+    raise app.UsageError(f"--workdir: {e}; train first, e.g. python -m experiments.train "
+                         f"--workdir={_WORKDIR.value}") from e
   tokenizer = load_tokenizer(cfg.data.tokenizer or None)
   gen = Generator(model, vocab_limit=tokenizer.vocab_size)
   sampling = SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,

@@ -18,11 +18,10 @@ import json
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/dsv3.py:small", "Experiment config.")
+_CONFIG = common.define_config_file("config", "configs/dsv3.py:small", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/small", "Checkpoints, metrics and summary.")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Emulated CPU devices (0 = leave XLA_FLAGS).")
 _COORDINATOR = flags.DEFINE_string("coordinator", "", "host:port of process 0 (multi-process).")
@@ -39,6 +38,7 @@ _STEP_TIMEOUT = flags.DEFINE_integer(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_logs()
   common.emulate_cpu_devices(_DEVICES.value)
   import jax  # after XLA_FLAGS
   jax.config.update("jax_threefry_partitionable", True)
