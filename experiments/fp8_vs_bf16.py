@@ -11,11 +11,11 @@ something only next to the fp32-vs-bf16 gap.
 
 Writes `<out>/results.json` (every loss curve, the relative loss error over the last 10% of
 steps, held-out losses, the step time of each run) and `<out>/loss.png`, and prints the
-relative loss error. The default (`parity.experiment_config()`) is sized to finish in a few
+relative loss error. The default (`fp8_parity.experiment_config()`) is sized to finish in a few
 minutes on a 2-core CPU. A CPU has no FP8 units: its float8 dots run no faster than FP32 and
 the online quantization is extra work, so the step-time ratio measures the emulation's
 overhead, not H100 speed. Every field of the config overrides from the
-command line (`--config.<section>.<field>=value`).
+command line (`--config.<section>.<field>=value`). The harness is `benchmarks/fp8_parity.py`.
 """
 
 import json
@@ -25,14 +25,14 @@ import sys
 import jax
 import ml_collections
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from benchmarks import fp8_parity
 from dsv3_jax import config as config_lib
-from dsv3_jax.quant import parity
+from experiments import common
 
-_CONFIG = config_flags.DEFINE_config_dict(
-    "config", ml_collections.ConfigDict(config_lib.to_dict(parity.experiment_config())),
-    "Model/train/data/parallel config (default: parity.experiment_config()); any field "
+_CONFIG = common.define_config_dict(
+    "config", ml_collections.ConfigDict(config_lib.to_dict(fp8_parity.experiment_config())),
+    "Model/train/data/parallel config (default: fp8_parity.experiment_config()); any field "
     "overrides.")
 _OUT = flags.DEFINE_string("out", "runs/fp8_vs_bf16", "Directory for results.json and loss.png.")
 _TAIL = flags.DEFINE_float("tail", 0.1, "Fraction of final steps the relative error averages.")
@@ -45,20 +45,21 @@ _PRECISIONS = flags.DEFINE_list(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_logs()
   jax.config.update("jax_threefry_partitionable", True)
   jax.config.update("jax_numpy_rank_promotion", "raise")
 
   logging.info("process %d/%d, devices %s", jax.process_index(), jax.process_count(),
                jax.devices())
   precisions = _PRECISIONS.value
-  result = parity.compare(_CONFIG.value, precisions, reference=precisions[0], tail=_TAIL.value,
-                          progress=True)
+  result = fp8_parity.compare(_CONFIG.value, precisions, reference=precisions[0],
+                              tail=_TAIL.value, progress=True)
   os.makedirs(_OUT.value, exist_ok=True)
   with open(os.path.join(_OUT.value, "results.json"), "w") as f:
     json.dump(result, f, indent=1)
-  parity.plot(result, os.path.join(_OUT.value, "loss.png"))
+  fp8_parity.plot(result, os.path.join(_OUT.value, "loss.png"))
   for p in precisions[1:]:
-    print(parity.summary_line(result, p))
+    print(fp8_parity.summary_line(result, p))
   print(json.dumps({p: {k: v for k, v in c.items() if k not in ("loss", "ce")}
                     for p, c in result["curves"].items()}, indent=1))
   logging.flush()

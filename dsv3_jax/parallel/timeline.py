@@ -14,17 +14,13 @@ A *timeline* is one sequence of boxes per rank; a box is a tuple
 
 :class:`dsv3_jax.parallel.schedules.Span` (from ``simulate``) has exactly this
 shape, and a measured timeline only needs the first four fields.  Rendering uses
-matplotlib's Agg canvas directly, so no global backend is touched.
+matplotlib's Agg canvas directly, so no global backend is touched; matplotlib is the
+optional ``plots`` extra and is imported only by :func:`plot_timeline`.
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Sequence
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import to_rgb
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch, Rectangle
 
 COLORS = {
     "F": "#f4a04f",   # forward: orange
@@ -38,9 +34,22 @@ LEGEND = (("F", "forward"), ("B", "backward (input)"), ("W", "backward (weights)
           ("BW", "backward (full)"))
 
 
+def _matplotlib():
+    """The matplotlib pieces :func:`plot_timeline` draws with (imported on first use)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.colors import to_rgb
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Patch, Rectangle
+    except ImportError as e:
+        raise ImportError("plot_timeline needs matplotlib: pip install 'dsv3_jax[plots]' "
+                          "(or `pip install matplotlib`)") from e
+    return FigureCanvasAgg, to_rgb, Figure, Patch, Rectangle
+
+
 def _shade(color: str, direction: int) -> tuple[float, float, float]:
     """Direction-1 work is blended halfway towards white."""
-    rgb = to_rgb(color)
+    rgb = _matplotlib()[1](color)
     return tuple(c + (1.0 - c) * 0.45 for c in rgb) if direction == 1 else rgb
 
 
@@ -61,6 +70,7 @@ def plot_timeline(timelines: Sequence[Sequence[Sequence[Any]]], path: str | os.P
     background.  For ``FB`` boxes the upper half is the forward (with its
     micro-batch number) and the lower half the backward.
     """
+    FigureCanvasAgg, _, Figure, Patch, Rectangle = _matplotlib()
     pp = len(timelines)
     spans = [[tuple(s) for s in row] for row in timelines]
     t0 = min((s[0] for row in spans for s in row), default=0.0)

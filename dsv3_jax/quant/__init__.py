@@ -3,5 +3,6 @@
   fp8          1x128 / 128x128 block quantization, the blockwise-scaled FP8 dot and the FP8
                linear-layer GEMM (fprop, dgrad, wgrad) with a custom VJP; HF checkpoint layout
   fp8_grouped  the same recipe for the dropless routed-expert grouped GEMM
-  parity       FP8-vs-BF16 training runs from one init on one data order
+
+The FP8-vs-BF16 training comparison is a research harness: `benchmarks/fp8_parity.py`.
 """

@@ -19,7 +19,8 @@ from configs import dsv3
 from dsv3_jax import config as config_lib
 from dsv3_jax import model as model_lib
 from dsv3_jax.layers import moe
-from dsv3_jax.quant import fp8, fp8_grouped, parity
+from benchmarks import fp8_parity as parity
+from dsv3_jax.quant import fp8, fp8_grouped
 from dsv3_jax.train.loss import model_losses
 from dsv3_jax.train.step import split_model
 

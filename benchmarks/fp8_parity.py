@@ -1,10 +1,10 @@
 """FP8-vs-BF16 training parity: one model, one init, one data order; only the dots differ.
 
 DeepSeek-V3 reports that fine-grained FP8 training stays within 0.25% relative loss error of
-BF16 (REFERENCE §5). `compare` reproduces the measurement at small scale: it trains the same
-configuration once per `model.matmul_precision` from the same initial parameters (the init
-does not depend on the precision) on the same list of batches, records every step's loss and
-wall time, and reports
+BF16 (arXiv 2412.19437, §3.3.1 and Appendix B.1). `compare` reproduces the measurement at
+small scale: it trains the same configuration once per `model.matmul_precision` from the same
+initial parameters (the init does not depend on the precision) on the same list of batches,
+records every step's loss and wall time, and reports
 
   relative loss error = |mean(L_fp8) - mean(L_bf16)| / mean(L_bf16)
 
@@ -17,8 +17,9 @@ the gap: an fp32 run against the same bf16 reference (the noise floor of the com
 the held-out loss of the *reference run's final weights* evaluated with each precision's dots
 (`rel_heldout_error_same_params`: the error of the numerics alone, with no drift).
 
-This module is what `experiments/fp8_vs_bf16.py` and `colab/fp8.ipynb` call; it writes no
-files itself.
+A research harness (it trains several models to measure the library), so it lives outside
+`dsv3_jax`: `experiments/fp8_vs_bf16.py` and `colab/fp8.ipynb` call it; it writes no files
+itself. `plot` needs matplotlib (the `plots` extra).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
+from benchmarks.plotting import require_matplotlib
 from dsv3_jax import config as config_lib
 from dsv3_jax import data as data_lib
 from dsv3_jax.parallel import mesh as mesh_lib
@@ -244,7 +246,7 @@ def summary_line(result: dict, precision: str = "fp8") -> str:
 
 def plot(result: dict, path: Optional[str] = None, ax=None):
   """Loss curves of every precision (and fp8's per-step relative difference); saves a PNG."""
-  import matplotlib
+  matplotlib = require_matplotlib()
   if path is not None and ax is None:
     matplotlib.use("Agg")
   import matplotlib.pyplot as plt
