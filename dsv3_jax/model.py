@@ -20,24 +20,46 @@ from dsv3_jax.layers import rope
 from dsv3_jax.layers.block import Block
 from dsv3_jax.layers.linear import Linear
 from dsv3_jax.layers.mla import LatentCache, init_latent_cache
+from dsv3_jax.layers.moe import RoutedExperts
 from dsv3_jax.layers.mtp import MTPModule
 from dsv3_jax.layers.norms import RMSNorm
 
 
 class Output(NamedTuple):
-  logits_BxLxV: jax.Array       # float32
-  hidden_BxLxD: jax.Array       # after the final norm: what the head reads and MTP consumes
-  load_LxE: jax.Array           # token copies per expert, per MoE layer
-  balance_loss: jax.Array       # sum over MoE layers of the sequence-wise loss (no alpha)
+  logits_BxLxV: jax.Array  # float32
+  hidden_BxLxD: jax.Array  # after the final norm: what the head reads and MTP consumes
+  load_LxE: jax.Array  # token copies per expert, per MoE layer
+  balance_loss: jax.Array  # sum over MoE layers of the sequence-wise loss (no alpha)
   cache: Optional["ModelCache"]
   # Expert-parallel dispatch statistics summed over the MoE layers (dropped_copies,
   # cross_node_copies, remote_node_sends; see parallel/expert.py); empty on one device.
   stats: Optional[dict] = None
+  # With `hidden_states=True`: [embedding output, output of each block] (before the norm).
+  hidden_states: Optional[list] = None
 
 
 class ModelCache(NamedTuple):
   dense: Optional[LatentCache]
   moe: Optional[LatentCache]
+
+
+class Context(NamedTuple):
+  """What every block of one forward pass shares: positions, RoPE angles, how to run."""
+
+  positions_BxL: jax.Array
+  cos: jax.Array
+  sin: jax.Array
+  absorb: Optional[bool] = None  # absorbed MLA (decode) vs naive; None = by cache presence
+  routed: Optional[RoutedExperts] = None  # where routed experts run; None = this device
+
+
+class StackResult(NamedTuple):
+  x_BxLxD: jax.Array  # the last block's output (before the final norm)
+  load_LxE: jax.Array
+  balance_loss: jax.Array
+  stats: dict
+  cache: Optional[LatentCache]
+  hidden_LxBxLxD: Optional[jax.Array]  # each block's output, with `collect=True`
 
 
 def _stack(cfg: ModelConfig, moe: bool, n: int, key: jax.Array) -> Block:
@@ -48,18 +70,20 @@ def _stack(cfg: ModelConfig, moe: bool, n: int, key: jax.Array) -> Block:
   return make(jax.random.split(key, n))
 
 
-def run_stack(stack: Block, x_BxLxD, positions_BxL, cos, sin, cache=None, absorb=None):
-  """Scans the stacked blocks: returns (x, aux stacked over layers, cache)."""
+def run_stack(stack: Block, x_BxLxD: jax.Array, ctx: Context, cache=None,
+              collect: bool = False) -> StackResult:
+  """Scans the stacked blocks (all of them, or the slice a pipeline stage holds)."""
   graphdef, state = nnx.split(stack)
 
   def body(x, xs):
     layer_state, layer_cache = xs
-    x, aux, layer_cache = nnx.merge(graphdef, layer_state)(x, positions_BxL, cos, sin,
-                                                            layer_cache, absorb)
-    return x, (aux, layer_cache)
+    x, aux, layer_cache = nnx.merge(graphdef, layer_state)(
+        x, ctx.positions_BxL, ctx.cos, ctx.sin, layer_cache, ctx.absorb, ctx.routed)
+    return x, (aux, layer_cache, x if collect else None)
 
-  x, (aux, cache) = jax.lax.scan(body, x_BxLxD, (state, cache))
-  return x, aux, cache
+  x, (aux, cache, hidden) = jax.lax.scan(body, x_BxLxD, (state, cache))
+  stats = {k: v.sum() for k, v in aux.items() if k not in ("load", "balance_loss")}
+  return StackResult(x, aux["load"], aux["balance_loss"].sum(), stats, cache, hidden)
 
 
 class Transformer(nnx.Module):
@@ -79,38 +103,62 @@ class Transformer(nnx.Module):
     self.mtp = nnx.List([MTPModule(cfg, rngs=rngs)
                          for _ in range(cfg.num_nextn_predict_layers)])
 
-  # ------------------------------------------------------------------ main model
+  # ------------------------------------------------------------------ the walk
+  # One walk serves every caller: `forward` (training, eval, decoding, inspection) runs
+  # embed -> dense stack -> MoE stack -> readout (norm + head); a pipeline stage runs the same pieces on its
+  # own slice (`train/pipeline_step.py`); the objective (`train/loss.py`) adds MTP on top.
+  def context(self, positions_BxL: jax.Array, absorb: Optional[bool] = None,
+              routed: Optional[RoutedExperts] = None) -> Context:
+    cos, sin = rope.rope_angles(self.cfg, positions_BxL)
+    return Context(positions_BxL, cos, sin, absorb, routed)
+
   def embed_tokens(self, tokens_BxL: jax.Array) -> jax.Array:
     return jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.dtype)
+
+  def run_dense(self, x_BxLxD: jax.Array, ctx: Context, cache=None,
+                collect: bool = False) -> StackResult:
+    return run_stack(self.dense, x_BxLxD, ctx, cache, collect)
+
+  def run_moe(self, x_BxLxD: jax.Array, ctx: Context, cache=None,
+              collect: bool = False) -> StackResult:
+    return run_stack(self.moe, x_BxLxD, ctx, cache, collect)
+
+  def readout(self, x_BxLxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(final-normed hidden state, logits f32): what MTP consumes and what the head says."""
+    h = self.norm(x_BxLxD)
+    return h, self.logits(h)
 
   def logits(self, h_normed_BxLxD: jax.Array) -> jax.Array:
     return self.head(h_normed_BxLxD.astype(jnp.float32))
 
   def forward(self, tokens_BxL: jax.Array, positions_BxL: Optional[jax.Array] = None,
-              cache: Optional[ModelCache] = None, absorb: Optional[bool] = None) -> Output:
+              cache: Optional[ModelCache] = None, absorb: Optional[bool] = None,
+              routed: Optional[RoutedExperts] = None, hidden_states: bool = False) -> Output:
     cfg = self.cfg
     b, l = tokens_BxL.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    cos, sin = rope.rope_angles(cfg, positions_BxL)
+    ctx = self.context(positions_BxL, absorb, routed)
     x = self.embed_tokens(tokens_BxL)
+    hiddens = [x]
     dense_cache = moe_cache = None
+    load = jnp.zeros((0, max(cfg.n_routed_experts, 1)), jnp.float32)
+    balance, stats = jnp.zeros((), jnp.float32), {}
     if self.dense is not None:
-      x, _, dense_cache = run_stack(self.dense, x, positions_BxL, cos, sin,
-                                    cache.dense if cache else None, absorb)
+      res = self.run_dense(x, ctx, cache.dense if cache else None, hidden_states)
+      x, dense_cache = res.x_BxLxD, res.cache
+      hiddens.append(res.hidden_LxBxLxD)
     if self.moe is not None:
-      x, aux, moe_cache = run_stack(self.moe, x, positions_BxL, cos, sin,
-                                    cache.moe if cache else None, absorb)
-      load, balance = aux["load"], aux["balance_loss"].sum()
-      stats = {k: v.sum() for k, v in aux.items() if k not in ("load", "balance_loss")}
-    else:
-      load = jnp.zeros((0, max(cfg.n_routed_experts, 1)), jnp.float32)
-      balance = jnp.zeros((), jnp.float32)
-      stats = {}
-    h = self.norm(x)
-    logits = self.logits(h)
+      res = self.run_moe(x, ctx, cache.moe if cache else None, hidden_states)
+      x, moe_cache = res.x_BxLxD, res.cache
+      load, balance, stats = res.load_LxE, res.balance_loss, res.stats
+      hiddens.append(res.hidden_LxBxLxD)
+    h, logits = self.readout(x)
     new_cache = ModelCache(dense_cache, moe_cache) if cache is not None else None
-    return Output(logits, h, load, balance, new_cache, stats)
+    layer_outputs = None
+    if hidden_states:
+      layer_outputs = [hiddens[0]] + [s[i] for s in hiddens[1:] for i in range(s.shape[0])]
+    return Output(logits, h, load, balance, new_cache, stats, layer_outputs)
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
     """Logits [B, L, V] (float32) for int token ids [B, L]."""
@@ -126,7 +174,8 @@ class Transformer(nnx.Module):
 
   # ------------------------------------------------------------------ MTP
   def mtp_forward(self, hidden_BxLxD: jax.Array, tokens_BxLpD: jax.Array,
-                  positions_BxL: Optional[jax.Array] = None):
+                  positions_BxL: Optional[jax.Array] = None,
+                  routed: Optional[RoutedExperts] = None):
     """Runs every MTP depth over the main model's hidden states.
 
     `tokens_BxLpD` holds the main inputs followed by D more tokens (D = depth), so depth k
@@ -137,14 +186,14 @@ class Transformer(nnx.Module):
     b, l, _ = hidden_BxLxD.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    cos, sin = rope.rope_angles(cfg, positions_BxL)
+    ctx = self.context(positions_BxL, routed=routed)
     h = hidden_BxLxD
     logits, loads, balance = [], [], jnp.zeros((), jnp.float32)
     for k, module in enumerate(self.mtp, start=1):
       emb = self.embed_tokens(tokens_BxLpD[:, k:k + l])
       # Each depth consumes the previous depth's normed hidden state (what its head read),
       # as transformers' and vLLM's MTP drafting do with the published checkpoint.
-      _, h, aux, _ = module(h, emb, positions_BxL, cos, sin)
+      _, h, aux, _ = module(h, emb, ctx.positions_BxL, ctx.cos, ctx.sin, routed=ctx.routed)
       logits.append(self.logits(h))
       loads.append(aux["load"])
       balance = balance + aux["balance_loss"]

@@ -32,7 +32,6 @@ from flax import nnx
 from dsv3_jax import config as config_lib
 from dsv3_jax.checkpoint import hf as hf_lib
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import rope
 
 
 def checkpoint_kind(path: str) -> str:
@@ -118,31 +117,15 @@ def load_orbax_state(path: str, step: Optional[int] = None, *,
 # ----------------------------------------------------------------------------- inspection
 def hidden_states(model, tokens_BxL: jax.Array) -> list[jax.Array]:
   """[embedding output, output of block 0, ..., output of the last block (before the final
-  norm)]: the main model layer by layer, to localise a numerical difference. One jitted
-  program per model structure; the layers are unrolled (meant for small models)."""
+  norm)]: the main model layer by layer, to localise a numerical difference. The model's own
+  walk (`forward(hidden_states=True)`), one jitted program per model structure."""
   graphdef, state = nnx.split(model)
   return _hidden_states(graphdef, state, tokens_BxL)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _hidden_states(graphdef, state, tokens_BxL):
-  model = nnx.merge(graphdef, state)
-  cfg = model.cfg
-  b, l = tokens_BxL.shape
-  positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-  cos, sin = rope.rope_angles(cfg, positions_BxL)
-  x = model.embed_tokens(tokens_BxL)
-  outs = [x]
-  for stack in (model.dense, model.moe):
-    if stack is None:
-      continue
-    stack_def, stack_state = nnx.split(stack)
-    n = jax.tree.leaves(stack_state)[0].shape[0]
-    for i in range(n):
-      block = nnx.merge(stack_def, jax.tree.map(lambda a, i=i: a[i], stack_state))
-      x, _, _ = block(x, positions_BxL, cos, sin)
-      outs.append(x)
-  return outs
+  return nnx.merge(graphdef, state).forward(tokens_BxL, hidden_states=True).hidden_states
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -14,7 +14,7 @@ from flax import nnx
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.mla import MLA, LatentCache
 from dsv3_jax.layers.mlp import MLP
-from dsv3_jax.layers.moe import MoE
+from dsv3_jax.layers.moe import MoE, RoutedExperts
 from dsv3_jax.layers.norms import RMSNorm
 
 
@@ -34,12 +34,14 @@ class Block(nnx.Module):
     self.ffn = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
 
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, cos, sin,
-               cache: Optional[LatentCache] = None, absorb: Optional[bool] = None):
+               cache: Optional[LatentCache] = None, absorb: Optional[bool] = None,
+               routed: Optional[RoutedExperts] = None):
+    """`routed`: where the MoE's routed experts run (`layers/moe.py`; None = this device)."""
     a, cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL, cos, sin, cache, absorb)
     x_BxLxD = x_BxLxD + a
     h = self.ffn_norm(x_BxLxD)
     if self.is_moe:
-      f, aux = self.ffn(h)
+      f, aux = self.ffn(h, routed)
     else:
       f, aux = self.ffn(h), empty_aux(self.cfg)
     return x_BxLxD + f, aux, cache

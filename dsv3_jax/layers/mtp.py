@@ -1,4 +1,4 @@
-"""Multi-Token Prediction module (REFERENCE §4).
+"""Multi-Token Prediction module (arXiv 2412.19437 §2.2, eqs. 21-25).
 
 Depth k combines the previous depth's hidden state at position i with the embedding of
 token i+k and predicts token i+k+1:
@@ -21,6 +21,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.block import Block
 from dsv3_jax.layers.linear import Linear
 from dsv3_jax.layers.mla import LatentCache
+from dsv3_jax.layers.moe import RoutedExperts
 from dsv3_jax.layers.norms import RMSNorm
 
 
@@ -36,8 +37,10 @@ class MTPModule(nnx.Module):
     self.norm = RMSNorm(d, cfg.rms_norm_eps, "embed")
 
   def __call__(self, h_prev_BxLxD: jax.Array, emb_next_BxLxD: jax.Array, positions_BxL,
-               cos, sin, cache: Optional[LatentCache] = None):
+               cos, sin, cache: Optional[LatentCache] = None,
+               routed: Optional[RoutedExperts] = None):
     """Returns (h^k [B, L, D] before the final norm, normed h^k, aux, cache)."""
     x = jnp.concatenate([self.enorm(emb_next_BxLxD), self.hnorm(h_prev_BxLxD)], axis=-1)
-    h, aux, cache = self.block(self.eh_proj(x), positions_BxL, cos, sin, cache)
+    h, aux, cache = self.block(self.eh_proj(x), positions_BxL, cos, sin, cache,
+                                 routed=routed)
     return h, self.norm(h), aux, cache

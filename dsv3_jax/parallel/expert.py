@@ -7,8 +7,8 @@ per rank, R = size of the `expert` axis). Each shard of the mesh runs, on its ow
   2. dispatch    every token copy goes to the rank owning its expert with one `all_to_all`
                  of a fixed-size buffer [R, S, D] (S slots per destination rank; fixed
                  because `ragged_all_to_all` does not compile on XLA:CPU);
-  3. experts     the grouped GEMM (`block_layout` + `grouped_matmul`) over the local experts
-                 on the R*S received rows;
+  3. experts     the one expert kernel (`layers/experts.expert_rows`) over the local experts
+                 on the R*S received rows (empty slots carry expert id El);
   4. combine     the results travel back with the inverse `all_to_all`; each token sums its
                  copies' outputs weighted by the routing weights.
 
@@ -35,22 +35,17 @@ Legend: b local batch, N local tokens, C = N*k local copies, R expert ranks, S s
 destination, D model, E experts, El experts per rank.
 """
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig, ParallelConfig
-from dsv3_jax.layers.moe import (Routing, block_layout, effective_block, expert_load,
-                                 grouped_matmul, route, sequence_balance_loss)
-
-
+from dsv3_jax.layers.experts import expert_rows
+from dsv3_jax.layers.routing import Routing, expert_load, route, sequence_balance_loss
 from dsv3_jax.parallel.mesh import BATCH
 
 EXPERT = "expert"
@@ -99,30 +94,6 @@ def from_config(mesh: Mesh, parallel: ParallelConfig) -> ExpertParallel:
   return ExpertParallel(mesh, parallel.capacity_factor, parallel.ep_ranks_per_node)
 
 
-# ----------------------------------------------------------------------------- activation
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("expert_parallel", default=None)
-
-
-@contextlib.contextmanager
-def use(ep: Optional[ExpertParallel]):
-  """While active (at trace time), `MoE.__call__` runs `routed_experts` on `ep`'s mesh.
-
-  It takes effect only for meshes whose `expert` axis is larger than 1; `use(None)` turns
-  expert parallelism off inside the block.
-  """
-  token = _ACTIVE.set(ep)
-  try:
-    yield ep
-  finally:
-    _ACTIVE.reset(token)
-
-
-def active() -> Optional[ExpertParallel]:
-  """The expert parallelism in effect for MoE layers being traced now, or None."""
-  ep = _ACTIVE.get()
-  return ep if ep is not None and ep.size > 1 else None
-
-
 # ----------------------------------------------------------------------------- sizes
 def slots_per_rank(n_local_tokens: int, cfg: ModelConfig, ep: ExpertParallel) -> int:
   """S: buffer slots a source reserves for each destination rank."""
@@ -148,32 +119,6 @@ def max_nodes_per_token(cfg: ModelConfig, n_nodes: int) -> int:
 def node_of_expert(experts: jax.Array, n_experts: int, n_nodes: int) -> jax.Array:
   """Node holding each expert: experts are laid out rank-major, ranks node-major."""
   return experts // (n_experts // n_nodes)
-
-
-# ----------------------------------------------------------------------------- local experts
-def expert_rows(x_CxD: jax.Array, expert_C: jax.Array, w1_ExDxF, w3_ExDxF, w2_ExFxD,
-                block: int, precision: str) -> jax.Array:
-  """SwiGLU of each row through its expert: [C, D]; rows with expert id El are empty slots.
-
-  Rows are sorted by expert and padded to blocks (`block_layout`, with the empty slots as an
-  extra last group) and run by `grouped_matmul`, which skips the blocks of empty slots.
-  """
-  e_loc = w1_ExDxF.shape[0]
-  c, d = x_CxD.shape
-  block = effective_block(block, c, e_loc)
-  lay = block_layout(expert_C, e_loc + 1, block)
-  counts = jnp.zeros((e_loc,), jnp.int32).at[expert_C].add(1, mode="drop")
-  real_blocks = jnp.sum((counts + block - 1) // block)
-  lay = lay._replace(block_expert_NB=jnp.minimum(lay.block_expert_NB, e_loc - 1),
-                     n_used=real_blocks)
-  rows = lay.n_blocks * block
-  xs = jnp.zeros((rows, d), x_CxD.dtype).at[lay.dest_C].set(x_CxD[lay.order_C])
-  xs_NBxSxD = xs.reshape(lay.n_blocks, block, d)
-  gm = functools.partial(grouped_matmul, block_expert_NB=lay.block_expert_NB,
-                         n_used=lay.n_used, precision=precision)
-  h = jax.nn.silu(gm(xs_NBxSxD, w1_ExDxF)) * gm(xs_NBxSxD, w3_ExDxF)
-  ys = gm(h, w2_ExFxD).reshape(rows, d)
-  return jnp.zeros((c, d), ys.dtype).at[lay.order_C].set(ys[lay.dest_C])
 
 
 def _slots(dst_C: jax.Array, n_ranks: int) -> jax.Array:
@@ -210,7 +155,8 @@ def _shard_fn(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, *, cfg: ModelConfig, ep: Ex
   recv_e_RxS = jax.lax.all_to_all(send_e_RxS, EXPERT, 0, 0)
 
   y_rows = expert_rows(recv_RxSxD.reshape(r * s, d), recv_e_RxS.reshape(r * s), w1, w3, w2,
-                       cfg.expert_block_size, cfg.matmul_precision)
+                       block=cfg.expert_block_size, precision=cfg.matmul_precision,
+                       expected_rows=n * k)
 
   # Combine: the inverse all_to_all puts each result back in the slot its copy left from.
   back_RxSxD = jax.lax.all_to_all(y_rows.reshape(r, s, d), EXPERT, 0, 0)

@@ -1,4 +1,14 @@
-"""The training objective: CE + lambda/D * sum_k MTP CE_k + alpha * sequence balance loss."""
+"""The training objective (arXiv 2412.19437 §2.2 eq. 25, §2.1.2 eq. 17):
+
+  L = CE + lambda / D * sum_k CE_MTP_k + alpha * (sequence-wise balance loss of every MoE layer)
+
+`readout_losses` is the part after the main model's readout (CE on its logits, the MTP
+depths on its final-normed hidden state, and their balance loss); `model_losses` runs the whole model and adds the main MoE
+layers' balance loss. The plain step uses `model_losses`; the pipelined step runs the stacks
+stage by stage and calls `readout_losses` in the last stage — one objective for both.
+"""
+
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,30 +27,44 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
   return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def model_losses(model, tokens_BxL1: jax.Array, cfg: TrainConfig):
-  """Runs the model and its MTP modules on one batch; returns (loss, metrics, loads)."""
-  inputs, targets = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
-  b, l = inputs.shape
-  out = model.forward(inputs)
-  ce = cross_entropy(out.logits_BxLxV, targets)
+class Readout(NamedTuple):
+  loss: jax.Array  # CE + lambda/D sum MTP CE + alpha * MTP balance (main balance excluded)
+  ce: jax.Array
+  mtp_ce: Optional[jax.Array]  # mean over depths; None without MTP
+  mtp_load_DxE: jax.Array
+  mtp_balance: jax.Array
+
+
+def readout_losses(model, h_BxLxD: jax.Array, logits_BxLxV: jax.Array, tokens_BxL1: jax.Array,
+                   cfg: TrainConfig, routed=None) -> Readout:
+  """Everything after the main model's readout (`model.readout`: final norm `h` and logits)."""
+  targets = tokens_BxL1[:, 1:]
+  b, l = targets.shape
+  ce = cross_entropy(logits_BxLxV, targets)
   depth = len(model.mtp)
-  balance = out.balance_loss
-  loads = [out.load_LxE]
-  metrics = {"ce": ce, **(out.stats or {})}
-  loss = ce
-  if depth:
-    padded = jnp.concatenate([tokens_BxL1, jnp.zeros((b, depth), tokens_BxL1.dtype)], axis=1)
-    mtp_logits, mtp_load, mtp_balance = model.mtp_forward(out.hidden_BxLxD, padded)
-    mtp_ce = []
-    for k, logits in enumerate(mtp_logits, start=1):
-      # Depth k at position i predicts t_{i+k+1}; the last k positions have no target.
-      mask = jnp.broadcast_to(jnp.arange(l) < l - k, (b, l))
-      mtp_ce.append(cross_entropy(logits, padded[:, k + 1:k + 1 + l], mask))
-    mtp_ce = jnp.stack(mtp_ce)
-    loss = loss + cfg.mtp_lambda / depth * jnp.sum(mtp_ce)
-    balance = balance + mtp_balance
-    loads.append(mtp_load)
-    metrics["mtp_ce"] = jnp.mean(mtp_ce)
-  loss = loss + cfg.balance_alpha * balance
-  metrics.update(loss=loss, balance_loss=balance)
-  return loss, metrics, jnp.concatenate(loads, axis=0)
+  n_exp = max(model.cfg.n_routed_experts, 1)
+  if not depth:
+    zero = jnp.zeros((), jnp.float32)
+    return Readout(ce, ce, None, jnp.zeros((0, n_exp), jnp.float32), zero)
+  padded = jnp.concatenate([tokens_BxL1, jnp.zeros((b, depth), tokens_BxL1.dtype)], axis=1)
+  mtp_logits, mtp_load, mtp_balance = model.mtp_forward(h_BxLxD, padded, routed=routed)
+  mtp_ce = []
+  for k, lg in enumerate(mtp_logits, start=1):
+    # Depth k at position i predicts t_{i+k+1}; the last k positions have no target.
+    mask = jnp.broadcast_to(jnp.arange(l) < l - k, (b, l))
+    mtp_ce.append(cross_entropy(lg, padded[:, k + 1:k + 1 + l], mask))
+  mtp_ce = jnp.stack(mtp_ce)
+  loss = ce + cfg.mtp_lambda / depth * jnp.sum(mtp_ce) + cfg.balance_alpha * mtp_balance
+  return Readout(loss, ce, jnp.mean(mtp_ce), mtp_load.astype(jnp.float32), mtp_balance)
+
+
+def model_losses(model, tokens_BxL1: jax.Array, cfg: TrainConfig, routed=None):
+  """Runs the model and its MTP modules on one batch; returns (loss, metrics, loads)."""
+  out = model.forward(tokens_BxL1[:, :-1], routed=routed)
+  r = readout_losses(model, out.hidden_BxLxD, out.logits_BxLxV, tokens_BxL1, cfg, routed)
+  loss = r.loss + cfg.balance_alpha * out.balance_loss
+  metrics = {"ce": r.ce, **(out.stats or {}), "loss": loss,
+             "balance_loss": out.balance_loss + r.mtp_balance}
+  if r.mtp_ce is not None:
+    metrics["mtp_ce"] = r.mtp_ce
+  return loss, metrics, jnp.concatenate([out.load_LxE, r.mtp_load_DxE], axis=0)

@@ -25,15 +25,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dsv3_jax.config import Config
-from dsv3_jax.layers import rope
-from dsv3_jax.model import run_stack
 from dsv3_jax.parallel import mesh as mesh_lib
 from dsv3_jax.parallel import schedules
 from dsv3_jax.parallel.pipeline import Pipeline
-from dsv3_jax.train.loss import cross_entropy
+from dsv3_jax.parallel.sharding import STAGED
+from dsv3_jax.train.loss import readout_losses
 from dsv3_jax.train.step import Trainer, TrainState
-
-STAGED = "moe"  # the stacked layers cut into stages
 
 
 def make_schedule(name: str, pp: int, n_mb: int) -> schedules.Schedule:
@@ -62,7 +59,7 @@ def join_params(stage: dict, shared: dict) -> dict:
   return dict(shared, **{STAGED: flat})
 
 
-def make_stage_fn(graphdef, cfg: Config, n_stages: int, scale: float):
+def make_stage_fn(graphdef, cfg: Config, n_stages: int, scale: float, routed=None):
   """DeepSeek-V3 stage ``stage`` for one micro-batch (see `Pipeline` for the contract).
 
   ``loss`` is this stage's share of the objective times ``scale`` (1 / micro-batches
@@ -77,48 +74,37 @@ def make_stage_fn(graphdef, cfg: Config, n_stages: int, scale: float):
   def stage_fn(chunk_p, shared_p, x_BxLxD, chunk_b, shared_b, tokens_BxL1, stage):
     model = nnx.merge(graphdef, dict(shared_p, **{STAGED: chunk_p}),
                       dict(shared_b, **{STAGED: chunk_b}))
-    inputs, targets = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
+    inputs = tokens_BxL1[:, :-1]
     b, l = inputs.shape
-    positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    cos, sin = rope.rope_angles(mcfg, positions_BxL)
+    ctx = model.context(jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l)), routed=routed)
 
-    def embed():
+    def embed():  # the walk's first pieces: embedding, then the dense blocks
       h = model.embed_tokens(inputs)
       if model.dense is not None:
-        h = run_stack(model.dense, h, positions_BxL, cos, sin)[0]
+        h = model.run_dense(h, ctx).x_BxLxD
       return h.astype(x_BxLxD.dtype)
 
     h = jax.lax.cond(stage == 0, embed, lambda: x_BxLxD)
-    h, aux, _ = run_stack(model.moe, h, positions_BxL, cos, sin)
-    moe_balance = aux["balance_loss"].sum()
+    res = model.run_moe(h, ctx)  # this stage's slice of the MoE stack
+    h = res.x_BxLxD
     load = jax.lax.dynamic_update_slice(jnp.zeros((n_moe + depth, n_exp), jnp.float32),
-                                        aux["load"].astype(jnp.float32), (stage * per, 0))
+                                        res.load_LxE.astype(jnp.float32), (stage * per, 0))
 
-    def head():
-      hn = model.norm(h)  # what the head reads and MTP consumes (as `Transformer.forward`)
-      ce = cross_entropy(model.logits(hn), targets)
-      if not depth:
-        z = jnp.zeros((), jnp.float32)
-        return ce, ce, z, z, jnp.zeros((0, n_exp), jnp.float32)
-      padded = jnp.concatenate([tokens_BxL1, jnp.zeros((b, depth), tokens_BxL1.dtype)], axis=1)
-      mtp_logits, mtp_load, mtp_balance = model.mtp_forward(hn, padded)
-      mtp_ce = []
-      for k, logits in enumerate(mtp_logits, start=1):
-        mask = jnp.broadcast_to(jnp.arange(l) < l - k, (b, l))
-        mtp_ce.append(cross_entropy(logits, padded[:, k + 1:k + 1 + l], mask))
-      mtp_ce = jnp.stack(mtp_ce)
-      loss = ce + tcfg.mtp_lambda / depth * jnp.sum(mtp_ce) + tcfg.balance_alpha * mtp_balance
-      return loss, ce, jnp.mean(mtp_ce), mtp_balance, mtp_load.astype(jnp.float32)
+    def readout():  # the walk's last piece and the objective's readout part
+      hn, logits = model.readout(h)
+      r = readout_losses(model, hn, logits, tokens_BxL1, tcfg, routed)
+      mtp_ce = r.mtp_ce if r.mtp_ce is not None else jnp.zeros((), jnp.float32)
+      return r.loss, r.ce, mtp_ce, r.mtp_balance, r.mtp_load_DxE
 
-    def no_head():
+    def no_readout():
       z = jnp.zeros((), jnp.float32)
       return z, z, z, z, jnp.zeros((depth, n_exp), jnp.float32)
 
-    head_loss, ce, mtp_ce, mtp_balance, mtp_load = jax.lax.cond(stage == n_stages - 1, head,
-                                                                no_head)
+    head_loss, ce, mtp_ce, mtp_balance, mtp_load = jax.lax.cond(stage == n_stages - 1, readout,
+                                                                no_readout)
     load = load.at[n_moe:].add(mtp_load)
-    loss = (head_loss + tcfg.balance_alpha * moe_balance) * scale
-    aux = {"load": load, "ce": ce, "balance_loss": moe_balance + mtp_balance}
+    loss = (head_loss + tcfg.balance_alpha * res.balance_loss) * scale
+    aux = {"load": load, "ce": ce, "balance_loss": res.balance_loss + mtp_balance}
     if depth:
       aux["mtp_ce"] = mtp_ce
     return (h, loss), aux
@@ -168,12 +154,14 @@ class PipelineTrainer(Trainer):
                                 jnp.dtype(m.dtype))
 
   def loss_and_grads(self, params: dict, biases: dict, tokens_BxL1: jax.Array, *,
-                     timing: bool = False):
-    """``(loss, metrics, loads, grads)`` of one batch, computed by the pipeline."""
+                     probe=None):
+    """``(loss, metrics, loads, grads)`` of one batch, computed by the pipeline.
+
+    ``probe`` is passed to `Pipeline.__call__` (per-op instrumentation, e.g. timestamps)."""
     sp, shp = split_params(params, self.n_stages)
     sb, shb = split_params(biases, self.n_stages)
     loss, aux, g_stage, g_shared = self.pipeline(sp, shp, sb, shb, tokens_BxL1,
-                                                 self.act_spec(), timing=timing)
+                                                 self.act_spec(), probe=probe)
     grads = join_params(g_stage, g_shared)
     n = self.n_shards * self.cfg.parallel.microbatches
     metrics = {"ce": aux["ce"] / n, "loss": loss, "balance_loss": aux["balance_loss"] / n}

@@ -5,14 +5,12 @@ MoE routers' aux-loss-free biases, moved by loads only), the optax state and the
 The model's structure (`graphdef`) is static; `nnx.merge` rebuilds the modules inside the
 jitted functions, which is much cheaper per call than `nnx.jit`.
 
-Shardings (all decided in `parallel/mesh.py`): parameters replicated, routed experts split
-over `expert`; the optimizer state is ZeRO-1 — split further over the data-parallel axes
-(`mesh.zero1_spec`), so each device keeps 1/(data x expert) of the dense parameters' AdamW
-moments and 1/data of its experts'. The compiler all-gathers the updated parameters. With an
-`expert` axis > 1 the MoE layers run expert-parallel (`parallel/expert.py`) while tracing.
+Every placement comes from the sharding plan (`parallel/sharding.py`): parameters
+replicated, routed experts split over `expert`; the optimizer state ZeRO-1; the batch over
+data x expert; and the routed-expert function the MoE layers run (the expert-parallel
+all-to-all on a mesh with an `expert` axis > 1), passed down the model walk.
 """
 
-import contextlib
 from typing import Any, NamedTuple
 
 import jax
@@ -24,10 +22,9 @@ from jax.sharding import Mesh
 
 from dsv3_jax import model as model_lib
 from dsv3_jax.config import Config
-from dsv3_jax.layers.moe import RouterBias
-from dsv3_jax.parallel import expert as expert_lib
-from dsv3_jax.parallel import mesh as mesh_lib
-from dsv3_jax.train import balance
+from dsv3_jax.layers import routing
+from dsv3_jax.layers.routing import RouterBias
+from dsv3_jax.parallel import sharding
 from dsv3_jax.train.loss import cross_entropy, model_losses
 from dsv3_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
@@ -44,53 +41,26 @@ def split_model(model) -> tuple[Any, dict, dict]:
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(biases)
 
 
-def update_biases(biases: dict, loads_LxE: jax.Array, gamma: float) -> dict:
-  """Applies the bias update layer by layer; loads are ordered main MoE layers, then MTP."""
-  new = jax.tree.map(lambda x: x, biases)
-  i = 0
-  if "moe" in biases:
-    b = biases["moe"]["ffn"]["bias"]
-    new["moe"]["ffn"]["bias"] = balance.bias_update(b, loads_LxE[i:i + b.shape[0]], gamma)
-    i += b.shape[0]
-  for k in sorted(biases.get("mtp", {})):
-    b = biases["mtp"][k]["block"]["ffn"]["bias"]
-    new["mtp"][k]["block"]["ffn"]["bias"] = balance.bias_update(b, loads_LxE[i], gamma)
-    i += 1
-  return new
-
-
 class Trainer:
-  """Owns the model structure, the optimizer, the mesh and the compiled step functions."""
+  """Owns the model structure, the optimizer, the sharding plan and the compiled steps."""
 
   def __init__(self, cfg: Config, mesh: Mesh):
     self.cfg = cfg
     self.mesh = mesh
+    self.plan = sharding.plan(cfg, mesh)
     self.optimizer = make_optimizer(cfg.train)
     self.lr = learning_rate_schedule(cfg.train)
     abstract = model_lib.abstract(cfg.model)
     self.graphdef, abs_params, abs_biases = nnx.split(abstract, nnx.Param, RouterBias)
-    self.expert_parallel = expert_lib.from_config(mesh, cfg.parallel)
-    if self.expert_parallel.size > 1:
-      ep = self.expert_parallel.validate(cfg.model)
-      logging.info("expert parallel: %d EP ranks in %d nodes, %d experts per rank, a token "
-                   "reaches at most %d nodes, capacity factor %s", ep.size, ep.n_nodes,
-                   cfg.model.n_routed_experts // ep.size,
-                   expert_lib.max_nodes_per_token(cfg.model, ep.n_nodes),
-                   ep.capacity_factor or "0 (dropless)")
-    repl = mesh_lib.replicated(mesh)
-    specs = mesh_lib.param_specs(abs_params)
-    param_sh = mesh_lib.shardings(mesh, specs)
-    bias_sh = jax.tree.map(lambda _: repl, nnx.to_pure_dict(abs_biases))
-    abs_opt = jax.eval_shape(self.optimizer.init, nnx.to_pure_dict(abs_params))
-    # ZeRO-1: each moment is split over the data-parallel axes its parameter is replicated on.
-    zero1_sh = mesh_lib.shardings(
-        mesh, mesh_lib.zero1_specs(nnx.to_pure_dict(abs_params), specs, mesh))
-    opt_sh = optax.tree_map_params(self.optimizer, lambda _, s: s, abs_opt, zero1_sh,
-                                   transform_non_params=lambda _: repl)
-    self._opt_sharding_like_params = optax.tree_map_params(  # for the memory report only
-        self.optimizer, lambda _, s: s, abs_opt, param_sh, transform_non_params=lambda _: repl)
+    logging.info("%s", self.plan.describe())
+    repl = self.plan.replicated
+    param_sh = self.plan.param_shardings(abs_params)
+    bias_sh = self.plan.bias_shardings(nnx.to_pure_dict(abs_biases))
+    opt_sh = self.plan.optimizer_shardings(self.optimizer, abs_params)
+    self._opt_sharding_like_params = self.plan.optimizer_shardings(  # memory report only
+        self.optimizer, abs_params, zero1=False)
     self.state_sharding = TrainState(param_sh, bias_sh, opt_sh, repl)
-    self.batch_sharding = mesh_lib.batch_sharding(mesh)
+    self.batch_sharding = self.plan.batch
     # Created already sharded: nothing is materialised on one device first.
     self._init = jax.jit(self._init_fn, out_shardings=self.state_sharding)
     # The state is donated: the step updates it in place.
@@ -116,16 +86,10 @@ class Trainer:
                                                                       sharding=sh),
                                    state.opt_state, self._opt_sharding_like_params)
     parts = {"params": state.params, "biases": state.biases, "opt_state": state.opt_state}
-    out = {name: mesh_lib.bytes_per_device(tree) for name, tree in parts.items()}
-    out["total"] = mesh_lib.bytes_per_device(state)
-    out["opt_state_without_zero1"] = mesh_lib.bytes_per_device(opt_like_params)
+    out = {name: sharding.bytes_per_device(tree) for name, tree in parts.items()}
+    out["total"] = sharding.bytes_per_device(state)
+    out["opt_state_without_zero1"] = sharding.bytes_per_device(opt_like_params)
     return out
-
-  def _parallel(self):
-    """Expert parallelism for the MoE layers traced inside (a no-op without an expert axis)."""
-    if self.expert_parallel.size > 1:
-      return expert_lib.use(self.expert_parallel)
-    return contextlib.nullcontext()
 
   def _init_fn(self) -> TrainState:
     model = model_lib.create(self.cfg.model, seed=self.cfg.train.seed)
@@ -136,14 +100,11 @@ class Trainer:
     return nnx.merge(self.graphdef, params, biases)
 
   def _train_fn(self, state: TrainState, batch: dict):
-    with self._parallel():
-      return self._train_body(state, batch)
-
-  def _train_body(self, state: TrainState, batch: dict):
     tcfg = self.cfg.train
 
     def loss_fn(params):
-      loss, metrics, loads = model_losses(self.merge(params, state.biases), batch["tokens"], tcfg)
+      loss, metrics, loads = model_losses(self.merge(params, state.biases), batch["tokens"], tcfg,
+                                          routed=self.plan.routed)
       return loss, (metrics, loads)
 
     (_, (metrics, loads)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -157,17 +118,16 @@ class Trainer:
     tcfg = self.cfg.train
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    biases = update_biases(state.biases, loads_LxE, tcfg.bias_update_gamma)
+    biases = routing.update_biases(state.biases, loads_LxE, tcfg.bias_update_gamma)
     # A finite loss can still leave overflowed weights behind: check the new state too.
     finite = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.stack(
         [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
     metrics = dict(metrics, finite=finite, grad_norm=optax.global_norm(grads),
                    learning_rate=self.lr(state.step),
-                   max_vio=balance.max_violation(loads_LxE), load=loads_LxE)
+                   max_vio=routing.max_violation(loads_LxE), load=loads_LxE)
     return TrainState(params, biases, opt_state, state.step + 1), metrics
 
   def _eval_fn(self, state: TrainState, batch: dict):
     tokens = batch["tokens"]
-    with self._parallel():
-      out = self.merge(state.params, state.biases).forward(tokens[:, :-1])
+    out = self.merge(state.params, state.biases).forward(tokens[:, :-1], routed=self.plan.routed)
     return cross_entropy(out.logits_BxLxV, tokens[:, 1:])

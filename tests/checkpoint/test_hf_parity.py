@@ -22,7 +22,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 from dsv3_jax import pretrained  # noqa: E402
 from dsv3_jax.checkpoint import hf  # noqa: E402
 from dsv3_jax.config import ModelConfig  # noqa: E402
-from dsv3_jax.layers import moe  # noqa: E402
+from dsv3_jax.layers import routing as routing_lib  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -205,7 +205,7 @@ def test_group_masking_neg_inf_vs_zero():
     scores = 1 / (1 + np.exp(-(x @ gate.T).astype(np.float64)))
     neg_inf = _reference_route(scores, bias, g, tg, k, -np.inf)
     zero = _reference_route(scores, bias, g, tg, k, 0.0)
-    routing = moe.route(jnp.asarray(x), jnp.asarray(gate.T), jnp.asarray(bias), cfg)
+    routing = routing_lib.route(jnp.asarray(x), jnp.asarray(gate.T), jnp.asarray(bias), cfg)
     ours = np.sort(np.asarray(routing.experts_Nxk), axis=-1)
     np.testing.assert_array_equal(ours, neg_inf)
     assert np.array_equal(zero, neg_inf) == agree

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from configs.dsv3 import get_config
 from dsv3_jax import config as config_lib
-from dsv3_jax.layers import moe
+from dsv3_jax.layers import experts as experts_lib, routing as routing_lib
 
 _FEW = hypothesis.settings(max_examples=12, deadline=None, derandomize=True, database=None,
                            suppress_health_check=[hypothesis.HealthCheck.too_slow])
@@ -41,7 +41,7 @@ def _cfg(e, g, m, k, **overrides) -> config_lib.ModelConfig:
 
 @functools.partial(jax.jit, static_argnums=(3,))
 def _route(x, gate, bias, cfg):
-  return moe.route(x, gate, bias, cfg)
+  return routing_lib.route(x, gate, bias, cfg)
 
 
 # ---------------------------------------------------------------- numpy references
@@ -197,10 +197,10 @@ class RouterTest(parameterized.TestCase):
 class BlockLayoutTest(parameterized.TestCase):
 
   def _check_layout(self, experts_C, n_experts, block):
-    lay = jax.jit(moe.block_layout, static_argnums=(1, 2))(jnp.asarray(experts_C, jnp.int32),
+    lay = jax.jit(experts_lib.block_layout, static_argnums=(1, 2))(jnp.asarray(experts_C, jnp.int32),
                                                            n_experts, block)
     c = len(experts_C)
-    order, dest = np.asarray(lay.order_C), np.asarray(lay.dest_C)
+    order, dest = np.asarray(lay.order_R), np.asarray(lay.dest_R)
     block_expert, n_used = np.asarray(lay.block_expert_NB), int(lay.n_used)
     counts = np.bincount(experts_C, minlength=n_experts)
     needed = int(np.sum(-(-counts // block)))
@@ -262,23 +262,24 @@ class GroupedFfnTest(parameterized.TestCase):
     else:  # "mostly_one": all to expert 0 plus one random other
       experts = np.stack([np.array([0, rng.integers(1, e)]) for _ in range(n)])
     weights = rng.uniform(0.1, 1.5, size=(n, k)).astype(np.float32)
-    return moe.Routing(jnp.asarray(experts, jnp.int32), jnp.asarray(weights),
+    return routing_lib.Routing(jnp.asarray(experts, jnp.int32), jnp.asarray(weights),
                        jnp.zeros((n, e), jnp.float32))
 
-  @parameterized.product(kind=["random", "all_same", "mostly_one"], block=[1, 4, 5, 16, 64])
-  def test_matches_references(self, kind, block):
+  @parameterized.product(kind=["random", "all_same", "mostly_one"], block=[1, 4, 5, 16, 64],
+                         path=["block", "bucket"])
+  def test_matches_references(self, kind, block, path):
     x, w1, w3, w2 = self._weights()
     routing = self._routing(kind)
-    got = jax.jit(moe.grouped_ffn, static_argnums=(5, 6))(x, routing, w1, w3, w2, block,
-                                                          "fp32")
-    dense = moe.dense_ffn_reference(x, routing, w1, w3, w2)
+    got = jax.jit(functools.partial(experts_lib.routed_ffn, path=path),
+                  static_argnums=(5, 6))(x, routing, w1, w3, w2, block, "fp32")
+    dense = experts_lib.dense_reference(x, routing, w1, w3, w2)
     loop = _ref_experts(x, routing.experts_Nxk, np.asarray(routing.weights_Nxk), w1, w3, w2)
     chex.assert_trees_all_close(got, dense, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(got, loop, atol=1e-5, rtol=1e-5)
     self.assertGreater(np.abs(loop).min(), 0.0)  # every token got a non-trivial output
 
-  @parameterized.product(kind=["random", "all_same"], block=[4, 5])
-  def test_gradients_match_dense_reference(self, kind, block):
+  @parameterized.product(kind=["random", "all_same"], block=[4, 5], path=["block", "bucket"])
+  def test_gradients_match_dense_reference(self, kind, block, path):
     x, w1, w3, w2 = self._weights(seed=1)
     routing = self._routing(kind, seed=1)
     r = np.random.default_rng(2).standard_normal((self.n, self.d)).astype(np.float32)
@@ -288,10 +289,10 @@ class GroupedFfnTest(parameterized.TestCase):
       return jnp.sum(fn(x, rt, w1, w3, w2) * r)
 
     args = (x, w1, w3, w2, routing.weights_Nxk)
-    grouped = functools.partial(moe.grouped_ffn, block=block, precision="fp32")
+    grouped = functools.partial(experts_lib.routed_ffn, block=block, precision="fp32", path=path)
     g_grouped = jax.jit(jax.grad(functools.partial(loss, grouped), argnums=(0, 1, 2, 3, 4)))(
         *args)
-    g_dense = jax.grad(functools.partial(loss, moe.dense_ffn_reference),
+    g_dense = jax.grad(functools.partial(loss, experts_lib.dense_reference),
                        argnums=(0, 1, 2, 3, 4))(*args)
     for got, want in zip(g_grouped, g_dense):
       chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
@@ -301,6 +302,47 @@ class GroupedFfnTest(parameterized.TestCase):
       self.assertEqual(float(jnp.abs(dw[np.asarray(unused, int)]).max(initial=0.0)), 0.0)
 
 
+  @parameterized.product(factor=[0.1, 1.25, 8.0], kind=["random", "all_same", "mostly_one"])
+  def test_bucket_overflow_is_exact(self, factor, kind):
+    """Copies past an expert's bucket go through the exact overflow pass: nothing dropped.
+
+    Buckets hold at least 8 rows: "all_same" puts 16 copies on each of two experts and
+    overflows below factor 8, which never overflows. All equal the dense reference, with
+    gradients.
+    """
+    x, w1, w3, w2 = self._weights(seed=3)
+    routing = self._routing(kind, seed=3)
+    rows = self.n * self.k
+    cap = experts_lib.capacity(rows, self.e, factor)
+    counts = np.bincount(np.asarray(routing.experts_Nxk).ravel(), minlength=self.e)
+    overflows = bool((counts > cap).any())
+    if factor == 8.0:
+      self.assertFalse(overflows)
+    if kind == "all_same" and factor < 8.0:
+      self.assertTrue(overflows)
+    fn = functools.partial(experts_lib.routed_ffn, block=4, precision="fp32",
+                           capacity_factor=factor, path="bucket")
+    got = jax.jit(fn)(x, routing, w1, w3, w2)
+    want = experts_lib.dense_reference(x, routing, w1, w3, w2)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+    g_got = jax.grad(lambda *a: jnp.sum(fn(a[0], routing, *a[1:]) ** 2), argnums=(0, 1, 2, 3))(
+        x, w1, w3, w2)
+    g_want = jax.grad(lambda *a: jnp.sum(experts_lib.dense_reference(a[0], routing, *a[1:]) ** 2),
+                      argnums=(0, 1, 2, 3))(x, w1, w3, w2)
+    for a, b in zip(g_got, g_want):
+      chex.assert_trees_all_close(a, b, atol=1e-4, rtol=1e-4)
+
+  def test_empty_rows_are_zero(self):
+    """Rows with expert id E (empty slots of the expert-parallel buffer) come back as zeros."""
+    x, w1, w3, w2 = map(jnp.asarray, self._weights())
+    ids = jnp.asarray(np.r_[np.arange(8) % self.e, [self.e] * 8], jnp.int32)
+    for path in experts_lib.PATHS:
+      y = experts_lib.expert_rows(jnp.asarray(x), ids, w1, w3, w2, block=4, precision="fp32",
+                                  path=path)
+      np.testing.assert_array_equal(np.asarray(y[8:]), 0.0)
+      self.assertGreater(float(jnp.abs(y[:8]).min()), 0.0)
+
+
 class BalanceLossTest(parameterized.TestCase):
 
   @parameterized.named_parameters(("tiny", "tiny", 3, 10), ("v3_shape", "v3_shape", 2, 16))
@@ -308,7 +350,7 @@ class BalanceLossTest(parameterized.TestCase):
     cfg = _cfg(*_ROUTERS[setup])
     x, gate, bias = _random_router(cfg, batch * t, seed=5, bias_scale=0.2)
     routing = _route(x, gate, bias, cfg)
-    got = moe.sequence_balance_loss(routing, batch, cfg)
+    got = routing_lib.sequence_balance_loss(routing, batch, cfg)
     k, e = cfg.num_experts_per_tok, cfg.n_routed_experts
     ref = _ref_balance_loss(np.asarray(routing.experts_Nxk).reshape(batch, t, k),
                             np.asarray(routing.scores_NxE, np.float64).reshape(batch, t, e))
@@ -319,9 +361,9 @@ class BalanceLossTest(parameterized.TestCase):
     cfg = _cfg(*_ROUTERS["tiny"])
     e, k, t = cfg.n_routed_experts, cfg.num_experts_per_tok, 8
     experts = np.arange(t * k).reshape(t, k) % e
-    routing = moe.Routing(jnp.asarray(experts, jnp.int32), jnp.ones((t, k)),
+    routing = routing_lib.Routing(jnp.asarray(experts, jnp.int32), jnp.ones((t, k)),
                           jnp.full((t, e), 0.3, jnp.float32))
-    np.testing.assert_allclose(moe.sequence_balance_loss(routing, 1, cfg), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(routing_lib.sequence_balance_loss(routing, 1, cfg), 1.0, rtol=1e-6)
 
 
 if __name__ == "__main__":
@@ -336,12 +378,12 @@ def test_gathered_path_equals_block_path():
   w1, w3 = (jax.random.normal(kk, (e, d, f), jnp.float32) for kk in keys[1:3])
   w2 = jax.random.normal(keys[3], (e, f, d), jnp.float32)
   experts = jnp.array([[1, 5], [5, 9], [0, 15]], jnp.int32)
-  routing = moe.Routing(experts, jax.random.uniform(keys[4], (n, k)), jnp.zeros((n, e)))
-  assert n * k <= e  # grouped_ffn would choose the gather path
-  gathered = moe._gathered_ffn(x, routing, w1, w3, w2)
-  lay_path = moe.grouped_ffn(jnp.tile(x, (8, 1)), routing._replace(
+  routing = routing_lib.Routing(experts, jax.random.uniform(keys[4], (n, k)), jnp.zeros((n, e)))
+  assert n * k <= e  # routed_ffn chooses the gather path by itself
+  gathered = experts_lib.routed_ffn(x, routing, w1, w3, w2, 4, "fp32")
+  lay_path = experts_lib.routed_ffn(jnp.tile(x, (8, 1)), routing._replace(
       experts_Nxk=jnp.tile(experts, (8, 1)), weights_Nxk=jnp.tile(routing.weights_Nxk, (8, 1))),
-      w1, w3, w2, 4, "fp32")[:n]
+      w1, w3, w2, 4, "fp32", path="block")[:n]
   np.testing.assert_allclose(np.asarray(gathered), np.asarray(lay_path), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(gathered), np.asarray(
-      moe.dense_ffn_reference(x, routing, w1, w3, w2)), rtol=1e-5, atol=1e-5)
+      experts_lib.dense_reference(x, routing, w1, w3, w2)), rtol=1e-5, atol=1e-5)

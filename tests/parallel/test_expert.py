@@ -6,6 +6,7 @@ picks the same experts; drop exactly what it says under a capacity factor; and k
 token within `topk_group` groups and so within that many nodes.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -17,10 +18,13 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
+from dsv3_jax import config as config_lib
 from dsv3_jax.config import ModelConfig, ParallelConfig
+from dsv3_jax.layers import experts as experts_lib, routing as routing_lib
 from dsv3_jax.layers import moe as moe_lib
 from dsv3_jax.parallel import expert
 from dsv3_jax.parallel import mesh as mesh_lib
+from dsv3_jax.parallel import sharding
 
 MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]  # (data, expert)
 
@@ -93,24 +97,26 @@ def test_ep_forward_and_gradients_equal_unsharded(layer, data, exp):
   assert float(jnp.abs(g_w1).max()) > 0  # the comparison is not vacuous
 
 
-def test_moe_call_uses_ep_when_a_mesh_with_expert_axis_is_active(layer):
+def test_moe_runs_the_routed_experts_the_sharding_plan_gives_it(layer):
   cfg, graphdef, state, x, ((_, (ref_y, ref_aux)), _) = layer
-  ep = _ep(2, 4)
+  full = config_lib.from_dict({"model": dataclasses.asdict(cfg)})
+  plan = sharding.plan(config_lib.replace(full, parallel={"data": 2, "expert": 4}),
+                       mesh_lib.make_mesh(ParallelConfig(data=2, expert=4)))
+  assert plan.routed is not None
 
   @jax.jit
   def run(state, x):
-    with expert.use(ep):
-      return nnx.merge(graphdef, state)(x)
+    return nnx.merge(graphdef, state)(x, plan.routed)
 
   y, aux = run(state, x)
   assert set(expert.STATS) <= set(aux)  # the EP path ran (the one-device path has no stats)
   chex.assert_trees_all_close(y, ref_y, rtol=1e-5, atol=1e-6)
-  # With an expert axis of 1 the hook stays off: the one-device path runs unchanged.
-  with expert.use(_ep(8, 1)):
-    assert expert.active() is None
-    _, aux1 = jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, x)
+  # With an expert axis of 1 the plan has no routed function: the one-device path runs.
+  one = sharding.plan(config_lib.replace(full, parallel={"data": 8, "expert": 1}),
+                      mesh_lib.make_mesh(ParallelConfig(data=8, expert=1)))
+  assert one.routed is None
+  _, aux1 = jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x, one.routed), state, x)
   assert set(aux1) == {"load", "balance_loss"}
-  assert expert.active() is None  # the context is gone after the block
 
 
 def _all_to_first_experts(cfg):
@@ -127,7 +133,7 @@ def test_dropless_when_every_token_picks_the_same_experts():
   m = _all_to_first_experts(cfg)
   ep = _ep(2, 4)  # 4 experts per rank: all k=4 copies of every token go to rank 0
   x = jax.random.normal(jax.random.key(2), (8, 6, cfg.hidden_size), jnp.float32)
-  routing = moe_lib.route(x.reshape(-1, cfg.hidden_size), m.gate[...], m.bias[...], cfg)
+  routing = routing_lib.route(x.reshape(-1, cfg.hidden_size), m.gate[...], m.bias[...], cfg)
   np.testing.assert_array_equal(np.sort(routing.experts_Nxk, axis=1),
                                 np.tile(np.arange(4), (48, 1)))
   n_local = 8 * 6 // ep.n_shards
@@ -135,7 +141,7 @@ def test_dropless_when_every_token_picks_the_same_experts():
   assert expert.slots_per_rank(n_local, cfg, ep) == n_local * cfg.num_experts_per_tok
   y, aux = jax.jit(lambda x: expert.routed_experts(
       x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], cfg, ep))(x)
-  ref = moe_lib.dense_ffn_reference(x.reshape(-1, cfg.hidden_size), routing, m.w1[...],
+  ref = experts_lib.dense_reference(x.reshape(-1, cfg.hidden_size), routing, m.w1[...],
                                     m.w3[...], m.w2[...])
   assert float(aux["dropped_copies"]) == 0.0
   chex.assert_trees_all_close(y.reshape(-1, cfg.hidden_size), ref, rtol=1e-5, atol=1e-6)
@@ -163,9 +169,9 @@ def test_capacity_factor_drops_and_counts_exactly():
     return jnp.sum(y * jnp.sin(y)), (y, aux)
 
   def reference(x):  # dropped copies = zero combine weight
-    routing = moe_lib.route(x.reshape(-1, d), m.gate[...], m.bias[...], cfg)
+    routing = routing_lib.route(x.reshape(-1, d), m.gate[...], m.bias[...], cfg)
     routing = routing._replace(weights_Nxk=routing.weights_Nxk * kept_Nxk)
-    y = moe_lib.dense_ffn_reference(x.reshape(-1, d), routing, m.w1[...], m.w3[...],
+    y = experts_lib.dense_reference(x.reshape(-1, d), routing, m.w1[...], m.w3[...],
                                     m.w2[...]).reshape(b, l, d)
     return jnp.sum(y * jnp.sin(y)), y
 
@@ -186,7 +192,7 @@ def test_cross_node_statistics_match_a_count_from_the_routing():
   x = jax.random.normal(jax.random.key(4), (b, l, d), jnp.float32)
   _, aux = jax.jit(lambda x: expert.routed_experts(
       x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], cfg, ep))(x)
-  routing = moe_lib.route(x.reshape(-1, d), m.gate[...], m.bias[...], cfg)
+  routing = routing_lib.route(x.reshape(-1, d), m.gate[...], m.bias[...], cfg)
   experts_Nxk = np.asarray(routing.experts_Nxk)
   node_Nxk = np.asarray(expert.node_of_expert(experts_Nxk, cfg.n_routed_experts, ep.n_nodes))
   n_local = b * l // ep.n_shards
@@ -215,7 +221,7 @@ def test_every_token_stays_within_topk_group_groups_and_nodes(seed, n_group, per
   x = jnp.asarray(rng.normal(size=(24, cfg.hidden_size)), jnp.float32)
   gate = jnp.asarray(rng.normal(size=(cfg.hidden_size, e)) * 0.3, jnp.float32)
   bias = jnp.asarray(rng.normal(size=(e,)) * 0.5, jnp.float32)
-  experts_Nxk = np.asarray(moe_lib.route(x, gate, bias, cfg).experts_Nxk)
+  experts_Nxk = np.asarray(routing_lib.route(x, gate, bias, cfg).experts_Nxk)
   groups_Nxk = experts_Nxk // per_group
   nodes_Nxk = np.asarray(expert.node_of_expert(experts_Nxk, e, n_nodes))
   bound = expert.max_nodes_per_token(cfg, n_nodes)
@@ -267,8 +273,8 @@ def test_mesh_shapes_rules_and_errors():
     mesh_lib.make_mesh(ParallelConfig(data=-1, expert=3))
   # Routed experts are split over `expert` (after the stacked-layer axis); the rest replicate.
   P = jax.sharding.PartitionSpec
-  assert mesh_lib.logical_to_mesh(("expert", "embed", "expert_mlp"), 4) == P(
+  assert sharding.logical_to_mesh(("expert", "embed", "expert_mlp"), 4) == P(
       None, "expert", None, None)
-  assert mesh_lib.logical_to_mesh(("embed", "mlp"), 2) == P(None, None)
+  assert sharding.logical_to_mesh(("embed", "mlp"), 2) == P(None, None)
   with pytest.raises(ValueError, match="no sharding rule"):
-    mesh_lib.logical_to_mesh(("nonsense",), 1)
+    sharding.logical_to_mesh(("nonsense",), 1)

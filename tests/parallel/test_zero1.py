@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from dsv3_jax import config as config_lib
 from dsv3_jax.checkpoint.orbax import Checkpointer
 from dsv3_jax.parallel import mesh as mesh_lib
+from dsv3_jax.parallel import sharding
 from dsv3_jax.train.step import Trainer
 
 MODEL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
@@ -63,16 +64,16 @@ def _is_expert_weight(path: str) -> bool:
 def test_zero1_spec_splits_over_the_free_data_parallel_axes():
   mesh = mesh_lib.make_mesh(config_lib.ParallelConfig(data=2, expert=4))
   # A replicated matrix: its largest dimension that 8 divides takes both batch axes.
-  assert mesh_lib.zero1_spec(P(), (32, 64), mesh) == P(None, ("data", "expert"))
+  assert sharding.zero1_spec(P(), (32, 64), mesh) == P(None, ("data", "expert"))
   # An expert shard is already split over `expert`; its replicas are the `data` ranks.
-  assert mesh_lib.zero1_spec(P(None, "expert", None, None), (1, 8, 32, 16), mesh) == P(
+  assert sharding.zero1_spec(P(None, "expert", None, None), (1, 8, 32, 16), mesh) == P(
       None, "expert", "data", None)
   # 6 is not a multiple of 8: fall back to `data` alone; 5 fits neither: stay replicated.
-  assert mesh_lib.zero1_spec(P(), (6,), mesh) == P("data")
-  assert mesh_lib.zero1_spec(P(), (5,), mesh) == P(None)
-  assert mesh_lib.zero1_spec(P(), (), mesh) == P()
+  assert sharding.zero1_spec(P(), (6,), mesh) == P("data")
+  assert sharding.zero1_spec(P(), (5,), mesh) == P(None)
+  assert sharding.zero1_spec(P(), (), mesh) == P()
   one = mesh_lib.make_mesh(config_lib.ParallelConfig(data=1, expert=1), jax.devices()[:1])
-  assert mesh_lib.zero1_spec(P(), (32, 64), one) == P(None, None)
+  assert sharding.zero1_spec(P(), (32, 64), one) == P(None, None)
 
 
 @pytest.fixture(scope="module")

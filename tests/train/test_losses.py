@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from dsv3_jax.train import balance
+from dsv3_jax.layers import routing as balance
 from dsv3_jax.train import loss as loss_lib
 
 

@@ -1,0 +1,293 @@
+"""The routed-expert kernel: every token copy through its expert's SwiGLU, dropless.
+
+One function, `expert_rows`, is used by every path that runs routed experts — the
+single-device MoE layer (`routed_ffn`), the expert-parallel layer on the rows a rank received
+(`parallel/expert.py`), decoding and the pipeline — so there is one kernel to test and tune.
+Rows whose expert id equals E (the number of experts) are empty slots and come back as zeros.
+
+Three formulations behind it, chosen at trace time from static shapes:
+
+* capacity buckets (training and prefill, fp32/bf16): rows are stably sorted by expert and
+  scattered into an [E, C, D] buffer, C = ceil(capacity_factor * rows / E) rounded up to 8;
+  the SwiGLU is three batched GEMMs over E (`_bmm`, whose custom VJP lays out every operand
+  so that the forward, the input gradient and the weight gradient x^T g are plain row-major
+  GEMMs). Copies past an expert's C slots are not dropped: an exact overflow pass (the block
+  path below, on the overflowing rows only) runs under `lax.cond` only when some expert
+  overflowed, so it costs nothing when the routing is balanced.
+* padded blocks (FP8, and the overflow pass): rows sorted by expert, each expert's group
+  padded to a multiple of S rows, a loop over blocks multiplies each block by its expert's
+  weights (`grouped_matmul`; the FP8 variant is `quant/fp8_grouped.py`).
+* gathered weights (decode, rows <= experts): each row gathers its expert's weights, one
+  batched product, no padding.
+
+DeepSeek-V3's experts are SwiGLU FFNs `W2(silu(W1 x) * W3 x)` (arXiv 2412.19437 §2.1.2).
+
+Legend: R rows (token copies), D model, F expert width, E experts, C capacity per expert,
+NB blocks, S rows per block, N tokens, k experts per token.
+"""
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.layers.linear import matmul
+from dsv3_jax.layers.routing import Routing
+
+CAPACITY_FACTOR = 1.25  # bucket slots per expert, x the mean rows per expert
+PATHS = ("bucket", "block", "gather")
+
+
+# ----------------------------------------------------------------------------- batched GEMM
+def _cast(x, precision):
+  return x.astype(jnp.bfloat16 if precision == "bf16" else jnp.float32)
+
+
+def _bmm_raw(a_ExMxK, b_ExKxN, precision):
+  """Per-expert `a[e] @ b[e]` as one canonical batched dot (batch, then row-major GEMM)."""
+  return jax.lax.dot_general(_cast(a_ExMxK, precision), _cast(b_ExKxN, precision),
+                             (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _bmm(x_ExCxK, w_ExKxF, precision):
+  return _bmm_raw(x_ExCxK, w_ExKxF, precision).astype(x_ExCxK.dtype)
+
+
+def _bmm_fwd(x, w, precision):
+  return _bmm(x, w, precision), (x, w)
+
+
+def _bmm_bwd(precision, res, g_ExCxF):
+  x, w = res
+  # dx = g w^T and dw = x^T g, each with its contraction on the operands' last/first axes.
+  dx = _bmm_raw(g_ExCxF, jnp.swapaxes(w, 1, 2), precision).astype(x.dtype)
+  dw = _bmm_raw(jnp.swapaxes(x, 1, 2), g_ExCxF, precision).astype(w.dtype)
+  return dx, dw
+
+
+_bmm.defvjp(_bmm_fwd, _bmm_bwd)
+
+
+def capacity(rows: int, n_experts: int, factor: float = CAPACITY_FACTOR) -> int:
+  """Bucket slots per expert: ceil(factor * rows / E), rounded up to a multiple of 8."""
+  c = math.ceil(factor * rows / max(n_experts, 1))
+  return max(8, -(-c // 8) * 8)
+
+
+def _bucket_rows(x_RxD, expert_R, w1, w3, w2, precision, factor, expected_rows):
+  e = w1.shape[0]
+  r, d = x_RxD.shape
+  c = min(capacity(expected_rows, e, factor), r)
+  order_R = jnp.argsort(expert_R, stable=True)
+  sorted_e = expert_R[order_R]
+  counts = jnp.zeros((e + 1,), jnp.int32).at[expert_R].add(1)
+  start = jnp.cumsum(counts) - counts
+  pos = jnp.arange(r, dtype=jnp.int32) - start[sorted_e]
+  keep = (pos < c) & (sorted_e < e)
+  dest = jnp.where(keep, sorted_e * c + pos, e * c)  # e * c: out of bounds, dropped
+  buf_ExCxD = jnp.zeros((e * c, d), x_RxD.dtype).at[dest].set(x_RxD[order_R], mode="drop")
+  buf_ExCxD = buf_ExCxD.reshape(e, c, d)
+  h = jax.nn.silu(_bmm(buf_ExCxD, w1, precision)) * _bmm(buf_ExCxD, w3, precision)
+  y = _bmm(h, w2, precision).reshape(e * c, d)
+  y_sorted = jnp.where(keep[:, None], y[jnp.minimum(dest, e * c - 1)], 0)
+  y_RxD = jnp.zeros((r, d), y.dtype).at[order_R].set(y_sorted)
+  overflow_R = jnp.zeros((r,), bool).at[order_R].set((pos >= c) & (sorted_e < e))
+
+  def overflow():
+    return _block_rows(x_RxD, jnp.where(overflow_R, expert_R, e), w1, w3, w2, 64, precision)
+
+  extra = jax.lax.cond(jnp.any(overflow_R), overflow, lambda: jnp.zeros_like(y_RxD))
+  return y_RxD + extra
+
+
+# ----------------------------------------------------------------------------- padded blocks
+def grouped_matmul(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision="fp32"):
+  """`out[b] = x[b] @ w[block_expert[b]]` for blocks b < n_used; zeros beyond.
+
+  fp32 / bf16 run each block through `matmul` (its VJP per block in backward); fp8 runs
+  `dsv3_jax.quant.fp8_grouped`, whose backward keeps only the FP8 activations and scales and
+  computes dgrad and wgrad with FP8 operands too.
+  """
+  if precision == "fp8":
+    from dsv3_jax.quant import fp8_grouped  # local import, as in layers/linear.py
+    return fp8_grouped.grouped_matmul_fp8(x_NBxSxK, w_ExKxF, block_expert_NB, n_used)
+  return _grouped_hp(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision)
+
+
+def _block_fn(precision):
+  def f(x_SxK, w_KxF):
+    return matmul(x_SxK, w_KxF, precision)
+  return f
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _grouped_hp(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision):
+  return _grouped_fwd(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision)[0]
+
+
+def _grouped_fwd(x, w, block_expert, n_used, precision):
+  f = _block_fn(precision)
+  zeros = jnp.zeros((x.shape[1], w.shape[2]), x.dtype)
+
+  def body(args):
+    xb, e, b = args
+    return jax.lax.cond(b < n_used, lambda: f(xb, w[e]).astype(x.dtype), lambda: zeros)
+
+  out = jax.lax.map(body, (x, block_expert, jnp.arange(x.shape[0])))
+  return out, (x, w, block_expert, n_used)
+
+
+def _grouped_bwd(precision, res, g_NBxSxF):
+  x, w, block_expert, n_used = res
+  f = _block_fn(precision)
+
+  def step(dw, args):
+    xb, gb, e, b = args
+
+    def compute():
+      _, vjp = jax.vjp(f, xb, w[e])
+      dxb, dwe = vjp(gb.astype(x.dtype))
+      return dxb.astype(x.dtype), dwe.astype(dw.dtype)
+
+    def skip():
+      return jnp.zeros_like(xb), jnp.zeros(w.shape[1:], dw.dtype)
+
+    # Only the small per-block results go through the cond; the [E, K, F] accumulator is
+    # updated in place outside it (a cond carrying it would copy it every block).
+    dxb, dwe = jax.lax.cond(b < n_used, compute, skip)
+    zero = jnp.zeros((), jnp.int32)
+    current = jax.lax.dynamic_slice(dw, (e, zero, zero), (1,) + dw.shape[1:])
+    return jax.lax.dynamic_update_slice(dw, current + dwe[None], (e, zero, zero)), dxb
+
+  dw, dx = jax.lax.scan(step, jnp.zeros(w.shape, jnp.float32),
+                        (x, g_NBxSxF, block_expert, jnp.arange(x.shape[0])))
+  return dx, dw.astype(w.dtype), None, None
+
+
+_grouped_hp.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+class BlockLayout(NamedTuple):
+  """Where each sorted row sits in the padded, expert-sorted block buffer."""
+
+  order_R: jax.Array  # row index in expert-sorted order
+  dest_R: jax.Array  # row of each sorted row in the padded buffer
+  block_expert_NB: jax.Array
+  n_used: jax.Array  # blocks holding at least one real row
+  n_blocks: int
+
+
+def block_layout(expert_R: jax.Array, n_experts: int, block: int) -> BlockLayout:
+  """Sort rows by expert and pad each expert's group to a multiple of `block` rows."""
+  r = expert_R.shape[0]
+  order = jnp.argsort(expert_R, stable=True)
+  sorted_e = expert_R[order]
+  counts_E = jnp.zeros((n_experts,), jnp.int32).at[expert_R].add(1)
+  padded_E = (counts_E + block - 1) // block * block
+  pad_end_E = jnp.cumsum(padded_E)
+  pad_start_E = pad_end_E - padded_E
+  cnt_start_E = jnp.cumsum(counts_E) - counts_E
+  dest = pad_start_E[sorted_e] + jnp.arange(r) - cnt_start_E[sorted_e]
+  # Each non-empty expert adds at most one partial block: a bound that never overflows.
+  n_blocks = r // block + 1 + min(n_experts, r)
+  starts = jnp.arange(n_blocks) * block
+  block_expert = jnp.minimum(jnp.searchsorted(pad_end_E, starts, side="right"), n_experts - 1)
+  n_used = pad_end_E[-1] // block
+  return BlockLayout(order, dest, block_expert.astype(jnp.int32), n_used, n_blocks)
+
+
+def effective_block(block: int, rows: int, n_experts: int) -> int:
+  """Rows per block: `block`, shrunk (to a power of two) when experts get few rows each.
+
+  A decode step routes a handful of copies over many experts; padding each to a 64-row block
+  would multiply the expert FLOPs by ~64. Shapes are static, so this is a trace-time choice.
+  """
+  per_expert = max(1, rows // max(n_experts, 1))
+  return min(block, 1 << (per_expert - 1).bit_length())
+
+
+def _block_rows(x_RxD, expert_R, w1, w3, w2, block, precision):
+  e_loc = w1.shape[0]
+  r, d = x_RxD.shape
+  block = effective_block(block, r, e_loc)
+  lay = block_layout(expert_R, e_loc + 1, block)  # empty slots: an extra last group
+  counts = jnp.zeros((e_loc,), jnp.int32).at[expert_R].add(1, mode="drop")
+  real_blocks = jnp.sum((counts + block - 1) // block)
+  lay = lay._replace(block_expert_NB=jnp.minimum(lay.block_expert_NB, e_loc - 1),
+                     n_used=real_blocks)
+  rows = lay.n_blocks * block
+  xs = jnp.zeros((rows, d), x_RxD.dtype).at[lay.dest_R].set(x_RxD[lay.order_R])
+  xs_NBxSxD = xs.reshape(lay.n_blocks, block, d)
+  gm = functools.partial(grouped_matmul, block_expert_NB=lay.block_expert_NB,
+                         n_used=lay.n_used, precision=precision)
+  h = jax.nn.silu(gm(xs_NBxSxD, w1)) * gm(xs_NBxSxD, w3)
+  ys = gm(h, w2).reshape(rows, d)
+  return jnp.zeros((r, d), ys.dtype).at[lay.order_R].set(ys[lay.dest_R])
+
+
+# ----------------------------------------------------------------------------- gathered
+def _gathered_rows(x_RxD, expert_R, w1, w3, w2):
+  """Few rows (decode): gather each row's expert weights and run one batched product."""
+  e = w1.shape[0]
+  ex = jnp.minimum(expert_R, e - 1)
+  h = (jax.nn.silu(jnp.einsum("cd,cdf->cf", x_RxD, w1[ex].astype(x_RxD.dtype)))
+       * jnp.einsum("cd,cdf->cf", x_RxD, w3[ex].astype(x_RxD.dtype)))
+  y = jnp.einsum("cf,cfd->cd", h, w2[ex].astype(x_RxD.dtype))
+  return jnp.where((expert_R < e)[:, None], y, 0)
+
+
+# ----------------------------------------------------------------------------- the kernel
+def expert_rows(x_RxD: jax.Array, expert_R: jax.Array, w1_ExDxF: jax.Array,
+                w3_ExDxF: jax.Array, w2_ExFxD: jax.Array, *, block: int, precision: str,
+                capacity_factor: float = CAPACITY_FACTOR,
+                expected_rows: int | None = None, path: str | None = None) -> jax.Array:
+  """SwiGLU of each row through its expert: [R, D]; rows with expert id E are zeros.
+
+  `expected_rows`: the real (non-empty) rows to size the buckets for, when the buffer holds
+  empty slots (the expert-parallel receive buffer); default all R rows. `path` forces one
+  formulation ("bucket", "block", "gather"; tests and benchmarks), default chosen by shape.
+  """
+  e = w1_ExDxF.shape[0]
+  r = x_RxD.shape[0]
+  if path is None:
+    path = "block" if precision == "fp8" else "gather" if r <= e else "bucket"
+  if path not in PATHS:
+    raise ValueError(f"unknown expert kernel path {path!r}: must be one of {PATHS}")
+  if path == "block" or precision == "fp8":
+    return _block_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD, block, precision)
+  if path == "gather":
+    return _gathered_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD)
+  return _bucket_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD, precision, capacity_factor,
+                      r if expected_rows is None else expected_rows)
+
+
+def combine(y_CxD: jax.Array, weights_Nxk: jax.Array, dtype) -> jax.Array:
+  """Each token's sum of its k copies' outputs, weighted by the routing weights: [N, D]."""
+  n, k = weights_Nxk.shape
+  w_C = weights_Nxk.reshape(-1).astype(jnp.float32)
+  return (y_CxD.astype(jnp.float32) * w_C[:, None]).reshape(n, k, -1).sum(1).astype(dtype)
+
+
+def routed_ffn(x_NxD: jax.Array, routing: Routing, w1_ExDxF, w3_ExDxF, w2_ExFxD, block: int,
+               precision: str, capacity_factor: float = CAPACITY_FACTOR,
+               path: str | None = None) -> jax.Array:
+  """Dropless routed-expert SwiGLU on one device, combined with the routing weights: [N, D]."""
+  k = routing.experts_Nxk.shape[1]
+  x_CxD = jnp.repeat(x_NxD, k, axis=0)  # copy c is token c // k
+  y_CxD = expert_rows(x_CxD, routing.experts_Nxk.reshape(-1), w1_ExDxF, w3_ExDxF, w2_ExFxD,
+                      block=block, precision=precision, capacity_factor=capacity_factor,
+                      path=path)
+  return combine(y_CxD, routing.weights_Nxk, x_NxD.dtype)
+
+
+def dense_reference(x_NxD, routing: Routing, w1, w3, w2) -> jax.Array:
+  """Every expert on every token, masked by the routing: an O(E) reference for tests."""
+  h = jax.nn.silu(jnp.einsum("nd,edf->enf", x_NxD, w1)) * jnp.einsum("nd,edf->enf", x_NxD, w3)
+  y_ExNxD = jnp.einsum("enf,efd->end", h, w2)
+  e = w1.shape[0]
+  gate_NxE = jnp.zeros((x_NxD.shape[0], e), jnp.float32).at[
+      jnp.arange(x_NxD.shape[0])[:, None], routing.experts_Nxk].add(routing.weights_Nxk)
+  return jnp.einsum("ne,end->nd", gate_NxE, y_ExNxD).astype(x_NxD.dtype)
