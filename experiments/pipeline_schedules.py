@@ -1,12 +1,12 @@
 r"""Bubble of each pipeline schedule, simulated and measured on emulated devices.
 
-  python -m experiments.pipeline_schedules --devices=8 --outdir=runs/pipeline_schedules
+  python -m experiments.pipeline_schedules   # 8 emulated CPU devices, runs/pipeline_schedules
   python -m experiments.pipeline_schedules --devices=8 --pp=4 --microbatches=8 \
       --schedules=1f1b,dualpipe,zb1p,gpipe --config=configs/dsv3.py:tiny
 
 Runs one pipelined forward+backward of the same DeepSeek-V3 model per schedule with
-per-tick timestamps, prints a table and writes `pipeline_schedules.json` plus simulated
-and measured Gantt PNGs to `--outdir`.
+per-tick timestamps (`benchmarks/pipeline_timeline.py`), prints a table and writes
+`pipeline_schedules.json` plus simulated and measured Gantt PNGs to `--outdir`.
 """
 
 import json
@@ -14,13 +14,12 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/dsv3.py:tiny", "Model config.")
+_CONFIG = common.define_config_file("config", "configs/dsv3.py:tiny", "Model config.")
 _OUTDIR = flags.DEFINE_string("outdir", "runs/pipeline_schedules", "JSON and PNGs go here.")
-_DEVICES = flags.DEFINE_integer("devices", 0, "Emulated CPU devices (0 = leave XLA_FLAGS).")
+_DEVICES = flags.DEFINE_integer("devices", 8, "Emulated CPU devices (0 = leave XLA_FLAGS).")
 _SCHEDULES = flags.DEFINE_list("schedules", ["1f1b", "dualpipe", "zb1p", "gpipe"],
                                "Schedules to compare (schedules.SCHEDULES).")
 _PP = flags.DEFINE_integer("pp", 4, "Pipeline ranks.")
@@ -34,28 +33,20 @@ _GRAN = flags.DEFINE_enum("granularity", "unit", ["unit", "op"], "Executor tick 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_logs()
   common.emulate_cpu_devices(_DEVICES.value)
   import jax  # after XLA_FLAGS
   jax.config.update("jax_threefry_partitionable", True)
+  from benchmarks import pipeline_timeline
   from dsv3_jax import config as config_lib
-  from dsv3_jax.train import pipeline_bench
 
-  cfg = config_lib.from_dict(_CONFIG.value)
-  req = pipeline_bench.Request(tuple(_SCHEDULES.value), _PP.value, _MB.value, _MB_SIZE.value,
-                               _SEQ.value, _REPEATS.value, _GRAN.value)
+  req = pipeline_timeline.Request(tuple(_SCHEDULES.value), _PP.value, _MB.value,
+                                  _MB_SIZE.value, _SEQ.value, _REPEATS.value, _GRAN.value)
   logging.info("devices: %s", jax.devices())
-  results = pipeline_bench.compare(cfg, req, _OUTDIR.value)
-  print(pipeline_bench.table(results))
-  summary = pipeline_bench.summary(results)
-  print(json.dumps(summary, indent=1))
-  os.makedirs(_OUTDIR.value, exist_ok=True)
-  path = os.path.join(_OUTDIR.value, "pipeline_schedules.json")
-  with open(path, "w") as f:
-    json.dump({"request": req.__dict__, "platform": jax.devices()[0].platform,
-               "n_devices": jax.device_count(), "cpu_count": os.cpu_count(),
-               "model": config_lib.to_dict(cfg)["model"], "summary": summary,
-               "results": results}, f, indent=1)
-  print(f"wrote {path}")
+  report = pipeline_timeline.run(config_lib.from_dict(_CONFIG.value), req, _OUTDIR.value)
+  print(pipeline_timeline.table(report["results"]))
+  print(json.dumps(report["summary"], indent=1))
+  common.write_json(os.path.join(_OUTDIR.value, "pipeline_schedules.json"), report)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ buffers (see `stage_vjp`).
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -317,7 +316,6 @@ class Pipeline:
     self.stage_fn, self.mesh, self.pipe_axis = stage_fn, mesh, pipe_axis
     self.batch_axes = tuple(a for a in batch_axes if a in mesh.shape)
     self.plan = make_plan(schedule, granularity)
-    self.stamps: list[tuple[int, int, int, float]] = []
     self.stage_vjp: StageVJP | None = None  # set when traced (residual sizes, for reports)
 
   @property
@@ -329,15 +327,21 @@ class Pipeline:
     return self.plan.source.n_mb
 
   def __call__(self, stage_params, shared_params, stage_consts, shared_consts, batch,
-               act: jax.ShapeDtypeStruct, *, timing: bool = False):
+               act: jax.ShapeDtypeStruct, *, probe: Callable | None = None):
     """Loss, aux and gradients of one pipelined step, summed over micro-batches and
     batch shards: ``(loss, aux, stage_grads, shared_grads)``.
 
     ``stage_params``/``stage_consts`` have a leading axis of ``n_stages`` (one entry
     per chunk); ``batch`` leaves a leading batch axis, split over ``batch_axes``
     and then into ``n_mb`` micro-batches per shard; ``act`` is one local
-    micro-batch's activation.  ``timing=True`` appends ``(rank, tick, 0|1,
-    perf_counter)`` at the start and end of each tick's op to ``self.stamps``.
+    micro-batch's activation.
+
+    ``probe(rank, tick, phase, dep) -> float32 scalar``, when given, is traced at
+    the start (``phase`` 0, ``dep`` the loss carried from the previous tick) and
+    the end (``phase`` 1, ``dep`` the op's loss) of every tick's op, and the op
+    (resp. the tick's loss) is made to depend on its result, which must be 0.
+    It is the executor's one instrumentation point: `benchmarks.pipeline_timeline`
+    records host timestamps there to measure each op.
     """
     plan = self.plan
     idx = plan.slot_stage
@@ -351,7 +355,7 @@ class Pipeline:
     slots_spec, rep = P(None, self.pipe_axis), P()
     batch_spec = P(self.batch_axes) if self.batch_axes else P()
     body = jax.shard_map(
-        lambda *a: self._body(*a, act=act, timing=timing), mesh=self.mesh,
+        lambda *a: self._body(*a, act=act, probe=probe), mesh=self.mesh,
         in_specs=(slots_spec, rep, slots_spec, rep, batch_spec),
         out_specs=(rep, rep, slots_spec, rep), check_vma=False)
     loss, aux, g_slots, g_shared = body(slot_params, shared_params, slot_consts,
@@ -360,7 +364,7 @@ class Pipeline:
     return loss, aux, g_stage, g_shared
 
   # ----------------------------------------------------------------- on one rank
-  def _body(self, slot_p, shared_p, slot_c, shared_c, batch, *, act, timing):
+  def _body(self, slot_p, shared_p, slot_c, shared_c, batch, *, act, probe):
     plan, n_mb = self.plan, self.n_mb
     slot_p = jax.tree.map(lambda a: a[:, 0], slot_p)  # [n_slots, ...]
     slot_c = jax.tree.map(lambda a: a[:, 0], slot_c)
@@ -453,18 +457,18 @@ class Pipeline:
     def tick(c, inp):
       row, t = inp
       kind = row[FI["kind"]]
-      if timing:
-        s0 = self._stamp(rank, t, 0, c["loss"])
-        kind = jnp.where(s0 > 0, 0, kind)  # a data dependence: the op starts after the stamp
+      if probe is not None:
+        s0 = probe(rank, t, 0, c["loss"])
+        kind = jnp.where(s0 != 0, 0, kind)  # a data dependence: the op starts after the probe
       x = c["act"][row[FI["f_act"]]]
       g = c["grad"][row[FI["b_grad"]]]
       r1 = {k: v[row[FI["b_r1"]]] for k, v in c["r1"].items()}
       r2 = {k: v[row[FI["b_r2"]]] for k, v in c["r2"].items()}
       y, loss, aux, r1n, dx, r2n, g_slot, g_shared = jax.lax.switch(
           branch_of[kind], branches, c["g_slot"], c["g_shared"], row, x, g, r1, r2)
-      if timing:
-        s1 = self._stamp(rank, t, 1, loss)
-        loss = jnp.where(s1 > 0, 0.0, loss)
+      if probe is not None:
+        s1 = probe(rank, t, 1, loss)
+        loss = jnp.where(s1 != 0, 0.0, loss)
       c = dict(c, g_slot=g_slot, g_shared=g_shared, loss=c["loss"] + loss,
                aux=jax.tree.map(jnp.add, c["aux"], aux))
       c["r1"] = {k: v.at[row[FI["f_r1w"]]].set(r1n[k]) for k, v in c["r1"].items()}
@@ -490,65 +494,3 @@ class Pipeline:
     g_slot = jax.tree.map(lambda a: a[:, None], jax.vmap(unravel_sp)(g_slot))
     g_shared, loss, aux = jax.lax.psum((c["g_shared"], c["loss"], c["aux"]), all_axes)
     return loss, aux, g_slot, unravel_shp(g_shared)
-
-  # ------------------------------------------------------------------- timing
-  def _stamp(self, rank, tick, phase: int, dep):
-    def record(r, t, d):
-      del d
-      self.stamps.append((int(r), int(t), phase, time.perf_counter()))
-      return np.zeros((), np.float32)
-
-    return jax.pure_callback(record, jax.ShapeDtypeStruct((), jnp.float32), rank, tick, dep)
-
-  def _ticks(self, stamps) -> dict:
-    stamps = self.stamps if stamps is None else stamps
-    at: dict = {}
-    for r, t, phase, s in stamps:
-      at.setdefault((r, t), [None, None])[phase] = s
-    if not at:
-      raise ValueError("no timing stamps: run the pipeline with timing=True first")
-    return at
-
-  def measured_timeline(self, stamps=None, *, merge: bool = True) -> list[list[tuple]]:
-    """Per-rank boxes ``(start, end, kind, mb, direction)`` in seconds from ``stamps``.
-
-    Every executed op is one box from its tick's start stamp to its end stamp.
-    With ``merge``, the unit ops of one generated op (a ``BW`` run as ``B, W``, an
-    ``FB`` run as ``F, B, W``) become one box of the generated kind, from the first
-    start to the last end, so the chart reads like the simulated one; the time
-    between its unit ops (waiting on the other ranks' ticks) is not counted as busy
-    by :func:`busy_time`.
-    """
-    at = self._ticks(stamps)
-    t0 = min(v[0] for v in at.values() if v[0] is not None)
-    rows = []
-    for r, placed in enumerate(self.plan.placed):
-      spans = []
-      for p in placed:
-        start, end = at[(r, p.tick)]
-        src = self.plan.source.ops[r][p.origin]
-        if merge and spans and spans[-1][-1] == p.origin:
-          spans[-1] = (spans[-1][0], end - t0) + spans[-1][2:]
-          continue
-        op = src if merge else p.op
-        pair = op.kind == "FB"
-        spans.append((start - t0, end - t0, op.kind, (op.mb, op.mb2) if pair else op.mb,
-                      (op.direction, op.direction2) if pair else op.direction, p.origin))
-      rows.append([s[:5] for s in spans])
-    return rows
-
-  def busy_time(self, stamps=None) -> list[float]:
-    """Per-rank seconds spent inside ops (the sum of its ticks' op durations)."""
-    at = self._ticks(stamps)
-    return [float(sum(at[(r, p.tick)][1] - at[(r, p.tick)][0] for p in placed))
-            for r, placed in enumerate(self.plan.placed)]
-
-  def busy_by_kind(self, stamps=None) -> dict:
-    """Median measured seconds of each executed op kind (costs for the simulator)."""
-    at = self._ticks(stamps)
-    out: dict[str, list] = {}
-    for r, placed in enumerate(self.plan.placed):
-      for p in placed:
-        a, b = at[(r, p.tick)]
-        out.setdefault(p.op.kind, []).append(b - a)
-    return {k: float(np.median(v)) for k, v in out.items()}

@@ -177,7 +177,7 @@ def _toy_reference(n_stages, n_mb, sp, shp, sc, shc, tokens):
   return jax.value_and_grad(total, argnums=(0, 1))(sp, shp)
 
 
-def _run_toy(name, pp, n_mb, granularity, *, data=1, timing=False):
+def _run_toy(name, pp, n_mb, granularity, *, data=1, probe=None):
   sched = S.SCHEDULES[name](pp, n_mb)
   n_st = sched.n_stages
   devices = np.asarray(jax.devices()[:pp * data]).reshape(data, 1, pp)
@@ -187,7 +187,7 @@ def _run_toy(name, pp, n_mb, granularity, *, data=1, timing=False):
   pipe = P.Pipeline(_toy_stage(n_st, 1.0 / (n_mb * data)), sched, mesh,
                     batch_axes=("data", "expert"), granularity=granularity)
   act = jax.ShapeDtypeStruct((mb, L, D), jnp.float32)
-  run = jax.jit(functools.partial(pipe, act=act, timing=timing))
+  run = jax.jit(functools.partial(pipe, act=act, probe=probe))
   loss, aux, g_stage, g_shared = run(sp, shp, sc, shc, tokens)
   ref_loss, (ref_gs, ref_gsh) = _toy_reference(n_st, n_mb * data, sp, shp, sc, shc, tokens)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
@@ -219,8 +219,10 @@ def test_toy_pipeline_with_data_parallel_axis():
 
 
 def test_measured_timeline_has_every_op_once():
-  pipe = _run_toy("dualpipe", 2, 4, "unit", timing=True)
-  rows = pipe.measured_timeline()
+  from benchmarks import pipeline_timeline as PT
+  clock = PT.TickClock()
+  pipe = _run_toy("dualpipe", 2, 4, "unit", probe=clock)
+  rows = PT.measured_timeline(pipe.plan, clock.stamps)
   sched = pipe.plan.source
   assert [len(r) for r in rows] == [len(ops) for ops in sched.ops]
   for r, row in enumerate(rows):
@@ -229,7 +231,7 @@ def test_measured_timeline_has_every_op_once():
     assert starts == sorted(starts) and all(s[1] >= s[0] for s in row)
   stats = timeline_stats(rows)
   assert stats["makespan"] > 0 and all(b >= 0 for b in stats["bubble"])
-  assert set(pipe.busy_by_kind()) == {"F", "B", "W"}
+  assert set(PT.busy_by_kind(pipe.plan, clock.stamps)) == {"F", "B", "W"}
 
 
 # ------------------------------------------------------------- DeepSeek-V3, slow

@@ -1,15 +1,16 @@
-"""Pipeline bubbles, simulated and measured: the library behind `experiments/pipeline_schedules`.
+"""Pipeline bubbles, simulated and measured: the harness behind `experiments/pipeline_schedules`.
 
 For each schedule the same DeepSeek-V3 model (``2 * pp`` MoE layers, so that 1F1B,
 DualPipe and DualPipeV cut it into equal stages) runs one pipelined forward+backward on a
-``pipe`` mesh with per-tick timestamps (`Pipeline(timing=True)`); the measured timeline
-is compared with the simulator's, under unit costs (``F = B = W = 1``) and under the
-measured median cost of each op kind.
+``pipe`` mesh with per-tick timestamps (a `TickClock` passed as the executor's ``probe``);
+the measured timeline is compared with the simulator's, under unit costs (``F = B = W = 1``)
+and under the measured median cost of each op kind.
 
-Bubble, as in DeepSeek-V3's Table 2 and `schedules.simulate`: per rank, the time inside
-the makespan that the rank does not spend in ops; the largest over ranks is reported, and
-also divided by the makespan (comparable across units).  Measured busy time counts only
-the ops themselves; waiting for the tick's `ppermute` and for slower ranks is bubble.
+Bubble, as in DeepSeek-V3's Table 2 (arXiv 2412.19437, §3.2.1) and `schedules.simulate`:
+per rank, the time inside the makespan that the rank does not spend in ops; the largest over
+ranks is reported, and also divided by the makespan (comparable across units).  Measured busy
+time counts only the ops themselves; waiting for the tick's `ppermute` and for slower ranks is
+bubble.  The Gantt PNGs need matplotlib (the `plots` extra).
 """
 
 from __future__ import annotations
@@ -20,13 +21,89 @@ import time
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from dsv3_jax import config as config_lib
 from dsv3_jax.parallel import mesh as mesh_lib
 from dsv3_jax.parallel import schedules as S
-from dsv3_jax.parallel.pipeline import UNIT_COSTS
+from dsv3_jax.parallel.pipeline import UNIT_COSTS, Plan
 from dsv3_jax.parallel.timeline import plot_timeline
 from dsv3_jax.train.pipeline_step import PipelineTrainer, make_schedule
+
+
+class TickClock:
+  """A `Pipeline` probe that records ``(rank, tick, 0|1, perf_counter)`` at the start and end
+  of every tick's op into ``stamps`` (a host callback; the ops wait for it)."""
+
+  def __init__(self):
+    self.stamps: list[tuple[int, int, int, float]] = []
+
+  def __call__(self, rank, tick, phase: int, dep):
+    def record(r, t, d):
+      del d
+      self.stamps.append((int(r), int(t), phase, time.perf_counter()))
+      return np.zeros((), np.float32)
+
+    return jax.pure_callback(record, jax.ShapeDtypeStruct((), jnp.float32), rank, tick, dep)
+
+  def clear(self):
+    self.stamps.clear()
+
+
+def _ticks(stamps) -> dict:
+  at: dict = {}
+  for r, t, phase, s in stamps:
+    at.setdefault((r, t), [None, None])[phase] = s
+  if not at:
+    raise ValueError("no timing stamps: run the pipeline with probe=TickClock() first")
+  return at
+
+
+def measured_timeline(plan: Plan, stamps, *, merge: bool = True) -> list[list[tuple]]:
+  """Per-rank boxes ``(start, end, kind, mb, direction)`` in seconds from ``stamps``.
+
+  Every executed op of ``plan`` (a `Pipeline.plan`) is one box from its tick's start stamp to
+  its end stamp.  With ``merge``, the unit ops of one generated op (a ``BW`` run as ``B, W``,
+  an ``FB`` run as ``F, B, W``) become one box of the generated kind, from the first start to
+  the last end, so the chart reads like the simulated one; the time between its unit ops
+  (waiting on the other ranks' ticks) is not counted as busy by :func:`busy_time`.
+  """
+  at = _ticks(stamps)
+  t0 = min(v[0] for v in at.values() if v[0] is not None)
+  rows = []
+  for r, placed in enumerate(plan.placed):
+    spans = []
+    for p in placed:
+      start, end = at[(r, p.tick)]
+      src = plan.source.ops[r][p.origin]
+      if merge and spans and spans[-1][-1] == p.origin:
+        spans[-1] = (spans[-1][0], end - t0) + spans[-1][2:]
+        continue
+      op = src if merge else p.op
+      pair = op.kind == "FB"
+      spans.append((start - t0, end - t0, op.kind, (op.mb, op.mb2) if pair else op.mb,
+                    (op.direction, op.direction2) if pair else op.direction, p.origin))
+    rows.append([s[:5] for s in spans])
+  return rows
+
+
+def busy_time(plan: Plan, stamps) -> list[float]:
+  """Per-rank seconds spent inside ops (the sum of its ticks' op durations)."""
+  at = _ticks(stamps)
+  return [float(sum(at[(r, p.tick)][1] - at[(r, p.tick)][0] for p in placed))
+          for r, placed in enumerate(plan.placed)]
+
+
+def busy_by_kind(plan: Plan, stamps) -> dict:
+  """Median measured seconds of each executed op kind (costs for the simulator)."""
+  at = _ticks(stamps)
+  out: dict[str, list] = {}
+  for r, placed in enumerate(plan.placed):
+    for p in placed:
+      a, b = at[(r, p.tick)]
+      out.setdefault(p.op.kind, []).append(b - a)
+  return {k: float(np.median(v)) for k, v in out.items()}
 
 
 def bench_config(cfg: config_lib.Config, pp: int, n_mb: int, mb_size: int,
@@ -57,6 +134,17 @@ def lockstep_makespan(trainer: PipelineTrainer, cost: dict) -> float:
   return total
 
 
+def pipeline_devices(pp: int) -> list[jax.Device]:
+  """The default devices, or the host's (emulated) CPU devices when there are fewer than ``pp``
+  accelerators and enough CPU devices."""
+  devices = jax.devices()
+  if len(devices) < pp and devices[0].platform != "cpu":
+    cpus = jax.devices("cpu")
+    if len(cpus) >= pp:
+      return cpus
+  return devices
+
+
 def measure(cfg: config_lib.Config, name: str, *, repeats: int = 3,
             granularity: str = "unit", devices: Sequence[jax.Device] | None = None,
             outdir: str | None = None, seed: int = 0) -> dict:
@@ -67,7 +155,7 @@ def measure(cfg: config_lib.Config, name: str, *, repeats: int = 3,
   written there.
   """
   pp, n_mb = cfg.parallel.pipe, cfg.parallel.microbatches
-  devices = list(jax.devices() if devices is None else devices)[:pp]
+  devices = list(pipeline_devices(pp) if devices is None else devices)[:pp]
   mesh = mesh_lib.make_mesh(cfg.parallel, devices)
   trainer = PipelineTrainer(cfg, mesh, schedule_name=name, granularity=granularity)
   pipe = trainer.pipeline
@@ -76,21 +164,22 @@ def measure(cfg: config_lib.Config, name: str, *, repeats: int = 3,
                                                      cfg.train.seq_len + 1), 0,
                               cfg.model.vocab_size)
   # Everything is returned: unused gradients would let XLA drop every backward op.
-  step = jax.jit(lambda p, b, t: trainer.loss_and_grads(p, b, t, timing=True))
+  clock = TickClock()
+  step = jax.jit(lambda p, b, t: trainer.loss_and_grads(p, b, t, probe=clock))
   t0 = time.perf_counter()
   jax.block_until_ready(step(state.params, state.biases, tokens))
   compile_s = time.perf_counter() - t0
   runs = []
   for _ in range(repeats):
-    pipe.stamps.clear()
+    clock.clear()
     jax.block_until_ready(step(state.params, state.biases, tokens))
-    stamps = list(pipe.stamps)
-    rows = pipe.measured_timeline(stamps)
-    busy = pipe.busy_time(stamps)
+    stamps = list(clock.stamps)
+    rows = measured_timeline(pipe.plan, stamps)
+    busy = busy_time(pipe.plan, stamps)
     makespan = max(s[1] for row in rows for s in row) - min(s[0] for row in rows for s in row)
     bubble = [makespan - b for b in busy]
     runs.append(dict(stamps=stamps, rows=rows, makespan=makespan, busy=busy, bubble=bubble,
-                     cost=pipe.busy_by_kind(stamps)))
+                     cost=busy_by_kind(pipe.plan, stamps)))
   runs.sort(key=lambda r: r["makespan"])
   best = runs[len(runs) // 2]
   cost = best["cost"]
@@ -162,6 +251,17 @@ def compare(cfg: config_lib.Config, req: Request, outdir: str | None = None) -> 
           for name in req.schedules]
 
 
+def run(cfg: config_lib.Config, req: Request, outdir: str | None = None) -> dict:
+  """`compare`, as the JSON report `experiments/pipeline_schedules.py` writes: the request,
+  the platform, the model, `summary` and every schedule's result."""
+  results = compare(cfg, req, outdir)
+  devices = pipeline_devices(req.pp)
+  return {"request": req.__dict__, "platform": devices[0].platform,
+          "n_devices": len(devices), "cpu_count": os.cpu_count(),
+          "model": config_lib.to_dict(cfg)["model"], "summary": summary(results),
+          "results": results}
+
+
 def summary(results: Sequence[dict]) -> dict:
   """DualPipe against 1F1B, simulated and measured (when both ran)."""
   by = {r["schedule"]: r for r in results}
@@ -177,4 +277,6 @@ def summary(results: Sequence[dict]) -> dict:
                                      / b["simulated_unit_costs"]["bubble"])}
 
 
-__all__ = ["Request", "bench_config", "compare", "measure", "simulated", "summary", "table"]
+__all__ = ["Request", "TickClock", "bench_config", "busy_by_kind", "busy_time", "compare",
+           "measure", "measured_timeline", "pipeline_devices", "run", "simulated", "summary",
+           "table"]
