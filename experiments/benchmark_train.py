@@ -7,12 +7,11 @@ In one process: this machine's f32 matmul peak (a large jitted matmul), this cod
 step (forward + backward + AdamW with BF16 moments) with a forward-only and a
 forward+backward timing to show where the time goes, and — when torch and transformers are
 installed — HF's DeepseekV3ForCausalLM on the same config doing forward + backward +
-torch.optim.AdamW with torch threads = cores. Prints a table, writes JSON.
+torch.optim.AdamW with torch threads = cores. `benchmarks/train_step.py` is the body.
+Prints a table, writes JSON.
 """
 
-import os
 import sys
-import time
 
 from absl import app, flags
 
@@ -26,141 +25,14 @@ _PEER = flags.DEFINE_bool("peer", True, "Also time HF transformers (needs the `h
 _OUT = flags.DEFINE_string("out", "runs/benchmark_train.json", "JSON output.")
 
 
-def _time(fn, steps):
-  fn()  # warm-up / compile
-  t = time.perf_counter()
-  for _ in range(steps):
-    fn()
-  return (time.perf_counter() - t) / steps
-
-
-def matmul_peak(n=2048, reps=10) -> float:
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  sec = _time(lambda: f(a).block_until_ready(), reps)
-  return 2 * n ** 3 / sec
-
-
-def bench_ours(model_cfg, train_overrides, batch, seq_len, steps):
-  import jax
-  import numpy as np
-  from flax import nnx
-
-  from configs import dsv3
-  from dsv3_jax import config as config_lib
-  from dsv3_jax.config import ParallelConfig
-  from dsv3_jax.parallel import mesh as mesh_lib
-  from dsv3_jax.train.loss import model_losses
-  from dsv3_jax.counts import flops_per_token
-  from dsv3_jax.train.step import Trainer
-
-  cd = dsv3.get_config(model_cfg)
-  cd.train.global_batch, cd.train.seq_len = batch, seq_len
-  cd.parallel.data = cd.parallel.expert = cd.parallel.pipe = 1
-  cd.train.update(train_overrides)
-  cfg = config_lib.from_dict(cd)
-  mesh = mesh_lib.make_mesh(ParallelConfig(data=1, expert=1, pipe=1), jax.devices()[:1])
-  trainer = Trainer(cfg, mesh)
-  state = trainer.init()
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, cfg.model.vocab_size, (batch, seq_len + 1)).astype(np.int32)
-  batch_arr = {"tokens": jax.device_put(tokens, trainer.batch_sharding)}
-
-  def loss(params):
-    return model_losses(trainer.merge(params, state.biases), batch_arr["tokens"], cfg.train)[0]
-
-  fwd = jax.jit(loss)
-  fwd_bwd = jax.jit(jax.value_and_grad(loss))
-  t_fwd = _time(lambda: jax.block_until_ready(fwd(state.params)), steps)
-  t_fwd_bwd = _time(lambda: jax.block_until_ready(fwd_bwd(state.params)), steps)
-
-  holder = {"state": state}
-
-  def step():
-    holder["state"], metrics = trainer.train_step(holder["state"], batch_arr)
-    jax.block_until_ready(metrics["loss"])
-
-  t_step = _time(step, steps)
-  del nnx
-  return {"step_s": t_step, "forward_s": t_fwd, "forward_backward_s": t_fwd_bwd,
-          "tokens_per_s": batch * seq_len / t_step,
-          "flops_per_token": flops_per_token(cfg.model, seq_len),
-          "model_cfg": cfg.model}
-
-
-def bench_hf(model_cfg, batch, seq_len, steps):
-  import numpy as np
-  import torch
-  import transformers
-
-  from dsv3_jax.checkpoint.hf_config import to_hf_config
-
-  torch.set_num_threads(os.cpu_count() or 1)
-  hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in to_hf_config(model_cfg).items()
-                                           if k not in ("architectures", "model_type",
-                                                        "torch_dtype")})
-  torch.manual_seed(0)
-  model = transformers.DeepseekV3ForCausalLM(hf_cfg).float().train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-  rng = np.random.default_rng(0)
-  ids = torch.tensor(rng.integers(0, model_cfg.vocab_size, (batch, seq_len + 1)))
-
-  def step():
-    opt.zero_grad(set_to_none=True)
-    out = model(input_ids=ids[:, :-1], labels=ids[:, 1:].clone())
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-
-  t = _time(step, steps)
-  return {"step_s": t, "tokens_per_s": batch * seq_len / t, "torch": torch.__version__,
-          "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-          "experts_implementation": getattr(hf_cfg, "experts_implementation", None)}
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  batch, seq_len, steps = _BATCH.value, _SEQ.value, _STEPS.value
-  peak = matmul_peak()
-  ours = bench_ours(_CONFIG.value, {}, batch, seq_len, steps)
-  model_cfg = ours.pop("model_cfg")
-  ours["model_flops_per_s"] = ours["tokens_per_s"] * ours["flops_per_token"]
-  ours["fraction_of_peak"] = ours["model_flops_per_s"] / peak
-  result = {"config": _CONFIG.value, "batch": batch, "seq_len": seq_len, "steps": steps,
-            "cpu_count": os.cpu_count(), "matmul_peak_flops_per_s": peak, "dsv3_jax": ours}
-  import jax
-  result["device"] = jax.devices()[0].device_kind
-  if _PEER.value:
-    try:
-      hf = bench_hf(model_cfg, batch, seq_len, steps)
-    except ImportError as e:
-      hf = {"skipped": f"install the `hf` extra ({e})"}
-    result["hf_transformers"] = hf
-    if "tokens_per_s" in hf:
-      result["speedup_vs_hf"] = ours["tokens_per_s"] / hf["tokens_per_s"]
+  common.quiet_logs()
+  from benchmarks import train_step
 
-  rows = [("matmul peak (f32)", f"{peak / 1e9:.1f} GFLOP/s"),
-          ("dsv3_jax train step", f"{ours['tokens_per_s']:.0f} tok/s ({ours['step_s']:.3f} s)"),
-          ("  forward only", f"{ours['forward_s']:.3f} s"),
-          ("  forward + backward", f"{ours['forward_backward_s']:.3f} s"),
-          ("  model FLOPs/s", f"{ours['model_flops_per_s'] / 1e9:.1f} GFLOP/s "
-                              f"({100 * ours['fraction_of_peak']:.0f}% of peak)")]
-  hf = result.get("hf_transformers", {})
-  if "tokens_per_s" in hf:
-    rows += [("HF transformers train step", f"{hf['tokens_per_s']:.0f} tok/s "
-                                            f"({hf['step_s']:.3f} s)"),
-             ("speed-up vs HF", f"{result['speedup_vs_hf']:.2f}x")]
-  elif hf:
-    rows.append(("HF transformers", hf["skipped"]))
-  width = max(len(r[0]) for r in rows)
-  import jax
-  print(f"bench train step, batch {batch} x {seq_len}, one {jax.devices()[0].device_kind} "
-        f"device, {os.cpu_count()} CPU cores")
-  for name, value in rows:
-    print(f"  {name:<{width}}  {value}")
+  result = train_step.run(_CONFIG.value, _BATCH.value, _SEQ.value, _STEPS.value, _PEER.value)
+  print(train_step.report(result))
   common.write_json(_OUT.value, result)
 
 
