@@ -169,6 +169,29 @@ class TrainConfig:
   eval_batches: int = 4  # held-out batches per evaluation
   checkpoint_every: int = 50  # steps between checkpoints
   keep_checkpoints: int = 3  # newest checkpoints kept on disk
+  # Restart options past a non-finite step (the loop's error names the step and them), each
+  # applied once (the checkpoints after record it), so a later restart may keep the flags:
+  # skip_batches "a-b,c" drops the batches steps a..b and c would train on (they train on the
+  # following ones; the steps must come after the resumed one); resume_step N rolls back to
+  # checkpoint step N (0 = the newest one that restores; later steps are set aside).
+  skip_batches: str = ""
+  lr_scale: float = 1.0  # multiplies the whole learning-rate schedule (e.g. 0.5)
+  resume_step: int = 0
+
+  def skip_windows(self) -> tuple[tuple[int, int], ...]:
+    """`skip_batches` as sorted inclusive (first, last) step windows; raises if malformed."""
+    windows = []
+    for part in filter(None, (p.strip() for p in self.skip_batches.split(","))):
+      first, dash, last = (x.strip() for x in part.partition("-"))
+      last = last if dash else first
+      ok = first.isdigit() and last.isdigit() and 0 < int(first) <= int(last)
+      _require(ok, "train.skip_batches", "must be comma-separated steps or inclusive step "
+               "windows 'a-b' with 0 < a <= b, e.g. '120' or '120-140,300'", self.skip_batches)
+      windows.append((int(first), int(last)))
+    windows.sort()
+    for (_, b), (c, _) in zip(windows, windows[1:]):
+      _require(c > b, "train.skip_batches", "windows must not overlap", self.skip_batches)
+    return tuple(windows)
 
   def validate(self) -> "TrainConfig":
     for name in ("steps", "global_batch", "seq_len", "log_every", "eval_every",
@@ -189,6 +212,12 @@ class TrainConfig:
     _require(self.grad_clip > 0, "train.grad_clip", "must be positive", self.grad_clip)
     _require(self.moment_dtype in DTYPES, "train.moment_dtype", f"must be one of {DTYPES}",
              self.moment_dtype)
+    _require(self.lr_scale > 0, "train.lr_scale", "must be positive", self.lr_scale)
+    _require(isinstance(self.resume_step, int) and self.resume_step >= 0, "train.resume_step",
+             "must be a step number >= 0 (0 = the newest checkpoint)", self.resume_step)
+    _require(isinstance(self.skip_batches, str), "train.skip_batches",
+             "must be a string such as '120-140'", self.skip_batches)
+    self.skip_windows()
     return self
 
 

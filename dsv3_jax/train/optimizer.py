@@ -1,4 +1,4 @@
-"""AdamW with low-precision moments over float32 master weights (REFERENCE §5, §7).
+"""AdamW with low-precision moments over float32 master weights (arXiv 2412.19437, §3.3, §4.2).
 
 DeepSeek-V3 keeps both AdamW moments in BF16 and the master weights in FP32. optax's
 `scale_by_adam` only lowers the first moment's dtype, so the Adam scaling here stores both
@@ -44,16 +44,33 @@ def scale_by_adam_lowp(b1: float, b2: float, eps: float = 1e-8,
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
-  """Linear warmup from 0 to the peak, then cosine decay to peak * min_lr_ratio."""
+  """Linear warmup from 0 to the peak, then cosine decay to peak * min_lr_ratio (§4.2), all
+  times `lr_scale` (a restart option past a non-finite step)."""
+  peak = cfg.learning_rate * cfg.lr_scale
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-      decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
-      end_value=cfg.learning_rate * cfg.min_lr_ratio)
+      init_value=0.0, peak_value=peak, warmup_steps=cfg.warmup_steps,
+      decay_steps=max(cfg.steps, cfg.warmup_steps + 1), end_value=peak * cfg.min_lr_ratio)
+
+
+# Parameter leaves that are not weight matrices, whatever their rank: RMSNorm scales (one
+# vector per layer, [n_layers, D] in the stacked layers) and biases.
+NO_DECAY_NAMES = ("scale", "bias")
+
+
+def _leaf_name(path) -> str:
+  key = path[-1]
+  return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+
+
+def decays(path, p) -> bool:
+  """Whether weight decay applies to the parameter at `path` (a pytree key path): weight
+  matrices only (embedding, head, kernels, router gates, expert weights), never norm scales
+  or biases, stacked or not."""
+  return _leaf_name(path) not in NO_DECAY_NAMES and p.ndim >= 2
 
 
 def _decay_mask(params):
-  """Weight decay on matrices only, not on norm scales."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
