@@ -116,17 +116,18 @@ class Checkpointer:
         failures.append((step, e))
         continue
       if failures:
-        self._set_aside([s for s, _ in failures])
+        self.set_aside([s for s, _ in failures], "corrupt", "unrestorable")
       return step, state, meta
     if failures:
       detail = "; ".join(f"step {s}: {e}" for s, e in failures)
       raise ValueError(f"no checkpoint in {self.directory} restores (steps {steps}): {detail}")
     return None
 
-  def _set_aside(self, steps: list[int]):
-    """Moves broken steps out of the checkpoint directory, so their numbers can be saved again
-    (orbax skips a save at or before the latest step it lists) and they can be inspected."""
-    aside = self.directory + ".corrupt"
+  def set_aside(self, steps: list[int], suffix: str, why: str):
+    """Moves steps out of the checkpoint directory into `<directory>.<suffix>/`, so their
+    numbers can be saved again (orbax skips a save at or before the latest step it lists) and
+    they stay there to inspect. `why` is for the log line."""
+    aside = f"{self.directory}.{suffix}"
     if jax.process_index() == 0:
       os.makedirs(aside, exist_ok=True)
       for step in steps:
@@ -134,8 +135,8 @@ class Checkpointer:
         if os.path.exists(dest):
           dest += f"-{int(time.time())}"
         shutil.move(os.path.join(self.directory, str(step)), dest)
-        logging.warning("moved unrestorable checkpoint step %d of %s to %s", step,
-                        self.directory, dest)
+        logging.warning("moved %s checkpoint step %d of %s to %s", why, step, self.directory,
+                        dest)
     _sync("dsv3_set_aside_checkpoints")
     self.manager.reload()
 
@@ -243,8 +244,8 @@ def load_model_state(path: str, step: Optional[int] = None, *, shardings=None):
 
   `shardings` places the arrays: None (the first device), one `Sharding` for every array, or
   a {"params", "biases"} tree of Shardings or any prefix of it (e.g. the training
-  placements, `Trainer.state_sharding.params` / `.biases`). Raises FileNotFoundError / ValueError naming what
-  is missing or broken.
+  placements, `Trainer.state_sharding.params` / `.biases`). Raises FileNotFoundError /
+  ValueError naming what is missing or broken.
   """
   cfg, state, step, _ = _load(path, step, shardings)
   return cfg, state, step

@@ -2,9 +2,17 @@
 
 Data -> sharded state -> jitted steps with periodic metrics, held-out evaluation and
 asynchronous checkpoints. A workdir that already holds a checkpoint is resumed: the state,
-the router biases and the data iterator continue exactly where they stopped. A non-finite
-loss stops the run with `FloatingPointError` before anything is saved, so the last good
-checkpoint is never overwritten.
+the router biases and the data iterator continue exactly where they stopped, from the newest
+step that restores (a truncated or corrupted one is set aside with a warning), after
+temporary directories of saves that never finished are removed; metric records past the
+resumed step (written by a run that died before its next checkpoint) are dropped, so
+`metrics.jsonl` reads as one run.
+
+A non-finite loss stops the run with `FloatingPointError` naming the step, before anything
+is saved, so the last good checkpoint is never overwritten. Rerunning with the config field
+`train.skip_batches` (that step's batch is dropped) or `train.lr_scale` (a lower learning
+rate), with `train.resume_step` to roll back further, gets past it. (DeepSeek-V3's own run
+had no irrecoverable loss spike and no rollback, arXiv 2412.19437 §1; smaller runs may.)
 """
 
 import dataclasses
@@ -61,11 +69,97 @@ def _record_non_finite(first_bad, finite, step):
   return jnp.where((first_bad == 0) & ~finite, step, first_bad)
 
 
-def _raise_if_non_finite(first_bad):
+def _raise_if_non_finite(first_bad, last_saved: Optional[int], ckpt: Checkpointer):
   bad = int(first_bad)
-  if bad:
-    raise FloatingPointError(f"loss is non-finite or the weights overflowed at step {bad}; "
-                             "stopping without saving (the last good checkpoint is kept)")
+  if not bad:
+    return
+  if last_saved is None:
+    raise FloatingPointError(
+        f"loss is non-finite or the weights overflowed at step {bad}, before any checkpoint "
+        f"was saved in {ckpt.directory}; stopping. A rerun starts from step 0: lower the "
+        "learning rate (train.lr_scale=0.5, --config.train.lr_scale=0.5) or skip the batch "
+        f"(train.skip_batches=\"{bad}\", --config.train.skip_batches={bad})")
+  raise FloatingPointError(
+      f"loss is non-finite or the weights overflowed at step {bad}; stopping without saving "
+      f"(the last good checkpoint, step {last_saved} in {ckpt.directory}, is kept and a rerun "
+      f"in the same workdir resumes from it). To get past step {bad}, rerun with "
+      f"train.skip_batches=\"{bad}\" (--config.train.skip_batches={bad}: steps from {bad} on "
+      f"train on later batches; a window \"{bad}-{bad + 9}\" drops more) or with a lower "
+      "learning rate, train.lr_scale=0.5 (--config.train.lr_scale=0.5); if the weights of "
+      f"step {last_saved} are already off, also roll back with train.resume_step=<step> "
+      f"(--config.train.resume_step=<step>; checkpoints: {ckpt.all_steps()})")
+
+
+def _resume(ckpt: Checkpointer, trainer, data_iter, tcfg: config_lib.TrainConfig):
+  """(state, start step, meta) of the run to continue: the newest checkpoint step that
+  restores, or `train.resume_step` when set and not applied before (later steps are moved to
+  `checkpoints.rolled_back/`); a fresh state at step 0 and None without a checkpoint."""
+  ckpt.remove_orphaned_tmp()  # saves a killed run left unfinished
+  target = trainer.abstract_state()
+  resumed = ckpt.restore_latest(target, data_iter)
+  want = tcfg.resume_step
+  if resumed is None:
+    if want:
+      raise ValueError(f"invalid config field `train.resume_step` = {want}: {ckpt.directory} "
+                       "holds no checkpoint")
+    return trainer.init(), 0, None
+  step, state, meta = resumed
+  rolled = list(meta.get("rolled_back_to", []))
+  if want and want not in rolled:
+    if want != step:
+      steps = ckpt.all_steps()
+      if want not in steps:
+        raise ValueError(f"invalid config field `train.resume_step` = {want}: no such "
+                         f"checkpoint in {ckpt.directory} (steps {steps})")
+      del state
+      state, meta = ckpt.restore(want, target, data_iter)
+      ckpt.set_aside([s for s in steps if s > want], "rolled_back", "rolled-back")
+      logging.warning("train.resume_step: rolled back from step %d to checkpoint step %d",
+                      step, want)
+      step, rolled = want, list(meta.get("rolled_back_to", []))
+    meta = dict(meta, rolled_back_to=rolled + [want])
+  return state, step, meta
+
+
+def _skip_batches(windows, applied: list, start_step: int) -> dict:
+  """{first step: batches to drop before it} of the `train.skip_batches` windows still to
+  apply. A window applied before (recorded in the checkpoint's meta) is not applied again;
+  one that starts at or before the resumed step and was never applied cannot be."""
+  todo = {}
+  for first, last in windows:
+    if [first, last] in applied:
+      continue
+    if first <= start_step:
+      raise ValueError(f"invalid config field `train.skip_batches` window {first}-{last}: the "
+                       f"run resumes after step {start_step}, so the batches of steps from "
+                       f"{first} on were consumed already; choose steps after {start_step}")
+    todo[first] = (last, last - first + 1)
+  return todo
+
+
+def _drop_metrics_after(workdir: str, step: int) -> int:
+  """Removes `metrics.jsonl` records past `step` (and a partly written last line): they come
+  from a run that stopped before checkpointing them; the resumed run writes them again."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if record.get("step", 0) <= step:
+      keep.append(json.dumps(record) + "\n")
+  if len(keep) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)
+    logging.info("dropped %d metric records past step %d from %s", len(lines) - len(keep),
+                 step, path)
+  return len(lines) - len(keep)
 
 
 def evaluate(trainer: Trainer, state, batches, sharding) -> float:
@@ -113,18 +207,23 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
     logging.info(line)
     print(line, flush=True)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
+  try:
+    state, start_step, meta = _resume(ckpt, trainer, data_iter, tcfg)
+    applied = list((meta or {}).get("skipped_batches", []))
+    to_skip = _skip_batches(tcfg.skip_windows(), applied, start_step)
+  except BaseException:
+    ckpt.close()
+    raise
+  last_saved = None if meta is None else start_step
+  if meta is not None:
+    logging.info("resumed from step %d", start_step)
+  if is_main:
+    _drop_metrics_after(workdir, start_step)
   writer = MetricWriter(workdir, enabled=is_main)
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config_lib.to_dict(cfg), f, indent=1)
     writer.write_hparams(config_lib.to_dict(cfg))
-
-  start_step = ckpt.latest_step()
-  if start_step is not None:
-    state, _ = ckpt.restore(start_step, trainer.abstract_state(), data_iter)
-    logging.info("resumed from step %d", start_step)
-  else:
-    state, start_step = trainer.init(), 0
 
   end_step = tcfg.steps if max_steps is None else min(tcfg.steps, start_step + max_steps)
   tokens_per_step = tcfg.global_batch * tcfg.seq_len
@@ -140,6 +239,13 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
   first_bad = jnp.zeros((), jnp.int32)  # 0 = every step so far finite
   try:
     while step < end_step:
+      if step + 1 in to_skip:
+        last, n = to_skip.pop(step + 1)
+        logging.warning("train.skip_batches: dropping the %d batch(es) of steps %d-%d; they "
+                        "train on the batches after", n, step + 1, last)
+        for _ in range(n):
+          next(data_iter)
+        applied.append([step + 1, last])
       batch = _to_global(next(data_iter), trainer.batch_sharding)
       state, metrics = trainer.train_step(state, batch)
       step += 1
@@ -152,7 +258,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
         bar.update(1)
       syncs = [tcfg.log_every, tcfg.eval_every, tcfg.checkpoint_every]
       if step == end_step or any(step % n == 0 for n in syncs):
-        _raise_if_non_finite(first_bad)
+        _raise_if_non_finite(first_bad, last_saved, ckpt)
       if step % tcfg.log_every == 0 or step == end_step:
         if bar is not None:
           bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
@@ -168,7 +274,11 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
         writer.write(step, {"heldout_loss": eval_loss})
         eval_history.append({"step": step, "heldout_loss": eval_loss})
       if step % tcfg.checkpoint_every == 0 or step == end_step:
-        ckpt.save(step, state, data_iter, {"step": step, "config": config_lib.to_dict(cfg)})
+        ckpt.save(step, state, data_iter, {
+            "step": step, "config": config_lib.to_dict(cfg),
+            "skipped_batches": [list(w) for w in applied],
+            "rolled_back_to": list((meta or {}).get("rolled_back_to", []))})
+        last_saved = step
   finally:
     if bar is not None:
       bar.close()
