@@ -11,5 +11,6 @@ import these modules too. Nothing in `dsv3_jax/` imports this package.
   train_step         the train step's throughput against HF transformers
   decode             prefill and decode throughput against HF transformers, vs memory bandwidth
   eplb               redundant-expert placement: max / mean load per GPU (§3.4.1)
+  serving            a request trace through the serving engine vs HF transformers (§3.4)
   plotting           the lazy matplotlib import shared by the plotting code
 """
