@@ -20,9 +20,8 @@ def emulate_cpu_devices(n: int) -> None:
 def quiet_logs() -> None:
   """Keeps library INFO logs (orbax, absl, jax) below WARNING unless `--verbosity` asks.
 
-  Every binary calls this first thing in `main` (after absl parsed the flags), so a run shows
-  its progress bar, metrics and results only. `--verbosity=0` restores INFO (and `-v=1`
-  DEBUG); `--logger_levels=orbax:INFO` raises single loggers.
+  Every binary calls this first in `main`, so a run shows its progress bar, metrics and results
+  only. `--verbosity=0` restores INFO; `--logger_levels=orbax:INFO` raises single loggers.
   """
   from absl import flags
   from absl import logging as absl_logging
@@ -34,6 +33,20 @@ def quiet_logs() -> None:
   for name in NOISY_LOGGERS:
     if name not in chosen:
       logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def check_mesh_fits(parallel, n_devices: int) -> None:
+  """A usage error, not a traceback, when the config's data x expert x pipe mesh does not fit
+  the devices (e.g. `small`'s 2 x 4 mesh on a plain 1-device CPU)."""
+  from absl import app
+
+  from dsv3_jax.parallel import mesh as mesh_lib
+
+  try:
+    mesh_lib.mesh_shape(parallel, n_devices)
+  except ValueError as e:
+    raise app.UsageError(f"{e}: pass --devices=N to emulate N CPU devices, or change "
+                         "--config.parallel.data / expert / pipe") from e
 
 
 def _flag_value(name: str, argv) -> str | None:
@@ -70,8 +83,7 @@ def _check_overrides(name: str, load_config) -> None:
 def define_config_file(name: str, default: str, help_string: str):
   """`config_flags.DEFINE_config_file`, with overrides of missing fields reported clearly.
 
-  The check runs when the flag is defined, because ml_collections applies the overrides to
-  the default config right then when `--name` itself is not given.
+  The check runs here: ml_collections applies overrides to the default config at definition.
   """
   import importlib.util
 

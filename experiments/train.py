@@ -48,6 +48,7 @@ def main(argv):
                              init_timeout_s=_INIT_TIMEOUT.value,
                              heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value)
   distributed.initialize(spec)  # before anything touches a device
+  common.check_mesh_fits(_CONFIG.value.parallel, jax.device_count())
   if spec is not None and _STEP_TIMEOUT.value > 0:
     distributed.start_watchdog(_STEP_TIMEOUT.value)
   logging.info("process %d of %d", jax.process_index(), jax.process_count())
