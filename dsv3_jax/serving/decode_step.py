@@ -136,23 +136,31 @@ class DecodeProgram:
     key_prefill, key_decode = jax.random.split(jax.random.key(seed))
     first = sample_rows(self._limit(last_1xV), key_prefill[None], temperature[None],
                         top_k[None], top_p[None])[0]
-    return first, out.cache, key_decode
+    return first, key_decode, out.cache
 
-  def _insert_fn(self, carry, cache_1, slot, first, length, temperature, top_k, top_p, key):
-    cache = jax.tree.map(
-        lambda pool, one: jax.lax.dynamic_update_slice(pool, one.astype(pool.dtype),
-                                                       (0, slot, 0, 0)),
-        carry.cache, cache_1)
-    s = carry.slots
-    slots = SlotState(s.tokens_S.at[slot].set(first), s.positions_S.at[slot].set(length),
-                      s.active_S.at[slot].set(True), s.temperature_S.at[slot].set(temperature),
-                      s.top_k_S.at[slot].set(top_k), s.top_p_S.at[slot].set(top_p),
-                      s.keys_S.at[slot].set(key))
+  @staticmethod
+  def _write_slot(pool, one, slot):
+    """Rows of a batch-1 cache (any leading layer axes, then [1, L, C]) into slot `slot`."""
+    lead = pool.ndim - 3
+    return jax.lax.dynamic_update_slice(pool, one.astype(pool.dtype),
+                                        (0,) * lead + (slot, 0, 0))
+
+  @staticmethod
+  def _set_slot(s: SlotState, slot, first, key, length, temperature, top_k, top_p) -> SlotState:
+    return SlotState(s.tokens_S.at[slot].set(first), s.positions_S.at[slot].set(length),
+                     s.active_S.at[slot].set(True), s.temperature_S.at[slot].set(temperature),
+                     s.top_k_S.at[slot].set(top_k), s.top_p_S.at[slot].set(top_p),
+                     s.keys_S.at[slot].set(key))
+
+  def _insert_fn(self, carry, slot, length, temperature, top_k, top_p, first, key, cache_1):
+    cache = jax.tree.map(lambda pool, one: self._write_slot(pool, one, slot), carry.cache,
+                         cache_1)
+    slots = self._set_slot(carry.slots, slot, first, key, length, temperature, top_k, top_p)
     return Carry(cache, slots)
 
   def _release_fn(self, carry, slot):
     s = carry.slots
-    return Carry(carry.cache, s._replace(active_S=s.active_S.at[slot].set(False)))
+    return carry._replace(slots=s._replace(active_S=s.active_S.at[slot].set(False)))
 
   def _step_fn(self, state, carry):
     model = self._model(state)
@@ -187,11 +195,11 @@ class DecodeProgram:
     tokens = np.zeros((1, self.bucket(length)), np.int32)
     tokens[0, :length] = prompt
     settings = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
-    first, cache_1, key = self._prefill(self.state, jnp.asarray(tokens), jnp.int32(length),
-                                        jnp.uint32(seed), *settings)
-    carry = self._insert(carry, cache_1, jnp.int32(slot), first, jnp.int32(length), *settings,
-                         key)
-    return Admitted(carry, first)
+    # The prefill returns (first token, ...what the insert needs of this request).
+    prefilled = self._prefill(self.state, jnp.asarray(tokens), jnp.int32(length),
+                              jnp.uint32(seed), *settings)
+    carry = self._insert(carry, jnp.int32(slot), jnp.int32(length), *settings, *prefilled)
+    return Admitted(carry, prefilled[0])
 
   def release(self, carry: Carry, slot: int) -> Carry:
     return self._release(carry, jnp.int32(slot))

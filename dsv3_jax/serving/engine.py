@@ -279,9 +279,13 @@ class Engine:
     counts_S = np.asarray(out.counts_S)
     if self.expert_loads is not None:
       self.expert_loads.record(np.asarray(out.load_LxE))
+    multi = self.program.tokens_per_step > 1
     for slot, stream in enumerate(owners):
       if stream is None or stream.done:
         continue  # idle, or finished after this step was dispatched
+      if multi:  # speculative: counts = 1 + accepted draft
+        self.stats["drafts_verified"] += 1
+        self.stats["drafts_accepted"] += int(counts_S[slot]) - 1
       if stream.cancelled:
         stream._finish(FINISH_CANCELLED)
         self._free(slot)

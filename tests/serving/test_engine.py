@@ -1,4 +1,5 @@
-"""Serving engine: continuous batching gives each request what `Generator` gives it alone."""
+"""Serving engine: continuous batching gives each request what `Generator` gives it alone,
+plain or with MTP self-speculation; bad requests fail alone; the decode program is pluggable."""
 
 import dataclasses
 import threading
@@ -11,7 +12,7 @@ from configs import dsv3
 from dsv3_jax import config as config_lib
 from dsv3_jax import model as model_lib
 from dsv3_jax.inference.generate import Generator, SamplingConfig
-from dsv3_jax.serving.decode_step import default_buckets
+from dsv3_jax.serving.decode_step import Admitted, StepOutput, default_buckets
 from dsv3_jax.serving.engine import Engine
 from dsv3_jax.serving.expert_loads import ExpertLoadMonitor
 from dsv3_jax.serving.requests import Request, RequestError, StreamError
@@ -174,3 +175,61 @@ def test_bad_engine_settings(model):
     Engine(model, n_slots=0)
   with pytest.raises(ValueError, match="buckets"):
     Engine(model, max_len=64, buckets=(16,))
+
+
+class _CountingProgram:
+  """A stand-in decode program emitting 2 tokens per slot per step: prompt[-1] + 1, + 2, ..."""
+
+  tokens_per_step = 2
+
+  def __init__(self, n_slots):
+    self.n_slots = n_slots
+
+  def init(self):
+    return np.zeros(self.n_slots, np.int32)
+
+  def admit(self, carry, prompt, slot, temperature, top_k, top_p, seed):
+    carry = carry.copy()
+    carry[slot] = prompt[-1] + 2
+    return Admitted(carry, np.int32(prompt[-1] + 1))
+
+  def release(self, carry, slot):
+    return carry
+
+  def step(self, carry):
+    out = StepOutput(np.stack([carry, carry + 1], axis=1), np.full(self.n_slots, 2),
+                     np.zeros((1, 1)))
+    return carry + 2, out
+
+
+def test_pluggable_program_multi_token_steps(model):
+  eng = Engine(model, n_slots=2, max_len=64, program=_CountingProgram(2), eos_id=17)
+  streams = [eng.submit(Request([10], max_tokens=5)), eng.submit(Request([12], max_tokens=9)),
+             eng.submit(Request([30], max_tokens=4))]
+  eng.run_until_idle()
+  assert streams[0].result() == [11, 12, 13, 14, 15]  # cut mid-step at max_tokens
+  assert streams[0].finish_reason == "length"
+  assert streams[1].result() == [13, 14, 15, 16]  # EOS 17 arrives second in a step
+  assert streams[1].finish_reason == "stop"
+  assert streams[2].result() == [31, 32, 33, 34]  # took a freed slot
+  assert eng.stats["drafts_verified"] > 0
+
+
+def test_speculative_greedy_matches_generator(model, reference):
+  pytest.importorskip("dsv3_jax.serving.speculative")
+  with Engine(model, n_slots=3, max_len=64, speculative=True) as eng:
+    busy = eng.submit(Request([3, 1, 4], max_tokens=30, temperature=1.0, top_p=0.9, seed=1,
+                              ignore_eos=True))
+    _wait_tokens(busy, 3)
+    greedy = [eng.submit(Request(p, max_tokens=NEW)) for p in PROMPTS]
+    for p, stream in zip(PROMPTS, greedy):
+      assert stream.result(timeout=300) == reference["greedy"][tuple(p)]
+    assert len(busy.result(timeout=300)) == 30
+  assert eng.stats["drafts_verified"] > 0
+
+
+def test_speculative_needs_mtp():
+  cfg = config_lib.from_dict(dsv3.get_config("tiny")).model
+  no_mtp = model_lib.create(dataclasses.replace(cfg, num_nextn_predict_layers=0))
+  with pytest.raises(ValueError, match="MTP"):
+    Engine(no_mtp, n_slots=2, max_len=64, speculative=True)
