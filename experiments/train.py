@@ -51,7 +51,8 @@ def main(argv):
   common.check_mesh_fits(_CONFIG.value.parallel, jax.device_count())
   if spec is not None and _STEP_TIMEOUT.value > 0:
     distributed.start_watchdog(_STEP_TIMEOUT.value)
-  logging.info("process %d of %d", jax.process_index(), jax.process_count())
+  if jax.process_count() > 1:  # shown even at the default (quiet) verbosity
+    print(f"process {jax.process_index()} of {jax.process_count()}", flush=True)
   from dsv3_jax.train.loop import train_and_evaluate
 
   summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
