@@ -15,6 +15,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import common
+
 _WORKDIR = flags.DEFINE_string("workdir", "", "A training workdir whose metrics.jsonl holds "
                                "per-expert loads (the `load` field); empty = synthetic only.")
 _GPUS = flags.DEFINE_integer("gpus", 4, "GPUs for the workdir's experts.")
@@ -28,13 +30,13 @@ _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON fil
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_logs()
   from benchmarks import eplb as bench
-  from experiments.common import write_json
 
   result = bench.report(_WORKDIR.value, gpus=_GPUS.value, nodes=_NODES.value,
                         redundant=_REDUNDANT.value, seed=_SEED.value)
   print(bench.format_table(result))
-  write_json(_JSON.value, result)
+  common.write_json(_JSON.value, result)
 
 
 if __name__ == "__main__":
