@@ -259,7 +259,7 @@ class _Handler(BaseHTTPRequestHandler):
       self._error(400, f"the body is not valid JSON: {e}")
       return None
 
-  def _header(self, stream) -> dict:
+  def _header(self) -> dict:
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": self.server.model_name}
 
@@ -274,7 +274,7 @@ class _Handler(BaseHTTPRequestHandler):
       self._error(500, str(e), kind="server_error")
       return
     text = self.server.tokenizer.decode(tokens)
-    self._send_json(200, dict(self._header(stream), choices=[{
+    self._send_json(200, dict(self._header(), choices=[{
         "index": 0, "text": text, "logprobs": None, "finish_reason": stream.finish_reason}],
         usage=self._usage(stream)))
 
@@ -284,7 +284,7 @@ class _Handler(BaseHTTPRequestHandler):
     self.send_header("Cache-Control", "no-cache")
     self.send_header("Transfer-Encoding", "chunked")
     self.end_headers()
-    head = self._header(stream)
+    head = self._header()
     chunk = lambda text, reason: dict(head, choices=[{"index": 0, "text": text,
                                                       "logprobs": None,
                                                       "finish_reason": reason}])

@@ -339,5 +339,7 @@ def test_soak_32_streaming_clients(server, reference):
   after = [m for t, m in rss if t >= warmup]
   early = max(after[:3])
   late = max(after[-3:])
+  print(f"soak: {counts['ok']} streams, {counts['bad']} bad requests refused in {duration:.0f} s; "
+        f"RSS {early / 2**20:.0f} MiB after warm-up, {late / 2**20:.0f} MiB at the end")
   assert late <= early * 1.05 + (32 << 20), (
       f"RSS grew from {early / 2**20:.0f} MiB to {late / 2**20:.0f} MiB after warm-up")
