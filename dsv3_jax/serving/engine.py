@@ -33,7 +33,6 @@ import itertools
 import logging
 import queue
 import threading
-import time
 from typing import Callable, Optional, Sequence
 
 import jax
