@@ -193,15 +193,21 @@ def _model_target(cfg, shardings):
   shapes = {"params": nnx.to_pure_dict(params), "biases": nnx.to_pure_dict(biases)}
   if shardings is None:
     shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if isinstance(shardings, jax.sharding.Mesh):  # the training placements on that mesh
+    from dsv3_jax.parallel import sharding as sharding_lib
+
+    mesh = shardings
+    shardings = {"params": sharding_lib.shardings(mesh, sharding_lib.param_specs(params)),
+                 "biases": sharding_lib.replicated(mesh)}
   is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
   place = lambda sh, sub: jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), sub)
   try:
     target = jax.tree.map(place, shardings, shapes, is_leaf=is_sharding)
   except ValueError as e:
-    raise ValueError("load_model shardings: must be None, a Sharding or a {'params', "
-                     "'biases'} tree of Shardings (or a prefix of it) matching the model's "
-                     f"parameters: {e}") from e
+    raise ValueError("load_model shardings: must be None, a Sharding, a Mesh or a "
+                     "{'params', 'biases'} tree of Shardings (or a prefix of it) matching the "
+                     f"model's parameters: {e}") from e
   bad = [x for x in jax.tree.leaves(target) if not isinstance(x, jax.ShapeDtypeStruct)]
   if bad:
     raise ValueError(f"load_model shardings: expected Shardings as leaves, got {bad[:3]}")
@@ -242,10 +248,10 @@ def load_model_state(path: str, step: Optional[int] = None, *, shardings=None):
   training workdir (its latest step by default). Only the params and router biases are read:
   the target is built from the config's abstract model, nothing else is allocated.
 
-  `shardings` places the arrays: None (the first device), one `Sharding` for every array, or
-  a {"params", "biases"} tree of Shardings or any prefix of it (e.g. the training
-  placements, `Trainer.state_sharding.params` / `.biases`). Raises FileNotFoundError /
-  ValueError naming what is missing or broken.
+  `shardings` places the arrays: None (the first device), one `Sharding` for every array, a
+  `Mesh` (the training placements there: routed experts split over its `expert` axis, the
+  rest replicated), or a {"params", "biases"} tree of Shardings or any prefix of it. Raises
+  FileNotFoundError / ValueError naming what is missing or broken.
   """
   cfg, state, step, _ = _load(path, step, shardings)
   return cfg, state, step

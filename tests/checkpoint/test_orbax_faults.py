@@ -123,6 +123,12 @@ def test_load_model_onto_given_shardings(tiny, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, state["params"], params)
   with pytest.raises(ValueError, match="load_model shardings"):
     orbax_lib.load_model(out, shardings={"params": repl})
+  # A mesh: the training placements on it.
+  _, state, _ = orbax_lib.load_model_state(out, shardings=mesh)
+  w1 = state["params"]["moe"]["ffn"]["w1"]
+  assert w1.sharding.shard_shape(w1.shape)[1] == cfg.model.n_routed_experts // 4
+  assert state["params"]["embed"].sharding.is_fully_replicated
+  jax.tree.map(np.testing.assert_array_equal, state["params"], params)
 
 
 def _small_state(value: float):
