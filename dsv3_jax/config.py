@@ -247,6 +247,10 @@ class ParallelConfig:
   pipe: int = 1  # pipeline axis size
   ep_ranks_per_node: int = 1  # EP ranks forming one "node" for node-limited routing
   capacity_factor: float = 0.0  # EP dispatch slots per (src, dst) rank pair; 0 = dropless
+  # Dropless EP dispatch: the all-to-all buffers hold this many times the mean copies per
+  # (src, dst) pair; when any rank overflows, every rank takes the exact worst-case buffer
+  # together for that layer (0 = always the worst-case buffer).
+  dispatch_factor: float = 2.0
   pipeline: str = "none"  # none | 1f1b | dualpipe
   microbatches: int = 4  # pipeline micro-batches per step
 
@@ -261,6 +265,8 @@ class ParallelConfig:
              self.ep_ranks_per_node)
     _require(self.capacity_factor >= 0, "parallel.capacity_factor",
              "must be >= 0 (0 = dropless expert dispatch)", self.capacity_factor)
+    _require(self.dispatch_factor == 0 or self.dispatch_factor >= 1, "parallel.dispatch_factor",
+             "must be 0 (worst-case buffers) or >= 1", self.dispatch_factor)
     _require(self.pipeline in PIPELINES, "parallel.pipeline", f"must be one of {PIPELINES}",
              self.pipeline)
     _require(self.microbatches > 0, "parallel.microbatches", "must be positive",

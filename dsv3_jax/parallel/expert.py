@@ -14,9 +14,12 @@ per rank, R = size of the `expert` axis). Each shard of the mesh runs, on its ow
 
 Dropless by construction: a rank holds E/R experts and a token picks k distinct experts, so a
 token sends at most min(k, E/R) copies to one rank and a source sends at most
-`N_local * min(k, E/R)` copies to one destination — the default slot count S, which can never
-overflow. That buffer is R * min(k, E/R) / k times the real copies (memory the benchmark
-measures). `capacity_factor` > 0 instead sizes S = ceil(cf * N_local * k / R): copies beyond
+`N_local * min(k, E/R)` copies to one destination — the worst-case slot count S, which can
+never overflow. That buffer is R * min(k, E/R) / k times the real copies (32x at the 671B
+shape with EP=64), so a dropless step first uses a fast buffer of `dispatch_factor` x the mean
+copies per (src, dst) pair and falls back to the worst-case one — all ranks together, the
+overflow flag psum'ed so the all_to_alls stay aligned — only when some rank overflows
+(`dispatch_fallbacks` counts those layers). `capacity_factor` > 0 instead sizes S = ceil(cf * N_local * k / R): copies beyond
 a destination's S slots are dropped (their weight zeroed, token order decides) and counted
 exactly in the `dropped_copies` statistic, which is provably zero in the default.
 
@@ -44,12 +47,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig, ParallelConfig
-from dsv3_jax.layers.experts import expert_rows
+from dsv3_jax.layers.experts import combine, expert_rows
 from dsv3_jax.layers.routing import Routing, expert_load, route, sequence_balance_loss
 from dsv3_jax.parallel.mesh import BATCH
 
 EXPERT = "expert"
-STATS = ("dropped_copies", "cross_node_copies", "remote_node_sends")
+STATS = ("dropped_copies", "cross_node_copies", "remote_node_sends", "dispatch_fallbacks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +62,7 @@ class ExpertParallel:
   mesh: Mesh
   capacity_factor: float = 0.0  # 0 = dropless (the default); else slots per (src, dst) pair
   ranks_per_node: int = 1  # EP ranks forming one node (node-limited routing)
+  dispatch_factor: float = 0.0  # dropless fast path: slots x the mean; 0 = worst case only
 
   @property
   def size(self) -> int:
@@ -87,21 +91,36 @@ class ExpertParallel:
     if self.capacity_factor < 0:
       raise ValueError(f"invalid config field `parallel.capacity_factor` = "
                        f"{self.capacity_factor}: must be >= 0 (0 = dropless)")
+    if self.dispatch_factor and self.dispatch_factor < 1:
+      raise ValueError(f"invalid config field `parallel.dispatch_factor` = "
+                       f"{self.dispatch_factor}: must be 0 or >= 1")
     return self
 
 
 def from_config(mesh: Mesh, parallel: ParallelConfig) -> ExpertParallel:
-  return ExpertParallel(mesh, parallel.capacity_factor, parallel.ep_ranks_per_node)
+  return ExpertParallel(mesh, parallel.capacity_factor, parallel.ep_ranks_per_node,
+                        parallel.dispatch_factor)
 
 
 # ----------------------------------------------------------------------------- sizes
 def slots_per_rank(n_local_tokens: int, cfg: ModelConfig, ep: ExpertParallel) -> int:
-  """S: buffer slots a source reserves for each destination rank."""
+  """S: the worst-case buffer slots a source reserves for each destination rank (or, with a
+  dropping `capacity_factor`, the capped slots)."""
   k = cfg.num_experts_per_tok
   bound = n_local_tokens * min(k, cfg.n_routed_experts // ep.size)  # never overflows
   if ep.capacity_factor == 0:
     return bound
   return max(1, min(bound, math.ceil(ep.capacity_factor * n_local_tokens * k / ep.size)))
+
+
+def fast_slots_per_rank(n_local_tokens: int, cfg: ModelConfig, ep: ExpertParallel) -> int:
+  """The dropless fast path's slots per destination: `dispatch_factor` x the mean copies
+  (rounded up to 8), never more than the worst case; equal to it when the fast path is off."""
+  bound = slots_per_rank(n_local_tokens, cfg, ep)
+  if ep.capacity_factor or not ep.dispatch_factor:
+    return bound
+  mean = n_local_tokens * cfg.num_experts_per_tok / ep.size
+  return min(bound, -(-math.ceil(ep.dispatch_factor * mean) // 8) * 8)
 
 
 def max_nodes_per_token(cfg: ModelConfig, n_nodes: int) -> int:
@@ -129,8 +148,11 @@ def _slots(dst_C: jax.Array, n_ranks: int) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- the EP layer
-def _shard_fn(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, *, cfg: ModelConfig, ep: ExpertParallel):
-  """One mesh shard: route, dispatch, local experts, combine; stats psum'ed over the mesh."""
+def shard_routed_experts(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, *, cfg: ModelConfig,
+                         ep: ExpertParallel, reduce_stats: bool = True):
+  """One mesh shard (inside a shard_map over the whole mesh): route, dispatch, local
+  experts, combine. Statistics are psum'ed over the mesh (`reduce_stats`), or left per shard
+  for a caller that sums them itself (the pipeline sums its micro-batches and shards)."""
   b, l, d = x_bxLxD.shape
   n, k = b * l, cfg.num_experts_per_tok
   r = ep.size
@@ -143,40 +165,60 @@ def _shard_fn(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, *, cfg: ModelConfig, ep: Ex
   token_C = jnp.arange(n * k, dtype=jnp.int32) // k
   dst_C = experts_C // e_loc
   slot_C = _slots(dst_C, r)
-  keep_C = slot_C < s
-  slot_or_oob_C = jnp.where(keep_C, slot_C, s)  # out-of-bounds rows are dropped by the scatter
 
-  # Dispatch: row [j, t] of the buffer is the t-th copy this rank sends to rank j.
-  send_RxSxD = jnp.zeros((r, s, d), x_NxD.dtype).at[dst_C, slot_or_oob_C].set(
-      x_NxD[token_C], mode="drop")
-  send_e_RxS = jnp.full((r, s), e_loc, jnp.int32).at[dst_C, slot_or_oob_C].set(
-      experts_C % e_loc, mode="drop")
-  recv_RxSxD = jax.lax.all_to_all(send_RxSxD, EXPERT, 0, 0)
-  recv_e_RxS = jax.lax.all_to_all(send_e_RxS, EXPERT, 0, 0)
-
-  y_rows = expert_rows(recv_RxSxD.reshape(r * s, d), recv_e_RxS.reshape(r * s), w1, w3, w2,
-                       block=cfg.expert_block_size, precision=cfg.matmul_precision,
-                       expected_rows=n * k)
-
-  # Combine: the inverse all_to_all puts each result back in the slot its copy left from.
-  back_RxSxD = jax.lax.all_to_all(y_rows.reshape(r, s, d), EXPERT, 0, 0)
-  y_CxD = back_RxSxD[dst_C, jnp.where(keep_C, slot_C, 0)].astype(jnp.float32)
-  w_C = routing.weights_Nxk.reshape(-1).astype(jnp.float32) * keep_C.astype(jnp.float32)
-  y_NxD = (y_CxD * w_C[:, None]).reshape(n, k, d).sum(1).astype(x_NxD.dtype)
-
-  # Global statistics: sums over every shard of the mesh.
   psum = functools.partial(jax.lax.psum, axis_name=BATCH)
-  load_E = psum(jax.lax.stop_gradient(expert_load(routing.experts_Nxk, cfg.n_routed_experts)))
-  balance = psum(sequence_balance_loss(routing, b, cfg)) / ep.n_shards
+  e_of_C = experts_C % e_loc
+
+  def dispatch(s):
+    """Send each copy to its expert's rank in an [R, s, D] buffer, run, and bring it back."""
+    keep_C = slot_C < s
+    slot_or_oob_C = jnp.where(keep_C, slot_C, s)  # out-of-bounds rows are dropped by scatter
+    # Row [j, t] of the buffer is the t-th copy this rank sends to rank j.
+    send_RxSxD = jnp.zeros((r, s, d), x_NxD.dtype).at[dst_C, slot_or_oob_C].set(
+        x_NxD[token_C], mode="drop")
+    send_e_RxS = jnp.full((r, s), e_loc, jnp.int32).at[dst_C, slot_or_oob_C].set(
+        e_of_C, mode="drop")
+    recv_RxSxD = jax.lax.all_to_all(send_RxSxD, EXPERT, 0, 0)
+    recv_e_RxS = jax.lax.all_to_all(send_e_RxS, EXPERT, 0, 0)
+    y_rows = expert_rows(recv_RxSxD.reshape(r * s, d), recv_e_RxS.reshape(r * s), w1, w3, w2,
+                         block=cfg.expert_block_size, precision=cfg.matmul_precision,
+                         expected_rows=n * k)
+    # Combine: the inverse all_to_all puts each result back in the slot its copy left from.
+    back_RxSxD = jax.lax.all_to_all(y_rows.reshape(r, s, d), EXPERT, 0, 0)
+    y_CxD = back_RxSxD[dst_C, jnp.where(keep_C, slot_C, 0)]
+    w_C = routing.weights_Nxk * keep_C.reshape(n, k)
+    return combine(y_CxD, w_C, x_NxD.dtype), keep_C
+
+  s_fast = fast_slots_per_rank(n, cfg, ep)
+  if s_fast < s:
+    # Dropless with bounded buffers: the fast buffer unless some rank overflows it; then all
+    # ranks take the worst-case buffer together (the flag is psum'ed, so every rank runs the
+    # same all_to_alls).
+    fallback = psum(jnp.any(slot_C >= s_fast).astype(jnp.int32)) > 0
+    y_NxD, keep_C = jax.lax.cond(fallback, lambda: dispatch(s), lambda: dispatch(s_fast))
+  else:
+    fallback = jnp.zeros((), bool)
+    y_NxD, keep_C = dispatch(s)
+
+  # Global statistics: sums over every shard of the mesh (or this shard's share).
+  psum_stats = psum if reduce_stats else (lambda v: v)
+  load_E = psum_stats(jax.lax.stop_gradient(expert_load(routing.experts_Nxk,
+                                                       cfg.n_routed_experts)))
+  balance = sequence_balance_loss(routing, b, cfg)
+  if reduce_stats:
+    balance = psum(balance) / ep.n_shards
   node_C = dst_C // ep.ranks_per_node
   my_node = jax.lax.axis_index(EXPERT) // ep.ranks_per_node
   remote_C = (node_C != my_node) & keep_C
   reached_NxkxM = ((node_C[:, None] == jnp.arange(ep.n_nodes)[None, :])
                    & remote_C[:, None]).reshape(n, k, ep.n_nodes)
   stats = {
-      "dropped_copies": psum(jnp.sum(~keep_C).astype(jnp.float32)),
-      "cross_node_copies": psum(jnp.sum(remote_C).astype(jnp.float32)),
-      "remote_node_sends": psum(jnp.sum(jnp.any(reached_NxkxM, axis=1)).astype(jnp.float32)),
+      "dropped_copies": psum_stats(jnp.sum(~keep_C).astype(jnp.float32)),
+      "cross_node_copies": psum_stats(jnp.sum(remote_C).astype(jnp.float32)),
+      "remote_node_sends": psum_stats(jnp.sum(jnp.any(reached_NxkxM, axis=1)).astype(
+          jnp.float32)),
+      # Every shard agrees on it; per shard, a 1/n_shards share sums to the count.
+      "dispatch_fallbacks": fallback.astype(jnp.float32) / (1 if reduce_stats else ep.n_shards),
   }
   aux = {"load": load_E, "balance_loss": balance, **jax.lax.stop_gradient(stats)}
   return y_NxD.reshape(b, l, d), aux
@@ -201,7 +243,7 @@ def routed_experts(x_BxLxD: jax.Array, gate_DxE: jax.Array, bias_E: jax.Array,
   # check_vma=False: grouped_matmul's skip branches (cond / scan carries) build
   # mesh-invariant zeros next to per-shard blocks, which the VMA checker rejects. The
   # sharded-vs-unsharded tests check values and gradients instead.
-  fn = jax.shard_map(functools.partial(_shard_fn, cfg=cfg, ep=ep), mesh=ep.mesh,
+  fn = jax.shard_map(functools.partial(shard_routed_experts, cfg=cfg, ep=ep), mesh=ep.mesh,
                      in_specs=(batch_spec, P(), P(), expert_spec, expert_spec, expert_spec),
                      out_specs=(batch_spec, aux_specs), check_vma=False)
   return fn(x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD)
@@ -209,11 +251,17 @@ def routed_experts(x_BxLxD: jax.Array, gate_DxE: jax.Array, bias_E: jax.Array,
 
 def buffer_bytes(n_local_tokens: int, cfg: ModelConfig, ep: ExpertParallel,
                  itemsize: int) -> dict:
-  """Per-device dispatch buffer sizes: the fixed all_to_all payload vs the real copies."""
+  """Per-device dispatch buffer sizes vs the real copies: the worst-case (fallback) buffer
+  and the fast one a dropless step uses unless some rank overflows it."""
   s = slots_per_rank(n_local_tokens, cfg, ep)
+  s_fast = fast_slots_per_rank(n_local_tokens, cfg, ep)
   d = cfg.hidden_size
+  real = n_local_tokens * cfg.num_experts_per_tok
   return {"slots_per_rank": s,
           "buffer_rows": ep.size * s,
-          "real_copies": n_local_tokens * cfg.num_experts_per_tok,
+          "real_copies": real,
           "send_buffer_bytes": ep.size * s * d * itemsize,
-          "overhead_vs_real": ep.size * s / (n_local_tokens * cfg.num_experts_per_tok)}
+          "overhead_vs_real": ep.size * s / real,
+          "fast_slots_per_rank": s_fast,
+          "fast_send_buffer_bytes": ep.size * s_fast * d * itemsize,
+          "fast_overhead_vs_real": ep.size * s_fast / real}

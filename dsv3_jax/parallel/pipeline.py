@@ -292,6 +292,22 @@ def _zeros(tree):
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), tree)
 
 
+def _to_slots(a: jax.Array, idx: np.ndarray) -> jax.Array:
+  """`a[idx]` ([n_stages, ...] -> [n_slots, pp, ...]) written so that a stage-sharded `a`
+  stays local: a slot holding chunk r on rank r is `a` itself, DualPipe's mirrored slot
+  (chunk pp-1-r) is `a` reversed (a collective permute), anything else a gather."""
+  pp = idx.shape[1]
+  rows = []
+  for row in idx:
+    if a.shape[0] == pp and np.array_equal(row, np.arange(pp)):
+      rows.append(a)
+    elif a.shape[0] == pp and np.array_equal(row, np.arange(pp)[::-1]):
+      rows.append(jnp.flip(a, 0))
+    else:
+      rows.append(a[row])
+  return jnp.stack(rows)
+
+
 class Pipeline:
   """Runs ``stage_fn`` under ``schedule`` over the ``pipe_axis`` of ``mesh``.
 
@@ -307,7 +323,7 @@ class Pipeline:
 
   def __init__(self, stage_fn: Callable, schedule: S.Schedule, mesh: Mesh, *,
                pipe_axis: str = "pipe", batch_axes: Sequence[str] = (),
-               granularity: str = "unit"):
+               granularity: str = "unit", stage_specs: Any = None, shared_specs: Any = None):
     if pipe_axis not in mesh.shape:
       raise ValueError(f"mesh has no axis {pipe_axis!r} (axes: {tuple(mesh.shape)})")
     if mesh.shape[pipe_axis] != schedule.pp:
@@ -317,6 +333,11 @@ class Pipeline:
     self.batch_axes = tuple(a for a in batch_axes if a in mesh.shape)
     self.plan = make_plan(schedule, granularity)
     self.stage_vjp: StageVJP | None = None  # set when traced (residual sizes, for reports)
+    # Placements inside the shard_map (from the sharding plan): per stage-param leaf a
+    # PartitionSpec of its [n_stages, ...] array whose first entry is the pipe axis (each
+    # rank holds its own stages) and whose others may split further dims (routed experts
+    # over `expert`); per shared-param leaf its spec. None: the pipe axis only / replicated.
+    self.stage_specs, self.shared_specs = stage_specs, shared_specs
 
   @property
   def n_stages(self) -> int:
@@ -349,22 +370,42 @@ class Pipeline:
     if lead != {self.n_stages}:
       raise ValueError(f"stage_params/stage_consts need a leading axis of n_stages="
                        f"{self.n_stages}, got {sorted(lead)}")
-    to_slots = lambda tree: jax.tree.map(lambda a: a[idx], tree)  # [n_slots, pp, ...]
+    to_slots = lambda tree: jax.tree.map(lambda a: _to_slots(a, idx), tree)  # [n_slots, pp, ..]
     slot_params, unslot = jax.vjp(to_slots, stage_params)
     slot_consts = to_slots(stage_consts)
     slots_spec, rep = P(None, self.pipe_axis), P()
+    p_specs = (self._slot_specs(stage_params), self._shared_specs(shared_params))
     batch_spec = P(self.batch_axes) if self.batch_axes else P()
     body = jax.shard_map(
-        lambda *a: self._body(*a, act=act, probe=probe), mesh=self.mesh,
-        in_specs=(slots_spec, rep, slots_spec, rep, batch_spec),
-        out_specs=(rep, rep, slots_spec, rep), check_vma=False)
+        lambda *a: self._body(*a, act=act, probe=probe, p_specs=p_specs), mesh=self.mesh,
+        in_specs=(p_specs[0], p_specs[1], slots_spec, rep, batch_spec),
+        out_specs=(rep, rep, p_specs[0], p_specs[1]), check_vma=False)
     loss, aux, g_slots, g_shared = body(slot_params, shared_params, slot_consts,
                                         shared_consts, batch)
     (g_stage,) = unslot(g_slots)
     return loss, aux, g_stage, g_shared
 
+  def _slot_specs(self, stage_params):
+    if self.stage_specs is None:
+      return jax.tree.map(lambda _: P(None, self.pipe_axis), stage_params)
+    return jax.tree.map(lambda s: P(None, *s), self.stage_specs,
+                        is_leaf=lambda x: isinstance(x, P))
+
+  def _shared_specs(self, shared_params):
+    if self.shared_specs is None:
+      return jax.tree.map(lambda _: P(), shared_params)
+    return self.shared_specs
+
+  def _reduce_axes(self, spec: P, extra: tuple = ()) -> tuple:
+    """The axes a leaf's gradient sums over: the batch axes (and `extra`) it is not split
+    over; a leaf split over `expert` keeps its own experts' gradient per expert rank."""
+    used = set()
+    for entry in spec:
+      used.update(entry if isinstance(entry, tuple) else (entry,) if entry else ())
+    return tuple(a for a in extra + self.batch_axes if a not in used)
+
   # ----------------------------------------------------------------- on one rank
-  def _body(self, slot_p, shared_p, slot_c, shared_c, batch, *, act, probe):
+  def _body(self, slot_p, shared_p, slot_c, shared_c, batch, *, act, probe, p_specs):
     plan, n_mb = self.plan, self.n_mb
     slot_p = jax.tree.map(lambda a: a[:, 0], slot_p)  # [n_slots, ...]
     slot_c = jax.tree.map(lambda a: a[:, 0], slot_c)
@@ -487,10 +528,17 @@ class Pipeline:
       return c, None
 
     c, _ = jax.lax.scan(tick, carry, (rows, jnp.arange(plan.T, dtype=jnp.int32)))
-    batch_axes, all_axes = self.batch_axes, (axis,) + self.batch_axes
-    g_slot = c["g_slot"]
-    if batch_axes:
-      g_slot = jax.lax.psum(g_slot, batch_axes)
-    g_slot = jax.tree.map(lambda a: a[:, None], jax.vmap(unravel_sp)(g_slot))
-    g_shared, loss, aux = jax.lax.psum((c["g_shared"], c["loss"], c["aux"]), all_axes)
-    return loss, aux, g_slot, unravel_shp(g_shared)
+    all_axes = (axis,) + self.batch_axes
+    is_spec = lambda x: isinstance(x, P)
+
+    def reduce(g, spec, extra=()):
+      axes = self._reduce_axes(spec, extra)
+      return jax.lax.psum(g, axes) if axes else g
+
+    g_slot = jax.vmap(unravel_sp)(c["g_slot"])
+    g_slot = jax.tree.map(lambda s, g: reduce(g, s)[:, None], p_specs[0], g_slot,
+                          is_leaf=is_spec)
+    g_shared = jax.tree.map(lambda s, g: reduce(g, s, (axis,)), p_specs[1],
+                            unravel_shp(c["g_shared"]), is_leaf=is_spec)
+    loss, aux = jax.lax.psum((c["loss"], c["aux"]), all_axes)
+    return loss, aux, g_slot, g_shared

@@ -75,12 +75,19 @@ def logical_to_mesh(axes: Sequence[str | None], ndim: int) -> P:
   return P(*spec)
 
 
-def param_specs(state) -> dict:
-  """Pure-dict tree of PartitionSpecs for an nnx State whose Variables carry `axes`."""
+def param_specs(state, staged_axis: Optional[str] = None) -> dict:
+  """Pure-dict tree of PartitionSpecs for an nnx State whose Variables carry `axes`.
+
+  `staged_axis`: the mesh axis the `STAGED` stack's layer axis is split over (pipeline
+  stages own their layers' parameters), or None (replicated).
+  """
   flat = {}
   for path, v in state.flat_state():
     axes = v.get_metadata().get("axes")
-    flat[path] = logical_to_mesh(axes, v.get_value().ndim) if axes else P()
+    spec = logical_to_mesh(axes, v.get_value().ndim) if axes else P()
+    if staged_axis and path[0] == STAGED and len(spec) and spec[0] is None:
+      spec = P(staged_axis, *spec[1:])
+    flat[path] = spec
   return traverse_util.unflatten_dict(flat)
 
 
@@ -176,9 +183,23 @@ class ShardingPlan:
   def replicated(self) -> NamedSharding:
     return replicated(self.mesh)
 
+  @property
+  def pipelined(self) -> bool:
+    """Whether the step runs as a pipeline over `pipe` (stages then own their layers)."""
+    return self.cfg.parallel.pipeline != "none" and self.mesh.shape.get("pipe", 1) > 1
+
   def param_specs(self, abstract_params_state) -> dict:
     """PartitionSpecs (pure dict) for an nnx State of Params carrying `axes` metadata."""
-    return param_specs(abstract_params_state)
+    return param_specs(abstract_params_state, "pipe" if self.pipelined else None)
+
+  @property
+  def routed_in_shard_map(self) -> Optional[RoutedExperts]:
+    """The routed experts for code already inside a shard_map over the whole mesh (the
+    pipeline): the per-shard all-to-all dispatch on local expert weights, statistics left
+    per shard (the caller sums them), or None without expert parallelism."""
+    if self.expert_parallel is None:
+      return None
+    return functools.partial(_routed_ep_local, ep=self.expert_parallel)
 
   def param_shardings(self, abstract_params_state) -> dict:
     return shardings(self.mesh, self.param_specs(abstract_params_state))
@@ -212,6 +233,11 @@ class ShardingPlan:
 
 def _routed_ep(x_BxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, *, ep):
   return expert_lib.routed_experts(x_BxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, ep)
+
+
+def _routed_ep_local(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, *, ep):
+  return expert_lib.shard_routed_experts(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, cfg=cfg, ep=ep,
+                                         reduce_stats=False)
 
 
 def _pure(state) -> dict:

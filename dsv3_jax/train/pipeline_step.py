@@ -22,12 +22,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv3_jax.config import Config
 from dsv3_jax.parallel import mesh as mesh_lib
 from dsv3_jax.parallel import schedules
 from dsv3_jax.parallel.pipeline import Pipeline
+from dsv3_jax.parallel.expert import STATS
 from dsv3_jax.parallel.sharding import STAGED
 from dsv3_jax.train.loss import readout_losses
 from dsv3_jax.train.step import Trainer, TrainState
@@ -45,8 +46,13 @@ def make_schedule(name: str, pp: int, n_mb: int) -> schedules.Schedule:
                      f"`parallel.microbatches` = {n_mb} for pipeline {name!r}: {e}") from e
 
 
-def split_params(tree: dict, n_stages: int) -> tuple[dict, dict]:
-  """``(stage tree with leaves [n_stages, n/S, ...], the rest)``."""
+def split_params(tree: dict, n_stages: int, specs: bool = False) -> tuple[dict, dict]:
+  """``(stage tree with leaves [n_stages, n/S, ...], the rest)``; with ``specs``, the same
+  split of a tree of PartitionSpecs (a stage leaf's stage axis is over ``pipe``)."""
+  if specs:
+    is_spec = lambda x: isinstance(x, P)
+    stage = jax.tree.map(lambda s: P("pipe", None, *s[1:]), tree[STAGED], is_leaf=is_spec)
+    return stage, {k: v for k, v in tree.items() if k != STAGED}
   per = None
   for a in jax.tree.leaves(tree[STAGED]):
     per = a.shape[0] // n_stages
@@ -104,7 +110,8 @@ def make_stage_fn(graphdef, cfg: Config, n_stages: int, scale: float, routed=Non
                                                                 no_readout)
     load = load.at[n_moe:].add(mtp_load)
     loss = (head_loss + tcfg.balance_alpha * res.balance_loss) * scale
-    aux = {"load": load, "ce": ce, "balance_loss": res.balance_loss + mtp_balance}
+    aux = {"load": load, "ce": ce, "balance_loss": res.balance_loss + mtp_balance,
+           **res.stats}  # expert-parallel dispatch statistics, per shard: summed by Pipeline
     if depth:
       aux["mtp_ce"] = mtp_ce
     return (h, loss), aux
@@ -144,9 +151,14 @@ class PipelineTrainer(Trainer):
     self.n_stages, self.n_shards = n_stages, shards
     self.mb_size = tcfg.global_batch // (shards * pcfg.microbatches)
     scale = 1.0 / (shards * pcfg.microbatches)
-    self.stage_fn = make_stage_fn(self.graphdef, cfg, n_stages, scale)
+    # Stages own their layers (params, gradients, moments split over `pipe`) and the MoE
+    # layers stay expert-parallel inside: both placements come from the sharding plan.
+    self.stage_fn = make_stage_fn(self.graphdef, cfg, n_stages, scale,
+                                  routed=self.plan.routed_in_shard_map)
+    stage_specs, shared_specs = split_params(self.param_specs, n_stages, specs=True)
     self.pipeline = Pipeline(self.stage_fn, self.schedule, mesh, pipe_axis="pipe",
-                             batch_axes=mesh_lib.BATCH, granularity=granularity)
+                             batch_axes=mesh_lib.BATCH, granularity=granularity,
+                             stage_specs=stage_specs, shared_specs=shared_specs)
 
   def act_spec(self) -> jax.ShapeDtypeStruct:
     m = self.cfg.model
@@ -164,7 +176,8 @@ class PipelineTrainer(Trainer):
                                                  self.act_spec(), probe=probe)
     grads = join_params(g_stage, g_shared)
     n = self.n_shards * self.cfg.parallel.microbatches
-    metrics = {"ce": aux["ce"] / n, "loss": loss, "balance_loss": aux["balance_loss"] / n}
+    metrics = {"ce": aux["ce"] / n, "loss": loss, "balance_loss": aux["balance_loss"] / n,
+               **{k: aux[k] for k in STATS if k in aux}}
     if "mtp_ce" in aux:
       metrics["mtp_ce"] = aux["mtp_ce"] / n
     return loss, metrics, aux["load"], grads

@@ -54,6 +54,7 @@ class Trainer:
     self.graphdef, abs_params, abs_biases = nnx.split(abstract, nnx.Param, RouterBias)
     logging.info("%s", self.plan.describe())
     repl = self.plan.replicated
+    self.param_specs = self.plan.param_specs(abs_params)
     param_sh = self.plan.param_shardings(abs_params)
     bias_sh = self.plan.bias_shardings(nnx.to_pure_dict(abs_biases))
     opt_sh = self.plan.optimizer_shardings(self.optimizer, abs_params)

@@ -149,6 +149,33 @@ def test_dropless_when_every_token_picks_the_same_experts():
   assert float(aux["load"][4:].sum()) == 0.0
 
 
+@pytest.mark.parametrize("skewed", [False, True], ids=["balanced", "skewed"])
+def test_bounded_dispatch_falls_back_exactly(layer, skewed):
+  """The fast buffer (dispatch_factor x the mean copies) and, when any rank overflows it,
+  the worst-case buffer taken by every rank together: dropless either way."""
+  cfg, graphdef, state, x, ((_, (ref_y, _)), ref_grads) = layer
+  ep = _ep(2, 4, dispatch_factor=1.0)
+  n_local = x.shape[0] * x.shape[1] // ep.n_shards
+  fast = expert.fast_slots_per_rank(n_local, cfg, ep)
+  assert fast < expert.slots_per_rank(n_local, cfg, ep)
+  sizes = expert.buffer_bytes(n_local, cfg, ep, itemsize=4)
+  assert sizes["fast_send_buffer_bytes"] < sizes["send_buffer_bytes"]
+  if skewed:
+    m = _all_to_first_experts(cfg)
+    routing = routing_lib.route(x.reshape(-1, cfg.hidden_size), m.gate[...], m.bias[...], cfg)
+    y, aux = jax.jit(lambda x: expert.routed_experts(
+        x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], cfg, ep))(x)
+    ref = experts_lib.dense_reference(x.reshape(-1, cfg.hidden_size), routing, m.w1[...],
+                                      m.w3[...], m.w2[...])
+    chex.assert_trees_all_close(y.reshape(ref.shape), ref, rtol=1e-5, atol=1e-6)
+    assert float(aux["dispatch_fallbacks"]) == 1.0  # 24 copies to rank 0 > fast slots
+  else:
+    (_, (y, aux)), grads = _sharded(graphdef, state, x, ep)
+    chex.assert_trees_all_close(y, ref_y, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-7)
+  assert float(aux["dropped_copies"]) == 0.0
+
+
 def test_capacity_factor_drops_and_counts_exactly():
   cfg = _cfg()
   m = _all_to_first_experts(cfg)

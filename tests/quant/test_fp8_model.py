@@ -18,7 +18,7 @@ from flax import nnx, traverse_util
 from configs import dsv3
 from dsv3_jax import config as config_lib
 from dsv3_jax import model as model_lib
-from dsv3_jax.layers import moe
+from dsv3_jax.layers import experts as experts_lib, routing as routing_lib
 from benchmarks import fp8_parity as parity
 from dsv3_jax.quant import fp8, fp8_grouped
 from dsv3_jax.train.loss import model_losses
@@ -145,7 +145,7 @@ class GroupedFp8Test(parameterized.TestCase):
     self.assertEqual((y8.dtype, dx8.dtype, dw8.dtype), (jnp.bfloat16, jnp.bfloat16, jnp.float32))
     x32 = xb.astype(jnp.float32)
     be, nu = jnp.asarray(be), jnp.asarray(nu)
-    y, vjp = jax.vjp(lambda a, b: moe.grouped_matmul(a, b, be, nu, "fp32"), x32, jnp.asarray(w))
+    y, vjp = jax.vjp(lambda a, b: experts_lib.grouped_matmul(a, b, be, nu, "fp32"), x32, jnp.asarray(w))
     dx, dw = vjp(jnp.asarray(g, jnp.bfloat16).astype(jnp.float32))
     # e4m3 has 3 mantissa bits: ~4% relative error per GEMM on Gaussian data.
     self.assertLess(_rel_fro(y8, y), 0.05)
@@ -155,7 +155,7 @@ class GroupedFp8Test(parameterized.TestCase):
   def test_moe_switch_routes_fp8_to_grouped_fp8(self):
     x, w, _, be, nu = _grouped_problem(5)
     be, nu = jnp.asarray(be), jnp.asarray(nu)
-    via_moe = jax.jit(lambda x, w: moe.grouped_matmul(x, w, be, nu, "fp8"))(x, w)
+    via_moe = jax.jit(lambda x, w: experts_lib.grouped_matmul(x, w, be, nu, "fp8"))(x, w)
     direct = jax.jit(lambda x, w: fp8_grouped.grouped_matmul_fp8(x, w, be, nu))(x, w)
     np.testing.assert_array_equal(np.asarray(via_moe), np.asarray(direct))
 
@@ -186,10 +186,10 @@ class GroupedFp8Test(parameterized.TestCase):
     gate = jnp.asarray(r.standard_normal((d, e)) * 0.1, jnp.float32)
     w1, w3 = (jnp.asarray(r.standard_normal((e, d, f)) * 0.1, jnp.float32) for _ in range(2))
     w2 = jnp.asarray(r.standard_normal((e, f, d)) * 0.1, jnp.float32)
-    routing = moe.route(x, gate, jnp.zeros((e,), jnp.float32), cfg)
-    y8 = jax.jit(lambda x: moe.grouped_ffn(x, routing, w1, w3, w2, cfg.expert_block_size,
+    routing = routing_lib.route(x, gate, jnp.zeros((e,), jnp.float32), cfg)
+    y8 = jax.jit(lambda x: experts_lib.routed_ffn(x, routing, w1, w3, w2, cfg.expert_block_size,
                                            "fp8"))(x)
-    ref = moe.dense_ffn_reference(x, routing, w1, w3, w2)
+    ref = experts_lib.dense_reference(x, routing, w1, w3, w2)
     self.assertLess(_rel_fro(y8, ref), 0.08)
 
   @parameterized.parameters(48, 96, 200)
