@@ -77,8 +77,63 @@ def v3_shape_routing(n_tokens: int, limit: int, nodes: int = 8) -> dict:
   return out
 
 
+def v3_dispatch_buffers(tokens_per_device: int = 4096, ep: int = 64, nodes: int = 8,
+                        limit: int = 4, layers: int = 4, dispatch_factor: float = 2.0) -> dict:
+  """Dispatch buffer bytes per device vs the real copies at DeepSeek-V3's routing shape
+  (256 experts, k=8, 8 groups on `nodes` nodes, M=`limit`, EP=`ep`), router only.
+
+  Affinities are random logits per token (no hidden states or gate at this size); each EP
+  rank sends its `tokens_per_device` tokens. For `layers` independent batches, counts the
+  copies each (src, dst) rank pair carries: the fast buffer overflows (and every rank takes
+  the worst-case buffer) when any pair exceeds its slots — the fallback rate.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from configs import dsv3
+  from dsv3_jax import config as config_lib
+  from dsv3_jax.layers.routing import route
+  from dsv3_jax.parallel import expert
+
+  base = config_lib.from_dict({"model": dsv3.get_config("671b").model.to_dict()}).model
+  cfg = config_lib.replace(config_lib.Config(model=base), model={"topk_group": limit}).model
+  e, k, d = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
+  setting = expert.ExpertParallel(_SizedMesh(ep), dispatch_factor=dispatch_factor)
+  sizes = expert.buffer_bytes(tokens_per_device, cfg, setting, itemsize=1)  # FP8 dispatch
+  route_fn = jax.jit(lambda lg: route(lg, jnp.eye(e, dtype=jnp.float32),
+                                      jnp.zeros((e,), jnp.float32), cfg).experts_Nxk)
+  fallbacks, max_pair = 0, 0
+  for layer in range(layers):
+    logits = jax.random.normal(jax.random.key(layer), (ep * tokens_per_device, e), jnp.float32)
+    dst = np.asarray(route_fn(logits)) // (e // ep)  # [N, k] destination EP rank
+    src = np.repeat(np.arange(ep), tokens_per_device * k)
+    pair = np.bincount(src * ep + dst.reshape(-1), minlength=ep * ep)
+    max_pair = max(max_pair, int(pair.max()))
+    fallbacks += int(pair.max() > sizes["fast_slots_per_rank"])
+  per_byte = d  # bytes per copy in FP8 (the report dispatches in FP8)
+  return {"ep": ep, "nodes": nodes, "topk_group": limit, "tokens_per_device": tokens_per_device,
+          "real_copies": sizes["real_copies"], "mean_copies_per_pair": tokens_per_device * k / ep,
+          "max_copies_per_pair": max_pair,
+          "worst_case_slots_per_rank": sizes["slots_per_rank"],
+          "fast_slots_per_rank": sizes["fast_slots_per_rank"],
+          "worst_case_buffer_bytes": sizes["buffer_rows"] * per_byte,
+          "fast_buffer_bytes": sizes["fast_slots_per_rank"] * ep * per_byte,
+          "real_copies_bytes": sizes["real_copies"] * per_byte,
+          "worst_case_vs_real": sizes["overhead_vs_real"],
+          "fast_vs_real": sizes["fast_overhead_vs_real"],
+          "fallback_rate": fallbacks / layers, "dropped_copies": 0}
+
+
+class _SizedMesh:
+  """Just the axis sizes of a mesh, for buffer arithmetic at a size no machine here has."""
+
+  def __init__(self, ep: int):
+    self.shape = {"data": 1, "expert": ep, "pipe": 1}
+
+
 def layer_benchmark(config: str, nodes: int, limit: int, tokens_per_device: int, iters: int,
-                    capacity_factor: float) -> dict:
+                    capacity_factor: float, dispatch_factor: float = 2.0) -> dict:
   """The EP layer on every device against the single-device layer, node-limited vs not."""
   import jax
   import jax.numpy as jnp
@@ -105,6 +160,8 @@ def layer_benchmark(config: str, nodes: int, limit: int, tokens_per_device: int,
   ep = expert.ExpertParallel(mesh, ranks_per_node=n_dev // nodes).validate(limited)
   capped = expert.ExpertParallel(mesh, capacity_factor=capacity_factor,
                                  ranks_per_node=n_dev // nodes)
+  bounded = expert.ExpertParallel(mesh, ranks_per_node=n_dev // nodes,
+                                  dispatch_factor=dispatch_factor)
   d, k = limited.hidden_size, limited.num_experts_per_tok
   seq = 64
   n_local = tokens_per_device
@@ -162,9 +219,11 @@ def layer_benchmark(config: str, nodes: int, limit: int, tokens_per_device: int,
            "single_device_step_s": _time(lambda: single(params_1, x_1), iters)}
     results[name] = row
 
-  # Dispatch buffers: the dropless bound vs a capacity factor (node-limited routing).
+  # Dispatch buffers: the dropless bound, the bounded dropless fast path (exact fallback)
+  # and a dropping capacity factor (node-limited routing).
   buffers = {}
-  for label, setting in (("dropless", ep), (f"capacity_{capacity_factor:g}", capped)):
+  for label, setting in (("dropless", ep), (f"bounded_{dispatch_factor:g}", bounded),
+                         (f"capacity_{capacity_factor:g}", capped)):
     fn = ep_loss(limited, setting)
     compiled = fn.lower(params, x).compile()
     mem = compiled.memory_analysis()
@@ -174,6 +233,7 @@ def layer_benchmark(config: str, nodes: int, limit: int, tokens_per_device: int,
                       "compiled_temp_bytes_per_device": getattr(mem, "temp_size_in_bytes", None),
                       "dropped_copies": float(aux["dropped_copies"]),
                       "dropped_fraction": float(aux["dropped_copies"]) / (batch * seq * k),
+                      "dispatch_fallbacks": float(aux["dispatch_fallbacks"]),
                       "ep_step_s": _time(lambda: fn(params, x), iters)}
   results["buffers"] = buffers
   lim, unl = results["node_limited"], results["unlimited"]
@@ -215,6 +275,16 @@ def table(res: dict) -> str:
                  f"compiled temp "
                  f"{(b['compiled_temp_bytes_per_device'] or 0) / 2**20:.2f} MiB  dropped "
                  f"{b['dropped_fraction']:.4f}  step {b['ep_step_s']:.3f}s")
+  b = res.get("v3_dispatch_buffers")
+  if b:
+    lines.append(f"DeepSeek-V3 dispatch buffers (EP={b['ep']}, {b['tokens_per_device']} tokens/"
+                 f"device, M={b['topk_group']}, FP8): real copies "
+                 f"{b['real_copies_bytes'] / 2**20:.1f} MiB; worst-case buffer "
+                 f"{b['worst_case_buffer_bytes'] / 2**20:.1f} MiB ({b['worst_case_vs_real']:.1f}x);"
+                 f" fast buffer {b['fast_buffer_bytes'] / 2**20:.1f} MiB "
+                 f"({b['fast_vs_real']:.2f}x); max copies per pair {b['max_copies_per_pair']} "
+                 f"vs fast slots {b['fast_slots_per_rank']}; fallback rate "
+                 f"{b['fallback_rate']:.2f}; dropped {b['dropped_copies']}")
   v3 = res["v3_shape_routing"]
   lines.append(f"DeepSeek-V3 shape (E={v3['n_routed_experts']}, k={v3['num_experts_per_tok']}, "
                f"{v3['nodes']} nodes, router only, {v3['tokens']} tokens):")
@@ -230,7 +300,8 @@ def table(res: dict) -> str:
 
 
 def run(config: str = "bench", nodes: int = 8, limit: int = 4, tokens_per_device: int = 128,
-        iters: int = 3, capacity_factor: float = 1.25, v3_tokens: int = 4096) -> dict:
+        iters: int = 3, capacity_factor: float = 1.25, v3_tokens: int = 4096,
+        dispatch_factor: float = 2.0, v3_tokens_per_device: int = 4096) -> dict:
   """The whole benchmark on the current devices (emulated ones: set XLA_FLAGS first)."""
   import jax
   jax.config.update("jax_threefry_partitionable", True)
@@ -241,6 +312,9 @@ def run(config: str = "bench", nodes: int = 8, limit: int = 4, tokens_per_device
                                   / v3["unlimited"]["remote_nodes_per_token"])
   v3["reduction_max_nodes"] = (v3["node_limited"]["nodes_per_token_max"]
                                / v3["unlimited"]["nodes_per_token_max"])
-  layer = layer_benchmark(config, nodes, limit, tokens_per_device, iters, capacity_factor)
-  return {"layer": layer, "v3_shape_routing": v3,
+  layer = layer_benchmark(config, nodes, limit, tokens_per_device, iters, capacity_factor,
+                          dispatch_factor)
+  buffers = v3_dispatch_buffers(v3_tokens_per_device, limit=limit,
+                                dispatch_factor=dispatch_factor)
+  return {"layer": layer, "v3_shape_routing": v3, "v3_dispatch_buffers": buffers,
           "platform": jax.devices()[0].platform, "jax": jax.__version__}
