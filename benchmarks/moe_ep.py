@@ -61,6 +61,7 @@ def v3_shape_routing(n_tokens: int, limit: int, nodes: int = 8) -> dict:
   from configs import dsv3
   from dsv3_jax import config as config_lib
   from dsv3_jax.layers.routing import route
+  from dsv3_jax.parallel import node_dispatch
 
   base = config_lib.from_dict({"model": dsv3.get_config("671b").model.to_dict()}).model
   d, e = base.hidden_size, base.n_routed_experts
@@ -73,7 +74,12 @@ def v3_shape_routing(n_tokens: int, limit: int, nodes: int = 8) -> dict:
   for name, m in (("node_limited", limit), ("unlimited", base.n_group)):
     cfg = config_lib.replace(config_lib.Config(model=base), model={"topk_group": m}).model
     experts = np.asarray(jax.jit(lambda x: route(x, gate, bias, cfg).experts_Nxk)(x))
-    out[name] = {"topk_group": m, **routing_traffic(experts, src_node_N, e, nodes)}
+    out[name] = {"topk_group": m, **routing_traffic(experts, src_node_N, e, nodes),
+                 # Flat vs two-stage (node, then GPU) dispatch; FP8 dispatch, BF16 combine.
+                 "cross_node_bytes": node_dispatch.cross_node_traffic(
+                     experts, src_node_N, e, nodes, hidden_size=d)}
+  out["two_stage"] = node_dispatch.traffic_ratios(out["node_limited"]["cross_node_bytes"],
+                                                  out["unlimited"]["cross_node_bytes"])
   return out
 
 
@@ -296,6 +302,18 @@ def table(res: dict) -> str:
                  f"{r['cross_node_copies_per_token']:.2f}")
   lines.append(f"  remote nodes per token: x{v3['reduction_remote_nodes']:.3f}; "
                f"max nodes per token: x{v3['reduction_max_nodes']:.3f}")
+  if "two_stage" in v3:
+    lim, unl = v3["node_limited"], v3["unlimited"]
+    m, u = lim["topk_group"], unl["topk_group"]
+    lb, ub = lim["cross_node_bytes"], unl["cross_node_bytes"]
+    two = v3["two_stage"]
+    lines.append(f"  cross-node KB/token (FP8 dispatch + BF16 combine): flat M={u} "
+                 f"{ub['flat_bytes_per_token'] / 1e3:.1f}, flat M={m} "
+                 f"{lb['flat_bytes_per_token'] / 1e3:.1f}, two-stage M={u} "
+                 f"{ub['two_stage_bytes_per_token'] / 1e3:.1f}, two-stage M={m} "
+                 f"{lb['two_stage_bytes_per_token'] / 1e3:.1f}; two-stage M={m} / flat M={u} "
+                 f"x{two['two_stage_limited_vs_flat_unlimited']:.3f}, / two-stage M={u} "
+                 f"x{two['two_stage_limited_vs_two_stage_unlimited']:.3f}")
   return "\n".join(lines)
 
 

@@ -1,0 +1,314 @@
+"""Node-limited two-stage expert dispatch: each token crosses to a node once, then fans out.
+
+DeepSeek-V3's cross-node all-to-all (arXiv 2412.19437 §3.2.2) sends each token over IB to
+each node hosting one of its chosen experts exactly once — to the GPU with the same in-node
+index as the sender — and that GPU forwards it over NVLink to the GPUs of its node hosting
+the experts. Node-limited routing (§2.1.2: with expert groups nested in nodes, n_group a
+multiple of the node count, `topk_group = M` keeps a token within M nodes; M = 4 of 8 nodes
+in the report) bounds the IB sends per token by M, where a flat all-to-all of copies sends up
+to k = 8 per token. Combine runs in reverse: each expert's output returns to the forwarding
+GPU, which pre-sums the copies of a token that went to its node (weighted by the routing
+weights), and a single vector per (token, node) goes back over IB to the source, which sums
+over nodes.
+
+Here that is SPMD inside the `shard_map` over the `expert` axis of `parallel/expert.py`, with
+EP rank = node * G + local rank (G = `ranks_per_node`, the ranks of one node are
+consecutive). The two stages are `all_to_all`s over the same axis restricted to subgroups
+(`axis_index_groups`; the tests run them on emulated XLA:CPU devices), so the layer runs in
+the same shard_map as the flat dispatch:
+
+  stage 1 (IB)     groups of the J nodes' peers with one local rank ([l, G + l, 2G + l, ...]);
+                   buffer [J, S1, D]: row [j, t] is the t-th token (token order) this rank
+                   sends to node j, with the token's k expert ids in node j (sentinel when an
+                   expert lies elsewhere) and their routing weights [J, S1, k];
+  stage 2 (NVLink) groups of one node's G ranks; the forwarder splits each received token
+                   into its copies and sends each to the rank of its expert: buffer [G, S2, D]
+                   plus local expert ids [G, S2] (empty slots carry El);
+  experts          `layers/experts.expert_rows` on the G*S2 received rows;
+  combine          inverse stage 2 (outputs back to the forwarder; it sums a token's copies
+                   weighted by their routing weights), inverse stage 1 (one vector per
+                   (token, node) back to the source; it sums over nodes).
+
+Dropless with fixed buffers, never overflowing (`two_stage_slots`):
+  S1 = N        a token goes to a node at most once, so a source sends at most its N tokens
+                to one node;
+  S2 = J * N * min(k, El)
+                a forwarder receives at most N tokens from each of its J peers (itself
+                included), and a token has at most min(k, El) of its k distinct experts on one
+                rank (El = E / R experts per rank).
+Both are reached: when every token picks the same k experts on one node, every source fills
+its S1 slots to that node and every forwarder there fills its S2 slots (`min(k, El)` copies of
+J*N tokens) to the rank holding them. The worst case is R * N * min(k, El) received rows, as
+for the flat dispatch, so a dropless step first uses buffers of `dispatch_factor` x the mean
+(S1: N * min(M, J) / J tokens per node pair; S2: N * k / G copies per rank pair, which is the
+mean under balanced routing) and falls back to the worst case — every rank together, the
+overflow flag of either stage psum'ed so the all_to_alls stay aligned — only when some rank
+would overflow one of them. Stage 2's counts are known before stage 1 runs: each rank
+all-gathers the [R] copy counts per destination rank of every rank (R*R integers) and sums
+them per forwarder.
+
+Traffic (`cross_node_traffic`): the flat dispatch sends every copy whose expert is on another
+node across nodes (and its output back); the two-stage one sends one vector per distinct
+remote node of a token each way. The report dispatches in FP8 and combines in BF16 (§3.3.3),
+the default item sizes here. Metadata (k ids and weights per (token, node): 8k bytes vs
+D = 7168 activations) is left out of both.
+
+Legend: N local tokens, k experts per token, D model, E experts, R expert ranks, J nodes,
+G ranks per node, El = E / R experts per rank, En = E / J experts per node, T = J * S1 rows a
+forwarder receives, S1 / S2 slots per destination in stage 1 / 2.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.experts import combine, expert_rows
+from dsv3_jax.layers.routing import Routing, expert_load, route, sequence_balance_loss
+from dsv3_jax.parallel.expert import EXPERT, STATS, ExpertParallel, max_nodes_per_token
+from dsv3_jax.parallel.mesh import BATCH
+
+
+# ----------------------------------------------------------------------------- groups, sizes
+def node_groups(ep: ExpertParallel) -> list[list[int]]:
+  """Stage 1's all_to_all groups: per local rank l, the ranks with in-node index l, in node
+  order (so a rank's index in its group is its node)."""
+  g = ep.ranks_per_node
+  return [[node * g + local for node in range(ep.n_nodes)] for local in range(g)]
+
+
+def gpu_groups(ep: ExpertParallel) -> list[list[int]]:
+  """Stage 2's all_to_all groups: per node, its ranks in local-rank order."""
+  g = ep.ranks_per_node
+  return [[node * g + local for local in range(g)] for node in range(ep.n_nodes)]
+
+
+def _all_to_all(x, groups: list[list[int]]):
+  """all_to_all over the `expert` axis within `groups` (leading axis = group size)."""
+  if len(groups[0]) == 1:
+    return x  # a group of one rank: nothing moves
+  return jax.lax.all_to_all(x, EXPERT, 0, 0,
+                            axis_index_groups=None if len(groups) == 1 else groups)
+
+
+def two_stage_slots(n_local_tokens: int, cfg: ModelConfig, ep: ExpertParallel) -> tuple[int, int]:
+  """(S1, S2): the worst-case slots per destination of stage 1 and stage 2, which never
+  overflow (the module docstring proves both bounds and that they are reached)."""
+  e_loc = cfg.n_routed_experts // ep.size
+  return n_local_tokens, ep.n_nodes * n_local_tokens * min(cfg.num_experts_per_tok, e_loc)
+
+
+def _round8(x: float) -> int:
+  return -(-math.ceil(x) // 8) * 8
+
+
+def fast_two_stage_slots(n_local_tokens: int, cfg: ModelConfig,
+                         ep: ExpertParallel) -> tuple[int, int]:
+  """The dropless fast path's (S1, S2): `dispatch_factor` x the mean (rounded up to 8), never
+  more than the worst case; the worst case when the fast path is off (`dispatch_factor` 0)."""
+  s1, s2 = two_stage_slots(n_local_tokens, cfg, ep)
+  if not ep.dispatch_factor:
+    return s1, s2
+  j, f = ep.n_nodes, ep.dispatch_factor
+  mean1 = n_local_tokens * max_nodes_per_token(cfg, j) / j
+  mean2 = n_local_tokens * cfg.num_experts_per_tok / ep.ranks_per_node
+  return min(s1, _round8(f * mean1)), min(s2, _round8(f * mean2))
+
+
+def validate(cfg: ModelConfig, ep: ExpertParallel) -> ExpertParallel:
+  ep.validate(cfg)
+  if ep.capacity_factor:
+    raise ValueError(f"invalid config field `parallel.capacity_factor` = {ep.capacity_factor}: "
+                     f"the two-stage dispatch is dropless only (must be 0)")
+  return ep
+
+
+def _positions(dst_C: jax.Array, n_dst: int) -> jax.Array:
+  """Each entry's position (in order) among the entries with the same destination; -1 for
+  entries whose destination is outside [0, n_dst)."""
+  onehot_CxR = dst_C[:, None] == jnp.arange(n_dst, dtype=dst_C.dtype)[None, :]
+  running_CxR = jnp.cumsum(onehot_CxR.astype(jnp.int32), axis=0)
+  return jnp.sum(running_CxR * onehot_CxR, axis=1) - 1
+
+
+# ----------------------------------------------------------------------------- dispatch
+def _dispatch(x_NxD, experts_Nxk, weights_Nxk, w1, w3, w2, s1: int, s2: int, *,
+              cfg: ModelConfig, ep: ExpertParallel):
+  """Both stages with S1 / S2 slots, the local experts and the reverse combine: [N, D]."""
+  n, d = x_NxD.shape
+  k = experts_Nxk.shape[1]
+  j, g = ep.n_nodes, ep.ranks_per_node
+  e_loc = cfg.n_routed_experts // ep.size
+  e_node = e_loc * g
+  node_Nxk = experts_Nxk // e_node
+
+  # Stage 1: one row per (token, node it reaches), to the peer with this rank's local index.
+  in_node_NxJxk = node_Nxk[:, None, :] == jnp.arange(j, dtype=node_Nxk.dtype)[None, :, None]
+  to_node_NxJ = jnp.any(in_node_NxJxk, axis=2)
+  slot1_NxJ = jnp.cumsum(to_node_NxJ.astype(jnp.int32), axis=0) - 1  # token order
+  slot1_NxJ = jnp.where(to_node_NxJ & (slot1_NxJ < s1), slot1_NxJ, s1)  # s1: dropped
+  node_NxJ = jnp.broadcast_to(jnp.arange(j)[None, :], (n, j))
+  send_x_JxSxD = jnp.zeros((j, s1, d), x_NxD.dtype).at[node_NxJ, slot1_NxJ].set(
+      jnp.broadcast_to(x_NxD[:, None, :], (n, j, d)), mode="drop")
+  e_NxJxk = jnp.where(in_node_NxJxk, (experts_Nxk % e_node)[:, None, :], e_node)
+  w_NxJxk = jnp.where(in_node_NxJxk, weights_Nxk[:, None, :], 0.0)
+  send_e_JxSxk = jnp.full((j, s1, k), e_node, jnp.int32).at[node_NxJ, slot1_NxJ].set(
+      e_NxJxk.astype(jnp.int32), mode="drop")
+  send_w_JxSxk = jnp.zeros((j, s1, k), weights_Nxk.dtype).at[node_NxJ, slot1_NxJ].set(
+      w_NxJxk, mode="drop")
+  nodes = node_groups(ep)
+  recv_x_TxD = _all_to_all(send_x_JxSxD, nodes).reshape(j * s1, d)
+  recv_e_C = _all_to_all(send_e_JxSxk, nodes).reshape(j * s1 * k)  # copy c: row c // k
+  recv_w_Txk = _all_to_all(send_w_JxSxk, nodes).reshape(j * s1, k)
+
+  # Stage 2 (at the forwarder): each copy to the rank of its node holding its expert.
+  real_C = recv_e_C < e_node
+  dst_C = jnp.where(real_C, recv_e_C // e_loc, g)
+  slot2_C = _positions(dst_C, g)
+  keep_C = real_C & (slot2_C < s2)
+  slot2_C = jnp.where(keep_C, slot2_C, s2)  # s2: dropped
+  row_C = jnp.arange(j * s1 * k, dtype=jnp.int32) // k
+  send2_x_GxSxD = jnp.zeros((g, s2, d), x_NxD.dtype).at[dst_C, slot2_C].set(
+      recv_x_TxD[row_C], mode="drop")
+  send2_e_GxS = jnp.full((g, s2), e_loc, jnp.int32).at[dst_C, slot2_C].set(
+      recv_e_C % e_loc, mode="drop")
+  gpus = gpu_groups(ep)
+  recv2_x_GxSxD = _all_to_all(send2_x_GxSxD, gpus)
+  recv2_e_GxS = _all_to_all(send2_e_GxS, gpus)
+  y_rows = expert_rows(recv2_x_GxSxD.reshape(g * s2, d), recv2_e_GxS.reshape(g * s2), w1, w3,
+                       w2, block=cfg.expert_block_size, precision=cfg.matmul_precision,
+                       expected_rows=n * k)
+
+  # Combine, stage 2 inverse: outputs back to the forwarder, which pre-sums each token's
+  # copies in this node weighted by their routing weights (zero for copies elsewhere).
+  back2_GxSxD = _all_to_all(y_rows.reshape(g, s2, d), gpus)
+  y_CxD = back2_GxSxD[jnp.minimum(dst_C, g - 1), jnp.minimum(slot2_C, s2 - 1)]
+  y_CxD = jnp.where(keep_C[:, None], y_CxD, 0)
+  y_TxD = combine(y_CxD, recv_w_Txk, x_NxD.dtype)
+
+  # Stage 1 inverse: one vector per (token, node) back to the source, summed over nodes.
+  back1_JxSxD = _all_to_all(y_TxD.reshape(j, s1, d), nodes)
+  y_NxJxD = back1_JxSxD[node_NxJ, jnp.minimum(slot1_NxJ, s1 - 1)]
+  y_NxJxD = jnp.where((slot1_NxJ < s1)[:, :, None], y_NxJxD.astype(jnp.float32), 0.0)
+  return y_NxJxD.sum(1).astype(x_NxD.dtype)
+
+
+def _overflows(experts_Nxk, s1: int, s2: int, *, cfg: ModelConfig, ep: ExpertParallel):
+  """Whether this rank's stage-1 sends or, for some forwarder, the stage-2 copies it gets
+  from this rank's node peers overflow S1 / S2 slots."""
+  j, g, r = ep.n_nodes, ep.ranks_per_node, ep.size
+  e_loc = cfg.n_routed_experts // r
+  node_Nxk = experts_Nxk // (e_loc * g)
+  to_node_NxJ = jnp.any(node_Nxk[:, :, None] == jnp.arange(j)[None, None, :], axis=1)
+  over1 = jnp.any(to_node_NxJ.sum(0) > s1)
+  copies_R = jnp.zeros((r,), jnp.int32).at[experts_Nxk.reshape(-1) // e_loc].add(1)
+  # Forwarder (node i, local l) gets, for rank (i, h), the copies of every source with
+  # local rank l: sum over the sources' nodes.
+  copies_RxR = jax.lax.all_gather(copies_R, EXPERT)  # [source, destination]
+  fwd_GxJxG = copies_RxR.reshape(j, g, j, g).sum(0)  # [local l, node i, rank h in node i]
+  over2 = jnp.any(fwd_GxJxG > s2)
+  return over1 | over2
+
+
+def two_stage_dispatch(x_NxD: jax.Array, routing: Routing, w1, w3, w2, *, cfg: ModelConfig,
+                       ep: ExpertParallel):
+  """The routed experts' output [N, D] of this shard's tokens by the two-stage dispatch
+  (inside a shard_map over the whole mesh), and whether this layer fell back to the
+  worst-case buffers (a bool every rank agrees on). Dropless: every copy is computed."""
+  n = x_NxD.shape[0]
+  s1, s2 = two_stage_slots(n, cfg, ep)
+  f1, f2 = fast_two_stage_slots(n, cfg, ep)
+  run = functools.partial(_dispatch, x_NxD, routing.experts_Nxk, routing.weights_Nxk, w1, w3,
+                          w2, cfg=cfg, ep=ep)
+  if (f1, f2) == (s1, s2):
+    return run(s1, s2), jnp.zeros((), bool)
+  over = _overflows(routing.experts_Nxk, f1, f2, cfg=cfg, ep=ep).astype(jnp.int32)
+  fallback = jax.lax.psum(over, BATCH) > 0
+  return jax.lax.cond(fallback, lambda: run(s1, s2), lambda: run(f1, f2)), fallback
+
+
+# ----------------------------------------------------------------------------- the EP layer
+def shard_routed_experts(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, *, cfg: ModelConfig,
+                         ep: ExpertParallel, reduce_stats: bool = True):
+  """`parallel/expert.shard_routed_experts` with the two-stage dispatch: the same outputs
+  and aux entries (until expert.py calls `two_stage_dispatch` itself)."""
+  b, l, d = x_bxLxD.shape
+  n = b * l
+  x_NxD = x_bxLxD.reshape(n, d)
+  routing = route(x_NxD, gate_DxE, bias_E, cfg)
+  y_NxD, fallback = two_stage_dispatch(x_NxD, routing, w1, w3, w2, cfg=cfg, ep=ep)
+
+  psum = functools.partial(jax.lax.psum, axis_name=BATCH)
+  psum_stats = psum if reduce_stats else (lambda v: v)
+  load_E = psum_stats(jax.lax.stop_gradient(expert_load(routing.experts_Nxk,
+                                                       cfg.n_routed_experts)))
+  balance = sequence_balance_loss(routing, b, cfg)
+  if reduce_stats:
+    balance = psum(balance) / ep.n_shards
+  node_Nxk = routing.experts_Nxk // (cfg.n_routed_experts // ep.n_nodes)
+  my_node = jax.lax.axis_index(EXPERT) // ep.ranks_per_node
+  reached_NxJ = jnp.any(node_Nxk[:, :, None] == jnp.arange(ep.n_nodes)[None, None, :], axis=1)
+  remote_sends = jnp.sum(reached_NxJ) - jnp.sum(reached_NxJ[:, my_node])
+  stats = {
+      "dropped_copies": jnp.zeros((), jnp.float32),
+      "cross_node_copies": psum_stats(jnp.sum(node_Nxk != my_node).astype(jnp.float32)),
+      "remote_node_sends": psum_stats(remote_sends.astype(jnp.float32)),
+      "dispatch_fallbacks": fallback.astype(jnp.float32) / (1 if reduce_stats else ep.n_shards),
+  }
+  aux = {"load": load_E, "balance_loss": balance, **jax.lax.stop_gradient(stats)}
+  return y_NxD.reshape(b, l, d), aux
+
+
+def routed_experts(x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD,
+                   cfg: ModelConfig, ep: ExpertParallel):
+  """`parallel/expert.routed_experts` with the two-stage dispatch (same results and aux)."""
+  validate(cfg, ep)
+  b = x_BxLxD.shape[0]
+  if b % ep.n_shards:
+    raise ValueError(f"expert parallelism splits the batch over data x expert = {ep.n_shards} "
+                     f"shards; batch {b} is not divisible by it")
+  batch_spec, expert_spec = P(BATCH, None, None), P(EXPERT, None, None)
+  aux_specs = {"load": P(), "balance_loss": P(), **{name: P() for name in STATS}}
+  # check_vma=False for the expert kernel's mesh-invariant zeros, as in parallel/expert.py.
+  fn = jax.shard_map(functools.partial(shard_routed_experts, cfg=cfg, ep=ep), mesh=ep.mesh,
+                     in_specs=(batch_spec, P(), P(), expert_spec, expert_spec, expert_spec),
+                     out_specs=(batch_spec, aux_specs), check_vma=False)
+  return fn(x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD)
+
+
+# ----------------------------------------------------------------------------- traffic
+def cross_node_traffic(experts_Nxk, src_node_N, n_experts: int, n_nodes: int, *,
+                       hidden_size: int = 1, dispatch_itemsize: int = 1,
+                       combine_itemsize: int = 2) -> dict:
+  """Cross-node sends and bytes per token of a routing (numpy), flat vs two-stage dispatch,
+  for tokens living on nodes `src_node_N`. Flat: every copy whose expert is on another node
+  crosses (dispatch) and its output crosses back (combine). Two-stage: one vector per
+  distinct remote node each way. Bytes = sends x D x (dispatch + combine item sizes)."""
+  experts_Nxk, src_node_N = np.asarray(experts_Nxk), np.asarray(src_node_N)
+  node_Nxk = experts_Nxk // (n_experts // n_nodes)
+  flat_N = (node_Nxk != src_node_N[:, None]).sum(1)
+  reached_NxJ = np.zeros((len(node_Nxk), n_nodes), bool)
+  np.put_along_axis(reached_NxJ, node_Nxk, True, axis=1)
+  two_stage_N = reached_NxJ.sum(1) - reached_NxJ[np.arange(len(node_Nxk)), src_node_N]
+  per_send = hidden_size * (dispatch_itemsize + combine_itemsize)
+  return {"flat_sends_per_token": float(flat_N.mean()),
+          "two_stage_sends_per_token": float(two_stage_N.mean()),
+          "two_stage_sends_max": int(two_stage_N.max()),
+          "flat_bytes_per_token": float(flat_N.mean()) * per_send,
+          "two_stage_bytes_per_token": float(two_stage_N.mean()) * per_send}
+
+
+def traffic_ratios(limited: dict, unlimited: dict) -> dict:
+  """Cross-node bytes per token compared, from `cross_node_traffic` of the same tokens routed
+  node-limited (M < nodes) and unlimited: two-stage M vs flat unlimited (the report's
+  "about halves"), two-stage M vs two-stage unlimited, and two-stage vs flat at M."""
+  return {"two_stage_limited_vs_flat_unlimited": (limited["two_stage_bytes_per_token"]
+                                                  / unlimited["flat_bytes_per_token"]),
+          "two_stage_limited_vs_two_stage_unlimited": (limited["two_stage_bytes_per_token"]
+                                                       / unlimited["two_stage_bytes_per_token"]),
+          "two_stage_vs_flat_limited": (limited["two_stage_bytes_per_token"]
+                                        / limited["flat_bytes_per_token"])}
