@@ -8,7 +8,7 @@ Rows whose expert id equals E (the number of experts) are empty slots and come b
 Three formulations behind it, chosen at trace time from static shapes:
 
 * capacity buckets (training and prefill, fp32/bf16): rows are stably sorted by expert and
-  scattered into an [E, C, D] buffer, C = ceil(capacity_factor * rows / E) rounded up to 8;
+  scattered into an [E, C, D] buffer, C about capacity_factor x the mean rows per expert;
   the SwiGLU is three batched GEMMs over E (`_bmm`, whose custom VJP lays out every operand
   so that the forward, the input gradient and the weight gradient x^T g are plain row-major
   GEMMs). Copies past an expert's C slots are not dropped: an exact overflow pass (the block
@@ -17,8 +17,10 @@ Three formulations behind it, chosen at trace time from static shapes:
 * padded blocks (FP8, and the overflow pass): rows sorted by expert, each expert's group
   padded to a multiple of S rows, a loop over blocks multiplies each block by its expert's
   weights (`grouped_matmul`; the FP8 variant is `quant/fp8_grouped.py`).
-* gathered weights (decode, rows <= experts): each row gathers its expert's weights, one
-  batched product, no padding.
+* gathered weights (decode at batch 1: rows <= experts / 4): each row gathers its expert's
+  weights, one batched product, no padding. Above that, decode takes the buckets too: each
+  expert's weights are streamed once, in place, by the batched GEMM (`capacity` sizes the
+  buckets by the Poisson spread of a few rows per expert).
 
 DeepSeek-V3's experts are SwiGLU FFNs `W2(silu(W1 x) * W3 x)` (arXiv 2412.19437 §2.1.2).
 
@@ -72,9 +74,15 @@ _bmm.defvjp(_bmm_fwd, _bmm_bwd)
 
 
 def capacity(rows: int, n_experts: int, factor: float = CAPACITY_FACTOR) -> int:
-  """Bucket slots per expert: ceil(factor * rows / E), rounded up to a multiple of 8."""
-  c = math.ceil(factor * rows / max(n_experts, 1))
-  return max(8, -(-c // 8) * 8)
+  """Bucket slots per expert for `rows` rows spread over E experts (mean m = rows / E).
+
+  m + max((factor - 1) m, 3 sqrt(m) + 1): `factor` x the mean when experts get many rows
+  (training, prefill), about three standard deviations of a Poisson count above the mean when
+  they get few (decode), so the exact overflow pass stays rare; multiples of 8 above 8.
+  """
+  m = rows / max(n_experts, 1)
+  c = math.ceil(m + max((factor - 1.0) * m, 3.0 * math.sqrt(m) + 1.0))
+  return c if c <= 8 else -(-c // 8) * 8
 
 
 def _bucket_rows(x_RxD, expert_R, w1, w3, w2, precision, factor, expected_rows):
@@ -253,7 +261,9 @@ def expert_rows(x_RxD: jax.Array, expert_R: jax.Array, w1_ExDxF: jax.Array,
   e = w1_ExDxF.shape[0]
   r = x_RxD.shape[0]
   if path is None:
-    path = "block" if precision == "fp8" else "gather" if r <= e else "bucket"
+    # Gathering copies each row's expert weights (~3x their bytes per row); buckets read every
+    # expert's weights once, in place: gather only while rows are a small fraction of experts.
+    path = "block" if precision == "fp8" else "gather" if 4 * r <= e else "bucket"
   if path not in PATHS:
     raise ValueError(f"unknown expert kernel path {path!r}: must be one of {PATHS}")
   if path == "block" or precision == "fp8":
