@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (REFERENCE §2).
+"""Multi-head Latent Attention (arXiv 2412.19437 §2.1.1, eqs. 1-11).
 
 Queries go through an optional low-rank bottleneck (`W_qa`, RMSNorm, `W_qb`); keys and
 values are compressed into one `kv_lora_rank` latent `c_kv` per token (RMSNorm'd) plus one

@@ -1,7 +1,8 @@
-"""Tests for dsv3_jax.layers.moe: the router, the dropless grouped experts, the balance loss.
+"""Tests for DeepSeekMoE's pieces (layers/routing.py, layers/experts.py): the router, the
+dropless expert kernel (every formulation), the balance loss.
 
 Each piece is checked against a float64 NumPy reference written here from the formulas of
-REFERENCE §3 (DeepSeek's routing with -inf group masking, a per-token loop over the chosen
+arXiv 2412.19437 §2.1.2, eqs. 12-20 (DeepSeek's routing with -inf group masking, a per-token loop over the chosen
 experts, the report's sequence-wise balance loss), and against properties that must hold for
 any input: exactly k distinct experts within at most topk_group groups, weights summing to
 the routed scaling factor, a block layout that never overflows.
