@@ -6,7 +6,11 @@ implementations on the same weights and CPU (torch threads = cores): prefill tok
 greedy decode tokens/s per batch size (the prefill subtracted), KV-cache bytes per token (MLA
 caches the compressed latent, arXiv 2412.19437 §2.1.1) and this machine's memory bandwidth,
 to state decode as a fraction of the bandwidth limit (weights and cache streamed once per
-step).
+step). With `speculative`, MTP self-speculative decoding (arXiv 2412.19437 §2.2, §5.4.3;
+`dsv3_jax/serving/speculative.py`) beside plain greedy decoding of the same model (the same
+main weights plus a random MTP layer) per batch: acceptance rate, tokens/s of both and their
+ratio, and the cost of one speculative step in plain steps with the speedup it would give at
+the report's 85% acceptance (random weights accept little: the measured ratio is a floor).
 """
 
 import os
@@ -100,8 +104,30 @@ def bench_hf(path, batches, prefill_batch, prefill_len, prompt_len, new, vocab):
   return out
 
 
+def bench_speculative(cfg, batches, prompt_len, new) -> dict:
+  """MTP speculative vs plain greedy decoding (`speculative.measure`) per batch size."""
+  import dataclasses
+
+  import numpy as np
+
+  from dsv3_jax import model as model_lib
+  from dsv3_jax.serving import speculative
+
+  # Seed 0 gives the main weights of the plain model (the MTP layer is created last).
+  model = model_lib.create(dataclasses.replace(cfg, num_nextn_predict_layers=1), seed=0)
+  rng = np.random.default_rng(0)
+  out = {}
+  for b in batches:
+    prompts = rng.integers(0, cfg.vocab_size, (b, prompt_len)).tolist()
+    m = speculative.measure(model, prompts, max_new_tokens=new, reps=2)
+    m["speedup_at_acceptance_0.85"] = 1.85 / m["step_cost"]
+    out[f"b{b}"] = m
+  return out
+
+
 def run(config: str = "bench", batches=(1, 8), prefill_batch: int = 4, prefill_len: int = 512,
-        prompt_len: int = 128, new_tokens: int = 64, peer: bool = True) -> dict:
+        prompt_len: int = 128, new_tokens: int = 64, peer: bool = True,
+        speculative: bool = True) -> dict:
   """Times both implementations; returns the JSON-ready result `report` prints."""
   import dataclasses
 
@@ -125,6 +151,8 @@ def run(config: str = "bench", batches=(1, 8), prefill_batch: int = 4, prefill_l
     floor = decode_bytes_per_step(cfg, b, context, ours["cache_bytes_per_token"]) / bandwidth
     ours[f"decode_b{b}_fraction_of_bandwidth_limit"] = (
         ours[f"decode_b{b}_tokens_per_s"] * floor / b)
+  if speculative:
+    result["speculative"] = bench_speculative(cfg, batches, prompt_len, new_tokens)
   if peer:
     try:
       from dsv3_jax.checkpoint.hf import save_hf
@@ -159,6 +187,15 @@ def report(result: dict) -> str:
   for b in batches:
     lines.append(f"  decode b{b}: {100 * ours[f'decode_b{b}_fraction_of_bandwidth_limit']:.0f}% "
                  "of the memory-bandwidth limit")
+  if "speculative" in result:
+    lines.append(f"  {'MTP speculative (greedy)':<26}{'acceptance':>11}{'spec tok/s':>12}"
+                 f"{'plain tok/s':>12}{'ratio':>8}{'step cost':>10}{'@85%':>8}")
+    for b in batches:
+      m = result["speculative"][f"b{b}"]
+      lines.append(f"  {f'decode_b{b}':<26}{m['acceptance_rate']:>11.2f}"
+                   f"{m['speculative_tokens_per_s']:>12.1f}{m['plain_tokens_per_s']:>12.1f}"
+                   f"{m['speedup']:>7.2f}x{m['step_cost']:>10.2f}"
+                   f"{m['speedup_at_acceptance_0.85']:>7.2f}x")
   if "skipped" in hf:
     lines.append(f"  HF transformers: {hf['skipped']}")
   return "\n".join(lines)

@@ -8,8 +8,10 @@ process measures both implementations on the same weights and CPU (torch threads
 prefill tokens/s (batch x prefill_len), greedy decode tokens/s at batch 1 and 8 (prompt
 `prompt_len`, `new_tokens` new; the prefill is subtracted), KV-cache bytes per token, and this
 machine's memory bandwidth (a large copy timed in the same run), to state decode as a fraction
-of the bandwidth limit (weights and cache streamed once per step). `benchmarks/decode.py`
-is the body. Prints a table, writes JSON.
+of the bandwidth limit (weights and cache streamed once per step); with --speculative (the
+default), MTP self-speculative decoding beside plain greedy decoding: acceptance rate,
+tokens/s and their ratio at each batch. `benchmarks/decode.py` is the body. Prints a table,
+writes JSON.
 """
 
 import sys
@@ -25,6 +27,8 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Decode prompt length.")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "Greedy tokens per sequence.")
 _BATCHES = flags.DEFINE_list("decode_batches", ["1", "8"], "Decode batch sizes.")
 _PEER = flags.DEFINE_bool("peer", True, "Also time HF transformers (needs the `hf` extra).")
+_SPECULATIVE = flags.DEFINE_bool("speculative", True, "Also time MTP self-speculative decoding "
+                                 "(acceptance rate, tokens/s vs plain).")
 _OUT = flags.DEFINE_string("out", "runs/benchmark_decode.json", "JSON output.")
 
 
@@ -35,7 +39,7 @@ def main(argv):
   from benchmarks import decode
 
   result = decode.run(_CONFIG.value, _BATCHES.value, _PREFILL_BATCH.value, _PREFILL_LEN.value,
-                      _PROMPT_LEN.value, _NEW.value, _PEER.value)
+                      _PROMPT_LEN.value, _NEW.value, _PEER.value, _SPECULATIVE.value)
   print(decode.report(result))
   common.write_json(_OUT.value, result)
 

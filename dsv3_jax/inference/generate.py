@@ -6,8 +6,9 @@ sequence at its own position, until every sequence has emitted EOS or `max_new_t
 Right padding is safe: a padded slot at position p is overwritten by the token generated
 for p before any query at position >= p reads it.
 
-Sampling (REFERENCE §8): temperature 0 is greedy argmax; otherwise logits / T, optionally
-restricted to the top-k and to the top-p nucleus, sampled with `jax.random.categorical`.
+Sampling (as DeepSeek-V3's generate code does): temperature 0 is greedy argmax; otherwise
+logits / T, optionally restricted to the top-k and to the top-p nucleus, sampled with
+`jax.random.categorical`.
 """
 
 import dataclasses
@@ -57,6 +58,14 @@ def sample(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int
   """Next token ids [B] from float32 logits; the filters are static Python numbers."""
   if temperature == 0.0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits = filter_logits(logits_BxV, temperature, top_k, top_p)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def filter_logits(logits_BxV: jax.Array, temperature: float, top_k: int,
+                  top_p: float) -> jax.Array:
+  """The logits `sample` draws from at temperature > 0: scaled by 1/T, tokens outside the
+  top-k and the top-p nucleus set to -inf (their softmax is the sampling distribution)."""
   logits = logits_BxV.astype(jnp.float32) / max(temperature, 1e-5)
   if top_k:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -69,7 +78,7 @@ def sample(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int
     keep_sorted = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
     threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  return logits
 
 
 def _bucket(n: int, multiple: int = 16) -> int:
