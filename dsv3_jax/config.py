@@ -251,6 +251,9 @@ class ParallelConfig:
   # (src, dst) pair; when any rank overflows, every rank takes the exact worst-case buffer
   # together for that layer (0 = always the worst-case buffer).
   dispatch_factor: float = 2.0
+  # Node-limited two-stage dispatch (arXiv 2412.19437 §3.2.2): a token crosses to each chosen
+  # node once (to the same local rank there), then fans out to that node's ranks.
+  ep_two_stage: bool = False
   pipeline: str = "none"  # none | 1f1b | dualpipe
   microbatches: int = 4  # pipeline micro-batches per step
 

@@ -16,10 +16,11 @@ Dropless by construction: a rank holds E/R experts and a token picks k distinct 
 token sends at most min(k, E/R) copies to one rank and a source sends at most
 `N_local * min(k, E/R)` copies to one destination — the worst-case slot count S, which can
 never overflow. That buffer is R * min(k, E/R) / k times the real copies (32x at the 671B
-shape with EP=64), so a dropless step first uses a fast buffer of `dispatch_factor` x the mean
-copies per (src, dst) pair and falls back to the worst-case one — all ranks together, the
-overflow flag psum'ed so the all_to_alls stay aligned — only when some rank overflows
-(`dispatch_fallbacks` counts those layers). `capacity_factor` > 0 instead sizes S = ceil(cf * N_local * k / R): copies beyond
+shape with EP=64), so a dropless step sends its copies in rounds of a bounded buffer of
+`dispatch_factor` x the mean copies per (src, dst) pair: one round unless some rank overflows
+it, then further rounds of the same size — all ranks together, the round count pmax'ed so
+the all_to_alls stay aligned — until every copy has gone (`dispatch_fallbacks` counts the
+layers that needed more than one). Memory is one bounded buffer, whatever the routing. `capacity_factor` > 0 instead sizes S = ceil(cf * N_local * k / R): copies beyond
 a destination's S slots are dropped (their weight zeroed, token order decides) and counted
 exactly in the `dropped_copies` statistic, which is provably zero in the default.
 
@@ -41,6 +42,7 @@ destination, D model, E experts, El experts per rank.
 import dataclasses
 import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -148,32 +150,29 @@ def _slots(dst_C: jax.Array, n_ranks: int) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- the EP layer
-def shard_routed_experts(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, *, cfg: ModelConfig,
-                         ep: ExpertParallel, reduce_stats: bool = True):
-  """One mesh shard (inside a shard_map over the whole mesh): route, dispatch, local
-  experts, combine. Statistics are psum'ed over the mesh (`reduce_stats`), or left per shard
-  for a caller that sums them itself (the pipeline sums its micro-batches and shards)."""
-  b, l, d = x_bxLxD.shape
-  n, k = b * l, cfg.num_experts_per_tok
+def flat_dispatch(x_NxD: jax.Array, routing: Routing, w1, w3, w2, *, cfg: ModelConfig,
+                  ep: ExpertParallel):
+  """This shard's routed-expert output [N, D] by one all_to_all of copies over `expert`
+  (inside a shard_map over the whole mesh); also which copies were kept [N*k] (all, unless a
+  dropping `capacity_factor` is set) and whether the layer needed more than one round of the
+  bounded buffer (a bool every rank agrees on)."""
+  n, d = x_NxD.shape
+  k = cfg.num_experts_per_tok
   r = ep.size
   e_loc = cfg.n_routed_experts // r
   s = slots_per_rank(n, cfg, ep)
-  x_NxD = x_bxLxD.reshape(n, d)
-  routing: Routing = route(x_NxD, gate_DxE, bias_E, cfg)
-
   experts_C = routing.experts_Nxk.reshape(-1)
   token_C = jnp.arange(n * k, dtype=jnp.int32) // k
   dst_C = experts_C // e_loc
   slot_C = _slots(dst_C, r)
-
-  psum = functools.partial(jax.lax.psum, axis_name=BATCH)
   e_of_C = experts_C % e_loc
 
-  def dispatch(s):
-    """Send each copy to its expert's rank in an [R, s, D] buffer, run, and bring it back."""
-    keep_C = slot_C < s
-    slot_or_oob_C = jnp.where(keep_C, slot_C, s)  # out-of-bounds rows are dropped by scatter
-    # Row [j, t] of the buffer is the t-th copy this rank sends to rank j.
+  def run(s, lo=0):
+    """Send the copies in slots [lo, lo + s) to their experts' ranks in an [R, s, D] buffer,
+    run, and bring them back: (their weighted sum per token [N, D], which copies went)."""
+    sent_C = (slot_C >= lo) & (slot_C < lo + s)
+    slot_or_oob_C = jnp.where(sent_C, slot_C - lo, s)  # out-of-bounds rows: dropped by scatter
+    # Row [j, t] of the buffer is the (lo + t)-th copy this rank sends to rank j.
     send_RxSxD = jnp.zeros((r, s, d), x_NxD.dtype).at[dst_C, slot_or_oob_C].set(
         x_NxD[token_C], mode="drop")
     send_e_RxS = jnp.full((r, s), e_loc, jnp.int32).at[dst_C, slot_or_oob_C].set(
@@ -185,20 +184,42 @@ def shard_routed_experts(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, *, cfg: ModelCon
                          expected_rows=n * k)
     # Combine: the inverse all_to_all puts each result back in the slot its copy left from.
     back_RxSxD = jax.lax.all_to_all(y_rows.reshape(r, s, d), EXPERT, 0, 0)
-    y_CxD = back_RxSxD[dst_C, jnp.where(keep_C, slot_C, 0)]
-    w_C = routing.weights_Nxk * keep_C.reshape(n, k)
-    return combine(y_CxD, w_C, x_NxD.dtype), keep_C
+    y_CxD = back_RxSxD[dst_C, jnp.clip(slot_C - lo, 0, s - 1)]
+    w_C = routing.weights_Nxk * sent_C.reshape(n, k)
+    return combine(y_CxD, w_C, x_NxD.dtype), sent_C
 
   s_fast = fast_slots_per_rank(n, cfg, ep)
-  if s_fast < s:
-    # Dropless with bounded buffers: the fast buffer unless some rank overflows it; then all
-    # ranks take the worst-case buffer together (the flag is psum'ed, so every rank runs the
-    # same all_to_alls).
-    fallback = psum(jnp.any(slot_C >= s_fast).astype(jnp.int32)) > 0
-    y_NxD, keep_C = jax.lax.cond(fallback, lambda: dispatch(s), lambda: dispatch(s_fast))
-  else:
-    fallback = jnp.zeros((), bool)
-    y_NxD, keep_C = dispatch(s)
+  if s_fast >= s:
+    y_NxD, keep_C = run(s)
+    return y_NxD, keep_C, jnp.zeros((), bool)
+  # Dropless with bounded buffers: one round of the fast buffer carries every copy unless
+  # some rank overflows it; then all ranks run further rounds of the same size together
+  # (the round count is pmax'ed, so every rank runs the same all_to_alls) until the last
+  # copy has gone — at most ceil(S / s_fast) rounds, never a worst-case buffer. The extra
+  # rounds are rematerialised: a differentiated `cond` keeps the residuals of both branches.
+  y_NxD, _ = run(s_fast)
+  rounds = jax.lax.pmax(jnp.max(slot_C) // s_fast + 1, BATCH)
+  for j in range(1, -(-s // s_fast)):
+    extra = jax.checkpoint(lambda j=j: run(s_fast, j * s_fast)[0])
+    y_NxD = y_NxD + jax.lax.cond(rounds > j, extra, lambda: jnp.zeros_like(y_NxD))
+  return y_NxD, jnp.ones((n * k,), bool), rounds > 1
+
+
+def shard_routed_experts(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, *, cfg: ModelConfig,
+                         ep: ExpertParallel, reduce_stats: bool = True,
+                         dispatch: Callable = flat_dispatch):
+  """One mesh shard (inside a shard_map over the whole mesh): route, dispatch (flat, or the
+  two-stage node-then-GPU one of `parallel/node_dispatch.py`), local experts, combine.
+  Statistics are psum'ed over the mesh (`reduce_stats`), or left per shard for a caller that
+  sums them itself (the pipeline sums its micro-batches and shards)."""
+  b, l, d = x_bxLxD.shape
+  n, k = b * l, cfg.num_experts_per_tok
+  e_loc = cfg.n_routed_experts // ep.size
+  x_NxD = x_bxLxD.reshape(n, d)
+  routing: Routing = route(x_NxD, gate_DxE, bias_E, cfg)
+  y_NxD, keep_C, fallback = dispatch(x_NxD, routing, w1, w3, w2, cfg=cfg, ep=ep)
+  dst_C = routing.experts_Nxk.reshape(-1) // e_loc
+  psum = functools.partial(jax.lax.psum, axis_name=BATCH)
 
   # Global statistics: sums over every shard of the mesh (or this shard's share).
   psum_stats = psum if reduce_stats else (lambda v: v)
@@ -226,7 +247,7 @@ def shard_routed_experts(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, *, cfg: ModelCon
 
 def routed_experts(x_BxLxD: jax.Array, gate_DxE: jax.Array, bias_E: jax.Array,
                    w1_ExDxF: jax.Array, w3_ExDxF: jax.Array, w2_ExFxD: jax.Array,
-                   cfg: ModelConfig, ep: ExpertParallel):
+                   cfg: ModelConfig, ep: ExpertParallel, dispatch: Callable = flat_dispatch):
   """The routed-expert half of DeepSeekMoE, expert-parallel over `ep.mesh`.
 
   Returns (y [B, L, D] without the shared experts, aux) with aux = {load [E], balance_loss,
@@ -243,7 +264,8 @@ def routed_experts(x_BxLxD: jax.Array, gate_DxE: jax.Array, bias_E: jax.Array,
   # check_vma=False: grouped_matmul's skip branches (cond / scan carries) build
   # mesh-invariant zeros next to per-shard blocks, which the VMA checker rejects. The
   # sharded-vs-unsharded tests check values and gradients instead.
-  fn = jax.shard_map(functools.partial(shard_routed_experts, cfg=cfg, ep=ep), mesh=ep.mesh,
+  fn = jax.shard_map(functools.partial(shard_routed_experts, cfg=cfg, ep=ep, dispatch=dispatch),
+                     mesh=ep.mesh,
                      in_specs=(batch_spec, P(), P(), expert_spec, expert_spec, expert_spec),
                      out_specs=(batch_spec, aux_specs), check_vma=False)
   return fn(x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD)

@@ -64,12 +64,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.experts import combine, expert_rows
-from dsv3_jax.layers.routing import Routing, expert_load, route, sequence_balance_loss
-from dsv3_jax.parallel.expert import EXPERT, STATS, ExpertParallel, max_nodes_per_token
+from dsv3_jax.layers.routing import Routing
+from dsv3_jax.parallel import expert as expert_lib
+from dsv3_jax.parallel.expert import EXPERT, ExpertParallel, max_nodes_per_token
 from dsv3_jax.parallel.mesh import BATCH
 
 
@@ -218,66 +218,32 @@ def two_stage_dispatch(x_NxD: jax.Array, routing: Routing, w1, w3, w2, *, cfg: M
                        ep: ExpertParallel):
   """The routed experts' output [N, D] of this shard's tokens by the two-stage dispatch
   (inside a shard_map over the whole mesh), and whether this layer fell back to the
-  worst-case buffers (a bool every rank agrees on). Dropless: every copy is computed."""
+  worst-case buffers (a bool every rank agrees on). Dropless: every copy is computed, so
+  the kept-copies mask [N*k] is all true. Plugs into `expert.shard_routed_experts` as its
+  `dispatch` (the sharding plan does it when `parallel.ep_two_stage` is set)."""
   n = x_NxD.shape[0]
+  keep_C = jnp.ones((n * cfg.num_experts_per_tok,), bool)
   s1, s2 = two_stage_slots(n, cfg, ep)
   f1, f2 = fast_two_stage_slots(n, cfg, ep)
   run = functools.partial(_dispatch, x_NxD, routing.experts_Nxk, routing.weights_Nxk, w1, w3,
                           w2, cfg=cfg, ep=ep)
   if (f1, f2) == (s1, s2):
-    return run(s1, s2), jnp.zeros((), bool)
+    return run(s1, s2), keep_C, jnp.zeros((), bool)
   over = _overflows(routing.experts_Nxk, f1, f2, cfg=cfg, ep=ep).astype(jnp.int32)
   fallback = jax.lax.psum(over, BATCH) > 0
-  return jax.lax.cond(fallback, lambda: run(s1, s2), lambda: run(f1, f2)), fallback
+  # The worst-case branch is rematerialised (see `expert.flat_dispatch`): a differentiated
+  # `cond` would otherwise keep its big buffers as residuals whichever branch ran.
+  worst = lambda: jax.checkpoint(run, static_argnums=(0, 1))(s1, s2)
+  return jax.lax.cond(fallback, worst, lambda: run(f1, f2)), keep_C, fallback
 
 
 # ----------------------------------------------------------------------------- the EP layer
-def shard_routed_experts(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, *, cfg: ModelConfig,
-                         ep: ExpertParallel, reduce_stats: bool = True):
-  """`parallel/expert.shard_routed_experts` with the two-stage dispatch: the same outputs
-  and aux entries (until expert.py calls `two_stage_dispatch` itself)."""
-  b, l, d = x_bxLxD.shape
-  n = b * l
-  x_NxD = x_bxLxD.reshape(n, d)
-  routing = route(x_NxD, gate_DxE, bias_E, cfg)
-  y_NxD, fallback = two_stage_dispatch(x_NxD, routing, w1, w3, w2, cfg=cfg, ep=ep)
-
-  psum = functools.partial(jax.lax.psum, axis_name=BATCH)
-  psum_stats = psum if reduce_stats else (lambda v: v)
-  load_E = psum_stats(jax.lax.stop_gradient(expert_load(routing.experts_Nxk,
-                                                       cfg.n_routed_experts)))
-  balance = sequence_balance_loss(routing, b, cfg)
-  if reduce_stats:
-    balance = psum(balance) / ep.n_shards
-  node_Nxk = routing.experts_Nxk // (cfg.n_routed_experts // ep.n_nodes)
-  my_node = jax.lax.axis_index(EXPERT) // ep.ranks_per_node
-  reached_NxJ = jnp.any(node_Nxk[:, :, None] == jnp.arange(ep.n_nodes)[None, None, :], axis=1)
-  remote_sends = jnp.sum(reached_NxJ) - jnp.sum(reached_NxJ[:, my_node])
-  stats = {
-      "dropped_copies": jnp.zeros((), jnp.float32),
-      "cross_node_copies": psum_stats(jnp.sum(node_Nxk != my_node).astype(jnp.float32)),
-      "remote_node_sends": psum_stats(remote_sends.astype(jnp.float32)),
-      "dispatch_fallbacks": fallback.astype(jnp.float32) / (1 if reduce_stats else ep.n_shards),
-  }
-  aux = {"load": load_E, "balance_loss": balance, **jax.lax.stop_gradient(stats)}
-  return y_NxD.reshape(b, l, d), aux
-
-
 def routed_experts(x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD,
                    cfg: ModelConfig, ep: ExpertParallel):
-  """`parallel/expert.routed_experts` with the two-stage dispatch (same results and aux)."""
+  """`parallel/expert.routed_experts` with the two-stage dispatch (same outputs and aux)."""
   validate(cfg, ep)
-  b = x_BxLxD.shape[0]
-  if b % ep.n_shards:
-    raise ValueError(f"expert parallelism splits the batch over data x expert = {ep.n_shards} "
-                     f"shards; batch {b} is not divisible by it")
-  batch_spec, expert_spec = P(BATCH, None, None), P(EXPERT, None, None)
-  aux_specs = {"load": P(), "balance_loss": P(), **{name: P() for name in STATS}}
-  # check_vma=False for the expert kernel's mesh-invariant zeros, as in parallel/expert.py.
-  fn = jax.shard_map(functools.partial(shard_routed_experts, cfg=cfg, ep=ep), mesh=ep.mesh,
-                     in_specs=(batch_spec, P(), P(), expert_spec, expert_spec, expert_spec),
-                     out_specs=(batch_spec, aux_specs), check_vma=False)
-  return fn(x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD)
+  return expert_lib.routed_experts(x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD,
+                                   cfg, ep, dispatch=two_stage_dispatch)
 
 
 # ----------------------------------------------------------------------------- traffic

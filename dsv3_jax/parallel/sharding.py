@@ -11,8 +11,8 @@ parameter, a batch or an optimizer state. The plan holds:
   router biases    replicated (moved by loads, not by the optimizer)
   batch            split over data x expert
   routed experts   `routed`: on a mesh whose `expert` axis is > 1, the shard_map all-to-all
-                   dispatch/combine of `parallel/expert.py`; otherwise None (the MoE layer's
-                   single-device kernel)
+                   dispatch/combine of `parallel/expert.py` (flat, or node-then-GPU from
+                   `parallel/node_dispatch.py`); otherwise None (the single-device kernel)
   pipeline stages  `STAGED`: the stacked layers cut into stages along their leading axis
 
 Placement, in one table (DeepSeek-V3 trains with PP x EP x ZeRO-1 DP, arXiv 2412.19437 §3.2):
@@ -39,6 +39,7 @@ from dsv3_jax import config as config_lib
 from dsv3_jax.config import Config
 from dsv3_jax.layers.moe import RoutedExperts
 from dsv3_jax.parallel import expert as expert_lib
+from dsv3_jax.parallel import node_dispatch
 from dsv3_jax.parallel.mesh import BATCH, make_mesh
 
 STAGED = "moe"  # the stacked layers a pipeline cuts into stages (leading layer axis)
@@ -173,7 +174,14 @@ class ShardingPlan:
     """The MoE layers' routed-expert function (None = the single-device kernel)."""
     if self.expert_parallel is None:
       return None
-    return functools.partial(_routed_ep, ep=self.expert_parallel)
+    return functools.partial(_routed_ep, ep=self.expert_parallel, dispatch=self.dispatch)
+
+  @property
+  def dispatch(self):
+    """The EP dispatch: flat all-to-all of copies, or node-then-GPU (`ep_two_stage`)."""
+    if self.cfg.parallel.ep_two_stage:
+      return node_dispatch.two_stage_dispatch
+    return expert_lib.flat_dispatch
 
   @property
   def batch(self) -> NamedSharding:
@@ -199,7 +207,7 @@ class ShardingPlan:
     per shard (the caller sums them), or None without expert parallelism."""
     if self.expert_parallel is None:
       return None
-    return functools.partial(_routed_ep_local, ep=self.expert_parallel)
+    return functools.partial(_routed_ep_local, ep=self.expert_parallel, dispatch=self.dispatch)
 
   def param_shardings(self, abstract_params_state) -> dict:
     return shardings(self.mesh, self.param_specs(abstract_params_state))
@@ -231,13 +239,13 @@ class ShardingPlan:
             f"{ep.capacity_factor or '0 (dropless)'}")
 
 
-def _routed_ep(x_BxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, *, ep):
-  return expert_lib.routed_experts(x_BxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, ep)
+def _routed_ep(x_BxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, *, ep, dispatch):
+  return expert_lib.routed_experts(x_BxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, ep, dispatch)
 
 
-def _routed_ep_local(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, *, ep):
+def _routed_ep_local(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, *, ep, dispatch):
   return expert_lib.shard_routed_experts(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, cfg=cfg, ep=ep,
-                                         reduce_stats=False)
+                                         reduce_stats=False, dispatch=dispatch)
 
 
 def _pure(state) -> dict:
@@ -249,6 +257,8 @@ def plan(cfg: Config, mesh: Mesh) -> ShardingPlan:
   """The placements of `cfg`'s model on `mesh`; raises ValueError naming a misfit."""
   ep = expert_lib.from_config(mesh, cfg.parallel)
   ep = ep.validate(cfg.model) if ep.size > 1 else None
+  if ep is not None and cfg.parallel.ep_two_stage:
+    node_dispatch.validate(cfg.model, ep)
   return ShardingPlan(cfg, mesh, ep)
 
 

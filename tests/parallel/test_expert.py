@@ -176,6 +176,27 @@ def test_bounded_dispatch_falls_back_exactly(layer, skewed):
   assert float(aux["dropped_copies"]) == 0.0
 
 
+def test_bounded_dispatch_keeps_no_worst_case_buffers_for_backward():
+  """The compiled training step (value and grad) of the bounded dispatch needs less memory
+  than the worst-case buffers: the fallback branch is rematerialised, so a differentiated
+  `cond` does not keep its big residuals whichever branch ran."""
+  cfg = _cfg(n_routed_experts=32, n_group=4, topk_group=4, num_experts_per_tok=4)
+  graphdef, state = _layer(cfg)
+  x = jax.ShapeDtypeStruct((8, 64, cfg.hidden_size), jnp.float32)
+
+  def temp_bytes(ep):
+    def f(state, x):
+      m = nnx.merge(graphdef, state)
+      y, aux = expert.routed_experts(x, m.gate[...], m.bias[...], m.w1[...], m.w3[...],
+                                     m.w2[...], m.cfg, ep)
+      return jnp.sum(y * y) + aux["balance_loss"]
+    lowered = jax.jit(jax.grad(f, argnums=(0, 1))).lower(state, x)
+    return lowered.compile().memory_analysis().temp_size_in_bytes
+
+  worst, bounded = temp_bytes(_ep(1, 8)), temp_bytes(_ep(1, 8, dispatch_factor=1.25))
+  assert bounded < 0.6 * worst, (bounded, worst)
+
+
 def test_capacity_factor_drops_and_counts_exactly():
   cfg = _cfg()
   m = _all_to_first_experts(cfg)
