@@ -38,9 +38,9 @@ class MTPModule(nnx.Module):
 
   def __call__(self, h_prev_BxLxD: jax.Array, emb_next_BxLxD: jax.Array, positions_BxL,
                cos, sin, cache: Optional[LatentCache] = None,
-               routed: Optional[RoutedExperts] = None):
+               routed: Optional[RoutedExperts] = None, absorb: Optional[bool] = None):
     """Returns (h^k [B, L, D] before the final norm, normed h^k, aux, cache)."""
     x = jnp.concatenate([self.enorm(emb_next_BxLxD), self.hnorm(h_prev_BxLxD)], axis=-1)
-    h, aux, cache = self.block(self.eh_proj(x), positions_BxL, cos, sin, cache,
+    h, aux, cache = self.block(self.eh_proj(x), positions_BxL, cos, sin, cache, absorb,
                                  routed=routed)
     return h, self.norm(h), aux, cache

@@ -96,16 +96,13 @@ def mtp_hidden(model, h_BxLxD: jax.Array, next_BxL: jax.Array, positions_BxL: ja
   """MTP depth 1 over the main model's normed hidden states h_i and tokens t_{i+1}:
   (normed MTP hidden state [B, L, D] that the shared head reads, updated MTP cache).
 
-  `MTPModule.__call__` with an `absorb` choice for its MLA (absorbed at decode, like the
-  main blocks); the composition is the module's own (eqs. 21-23, embedding first).
+  The module itself, with absorbed MLA at decode like the main blocks (eqs. 21-23,
+  embedding first).
   """
-  module = model.mtp[0]
   ctx = model.context(positions_BxL, absorb)
-  x = jnp.concatenate([module.enorm(model.embed_tokens(next_BxL)), module.hnorm(h_BxLxD)],
-                      axis=-1)
-  h, _, cache = module.block(module.eh_proj(x), ctx.positions_BxL, ctx.cos, ctx.sin, cache,
-                             ctx.absorb)
-  return module.norm(h), cache
+  _, h, _, cache = model.mtp[0](h_BxLxD, model.embed_tokens(next_BxL), ctx.positions_BxL,
+                                ctx.cos, ctx.sin, cache, absorb=ctx.absorb)
+  return h, cache
 
 
 class SpeculativeGenerator(Generator):
