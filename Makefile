@@ -8,7 +8,7 @@ DEVICES ?= 8
 RUN_FLAGS ?=
 export XLA_FLAGS := --xla_force_host_platform_device_count=$(DEVICES)
 
-.PHONY: run test test-slow bench clean
+.PHONY: run test test-slow format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ run: $(VENV)/.base
 	    --temperature=0.7 --top_p=0.9
 
 test: $(VENV)/.test
+	$(BIN)/ruff format --check --quiet . || (echo "run 'make format' (ruff format)"; exit 1)
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+format: $(VENV)/.test
+	$(BIN)/ruff format .
 
 test-slow: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m slow tests

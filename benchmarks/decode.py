@@ -31,6 +31,7 @@ def _best(fn, reps=3):
 def memory_bandwidth(nbytes=1 << 29) -> float:
   """Bytes moved per second (read + write) by a large numpy copy."""
   import numpy as np
+
   src = np.ones(nbytes // 4, np.float32)
   dst = np.empty_like(src)
   return 2 * nbytes / _best(lambda: np.copyto(dst, src), reps=5)
@@ -39,12 +40,14 @@ def memory_bandwidth(nbytes=1 << 29) -> float:
 def decode_bytes_per_step(cfg, batch: int, context: int, cache_bytes_per_token: int) -> float:
   """Weights touched by one decode step (float32) plus the cache read: the bandwidth floor."""
   from dsv3_jax.counts import param_counts
+
   c = param_counts(cfg)
   expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
   e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
   touched = e * (1 - (1 - k / e) ** batch)  # expected distinct experts per layer
-  weights = (c["activated"] - cfg.vocab_size * cfg.hidden_size
-             + cfg.n_moe_layers * (touched - k) * expert) * 4
+  weights = (
+    c["activated"] - cfg.vocab_size * cfg.hidden_size + cfg.n_moe_layers * (touched - k) * expert
+  ) * 4
   return weights + batch * context * cache_bytes_per_token
 
 
@@ -81,26 +84,38 @@ def bench_hf(path, batches, prefill_batch, prefill_len, prompt_len, new, vocab):
   torch.set_num_threads(os.cpu_count() or 1)
   model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
   rng = np.random.default_rng(0)
-  out = {"torch": torch.__version__, "transformers": transformers.__version__,
-         "threads": torch.get_num_threads(),
-         "experts_implementation": getattr(model.config, "experts_implementation", None)}
+  out = {
+    "torch": torch.__version__,
+    "transformers": transformers.__version__,
+    "threads": torch.get_num_threads(),
+    "experts_implementation": getattr(model.config, "experts_implementation", None),
+  }
   ids = torch.tensor(rng.integers(0, vocab, (prefill_batch, prefill_len)))
   with torch.no_grad():
     t = _best(lambda: model(input_ids=ids, use_cache=True))
   out["prefill_tokens_per_s"] = prefill_batch * prefill_len / t
   for b in batches:
     ids = torch.tensor(rng.integers(0, vocab, (b, prompt_len)))
-    gen = lambda n: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                   max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                   pad_token_id=0)
+    gen = lambda n: model.generate(
+      input_ids=ids,
+      attention_mask=torch.ones_like(ids),
+      max_new_tokens=n,
+      min_new_tokens=n,
+      do_sample=False,
+      pad_token_id=0,
+    )
     with torch.no_grad():
       t_one = _best(lambda: gen(1), reps=2)
       t_all = _best(lambda: gen(new), reps=2)
     out[f"decode_b{b}_tokens_per_s"] = b * (new - 1) / max(t_all - t_one, 1e-9)
   # HF's cache holds per-head keys and values expanded from the latent.
   cfg = model.config
-  out["cache_bytes_per_token"] = cfg.num_hidden_layers * cfg.num_attention_heads * (
-      cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * 4
+  out["cache_bytes_per_token"] = (
+    cfg.num_hidden_layers
+    * cfg.num_attention_heads
+    * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    * 4
+  )
   return out
 
 
@@ -125,9 +140,16 @@ def bench_speculative(cfg, batches, prompt_len, new) -> dict:
   return out
 
 
-def run(config: str = "bench", batches=(1, 8), prefill_batch: int = 4, prefill_len: int = 512,
-        prompt_len: int = 128, new_tokens: int = 64, peer: bool = True,
-        speculative: bool = True) -> dict:
+def run(
+  config: str = "bench",
+  batches=(1, 8),
+  prefill_batch: int = 4,
+  prefill_len: int = 512,
+  prompt_len: int = 128,
+  new_tokens: int = 64,
+  peer: bool = True,
+  speculative: bool = True,
+) -> dict:
   """Times both implementations; returns the JSON-ready result `report` prints."""
   import dataclasses
 
@@ -135,27 +157,33 @@ def run(config: str = "bench", batches=(1, 8), prefill_batch: int = 4, prefill_l
   from dsv3_jax import config as config_lib
   from dsv3_jax import model as model_lib
 
-  cfg = dataclasses.replace(config_lib.from_dict(dsv3.get_config(config)).model,
-                            num_nextn_predict_layers=0)
+  cfg = dataclasses.replace(
+    config_lib.from_dict(dsv3.get_config(config)).model, num_nextn_predict_layers=0
+  )
   model = model_lib.create(cfg, seed=0)
   batches = [int(b) for b in batches]
   args = (batches, prefill_batch, prefill_len, prompt_len, new_tokens)
   bandwidth = memory_bandwidth()
   ours = bench_ours(model, *args)
-  result = {"config": config, "cpu_count": os.cpu_count(),
-            "memory_bandwidth_bytes_per_s": bandwidth, "dsv3_jax": ours,
-            "settings": dict(zip(("decode_batches", "prefill_batch", "prefill_len",
-                                  "prompt_len", "new_tokens"), args))}
+  result = {
+    "config": config,
+    "cpu_count": os.cpu_count(),
+    "memory_bandwidth_bytes_per_s": bandwidth,
+    "dsv3_jax": ours,
+    "settings": dict(
+      zip(("decode_batches", "prefill_batch", "prefill_len", "prompt_len", "new_tokens"), args)
+    ),
+  }
   context = prompt_len + new_tokens // 2
   for b in batches:
     floor = decode_bytes_per_step(cfg, b, context, ours["cache_bytes_per_token"]) / bandwidth
-    ours[f"decode_b{b}_fraction_of_bandwidth_limit"] = (
-        ours[f"decode_b{b}_tokens_per_s"] * floor / b)
+    ours[f"decode_b{b}_fraction_of_bandwidth_limit"] = ours[f"decode_b{b}_tokens_per_s"] * floor / b
   if speculative:
     result["speculative"] = bench_speculative(cfg, batches, prompt_len, new_tokens)
   if peer:
     try:
       from dsv3_jax.checkpoint.hf import save_hf
+
       with tempfile.TemporaryDirectory() as tmp:
         save_hf(model, tmp, dtype="float32")
         hf = bench_hf(tmp, *args, vocab=cfg.vocab_size)
@@ -163,10 +191,12 @@ def run(config: str = "bench", batches=(1, 8), prefill_batch: int = 4, prefill_l
       hf = {"skipped": f"install the `hf` extra ({e})"}
     result["hf_transformers"] = hf
     if "prefill_tokens_per_s" in hf:
-      result["ratios"] = {k: ours[k] / hf[k] for k in ours
-                          if k in hf and k.endswith("tokens_per_s")}
-      result["ratios"]["cache_bytes_per_token"] = (hf["cache_bytes_per_token"]
-                                                   / ours["cache_bytes_per_token"])
+      result["ratios"] = {
+        k: ours[k] / hf[k] for k in ours if k in hf and k.endswith("tokens_per_s")
+      }
+      result["ratios"]["cache_bytes_per_token"] = (
+        hf["cache_bytes_per_token"] / ours["cache_bytes_per_token"]
+      )
   return result
 
 
@@ -174,28 +204,41 @@ def report(result: dict) -> str:
   """The printed table of a `run` result."""
   ours, hf = result["dsv3_jax"], result.get("hf_transformers", {})
   batches = result["settings"]["decode_batches"]
-  lines = [f"{result['config']} inference, {result['cpu_count']} cores, memory copy "
-           f"{result['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s",
-           f"  {'':<30}{'dsv3_jax':>14}{'HF':>14}{'ratio':>9}"]
-  for key in ["prefill_tokens_per_s"] + [f"decode_b{b}_tokens_per_s" for b in batches] + [
-      "cache_bytes_per_token"]:
+  lines = [
+    f"{result['config']} inference, {result['cpu_count']} cores, memory copy "
+    f"{result['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s",
+    f"  {'':<30}{'dsv3_jax':>14}{'HF':>14}{'ratio':>9}",
+  ]
+  for key in (
+    ["prefill_tokens_per_s"]
+    + [f"decode_b{b}_tokens_per_s" for b in batches]
+    + ["cache_bytes_per_token"]
+  ):
     theirs = hf.get(key)
     ratio = result.get("ratios", {}).get(key)
-    lines.append(f"  {key:<30}{ours[key]:>14.1f}"
-                 f"{'-' if theirs is None else f'{theirs:.1f}':>14}"
-                 f"{'' if ratio is None else f'{ratio:.2f}x':>9}")
+    lines.append(
+      f"  {key:<30}{ours[key]:>14.1f}"
+      f"{'-' if theirs is None else f'{theirs:.1f}':>14}"
+      f"{'' if ratio is None else f'{ratio:.2f}x':>9}"
+    )
   for b in batches:
-    lines.append(f"  decode b{b}: {100 * ours[f'decode_b{b}_fraction_of_bandwidth_limit']:.0f}% "
-                 "of the memory-bandwidth limit")
+    lines.append(
+      f"  decode b{b}: {100 * ours[f'decode_b{b}_fraction_of_bandwidth_limit']:.0f}% "
+      "of the memory-bandwidth limit"
+    )
   if "speculative" in result:
-    lines.append(f"  {'MTP speculative (greedy)':<26}{'acceptance':>11}{'spec tok/s':>12}"
-                 f"{'plain tok/s':>12}{'ratio':>8}{'step cost':>10}{'@85%':>8}")
+    lines.append(
+      f"  {'MTP speculative (greedy)':<26}{'acceptance':>11}{'spec tok/s':>12}"
+      f"{'plain tok/s':>12}{'ratio':>8}{'step cost':>10}{'@85%':>8}"
+    )
     for b in batches:
       m = result["speculative"][f"b{b}"]
-      lines.append(f"  {f'decode_b{b}':<26}{m['acceptance_rate']:>11.2f}"
-                   f"{m['speculative_tokens_per_s']:>12.1f}{m['plain_tokens_per_s']:>12.1f}"
-                   f"{m['speedup']:>7.2f}x{m['step_cost']:>10.2f}"
-                   f"{m['speedup_at_acceptance_0.85']:>7.2f}x")
+      lines.append(
+        f"  {f'decode_b{b}':<26}{m['acceptance_rate']:>11.2f}"
+        f"{m['speculative_tokens_per_s']:>12.1f}{m['plain_tokens_per_s']:>12.1f}"
+        f"{m['speedup']:>7.2f}x{m['step_cost']:>10.2f}"
+        f"{m['speedup_at_acceptance_0.85']:>7.2f}x"
+      )
   if "skipped" in hf:
     lines.append(f"  HF transformers: {hf['skipped']}")
   return "\n".join(lines)

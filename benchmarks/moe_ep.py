@@ -29,6 +29,7 @@ import time
 
 def _time(fn, iters: int) -> float:
   import jax
+
   jax.block_until_ready(fn())  # warm-up / compile
   times = []
   for _ in range(iters):
@@ -41,15 +42,18 @@ def _time(fn, iters: int) -> float:
 def routing_traffic(experts_Nxk, src_node_N, n_experts: int, n_nodes: int) -> dict:
   """Per-token node statistics of a routing (numpy), for tokens living on `src_node_N`."""
   import numpy as np
+
   node_Nxk = experts_Nxk // (n_experts // n_nodes)
   remote_Nxk = node_Nxk != src_node_N[:, None]
   reached_NxM = np.zeros((len(node_Nxk), n_nodes), bool)
   np.put_along_axis(reached_NxM, node_Nxk, True, axis=1)
   remote_nodes_N = reached_NxM.sum(1) - reached_NxM[np.arange(len(node_Nxk)), src_node_N]
-  return {"cross_node_copies_per_token": float(remote_Nxk.sum(1).mean()),
-          "remote_nodes_per_token": float(remote_nodes_N.mean()),
-          "nodes_per_token_mean": float(reached_NxM.sum(1).mean()),
-          "nodes_per_token_max": int(reached_NxM.sum(1).max())}
+  return {
+    "cross_node_copies_per_token": float(remote_Nxk.sum(1).mean()),
+    "remote_nodes_per_token": float(remote_nodes_N.mean()),
+    "nodes_per_token_mean": float(reached_NxM.sum(1).mean()),
+    "nodes_per_token_max": int(reached_NxM.sum(1).max()),
+  }
 
 
 def v3_shape_routing(n_tokens: int, limit: int, nodes: int = 8) -> dict:
@@ -69,22 +73,38 @@ def v3_shape_routing(n_tokens: int, limit: int, nodes: int = 8) -> dict:
   gate = jax.random.normal(jax.random.key(1), (d, e), jnp.float32) * base.init_std
   bias = jnp.zeros((e,), jnp.float32)
   src_node_N = np.arange(n_tokens) % nodes
-  out = {"n_routed_experts": e, "num_experts_per_tok": base.num_experts_per_tok,
-         "n_group": base.n_group, "nodes": nodes, "tokens": n_tokens}
+  out = {
+    "n_routed_experts": e,
+    "num_experts_per_tok": base.num_experts_per_tok,
+    "n_group": base.n_group,
+    "nodes": nodes,
+    "tokens": n_tokens,
+  }
   for name, m in (("node_limited", limit), ("unlimited", base.n_group)):
     cfg = config_lib.replace(config_lib.Config(model=base), model={"topk_group": m}).model
     experts = np.asarray(jax.jit(lambda x: route(x, gate, bias, cfg).experts_Nxk)(x))
-    out[name] = {"topk_group": m, **routing_traffic(experts, src_node_N, e, nodes),
-                 # Flat vs two-stage (node, then GPU) dispatch; FP8 dispatch, BF16 combine.
-                 "cross_node_bytes": node_dispatch.cross_node_traffic(
-                     experts, src_node_N, e, nodes, hidden_size=d)}
-  out["two_stage"] = node_dispatch.traffic_ratios(out["node_limited"]["cross_node_bytes"],
-                                                  out["unlimited"]["cross_node_bytes"])
+    out[name] = {
+      "topk_group": m,
+      **routing_traffic(experts, src_node_N, e, nodes),
+      # Flat vs two-stage (node, then GPU) dispatch; FP8 dispatch, BF16 combine.
+      "cross_node_bytes": node_dispatch.cross_node_traffic(
+        experts, src_node_N, e, nodes, hidden_size=d
+      ),
+    }
+  out["two_stage"] = node_dispatch.traffic_ratios(
+    out["node_limited"]["cross_node_bytes"], out["unlimited"]["cross_node_bytes"]
+  )
   return out
 
 
-def v3_dispatch_buffers(tokens_per_device: int = 4096, ep: int = 64, nodes: int = 8,
-                        limit: int = 4, layers: int = 4, dispatch_factor: float = 2.0) -> dict:
+def v3_dispatch_buffers(
+  tokens_per_device: int = 4096,
+  ep: int = 64,
+  nodes: int = 8,
+  limit: int = 4,
+  layers: int = 4,
+  dispatch_factor: float = 2.0,
+) -> dict:
   """Dispatch buffer bytes per device vs the real copies at DeepSeek-V3's routing shape
   (256 experts, k=8, 8 groups on `nodes` nodes, M=`limit`, EP=`ep`), router only.
 
@@ -107,8 +127,11 @@ def v3_dispatch_buffers(tokens_per_device: int = 4096, ep: int = 64, nodes: int 
   e, k, d = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
   setting = expert.ExpertParallel(_SizedMesh(ep), dispatch_factor=dispatch_factor)
   sizes = expert.buffer_bytes(tokens_per_device, cfg, setting, itemsize=1)  # FP8 dispatch
-  route_fn = jax.jit(lambda lg: route(lg, jnp.eye(e, dtype=jnp.float32),
-                                      jnp.zeros((e,), jnp.float32), cfg).experts_Nxk)
+  route_fn = jax.jit(
+    lambda lg: (
+      route(lg, jnp.eye(e, dtype=jnp.float32), jnp.zeros((e,), jnp.float32), cfg).experts_Nxk
+    )
+  )
   fallbacks, max_pair = 0, 0
   for layer in range(layers):
     logits = jax.random.normal(jax.random.key(layer), (ep * tokens_per_device, e), jnp.float32)
@@ -118,17 +141,24 @@ def v3_dispatch_buffers(tokens_per_device: int = 4096, ep: int = 64, nodes: int 
     max_pair = max(max_pair, int(pair.max()))
     fallbacks += int(pair.max() > sizes["fast_slots_per_rank"])
   per_byte = d  # bytes per copy in FP8 (the report dispatches in FP8)
-  return {"ep": ep, "nodes": nodes, "topk_group": limit, "tokens_per_device": tokens_per_device,
-          "real_copies": sizes["real_copies"], "mean_copies_per_pair": tokens_per_device * k / ep,
-          "max_copies_per_pair": max_pair,
-          "worst_case_slots_per_rank": sizes["slots_per_rank"],
-          "fast_slots_per_rank": sizes["fast_slots_per_rank"],
-          "worst_case_buffer_bytes": sizes["buffer_rows"] * per_byte,
-          "fast_buffer_bytes": sizes["fast_slots_per_rank"] * ep * per_byte,
-          "real_copies_bytes": sizes["real_copies"] * per_byte,
-          "worst_case_vs_real": sizes["overhead_vs_real"],
-          "fast_vs_real": sizes["fast_overhead_vs_real"],
-          "fallback_rate": fallbacks / layers, "dropped_copies": 0}
+  return {
+    "ep": ep,
+    "nodes": nodes,
+    "topk_group": limit,
+    "tokens_per_device": tokens_per_device,
+    "real_copies": sizes["real_copies"],
+    "mean_copies_per_pair": tokens_per_device * k / ep,
+    "max_copies_per_pair": max_pair,
+    "worst_case_slots_per_rank": sizes["slots_per_rank"],
+    "fast_slots_per_rank": sizes["fast_slots_per_rank"],
+    "worst_case_buffer_bytes": sizes["buffer_rows"] * per_byte,
+    "fast_buffer_bytes": sizes["fast_slots_per_rank"] * ep * per_byte,
+    "real_copies_bytes": sizes["real_copies"] * per_byte,
+    "worst_case_vs_real": sizes["overhead_vs_real"],
+    "fast_vs_real": sizes["fast_overhead_vs_real"],
+    "fallback_rate": fallbacks / layers,
+    "dropped_copies": 0,
+  }
 
 
 class _SizedMesh:
@@ -138,8 +168,15 @@ class _SizedMesh:
     self.shape = {"data": 1, "expert": ep, "pipe": 1}
 
 
-def layer_benchmark(config: str, nodes: int, limit: int, tokens_per_device: int, iters: int,
-                    capacity_factor: float, dispatch_factor: float = 2.0) -> dict:
+def layer_benchmark(
+  config: str,
+  nodes: int,
+  limit: int,
+  tokens_per_device: int,
+  iters: int,
+  capacity_factor: float,
+  dispatch_factor: float = 2.0,
+) -> dict:
   """The EP layer on every device against the single-device layer, node-limited vs not."""
   import jax
   import jax.numpy as jnp
@@ -160,21 +197,26 @@ def layer_benchmark(config: str, nodes: int, limit: int, tokens_per_device: int,
   raw = dsv3.get_config(config).model.to_dict()
   raw.update(n_group=nodes, topk_group=min(limit, nodes))
   limited = config_lib.from_dict({"model": raw}).model
-  unlimited = config_lib.replace(config_lib.Config(model=limited),
-                                 model={"topk_group": nodes}).model
+  unlimited = config_lib.replace(
+    config_lib.Config(model=limited), model={"topk_group": nodes}
+  ).model
   mesh = mesh_lib.make_mesh(config_lib.ParallelConfig(data=1, expert=n_dev))
   ep = expert.ExpertParallel(mesh, ranks_per_node=n_dev // nodes).validate(limited)
-  capped = expert.ExpertParallel(mesh, capacity_factor=capacity_factor,
-                                 ranks_per_node=n_dev // nodes)
-  bounded = expert.ExpertParallel(mesh, ranks_per_node=n_dev // nodes,
-                                  dispatch_factor=dispatch_factor)
+  capped = expert.ExpertParallel(
+    mesh, capacity_factor=capacity_factor, ranks_per_node=n_dev // nodes
+  )
+  bounded = expert.ExpertParallel(
+    mesh, ranks_per_node=n_dev // nodes, dispatch_factor=dispatch_factor
+  )
   d, k = limited.hidden_size, limited.num_experts_per_tok
   seq = 64
   n_local = tokens_per_device
   batch = n_local * n_dev // seq
   if batch * seq != n_local * n_dev or batch % n_dev:
-    raise ValueError(f"tokens_per_device={n_local} x {n_dev} devices must be a multiple of "
-                     f"{seq} x {n_dev} (sequences of {seq})")
+    raise ValueError(
+      f"tokens_per_device={n_local} x {n_dev} devices must be a multiple of "
+      f"{seq} x {n_dev} (sequences of {seq})"
+    )
   layer = moe_lib.MoE(limited, rngs=nnx.Rngs(params=0))
   params = {n: getattr(layer, n)[...] for n in ("gate", "bias", "w1", "w3", "w2")}
   x = jax.random.normal(jax.random.key(2), (batch, seq, d), jnp.dtype(limited.dtype))
@@ -183,71 +225,92 @@ def layer_benchmark(config: str, nodes: int, limit: int, tokens_per_device: int,
 
   def ep_loss(cfg, setting):
     def f(p, x):
-      y, aux = expert.routed_experts(x, p["gate"], p["bias"], p["w1"], p["w3"], p["w2"], cfg,
-                                     setting)
+      y, aux = expert.routed_experts(
+        x, p["gate"], p["bias"], p["w1"], p["w3"], p["w2"], cfg, setting
+      )
       return jnp.sum(jnp.square(y.astype(jnp.float32))), aux
+
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
 
   def single_loss(cfg):
     def f(p, x):
       x_NxD = x.reshape(-1, d)
       routing = routing_lib.route(x_NxD, p["gate"], p["bias"], cfg)
-      y = experts_lib.routed_ffn(x_NxD, routing, p["w1"], p["w3"], p["w2"],
-                                 cfg.expert_block_size, cfg.matmul_precision)
+      y = experts_lib.routed_ffn(
+        x_NxD, routing, p["w1"], p["w3"], p["w2"], cfg.expert_block_size, cfg.matmul_precision
+      )
       return jnp.sum(jnp.square(y.astype(jnp.float32)))
+
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
   one = jax.devices()[0]
   params_1, x_1 = jax.device_put((params, x), one)
-  results = {"config": config, "devices": n_dev, "nodes": nodes,
-             "ep_ranks_per_node": ep.ranks_per_node, "tokens": batch * seq,
-             "tokens_per_device": n_local, "hidden_size": d, "n_routed_experts":
-             limited.n_routed_experts, "num_experts_per_tok": k, "activation_bytes": itemsize}
+  results = {
+    "config": config,
+    "devices": n_dev,
+    "nodes": nodes,
+    "ep_ranks_per_node": ep.ranks_per_node,
+    "tokens": batch * seq,
+    "tokens_per_device": n_local,
+    "hidden_size": d,
+    "n_routed_experts": limited.n_routed_experts,
+    "num_experts_per_tok": k,
+    "activation_bytes": itemsize,
+  }
   for name, cfg in (("node_limited", limited), ("unlimited", unlimited)):
     fn, single = ep_loss(cfg, ep), single_loss(cfg)  # jitted once: the timings exclude compiles
     (_, aux), _ = fn(params, x)
     routing = routing_lib.route(x_1.reshape(-1, d), params_1["gate"], params_1["bias"], cfg)
-    host = routing_traffic(np.asarray(routing.experts_Nxk), src_node_N,
-                           cfg.n_routed_experts, nodes)
+    host = routing_traffic(np.asarray(routing.experts_Nxk), src_node_N, cfg.n_routed_experts, nodes)
     n = batch * seq
     copies = float(aux["cross_node_copies"]) / n
     sends = float(aux["remote_node_sends"]) / n
     assert abs(copies - host["cross_node_copies_per_token"]) < 1e-6, (copies, host)
     assert abs(sends - host["remote_nodes_per_token"]) < 1e-6, (sends, host)
-    row = {"topk_group": cfg.topk_group,
-           "max_nodes_per_token_bound": expert.max_nodes_per_token(cfg, nodes),
-           **host,
-           "dropped_copies": float(aux["dropped_copies"]),
-           "bytes_per_token_all_copies": 2 * k * d * itemsize,
-           "cross_node_bytes_per_token_flat": 2 * copies * d * itemsize,
-           "cross_node_bytes_per_token_once_per_node": 2 * sends * d * itemsize,
-           "ep_step_s": _time(lambda: fn(params, x), iters),
-           "single_device_step_s": _time(lambda: single(params_1, x_1), iters)}
+    row = {
+      "topk_group": cfg.topk_group,
+      "max_nodes_per_token_bound": expert.max_nodes_per_token(cfg, nodes),
+      **host,
+      "dropped_copies": float(aux["dropped_copies"]),
+      "bytes_per_token_all_copies": 2 * k * d * itemsize,
+      "cross_node_bytes_per_token_flat": 2 * copies * d * itemsize,
+      "cross_node_bytes_per_token_once_per_node": 2 * sends * d * itemsize,
+      "ep_step_s": _time(lambda: fn(params, x), iters),
+      "single_device_step_s": _time(lambda: single(params_1, x_1), iters),
+    }
     results[name] = row
 
   # Dispatch buffers: the dropless bound, the bounded dropless fast path (exact fallback)
   # and a dropping capacity factor (node-limited routing).
   buffers = {}
-  for label, setting in (("dropless", ep), (f"bounded_{dispatch_factor:g}", bounded),
-                         (f"capacity_{capacity_factor:g}", capped)):
+  for label, setting in (
+    ("dropless", ep),
+    (f"bounded_{dispatch_factor:g}", bounded),
+    (f"capacity_{capacity_factor:g}", capped),
+  ):
     fn = ep_loss(limited, setting)
     compiled = fn.lower(params, x).compile()
     mem = compiled.memory_analysis()
     (_, aux), _ = fn(params, x)
     sizes = expert.buffer_bytes(n_local, limited, setting, itemsize)
-    buffers[label] = {**sizes, "dispatch_plus_combine_bytes": 2 * sizes["send_buffer_bytes"],
-                      "compiled_temp_bytes_per_device": getattr(mem, "temp_size_in_bytes", None),
-                      "dropped_copies": float(aux["dropped_copies"]),
-                      "dropped_fraction": float(aux["dropped_copies"]) / (batch * seq * k),
-                      "dispatch_fallbacks": float(aux["dispatch_fallbacks"]),
-                      "ep_step_s": _time(lambda: fn(params, x), iters)}
+    buffers[label] = {
+      **sizes,
+      "dispatch_plus_combine_bytes": 2 * sizes["send_buffer_bytes"],
+      "compiled_temp_bytes_per_device": getattr(mem, "temp_size_in_bytes", None),
+      "dropped_copies": float(aux["dropped_copies"]),
+      "dropped_fraction": float(aux["dropped_copies"]) / (batch * seq * k),
+      "dispatch_fallbacks": float(aux["dispatch_fallbacks"]),
+      "ep_step_s": _time(lambda: fn(params, x), iters),
+    }
   results["buffers"] = buffers
   lim, unl = results["node_limited"], results["unlimited"]
   results["reduction"] = {
-      "remote_nodes_per_token": lim["remote_nodes_per_token"] / unl["remote_nodes_per_token"],
-      "cross_node_copies_per_token": (lim["cross_node_copies_per_token"]
-                                      / unl["cross_node_copies_per_token"]),
-      "max_nodes_per_token": lim["nodes_per_token_max"] / unl["nodes_per_token_max"]}
+    "remote_nodes_per_token": lim["remote_nodes_per_token"] / unl["remote_nodes_per_token"],
+    "cross_node_copies_per_token": (
+      lim["cross_node_copies_per_token"] / unl["cross_node_copies_per_token"]
+    ),
+    "max_nodes_per_token": lim["nodes_per_token_max"] / unl["nodes_per_token_max"],
+  }
   return results
 
 
@@ -255,84 +318,120 @@ def table(res: dict) -> str:
   """The printed report of a `run` result."""
   lines = []
   layer = res["layer"]
-  lines.append(f"EP layer `{layer['config']}`: {layer['devices']} devices as {layer['nodes']} "
-               f"nodes, {layer['tokens']} tokens, E={layer['n_routed_experts']}, "
-               f"k={layer['num_experts_per_tok']}, D={layer['hidden_size']}")
-  head = (f"{'routing':<14}{'M':>3}{'nodes/tok':>10}{'max':>5}{'remote':>8}{'x-copies':>9}"
-          f"{'B/tok all':>10}{'B/tok x-node':>13}{'B/tok x-node1':>14}{'EP s':>8}{'1-dev s':>8}")
+  lines.append(
+    f"EP layer `{layer['config']}`: {layer['devices']} devices as {layer['nodes']} "
+    f"nodes, {layer['tokens']} tokens, E={layer['n_routed_experts']}, "
+    f"k={layer['num_experts_per_tok']}, D={layer['hidden_size']}"
+  )
+  head = (
+    f"{'routing':<14}{'M':>3}{'nodes/tok':>10}{'max':>5}{'remote':>8}{'x-copies':>9}"
+    f"{'B/tok all':>10}{'B/tok x-node':>13}{'B/tok x-node1':>14}{'EP s':>8}{'1-dev s':>8}"
+  )
   lines.append(head)
   for name in ("node_limited", "unlimited"):
     r = layer[name]
-    lines.append(f"{name:<14}{r['topk_group']:>3}{r['nodes_per_token_mean']:>10.2f}"
-                 f"{r['nodes_per_token_max']:>5}{r['remote_nodes_per_token']:>8.2f}"
-                 f"{r['cross_node_copies_per_token']:>9.2f}{r['bytes_per_token_all_copies']:>10.0f}"
-                 f"{r['cross_node_bytes_per_token_flat']:>13.0f}"
-                 f"{r['cross_node_bytes_per_token_once_per_node']:>14.0f}"
-                 f"{r['ep_step_s']:>8.3f}{r['single_device_step_s']:>8.3f}")
+    lines.append(
+      f"{name:<14}{r['topk_group']:>3}{r['nodes_per_token_mean']:>10.2f}"
+      f"{r['nodes_per_token_max']:>5}{r['remote_nodes_per_token']:>8.2f}"
+      f"{r['cross_node_copies_per_token']:>9.2f}{r['bytes_per_token_all_copies']:>10.0f}"
+      f"{r['cross_node_bytes_per_token_flat']:>13.0f}"
+      f"{r['cross_node_bytes_per_token_once_per_node']:>14.0f}"
+      f"{r['ep_step_s']:>8.3f}{r['single_device_step_s']:>8.3f}"
+    )
   red = layer["reduction"]
-  lines.append(f"node-limited / unlimited: remote nodes per token "
-               f"x{red['remote_nodes_per_token']:.3f}, cross-node copies "
-               f"x{red['cross_node_copies_per_token']:.3f}, max nodes "
-               f"x{red['max_nodes_per_token']:.3f}")
+  lines.append(
+    f"node-limited / unlimited: remote nodes per token "
+    f"x{red['remote_nodes_per_token']:.3f}, cross-node copies "
+    f"x{red['cross_node_copies_per_token']:.3f}, max nodes "
+    f"x{red['max_nodes_per_token']:.3f}"
+  )
   for label, b in layer["buffers"].items():
-    lines.append(f"buffer {label:<14} slots/rank {b['slots_per_rank']:>6}  rows "
-                 f"{b['buffer_rows']:>7} ({b['overhead_vs_real']:.2f}x real copies)  "
-                 f"dispatch+combine {b['dispatch_plus_combine_bytes'] / 2**20:.2f} MiB/device  "
-                 f"compiled temp "
-                 f"{(b['compiled_temp_bytes_per_device'] or 0) / 2**20:.2f} MiB  dropped "
-                 f"{b['dropped_fraction']:.4f}  step {b['ep_step_s']:.3f}s")
+    lines.append(
+      f"buffer {label:<14} slots/rank {b['slots_per_rank']:>6}  rows "
+      f"{b['buffer_rows']:>7} ({b['overhead_vs_real']:.2f}x real copies)  "
+      f"dispatch+combine {b['dispatch_plus_combine_bytes'] / 2**20:.2f} MiB/device  "
+      f"compiled temp "
+      f"{(b['compiled_temp_bytes_per_device'] or 0) / 2**20:.2f} MiB  dropped "
+      f"{b['dropped_fraction']:.4f}  step {b['ep_step_s']:.3f}s"
+    )
   b = res.get("v3_dispatch_buffers")
   if b:
-    lines.append(f"DeepSeek-V3 dispatch buffers (EP={b['ep']}, {b['tokens_per_device']} tokens/"
-                 f"device, M={b['topk_group']}, FP8): real copies "
-                 f"{b['real_copies_bytes'] / 2**20:.1f} MiB; worst-case buffer "
-                 f"{b['worst_case_buffer_bytes'] / 2**20:.1f} MiB ({b['worst_case_vs_real']:.1f}x);"
-                 f" fast buffer {b['fast_buffer_bytes'] / 2**20:.1f} MiB "
-                 f"({b['fast_vs_real']:.2f}x); max copies per pair {b['max_copies_per_pair']} "
-                 f"vs fast slots {b['fast_slots_per_rank']}; fallback rate "
-                 f"{b['fallback_rate']:.2f}; dropped {b['dropped_copies']}")
+    lines.append(
+      f"DeepSeek-V3 dispatch buffers (EP={b['ep']}, {b['tokens_per_device']} tokens/"
+      f"device, M={b['topk_group']}, FP8): real copies "
+      f"{b['real_copies_bytes'] / 2**20:.1f} MiB; worst-case buffer "
+      f"{b['worst_case_buffer_bytes'] / 2**20:.1f} MiB ({b['worst_case_vs_real']:.1f}x);"
+      f" fast buffer {b['fast_buffer_bytes'] / 2**20:.1f} MiB "
+      f"({b['fast_vs_real']:.2f}x); max copies per pair {b['max_copies_per_pair']} "
+      f"vs fast slots {b['fast_slots_per_rank']}; fallback rate "
+      f"{b['fallback_rate']:.2f}; dropped {b['dropped_copies']}"
+    )
   v3 = res["v3_shape_routing"]
-  lines.append(f"DeepSeek-V3 shape (E={v3['n_routed_experts']}, k={v3['num_experts_per_tok']}, "
-               f"{v3['nodes']} nodes, router only, {v3['tokens']} tokens):")
+  lines.append(
+    f"DeepSeek-V3 shape (E={v3['n_routed_experts']}, k={v3['num_experts_per_tok']}, "
+    f"{v3['nodes']} nodes, router only, {v3['tokens']} tokens):"
+  )
   for name in ("node_limited", "unlimited"):
     r = v3[name]
-    lines.append(f"  {name:<13} M={r['topk_group']}: nodes/token {r['nodes_per_token_mean']:.2f}"
-                 f" (max {r['nodes_per_token_max']}), remote nodes/token "
-                 f"{r['remote_nodes_per_token']:.2f}, cross-node copies/token "
-                 f"{r['cross_node_copies_per_token']:.2f}")
-  lines.append(f"  remote nodes per token: x{v3['reduction_remote_nodes']:.3f}; "
-               f"max nodes per token: x{v3['reduction_max_nodes']:.3f}")
+    lines.append(
+      f"  {name:<13} M={r['topk_group']}: nodes/token {r['nodes_per_token_mean']:.2f}"
+      f" (max {r['nodes_per_token_max']}), remote nodes/token "
+      f"{r['remote_nodes_per_token']:.2f}, cross-node copies/token "
+      f"{r['cross_node_copies_per_token']:.2f}"
+    )
+  lines.append(
+    f"  remote nodes per token: x{v3['reduction_remote_nodes']:.3f}; "
+    f"max nodes per token: x{v3['reduction_max_nodes']:.3f}"
+  )
   if "two_stage" in v3:
     lim, unl = v3["node_limited"], v3["unlimited"]
     m, u = lim["topk_group"], unl["topk_group"]
     lb, ub = lim["cross_node_bytes"], unl["cross_node_bytes"]
     two = v3["two_stage"]
-    lines.append(f"  cross-node KB/token (FP8 dispatch + BF16 combine): flat M={u} "
-                 f"{ub['flat_bytes_per_token'] / 1e3:.1f}, flat M={m} "
-                 f"{lb['flat_bytes_per_token'] / 1e3:.1f}, two-stage M={u} "
-                 f"{ub['two_stage_bytes_per_token'] / 1e3:.1f}, two-stage M={m} "
-                 f"{lb['two_stage_bytes_per_token'] / 1e3:.1f}; two-stage M={m} / flat M={u} "
-                 f"x{two['two_stage_limited_vs_flat_unlimited']:.3f}, / two-stage M={u} "
-                 f"x{two['two_stage_limited_vs_two_stage_unlimited']:.3f}")
+    lines.append(
+      f"  cross-node KB/token (FP8 dispatch + BF16 combine): flat M={u} "
+      f"{ub['flat_bytes_per_token'] / 1e3:.1f}, flat M={m} "
+      f"{lb['flat_bytes_per_token'] / 1e3:.1f}, two-stage M={u} "
+      f"{ub['two_stage_bytes_per_token'] / 1e3:.1f}, two-stage M={m} "
+      f"{lb['two_stage_bytes_per_token'] / 1e3:.1f}; two-stage M={m} / flat M={u} "
+      f"x{two['two_stage_limited_vs_flat_unlimited']:.3f}, / two-stage M={u} "
+      f"x{two['two_stage_limited_vs_two_stage_unlimited']:.3f}"
+    )
   return "\n".join(lines)
 
 
-def run(config: str = "bench", nodes: int = 8, limit: int = 4, tokens_per_device: int = 128,
-        iters: int = 3, capacity_factor: float = 1.25, v3_tokens: int = 4096,
-        dispatch_factor: float = 2.0, v3_tokens_per_device: int = 4096) -> dict:
+def run(
+  config: str = "bench",
+  nodes: int = 8,
+  limit: int = 4,
+  tokens_per_device: int = 128,
+  iters: int = 3,
+  capacity_factor: float = 1.25,
+  v3_tokens: int = 4096,
+  dispatch_factor: float = 2.0,
+  v3_tokens_per_device: int = 4096,
+) -> dict:
   """The whole benchmark on the current devices (emulated ones: set XLA_FLAGS first)."""
   import jax
+
   jax.config.update("jax_threefry_partitionable", True)
   jax.config.update("jax_numpy_rank_promotion", "raise")
 
   v3 = v3_shape_routing(v3_tokens, limit)
-  v3["reduction_remote_nodes"] = (v3["node_limited"]["remote_nodes_per_token"]
-                                  / v3["unlimited"]["remote_nodes_per_token"])
-  v3["reduction_max_nodes"] = (v3["node_limited"]["nodes_per_token_max"]
-                               / v3["unlimited"]["nodes_per_token_max"])
-  layer = layer_benchmark(config, nodes, limit, tokens_per_device, iters, capacity_factor,
-                          dispatch_factor)
-  buffers = v3_dispatch_buffers(v3_tokens_per_device, limit=limit,
-                                dispatch_factor=dispatch_factor)
-  return {"layer": layer, "v3_shape_routing": v3, "v3_dispatch_buffers": buffers,
-          "platform": jax.devices()[0].platform, "jax": jax.__version__}
+  v3["reduction_remote_nodes"] = (
+    v3["node_limited"]["remote_nodes_per_token"] / v3["unlimited"]["remote_nodes_per_token"]
+  )
+  v3["reduction_max_nodes"] = (
+    v3["node_limited"]["nodes_per_token_max"] / v3["unlimited"]["nodes_per_token_max"]
+  )
+  layer = layer_benchmark(
+    config, nodes, limit, tokens_per_device, iters, capacity_factor, dispatch_factor
+  )
+  buffers = v3_dispatch_buffers(v3_tokens_per_device, limit=limit, dispatch_factor=dispatch_factor)
+  return {
+    "layer": layer,
+    "v3_shape_routing": v3,
+    "v3_dispatch_buffers": buffers,
+    "platform": jax.devices()[0].platform,
+    "jax": jax.__version__,
+  }

@@ -82,8 +82,16 @@ def measured_timeline(plan: Plan, stamps, *, merge: bool = True) -> list[list[tu
         continue
       op = src if merge else p.op
       pair = op.kind == "FB"
-      spans.append((start - t0, end - t0, op.kind, (op.mb, op.mb2) if pair else op.mb,
-                    (op.direction, op.direction2) if pair else op.direction, p.origin))
+      spans.append(
+        (
+          start - t0,
+          end - t0,
+          op.kind,
+          (op.mb, op.mb2) if pair else op.mb,
+          (op.direction, op.direction2) if pair else op.direction,
+          p.origin,
+        )
+      )
     rows.append([s[:5] for s in spans])
   return rows
 
@@ -91,8 +99,10 @@ def measured_timeline(plan: Plan, stamps, *, merge: bool = True) -> list[list[tu
 def busy_time(plan: Plan, stamps) -> list[float]:
   """Per-rank seconds spent inside ops (the sum of its ticks' op durations)."""
   at = _ticks(stamps)
-  return [float(sum(at[(r, p.tick)][1] - at[(r, p.tick)][0] for p in placed))
-          for r, placed in enumerate(plan.placed)]
+  return [
+    float(sum(at[(r, p.tick)][1] - at[(r, p.tick)][0] for p in placed))
+    for r, placed in enumerate(plan.placed)
+  ]
 
 
 def busy_by_kind(plan: Plan, stamps) -> dict:
@@ -106,22 +116,28 @@ def busy_by_kind(plan: Plan, stamps) -> dict:
   return {k: float(np.median(v)) for k, v in out.items()}
 
 
-def bench_config(cfg: config_lib.Config, pp: int, n_mb: int, mb_size: int,
-                 seq_len: int | None = None) -> config_lib.Config:
+def bench_config(
+  cfg: config_lib.Config, pp: int, n_mb: int, mb_size: int, seq_len: int | None = None
+) -> config_lib.Config:
   """``cfg`` with ``2 * pp`` MoE layers, a ``pipe = pp`` mesh and ``n_mb`` micro-batches."""
   m = cfg.model
   return config_lib.replace(
-      cfg, model={"num_hidden_layers": m.n_dense_layers + 2 * pp},
-      train={"global_batch": n_mb * mb_size, "seq_len": seq_len or cfg.train.seq_len},
-      parallel={"data": 1, "expert": 1, "pipe": pp, "microbatches": n_mb})
+    cfg,
+    model={"num_hidden_layers": m.n_dense_layers + 2 * pp},
+    train={"global_batch": n_mb * mb_size, "seq_len": seq_len or cfg.train.seq_len},
+    parallel={"data": 1, "expert": 1, "pipe": pp, "microbatches": n_mb},
+  )
 
 
 def simulated(schedule: S.Schedule, costs: S.Costs) -> dict:
   sim = S.simulate(schedule, costs)
-  return {"makespan": float(sim.makespan), "bubble": float(sim.max_bubble),
-          "bubble_fraction": float(sim.max_bubble / sim.makespan),
-          "bubble_per_rank": [float(b) for b in sim.bubble],
-          "peak_activations": [int(a) for a in sim.peak_activations]}
+  return {
+    "makespan": float(sim.makespan),
+    "bubble": float(sim.max_bubble),
+    "bubble_fraction": float(sim.max_bubble / sim.makespan),
+    "bubble_per_rank": [float(b) for b in sim.bubble],
+    "peak_activations": [int(a) for a in sim.peak_activations],
+  }
 
 
 def lockstep_makespan(trainer: PipelineTrainer, cost: dict) -> float:
@@ -129,8 +145,9 @@ def lockstep_makespan(trainer: PipelineTrainer, cost: dict) -> float:
   plan = trainer.pipeline.plan
   total = 0.0
   for t in range(plan.T):
-    total += max((cost.get(p.op.kind, 0.0) for row in plan.placed for p in row if p.tick == t),
-                 default=0.0)
+    total += max(
+      (cost.get(p.op.kind, 0.0) for row in plan.placed for p in row if p.tick == t), default=0.0
+    )
   return total
 
 
@@ -145,9 +162,16 @@ def pipeline_devices(pp: int) -> list[jax.Device]:
   return devices
 
 
-def measure(cfg: config_lib.Config, name: str, *, repeats: int = 3,
-            granularity: str = "unit", devices: Sequence[jax.Device] | None = None,
-            outdir: str | None = None, seed: int = 0) -> dict:
+def measure(
+  cfg: config_lib.Config,
+  name: str,
+  *,
+  repeats: int = 3,
+  granularity: str = "unit",
+  devices: Sequence[jax.Device] | None = None,
+  outdir: str | None = None,
+  seed: int = 0,
+) -> dict:
   """Runs schedule ``name`` ``repeats`` times (after a compile run) and returns its stats.
 
   ``measured`` holds the run with the median makespan; ``runs`` every run's bubble
@@ -160,9 +184,9 @@ def measure(cfg: config_lib.Config, name: str, *, repeats: int = 3,
   trainer = PipelineTrainer(cfg, mesh, schedule_name=name, granularity=granularity)
   pipe = trainer.pipeline
   state = trainer.init()
-  tokens = jax.random.randint(jax.random.key(seed), (cfg.train.global_batch,
-                                                     cfg.train.seq_len + 1), 0,
-                              cfg.model.vocab_size)
+  tokens = jax.random.randint(
+    jax.random.key(seed), (cfg.train.global_batch, cfg.train.seq_len + 1), 0, cfg.model.vocab_size
+  )
   # Everything is returned: unused gradients would let XLA drop every backward op.
   clock = TickClock()
   step = jax.jit(lambda p, b, t: trainer.loss_and_grads(p, b, t, probe=clock))
@@ -178,55 +202,80 @@ def measure(cfg: config_lib.Config, name: str, *, repeats: int = 3,
     busy = busy_time(pipe.plan, stamps)
     makespan = max(s[1] for row in rows for s in row) - min(s[0] for row in rows for s in row)
     bubble = [makespan - b for b in busy]
-    runs.append(dict(stamps=stamps, rows=rows, makespan=makespan, busy=busy, bubble=bubble,
-                     cost=busy_by_kind(pipe.plan, stamps)))
+    runs.append(
+      dict(
+        stamps=stamps,
+        rows=rows,
+        makespan=makespan,
+        busy=busy,
+        bubble=bubble,
+        cost=busy_by_kind(pipe.plan, stamps),
+      )
+    )
   runs.sort(key=lambda r: r["makespan"])
   best = runs[len(runs) // 2]
   cost = best["cost"]
   sched = trainer.schedule
-  kind_cost = S.Costs(F=cost["F"], B=cost.get("B", 0.0), W=cost.get("W", 0.0),
-                      BW=cost.get("BW"), FB=cost.get("FB"))
+  kind_cost = S.Costs(
+    F=cost["F"], B=cost.get("B", 0.0), W=cost.get("W", 0.0), BW=cost.get("BW"), FB=cost.get("FB")
+  )
   out: dict[str, Any] = {
-      "schedule": name, "pp": pp, "microbatches": n_mb, "granularity": granularity,
-      "ticks": pipe.plan.T, "compile_and_first_run_s": compile_s,
-      "buffers": dict(pipe.plan.sizes),
-      "residual_bytes_per_microbatch": pipe.stage_vjp.residual_bytes(),
-      "simulated_unit_costs": simulated(sched, UNIT_COSTS),
-      "simulated_measured_costs": dict(simulated(sched, kind_cost),
-                                       costs_s={k: float(v) for k, v in cost.items()}),
-      "lockstep_makespan_s": lockstep_makespan(trainer, cost),
-      "measured": {"makespan_s": best["makespan"], "bubble_s": max(best["bubble"]),
-                   "bubble_fraction": max(best["bubble"]) / best["makespan"],
-                   "bubble_per_rank_s": best["bubble"], "busy_per_rank_s": best["busy"]},
-      "runs_bubble_fraction": [max(r["bubble"]) / r["makespan"] for r in runs],
+    "schedule": name,
+    "pp": pp,
+    "microbatches": n_mb,
+    "granularity": granularity,
+    "ticks": pipe.plan.T,
+    "compile_and_first_run_s": compile_s,
+    "buffers": dict(pipe.plan.sizes),
+    "residual_bytes_per_microbatch": pipe.stage_vjp.residual_bytes(),
+    "simulated_unit_costs": simulated(sched, UNIT_COSTS),
+    "simulated_measured_costs": dict(
+      simulated(sched, kind_cost), costs_s={k: float(v) for k, v in cost.items()}
+    ),
+    "lockstep_makespan_s": lockstep_makespan(trainer, cost),
+    "measured": {
+      "makespan_s": best["makespan"],
+      "bubble_s": max(best["bubble"]),
+      "bubble_fraction": max(best["bubble"]) / best["makespan"],
+      "bubble_per_rank_s": best["bubble"],
+      "busy_per_rank_s": best["busy"],
+    },
+    "runs_bubble_fraction": [max(r["bubble"]) / r["makespan"] for r in runs],
   }
   if outdir:
     os.makedirs(outdir, exist_ok=True)
     sim = S.simulate(sched, UNIT_COSTS)
     out["png_simulated"] = plot_timeline(
-        sim.timelines, os.path.join(outdir, f"{name}_pp{pp}_mb{n_mb}_simulated.png"),
-        f"{name}: simulated, F = B = W = 1 (pp={pp}, {n_mb} micro-batches)",
-        time_unit="cost units")
+      sim.timelines,
+      os.path.join(outdir, f"{name}_pp{pp}_mb{n_mb}_simulated.png"),
+      f"{name}: simulated, F = B = W = 1 (pp={pp}, {n_mb} micro-batches)",
+      time_unit="cost units",
+    )
     out["png_measured"] = plot_timeline(
-        [[(s[0] * 1e3, s[1] * 1e3) + tuple(s[2:]) for s in row] for row in best["rows"]],
-        os.path.join(outdir, f"{name}_pp{pp}_mb{n_mb}_measured.png"),
-        f"{name}: measured on {len(devices)} emulated devices "
-        f"(pp={pp}, {n_mb} micro-batches)", time_unit="ms")
+      [[(s[0] * 1e3, s[1] * 1e3) + tuple(s[2:]) for s in row] for row in best["rows"]],
+      os.path.join(outdir, f"{name}_pp{pp}_mb{n_mb}_measured.png"),
+      f"{name}: measured on {len(devices)} emulated devices (pp={pp}, {n_mb} micro-batches)",
+      time_unit="ms",
+    )
   return out
 
 
 def table(results: Sequence[dict]) -> str:
   """A plain-text table of the bubbles of several `measure` results."""
-  head = (f"{'schedule':<10} {'pp':>3} {'mb':>3} {'sim bubble':>11} {'sim frac':>9} "
-          f"{'sim(meas.) frac':>16} {'meas. bubble ms':>16} {'meas. frac':>11} "
-          f"{'makespan ms':>12}")
+  head = (
+    f"{'schedule':<10} {'pp':>3} {'mb':>3} {'sim bubble':>11} {'sim frac':>9} "
+    f"{'sim(meas.) frac':>16} {'meas. bubble ms':>16} {'meas. frac':>11} "
+    f"{'makespan ms':>12}"
+  )
   lines = [head, "-" * len(head)]
   for r in results:
     su, sm, me = r["simulated_unit_costs"], r["simulated_measured_costs"], r["measured"]
-    lines.append(f"{r['schedule']:<10} {r['pp']:>3} {r['microbatches']:>3} "
-                 f"{su['bubble']:>11.1f} {su['bubble_fraction']:>9.3f} "
-                 f"{sm['bubble_fraction']:>16.3f} {me['bubble_s'] * 1e3:>16.2f} "
-                 f"{me['bubble_fraction']:>11.3f} {me['makespan_s'] * 1e3:>12.2f}")
+    lines.append(
+      f"{r['schedule']:<10} {r['pp']:>3} {r['microbatches']:>3} "
+      f"{su['bubble']:>11.1f} {su['bubble_fraction']:>9.3f} "
+      f"{sm['bubble_fraction']:>16.3f} {me['bubble_s'] * 1e3:>16.2f} "
+      f"{me['bubble_fraction']:>11.3f} {me['makespan_s'] * 1e3:>12.2f}"
+    )
   return "\n".join(lines)
 
 
@@ -247,8 +296,10 @@ def compare(cfg: config_lib.Config, req: Request, outdir: str | None = None) -> 
   for name in req.schedules:  # fail fast on a bad schedule / pp / micro-batch combination
     make_schedule(name, req.pp, req.microbatches)
   bcfg = bench_config(cfg, req.pp, req.microbatches, req.mb_size, req.seq_len or None)
-  return [measure(bcfg, name, repeats=req.repeats, granularity=req.granularity, outdir=outdir)
-          for name in req.schedules]
+  return [
+    measure(bcfg, name, repeats=req.repeats, granularity=req.granularity, outdir=outdir)
+    for name in req.schedules
+  ]
 
 
 def run(cfg: config_lib.Config, req: Request, outdir: str | None = None) -> dict:
@@ -256,10 +307,15 @@ def run(cfg: config_lib.Config, req: Request, outdir: str | None = None) -> dict
   the platform, the model, `summary` and every schedule's result."""
   results = compare(cfg, req, outdir)
   devices = pipeline_devices(req.pp)
-  return {"request": req.__dict__, "platform": devices[0].platform,
-          "n_devices": len(devices), "cpu_count": os.cpu_count(),
-          "model": config_lib.to_dict(cfg)["model"], "summary": summary(results),
-          "results": results}
+  return {
+    "request": req.__dict__,
+    "platform": devices[0].platform,
+    "n_devices": len(devices),
+    "cpu_count": os.cpu_count(),
+    "model": config_lib.to_dict(cfg)["model"],
+    "summary": summary(results),
+    "results": results,
+  }
 
 
 def summary(results: Sequence[dict]) -> dict:
@@ -268,15 +324,29 @@ def summary(results: Sequence[dict]) -> dict:
   if "1f1b" not in by or "dualpipe" not in by:
     return {}
   a, b = by["dualpipe"], by["1f1b"]
-  return {"dualpipe_below_1f1b_simulated":
-          a["simulated_unit_costs"]["bubble"] < b["simulated_unit_costs"]["bubble"],
-          "dualpipe_below_1f1b_measured":
-          a["measured"]["bubble_s"] < b["measured"]["bubble_s"],
-          "bubble_ratio_measured": a["measured"]["bubble_s"] / b["measured"]["bubble_s"],
-          "bubble_ratio_simulated": (a["simulated_unit_costs"]["bubble"]
-                                     / b["simulated_unit_costs"]["bubble"])}
+  return {
+    "dualpipe_below_1f1b_simulated": a["simulated_unit_costs"]["bubble"]
+    < b["simulated_unit_costs"]["bubble"],
+    "dualpipe_below_1f1b_measured": a["measured"]["bubble_s"] < b["measured"]["bubble_s"],
+    "bubble_ratio_measured": a["measured"]["bubble_s"] / b["measured"]["bubble_s"],
+    "bubble_ratio_simulated": (
+      a["simulated_unit_costs"]["bubble"] / b["simulated_unit_costs"]["bubble"]
+    ),
+  }
 
 
-__all__ = ["Request", "TickClock", "bench_config", "busy_by_kind", "busy_time", "compare",
-           "measure", "measured_timeline", "pipeline_devices", "run", "simulated", "summary",
-           "table"]
+__all__ = [
+  "Request",
+  "TickClock",
+  "bench_config",
+  "busy_by_kind",
+  "busy_time",
+  "compare",
+  "measure",
+  "measured_timeline",
+  "pipeline_devices",
+  "run",
+  "simulated",
+  "summary",
+  "table",
+]

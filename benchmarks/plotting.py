@@ -8,5 +8,6 @@ def require_matplotlib():
   try:
     return importlib.import_module("matplotlib")
   except ImportError as e:
-    raise ImportError("plotting needs matplotlib: pip install 'dsv3_jax[plots]' "
-                      "(or `pip install matplotlib`)") from e
+    raise ImportError(
+      "plotting needs matplotlib: pip install 'dsv3_jax[plots]' (or `pip install matplotlib`)"
+    ) from e

@@ -46,9 +46,11 @@ class TraceSettings:
   seed: int = 0
 
 
-QUICK = dict(config="tiny", slots=4, trace=TraceSettings(requests=12, rate=32.0,
-                                                        prompt_len=(4, 24),
-                                                        output_len=(4, 16)))
+QUICK = dict(
+  config="tiny",
+  slots=4,
+  trace=TraceSettings(requests=12, rate=32.0, prompt_len=(4, 24), output_len=(4, 16)),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +70,10 @@ def make_trace(settings: TraceSettings, vocab: int) -> list:
   o_lo, o_hi = settings.output_len
   prompt_lens = rng.integers(p_lo, p_hi + 1, n)
   output_lens = rng.integers(o_lo, o_hi + 1, n)
-  return [TraceRequest(float(a), tuple(int(t) for t in rng.integers(0, min(vocab, 256), p)),
-                       int(o)) for a, p, o in zip(arrivals, prompt_lens, output_lens)]
+  return [
+    TraceRequest(float(a), tuple(int(t) for t in rng.integers(0, min(vocab, 256), p)), int(o))
+    for a, p, o in zip(arrivals, prompt_lens, output_lens)
+  ]
 
 
 def _pct(xs, q) -> Optional[float]:
@@ -82,11 +86,17 @@ def summarize(records) -> dict:
   itl = [d for _, times in records for d in np.diff(times)]
   tokens = sum(len(times) for _, times in records)
   span = max(times[-1] for _, times in records) - min(a for a, _ in records)
-  return {"requests": len(records), "tokens": tokens, "seconds": span,
-          "tokens_per_s": tokens / span,
-          "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
-          "itl_p50_s": _pct(itl, 50), "itl_p99_s": _pct(itl, 99),
-          "e2e_p50_s": _pct([t[-1] - a for a, t in records], 50)}
+  return {
+    "requests": len(records),
+    "tokens": tokens,
+    "seconds": span,
+    "tokens_per_s": tokens / span,
+    "ttft_p50_s": _pct(ttft, 50),
+    "ttft_p99_s": _pct(ttft, 99),
+    "itl_p50_s": _pct(itl, 50),
+    "itl_p99_s": _pct(itl, 99),
+    "e2e_p50_s": _pct([t[-1] - a for a, t in records], 50),
+  }
 
 
 # ------------------------------------------------------------------------------- threads
@@ -99,9 +109,10 @@ def configure_threads(threads: int) -> dict:
       raise ValueError(f"threads={threads} but only {len(cores)} cores are available")
     os.sched_setaffinity(0, cores[:threads])
     if threads == 1:
-      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                 " --xla_cpu_multi_thread_eigen=false"
-                                 " intra_op_parallelism_threads=1")
+      os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+        " intra_op_parallelism_threads=1"
+      )
   info["threads"] = len(os.sched_getaffinity(0))
   info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
   info["xla_configured_before_jax"] = "jax" not in sys.modules
@@ -119,16 +130,20 @@ def replay_engine(engine, trace) -> dict:
     delay = t0 + r.arrival_s - time.perf_counter()
     if delay > 0:
       time.sleep(delay)
-    streams.append(engine.submit(Request(list(r.prompt), max_tokens=r.output_len,
-                                         temperature=0.0, ignore_eos=True)))
+    streams.append(
+      engine.submit(
+        Request(list(r.prompt), max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
+      )
+    )
   for s in streams:
     s.result(timeout=3600)
   records = [(s.submitted_at, s.token_times) for s in streams]
   return dict(summarize(records), outputs=[s.tokens for s in streams])
 
 
-def run_engine(model, trace, slots: int, max_len: int, eplb: bool = True,
-               speculative: bool = False) -> dict:
+def run_engine(
+  model, trace, slots: int, max_len: int, eplb: bool = True, speculative: bool = False
+) -> dict:
   """The engine's rows: plain, then (same engine, same programs) with EPLB collection."""
   from dsv3_jax.serving.engine import Engine
   from dsv3_jax.serving.expert_loads import ExpertLoadMonitor
@@ -144,8 +159,7 @@ def run_engine(model, trace, slots: int, max_len: int, eplb: bool = True,
     delta = {k: engine.stats[k] - before.get(k, 0) for k in engine.stats}
     rows["plain"]["steps"] = delta["steps"]
     if speculative:
-      rows["plain"]["acceptance_rate"] = (delta["drafts_accepted"]
-                                          / max(delta["drafts_verified"], 1))
+      rows["plain"]["acceptance_rate"] = delta["drafts_accepted"] / max(delta["drafts_verified"], 1)
     if eplb and model.cfg.n_moe_layers:
       engine.expert_loads = ExpertLoadMonitor(model.cfg, window=1024, rebalance_every=16)
       row = replay_engine(engine, trace)
@@ -178,25 +192,32 @@ def run_hf(path: str, trace, slots: int) -> dict:
   import transformers
 
   model = transformers.AutoModelForCausalLM.from_pretrained(
-      path, dtype=torch.float32, experts_implementation="grouped_mm").eval()
+    path, dtype=torch.float32, experts_implementation="grouped_mm"
+  ).eval()
 
   def generate(batch):
     width = max(len(r.prompt) for r in batch)
     ids = torch.zeros((len(batch), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(batch):  # left padding, as decoder-only generation wants
-      ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
-      mask[i, width - len(r.prompt):] = 1
+      ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt)
+      mask[i, width - len(r.prompt) :] = 1
     n = max(r.output_len for r in batch)
     clock = _StepClock()
     t = time.perf_counter()
     with torch.no_grad():
-      out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
-                           min_new_tokens=n, do_sample=False, pad_token_id=0,
-                           streamer=clock)
+      out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        streamer=clock,
+      )
     return t, clock.times[1:], out[:, width:].tolist()
 
-  warm = generate(trace[:min(slots, len(trace))])  # first-call overheads out of the timing
+  warm = generate(trace[: min(slots, len(trace))])  # first-call overheads out of the timing
   del warm
   records, outputs, clock, i = [], [None] * len(trace), 0.0, 0
   while i < len(trace):
@@ -204,14 +225,19 @@ def run_hf(path: str, trace, slots: int) -> dict:
     batch_idx = [j for j in range(i, len(trace)) if trace[j].arrival_s <= clock][:slots]
     start, step_times, out = generate([trace[j] for j in batch_idx])
     for k, j in enumerate(batch_idx):
-      times = [clock + (s - start) for s in step_times[:trace[j].output_len]]
+      times = [clock + (s - start) for s in step_times[: trace[j].output_len]]
       records.append((trace[j].arrival_s, times))
-      outputs[j] = out[k][:trace[j].output_len]
+      outputs[j] = out[k][: trace[j].output_len]
     clock += time.perf_counter() - start
     i = batch_idx[-1] + 1
-  return dict(summarize(records), outputs=outputs, torch=torch.__version__,
-              transformers=transformers.__version__, torch_threads=torch.get_num_threads(),
-              experts_implementation=model.config._experts_implementation)
+  return dict(
+    summarize(records),
+    outputs=outputs,
+    torch=torch.__version__,
+    transformers=transformers.__version__,
+    torch_threads=torch.get_num_threads(),
+    experts_implementation=model.config._experts_implementation,
+  )
 
 
 def _agreement(a, b) -> float:
@@ -224,9 +250,15 @@ def _agreement(a, b) -> float:
   return same / max(total, 1)
 
 
-def run(config: str = "small", slots: int = 8, trace: TraceSettings = TraceSettings(),
-        threads: int = 0, peer: bool = True, eplb: bool = True,
-        speculative: Optional[bool] = None) -> dict:
+def run(
+  config: str = "small",
+  slots: int = 8,
+  trace: TraceSettings = TraceSettings(),
+  threads: int = 0,
+  peer: bool = True,
+  eplb: bool = True,
+  speculative: Optional[bool] = None,
+) -> dict:
   """Replays the trace through every system; returns the JSON-ready result.
 
   `speculative` None runs the MTP row when the engine has it.
@@ -244,12 +276,19 @@ def run(config: str = "small", slots: int = 8, trace: TraceSettings = TraceSetti
   reqs = make_trace(trace, cfg.vocab_size)
   max_len = max(len(r.prompt) + r.output_len for r in reqs)
   if max_len > cfg.max_position_embeddings:
-    raise ValueError(f"the trace needs {max_len} positions; {config} has "
-                     f"{cfg.max_position_embeddings}")
-  result = {"config": config, "slots": slots, "max_len": max_len,
-            "trace": dataclasses.asdict(trace), "threads": thread_info,
-            "versions": {"jax": jax.__version__, "flax": flax.__version__},
-            "device": jax.devices()[0].device_kind, "rows": {}}
+    raise ValueError(
+      f"the trace needs {max_len} positions; {config} has {cfg.max_position_embeddings}"
+    )
+  result = {
+    "config": config,
+    "slots": slots,
+    "max_len": max_len,
+    "trace": dataclasses.asdict(trace),
+    "threads": thread_info,
+    "versions": {"jax": jax.__version__, "flax": flax.__version__},
+    "device": jax.devices()[0].device_kind,
+    "rows": {},
+  }
   rows = result["rows"]
   engine_rows = run_engine(model, reqs, slots, max_len, eplb=eplb)
   rows["dsv3_jax"] = engine_rows["plain"]
@@ -259,19 +298,23 @@ def run(config: str = "small", slots: int = 8, trace: TraceSettings = TraceSetti
     if not spec_available:
       rows["dsv3_jax_speculative"] = {"not_available": "the engine has no speculative program"}
     else:
-      rows["dsv3_jax_speculative"] = run_engine(model, reqs, slots, max_len, eplb=False,
-                                                speculative=True)["plain"]
+      rows["dsv3_jax_speculative"] = run_engine(
+        model, reqs, slots, max_len, eplb=False, speculative=True
+      )["plain"]
   else:
-    rows["dsv3_jax_speculative"] = {"not_available": (
-        "skipped" if spec_available else "the engine has no speculative program")}
+    rows["dsv3_jax_speculative"] = {
+      "not_available": ("skipped" if spec_available else "the engine has no speculative program")
+    }
   if peer:
     try:
       from dsv3_jax.checkpoint.hf import model_state, save_hf_state
+
       with tempfile.TemporaryDirectory() as tmp:
         mcfg, state = model_state(model)
         # The main model only: HF's DeepseekV3 has no MTP layers to load.
-        save_hf_state(tmp, dataclasses.replace(mcfg, num_nextn_predict_layers=0), state,
-                      dtype="float32")
+        save_hf_state(
+          tmp, dataclasses.replace(mcfg, num_nextn_predict_layers=0), state, dtype="float32"
+        )
         hf = run_hf(tmp, reqs, slots)
     except ImportError as e:
       hf = {"not_available": f"install the `hf` extra ({e})"}
@@ -279,10 +322,11 @@ def run(config: str = "small", slots: int = 8, trace: TraceSettings = TraceSetti
     if "tokens_per_s" in hf:
       ours = rows["dsv3_jax"]
       result["ratios_vs_hf"] = {
-          "throughput": ours["tokens_per_s"] / hf["tokens_per_s"],
-          "ttft_p50": hf["ttft_p50_s"] / ours["ttft_p50_s"],
-          "itl_p50": hf["itl_p50_s"] / ours["itl_p50_s"],
-          "greedy_token_agreement": _agreement(ours["outputs"], hf["outputs"])}
+        "throughput": ours["tokens_per_s"] / hf["tokens_per_s"],
+        "ttft_p50": hf["ttft_p50_s"] / ours["ttft_p50_s"],
+        "itl_p50": hf["itl_p50_s"] / ours["itl_p50_s"],
+        "greedy_token_agreement": _agreement(ours["outputs"], hf["outputs"]),
+      }
   for row in rows.values():
     row.pop("outputs", None)
   return result
@@ -300,33 +344,44 @@ def _has_speculative() -> bool:
 def report(result: dict) -> str:
   """The printed table of a `run` result."""
   t = result["threads"]
-  lines = [f"{result['config']} serving, {result['slots']} slots, {result['trace']['requests']} "
-           f"requests at {result['trace']['rate']}/s, {t['threads']} of {t['cpu_count']} cores",
-           f"  {'':<22}{'tokens/s':>10}{'TTFT p50':>10}{'p99':>9}{'ITL p50':>10}{'p99':>9}"]
+  lines = [
+    f"{result['config']} serving, {result['slots']} slots, {result['trace']['requests']} "
+    f"requests at {result['trace']['rate']}/s, {t['threads']} of {t['cpu_count']} cores",
+    f"  {'':<22}{'tokens/s':>10}{'TTFT p50':>10}{'p99':>9}{'ITL p50':>10}{'p99':>9}",
+  ]
   for name, row in result["rows"].items():
     if "tokens_per_s" not in row:
       lines.append(f"  {name:<22}{row.get('not_available', '-')}")
       continue
-    lines.append(f"  {name:<22}{row['tokens_per_s']:>10.1f}{row['ttft_p50_s']:>10.3f}"
-                 f"{row['ttft_p99_s']:>9.3f}{row['itl_p50_s']:>10.4f}{row['itl_p99_s']:>9.4f}")
+    lines.append(
+      f"  {name:<22}{row['tokens_per_s']:>10.1f}{row['ttft_p50_s']:>10.3f}"
+      f"{row['ttft_p99_s']:>9.3f}{row['itl_p50_s']:>10.4f}{row['itl_p99_s']:>9.4f}"
+    )
   spec = result["rows"].get("dsv3_jax_speculative", {})
   if "acceptance_rate" in spec:
-    lines.append(f"  MTP drafts accepted: {100 * spec['acceptance_rate']:.0f}% (random weights: "
-                 "chance level)")
+    lines.append(
+      f"  MTP drafts accepted: {100 * spec['acceptance_rate']:.0f}% (random weights: chance level)"
+    )
   eplb = result["rows"].get("dsv3_jax_eplb", {}).get("eplb")
   if eplb:
-    lines.append(f"  EPLB ({eplb['gpus']} GPUs, {eplb['replicas']} slots): max/mean GPU load "
-                 f"{eplb['before_mean']:.3f} -> {eplb['after_mean']:.3f} (not applied: one "
-                 "device)")
+    lines.append(
+      f"  EPLB ({eplb['gpus']} GPUs, {eplb['replicas']} slots): max/mean GPU load "
+      f"{eplb['before_mean']:.3f} -> {eplb['after_mean']:.3f} (not applied: one "
+      "device)"
+    )
   hf = result["rows"].get("hf_transformers", {})
   if "experts_implementation" in hf:
-    lines.append(f"  HF transformers {hf['transformers']} (torch {hf['torch']}, "
-                 f"{hf['torch_threads']} threads, experts={hf['experts_implementation']})")
+    lines.append(
+      f"  HF transformers {hf['transformers']} (torch {hf['torch']}, "
+      f"{hf['torch_threads']} threads, experts={hf['experts_implementation']})"
+    )
   if "ratios_vs_hf" in result:
     r = result["ratios_vs_hf"]
-    lines.append(f"  vs HF: throughput {r['throughput']:.2f}x, TTFT p50 {r['ttft_p50']:.2f}x, "
-                 f"ITL p50 {r['itl_p50']:.2f}x faster; greedy agreement "
-                 f"{100 * r['greedy_token_agreement']:.0f}%")
+    lines.append(
+      f"  vs HF: throughput {r['throughput']:.2f}x, TTFT p50 {r['ttft_p50']:.2f}x, "
+      f"ITL p50 {r['itl_p50']:.2f}x faster; greedy agreement "
+      f"{100 * r['greedy_token_agreement']:.0f}%"
+    )
   return "\n".join(lines)
 
 
@@ -344,11 +399,20 @@ def plot(result: dict, path: str) -> None:
   x = np.arange(len(names))
   axes[0].bar(x, [rows[n]["tokens_per_s"] for n in names], color="C0")
   axes[0].set_title("throughput (tokens/s)")
-  for ax, key, title in ((axes[1], "ttft", "time to first token (s)"),
-                         (axes[2], "itl", "inter-token latency (s)")):
+  for ax, key, title in (
+    (axes[1], "ttft", "time to first token (s)"),
+    (axes[2], "itl", "inter-token latency (s)"),
+  ):
     ax.bar(x, [rows[n][f"{key}_p50_s"] for n in names], color="C1", label="p50")
-    ax.scatter(x, [rows[n][f"{key}_p99_s"] for n in names], color="k", marker="_", s=400,
-               label="p99", zorder=3)
+    ax.scatter(
+      x,
+      [rows[n][f"{key}_p99_s"] for n in names],
+      color="k",
+      marker="_",
+      s=400,
+      label="p99",
+      zorder=3,
+    )
     ax.set_title(title)
     ax.set_yscale("log")
     ax.legend(fontsize=8)
@@ -356,8 +420,10 @@ def plot(result: dict, path: str) -> None:
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=20, fontsize=8)
   t = result["trace"]
-  fig.suptitle(f"{result['config']}: {t['requests']} requests, Poisson {t['rate']}/s, "
-               f"{result['slots']} slots, {result['threads']['threads']} cores")
+  fig.suptitle(
+    f"{result['config']}: {t['requests']} requests, Poisson {t['rate']}/s, "
+    f"{result['slots']} slots, {result['threads']['threads']} cores"
+  )
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=110)

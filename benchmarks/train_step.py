@@ -23,10 +23,11 @@ def _time(fn, steps):
 def matmul_peak(n=2048, reps=10) -> float:
   import jax
   import jax.numpy as jnp
+
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
   sec = _time(lambda: f(a).block_until_ready(), reps)
-  return 2 * n ** 3 / sec
+  return 2 * n**3 / sec
 
 
 def bench_ours(model_cfg, train_overrides, batch, seq_len, steps):
@@ -70,10 +71,14 @@ def bench_ours(model_cfg, train_overrides, batch, seq_len, steps):
 
   t_step = _time(step, steps)
   del nnx
-  return {"step_s": t_step, "forward_s": t_fwd, "forward_backward_s": t_fwd_bwd,
-          "tokens_per_s": batch * seq_len / t_step,
-          "flops_per_token": flops_per_token(cfg.model, seq_len),
-          "model_cfg": cfg.model}
+  return {
+    "step_s": t_step,
+    "forward_s": t_fwd,
+    "forward_backward_s": t_fwd_bwd,
+    "tokens_per_s": batch * seq_len / t_step,
+    "flops_per_token": flops_per_token(cfg.model, seq_len),
+    "model_cfg": cfg.model,
+  }
 
 
 def bench_hf(model_cfg, batch, seq_len, steps):
@@ -84,9 +89,13 @@ def bench_hf(model_cfg, batch, seq_len, steps):
   from dsv3_jax.checkpoint.hf_config import to_hf_config
 
   torch.set_num_threads(os.cpu_count() or 1)
-  hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in to_hf_config(model_cfg).items()
-                                           if k not in ("architectures", "model_type",
-                                                        "torch_dtype")})
+  hf_cfg = transformers.DeepseekV3Config(
+    **{
+      k: v
+      for k, v in to_hf_config(model_cfg).items()
+      if k not in ("architectures", "model_type", "torch_dtype")
+    }
+  )
   torch.manual_seed(0)
   model = transformers.DeepseekV3ForCausalLM(hf_cfg).float().train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
@@ -101,13 +110,19 @@ def bench_hf(model_cfg, batch, seq_len, steps):
     opt.step()
 
   t = _time(step, steps)
-  return {"step_s": t, "tokens_per_s": batch * seq_len / t, "torch": torch.__version__,
-          "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-          "experts_implementation": getattr(hf_cfg, "experts_implementation", None)}
+  return {
+    "step_s": t,
+    "tokens_per_s": batch * seq_len / t,
+    "torch": torch.__version__,
+    "transformers": transformers.__version__,
+    "threads": torch.get_num_threads(),
+    "experts_implementation": getattr(hf_cfg, "experts_implementation", None),
+  }
 
 
-def run(config: str = "bench", batch: int = 4, seq_len: int = 512, steps: int = 5,
-        peer: bool = True) -> dict:
+def run(
+  config: str = "bench", batch: int = 4, seq_len: int = 512, steps: int = 5, peer: bool = True
+) -> dict:
   """Times both implementations; returns the JSON-ready result `rows` prints."""
   import jax
 
@@ -116,8 +131,15 @@ def run(config: str = "bench", batch: int = 4, seq_len: int = 512, steps: int = 
   model_cfg = ours.pop("model_cfg")
   ours["model_flops_per_s"] = ours["tokens_per_s"] * ours["flops_per_token"]
   ours["fraction_of_peak"] = ours["model_flops_per_s"] / peak
-  result = {"config": config, "batch": batch, "seq_len": seq_len, "steps": steps,
-            "cpu_count": os.cpu_count(), "matmul_peak_flops_per_s": peak, "dsv3_jax": ours}
+  result = {
+    "config": config,
+    "batch": batch,
+    "seq_len": seq_len,
+    "steps": steps,
+    "cpu_count": os.cpu_count(),
+    "matmul_peak_flops_per_s": peak,
+    "dsv3_jax": ours,
+  }
   result["device"] = jax.devices()[0].device_kind
   if peer:
     try:
@@ -133,21 +155,29 @@ def run(config: str = "bench", batch: int = 4, seq_len: int = 512, steps: int = 
 def report(result: dict) -> str:
   """The printed table of a `run` result."""
   ours, peak = result["dsv3_jax"], result["matmul_peak_flops_per_s"]
-  rows = [("matmul peak (f32)", f"{peak / 1e9:.1f} GFLOP/s"),
-          ("dsv3_jax train step", f"{ours['tokens_per_s']:.0f} tok/s ({ours['step_s']:.3f} s)"),
-          ("  forward only", f"{ours['forward_s']:.3f} s"),
-          ("  forward + backward", f"{ours['forward_backward_s']:.3f} s"),
-          ("  model FLOPs/s", f"{ours['model_flops_per_s'] / 1e9:.1f} GFLOP/s "
-                              f"({100 * ours['fraction_of_peak']:.0f}% of peak)")]
+  rows = [
+    ("matmul peak (f32)", f"{peak / 1e9:.1f} GFLOP/s"),
+    ("dsv3_jax train step", f"{ours['tokens_per_s']:.0f} tok/s ({ours['step_s']:.3f} s)"),
+    ("  forward only", f"{ours['forward_s']:.3f} s"),
+    ("  forward + backward", f"{ours['forward_backward_s']:.3f} s"),
+    (
+      "  model FLOPs/s",
+      f"{ours['model_flops_per_s'] / 1e9:.1f} GFLOP/s "
+      f"({100 * ours['fraction_of_peak']:.0f}% of peak)",
+    ),
+  ]
   hf = result.get("hf_transformers", {})
   if "tokens_per_s" in hf:
-    rows += [("HF transformers train step", f"{hf['tokens_per_s']:.0f} tok/s "
-                                            f"({hf['step_s']:.3f} s)"),
-             ("speed-up vs HF", f"{result['speedup_vs_hf']:.2f}x")]
+    rows += [
+      ("HF transformers train step", f"{hf['tokens_per_s']:.0f} tok/s ({hf['step_s']:.3f} s)"),
+      ("speed-up vs HF", f"{result['speedup_vs_hf']:.2f}x"),
+    ]
   elif hf:
     rows.append(("HF transformers", hf["skipped"]))
   width = max(len(r[0]) for r in rows)
-  lines = [f"bench train step, batch {result['batch']} x {result['seq_len']}, one "
-           f"{result['device']} device, {result['cpu_count']} CPU cores"]
+  lines = [
+    f"bench train step, batch {result['batch']} x {result['seq_len']}, one "
+    f"{result['device']} device, {result['cpu_count']} CPU cores"
+  ]
   lines += [f"  {name:<{width}}  {value}" for name, value in rows]
   return "\n".join(lines)

@@ -32,67 +32,125 @@ _NARROW = dict(init_std=0.02)
 # DeepSeek-V3's network (arXiv 2412.19437 §4.2). What the defaults already hold is the
 # report's too: routed_scaling_factor 2.5, one shared expert, MTP depth 1, rope_theta 1e4,
 # init_std 0.006 and YaRN's beta 32 / alpha 1 / mscale 1 over a 4096-token original context.
-_DSV3 = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432,
-             moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=3,
-             num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-             qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256, num_experts_per_tok=8,
-             n_group=8, topk_group=4,
-             dtype="bfloat16", matmul_precision="fp8",  # the report's FP8 mixed precision (§3.3)
-             expert_block_size=128)
+_DSV3 = dict(
+  vocab_size=129280,
+  hidden_size=7168,
+  intermediate_size=18432,
+  moe_intermediate_size=2048,
+  num_hidden_layers=61,
+  first_k_dense_replace=3,
+  num_attention_heads=128,
+  q_lora_rank=1536,
+  kv_lora_rank=512,
+  qk_nope_head_dim=128,
+  qk_rope_head_dim=64,
+  v_head_dim=128,
+  n_routed_experts=256,
+  num_experts_per_tok=8,
+  n_group=8,
+  topk_group=4,
+  dtype="bfloat16",
+  matmul_precision="fp8",  # the report's FP8 mixed precision (§3.3)
+  expert_block_size=128,
+)
 # Pretraining at 4K: 15360 sequences per step (the batch size the report ramps up to) and a
 # 2K-step warmup to the 2.2e-4 peak (the default rate).
 _DSV3_TRAIN = dict(global_batch=15360, seq_len=4096, warmup_steps=2000)
 
 _VARIANTS = {
-    "tiny": dict(
-        model=dict(_NARROW, vocab_size=272, hidden_size=64, intermediate_size=128,
-                   moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-                   q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                   v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
-                   max_position_embeddings=256, expert_block_size=16,
-                   # YaRN on from step 0 (factor 2 over 64 positions) so that the tests and
-                   # notebooks run the YaRN path; not a pretraining recipe.
-                   rope_scaling="yarn", rope_factor=2.0,
-                   rope_original_max_position_embeddings=64),
-        train=dict(steps=4, seq_len=32, warmup_steps=2, learning_rate=3e-3, log_every=1,
-                   eval_every=2, eval_batches=1, checkpoint_every=2),
-        data=dict(max_bytes=2_000_000),  # a 2 MB corpus loads in a blink
+  "tiny": dict(
+    model=dict(
+      _NARROW,
+      vocab_size=272,
+      hidden_size=64,
+      intermediate_size=128,
+      moe_intermediate_size=32,
+      num_hidden_layers=3,
+      num_attention_heads=2,
+      q_lora_rank=32,
+      kv_lora_rank=32,
+      qk_nope_head_dim=16,
+      qk_rope_head_dim=8,
+      v_head_dim=16,
+      n_routed_experts=8,
+      num_experts_per_tok=2,
+      max_position_embeddings=256,
+      expert_block_size=16,
+      # YaRN on from step 0 (factor 2 over 64 positions) so that the tests and
+      # notebooks run the YaRN path; not a pretraining recipe.
+      rope_scaling="yarn",
+      rope_factor=2.0,
+      rope_original_max_position_embeddings=64,
     ),
-    "small": dict(
-        model=dict(_NARROW, vocab_size=272, q_lora_rank=128, max_position_embeddings=1024,
-                   expert_block_size=32),
-        train=dict(steps=160, global_batch=16, warmup_steps=20, learning_rate=3e-3,
-                   eval_every=80, eval_batches=8, checkpoint_every=40),
-        # 8 devices as data 2 x expert 4: 4 experts per EP rank, each rank its own "node"
-        # (ep_ranks_per_node=1), so the 4 expert groups are 4 nodes and topk_group=2 caps
-        # every token at 2 of them.
-        parallel=dict(data=2, expert=4),
+    train=dict(
+      steps=4,
+      seq_len=32,
+      warmup_steps=2,
+      learning_rate=3e-3,
+      log_every=1,
+      eval_every=2,
+      eval_batches=1,
+      checkpoint_every=2,
     ),
-    "bench": dict(
-        model=dict(_NARROW, vocab_size=8192, hidden_size=512, intermediate_size=1536,
-                   moe_intermediate_size=256, num_hidden_layers=8, num_attention_heads=8,
-                   q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
-                   v_head_dim=64, n_routed_experts=64, num_experts_per_tok=6, n_group=8,
-                   topk_group=4,
-                   # YaRN (factor 4 over 512 positions) like the published model, kept so that
-                   # every benchmark result stays comparable with the earlier ones.
-                   rope_scaling="yarn", rope_factor=4.0,
-                   rope_original_max_position_embeddings=512),
-        train=dict(global_batch=4, seq_len=512, learning_rate=1e-3),
+    data=dict(max_bytes=2_000_000),  # a 2 MB corpus loads in a blink
+  ),
+  "small": dict(
+    model=dict(
+      _NARROW, vocab_size=272, q_lora_rank=128, max_position_embeddings=1024, expert_block_size=32
     ),
-    # The published checkpoint is the model after the context extension (§4.3): YaRN with
-    # s = 40 over the 4K pretraining context, 163840 positions. This is what HF import and
-    # export round-trip, the inference / long-context preset; not trainable on this machine.
-    "671b": dict(
-        model=dict(_DSV3, rope_scaling="yarn", rope_factor=40.0, max_position_embeddings=163840),
-        train=_DSV3_TRAIN,
+    train=dict(
+      steps=160,
+      global_batch=16,
+      warmup_steps=20,
+      learning_rate=3e-3,
+      eval_every=80,
+      eval_batches=8,
+      checkpoint_every=40,
     ),
-    # The same network as pretrained (§4.2): plain RoPE over a 4K context, no YaRN. The report
-    # then extends it with YaRN to 32K and to 128K (§4.3), which gives `671b`.
-    "671b_pretrain": dict(
-        model=dict(_DSV3, max_position_embeddings=4096),
-        train=_DSV3_TRAIN,
+    # 8 devices as data 2 x expert 4: 4 experts per EP rank, each rank its own "node"
+    # (ep_ranks_per_node=1), so the 4 expert groups are 4 nodes and topk_group=2 caps
+    # every token at 2 of them.
+    parallel=dict(data=2, expert=4),
+  ),
+  "bench": dict(
+    model=dict(
+      _NARROW,
+      vocab_size=8192,
+      hidden_size=512,
+      intermediate_size=1536,
+      moe_intermediate_size=256,
+      num_hidden_layers=8,
+      num_attention_heads=8,
+      q_lora_rank=256,
+      kv_lora_rank=128,
+      qk_nope_head_dim=64,
+      qk_rope_head_dim=32,
+      v_head_dim=64,
+      n_routed_experts=64,
+      num_experts_per_tok=6,
+      n_group=8,
+      topk_group=4,
+      # YaRN (factor 4 over 512 positions) like the published model, kept so that
+      # every benchmark result stays comparable with the earlier ones.
+      rope_scaling="yarn",
+      rope_factor=4.0,
+      rope_original_max_position_embeddings=512,
     ),
+    train=dict(global_batch=4, seq_len=512, learning_rate=1e-3),
+  ),
+  # The published checkpoint is the model after the context extension (§4.3): YaRN with
+  # s = 40 over the 4K pretraining context, 163840 positions. This is what HF import and
+  # export round-trip, the inference / long-context preset; not trainable on this machine.
+  "671b": dict(
+    model=dict(_DSV3, rope_scaling="yarn", rope_factor=40.0, max_position_embeddings=163840),
+    train=_DSV3_TRAIN,
+  ),
+  # The same network as pretrained (§4.2): plain RoPE over a 4K context, no YaRN. The report
+  # then extends it with YaRN to 32K and to 128K (§4.3), which gives `671b`.
+  "671b_pretrain": dict(
+    model=dict(_DSV3, max_position_embeddings=4096),
+    train=_DSV3_TRAIN,
+  ),
 }
 
 VARIANTS = tuple(_VARIANTS)
@@ -106,7 +164,8 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
   for section, overrides in _VARIANTS[arg].items():
     unknown = sorted(set(overrides) - set(cfg[section]))
     if unknown:
-      raise ValueError(f"variant {arg!r} sets unknown field(s) "
-                       f"{', '.join(f'{section}.{k}' for k in unknown)}")
+      raise ValueError(
+        f"variant {arg!r} sets unknown field(s) {', '.join(f'{section}.{k}' for k in unknown)}"
+      )
     cfg[section].update(overrides)
   return cfg

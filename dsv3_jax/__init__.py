@@ -18,4 +18,5 @@ def from_pretrained(path, **kwargs):
   See `dsv3_jax.pretrained.from_pretrained` for the options (fp8, dtype, mtp, overrides).
   """
   from dsv3_jax import pretrained  # imported lazily: keeps `import dsv3_jax` light
+
   return pretrained.from_pretrained(path, **kwargs)

@@ -85,63 +85,129 @@ class ModelConfig:
     return self.num_hidden_layers - self.n_dense_layers
 
   def validate(self) -> "ModelConfig":
-    positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-                "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-                "max_position_embeddings", "expert_block_size",
-                "rope_original_max_position_embeddings")
+    positive = (
+      "vocab_size",
+      "hidden_size",
+      "intermediate_size",
+      "moe_intermediate_size",
+      "num_hidden_layers",
+      "num_attention_heads",
+      "kv_lora_rank",
+      "qk_nope_head_dim",
+      "qk_rope_head_dim",
+      "v_head_dim",
+      "max_position_embeddings",
+      "expert_block_size",
+      "rope_original_max_position_embeddings",
+    )
     for name in positive:
       v = getattr(self, name)
       _require(isinstance(v, int) and v > 0, f"model.{name}", "must be a positive integer", v)
-    for name in ("q_lora_rank", "first_k_dense_replace", "n_shared_experts",
-                 "num_nextn_predict_layers"):
+    for name in (
+      "q_lora_rank",
+      "first_k_dense_replace",
+      "n_shared_experts",
+      "num_nextn_predict_layers",
+    ):
       v = getattr(self, name)
       _require(isinstance(v, int) and v >= 0, f"model.{name}", "must be an integer >= 0", v)
-    _require(self.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim",
-             "rotary dims come in pairs, so it must be even", self.qk_rope_head_dim)
-    _require(self.first_k_dense_replace <= self.num_hidden_layers, "model.first_k_dense_replace",
-             f"cannot exceed num_hidden_layers={self.num_hidden_layers}",
-             self.first_k_dense_replace)
+    _require(
+      self.qk_rope_head_dim % 2 == 0,
+      "model.qk_rope_head_dim",
+      "rotary dims come in pairs, so it must be even",
+      self.qk_rope_head_dim,
+    )
+    _require(
+      self.first_k_dense_replace <= self.num_hidden_layers,
+      "model.first_k_dense_replace",
+      f"cannot exceed num_hidden_layers={self.num_hidden_layers}",
+      self.first_k_dense_replace,
+    )
     if self.n_moe_layers > 0 or self.num_nextn_predict_layers > 0:
-      _require(self.n_routed_experts > 0, "model.n_routed_experts", "must be positive",
-               self.n_routed_experts)
-      _require(0 < self.num_experts_per_tok <= self.n_routed_experts, "model.num_experts_per_tok",
-               f"must be in [1, n_routed_experts={self.n_routed_experts}]",
-               self.num_experts_per_tok)
+      _require(
+        self.n_routed_experts > 0,
+        "model.n_routed_experts",
+        "must be positive",
+        self.n_routed_experts,
+      )
+      _require(
+        0 < self.num_experts_per_tok <= self.n_routed_experts,
+        "model.num_experts_per_tok",
+        f"must be in [1, n_routed_experts={self.n_routed_experts}]",
+        self.num_experts_per_tok,
+      )
       _require(self.n_group > 0, "model.n_group", "must be positive", self.n_group)
-      _require(self.n_routed_experts % self.n_group == 0, "model.n_routed_experts",
-               f"must be divisible by n_group={self.n_group}", self.n_routed_experts)
-      _require(0 < self.topk_group <= self.n_group, "model.topk_group",
-               f"must be in [1, n_group={self.n_group}]", self.topk_group)
+      _require(
+        self.n_routed_experts % self.n_group == 0,
+        "model.n_routed_experts",
+        f"must be divisible by n_group={self.n_group}",
+        self.n_routed_experts,
+      )
+      _require(
+        0 < self.topk_group <= self.n_group,
+        "model.topk_group",
+        f"must be in [1, n_group={self.n_group}]",
+        self.topk_group,
+      )
       per_group = self.n_routed_experts // self.n_group
-      _require(self.topk_group * per_group >= self.num_experts_per_tok, "model.topk_group",
-               f"the kept groups hold topk_group*experts_per_group = {self.topk_group}*"
-               f"{per_group} experts, fewer than num_experts_per_tok="
-               f"{self.num_experts_per_tok}", self.topk_group)
-      _require(self.n_group == 1 or per_group >= 2, "model.n_group",
-               "a group's score is the sum of its top-2 experts, so groups need >= 2 experts",
-               self.n_group)
-    _require(self.routed_scaling_factor > 0, "model.routed_scaling_factor", "must be positive",
-             self.routed_scaling_factor)
+      _require(
+        self.topk_group * per_group >= self.num_experts_per_tok,
+        "model.topk_group",
+        f"the kept groups hold topk_group*experts_per_group = {self.topk_group}*"
+        f"{per_group} experts, fewer than num_experts_per_tok="
+        f"{self.num_experts_per_tok}",
+        self.topk_group,
+      )
+      _require(
+        self.n_group == 1 or per_group >= 2,
+        "model.n_group",
+        "a group's score is the sum of its top-2 experts, so groups need >= 2 experts",
+        self.n_group,
+      )
+    _require(
+      self.routed_scaling_factor > 0,
+      "model.routed_scaling_factor",
+      "must be positive",
+      self.routed_scaling_factor,
+    )
     _require(self.rms_norm_eps > 0, "model.rms_norm_eps", "must be positive", self.rms_norm_eps)
     _require(self.rope_theta > 1, "model.rope_theta", "must be > 1", self.rope_theta)
-    _require(self.rope_scaling in ROPE_SCALINGS, "model.rope_scaling",
-             f"must be one of {ROPE_SCALINGS}", self.rope_scaling)
+    _require(
+      self.rope_scaling in ROPE_SCALINGS,
+      "model.rope_scaling",
+      f"must be one of {ROPE_SCALINGS}",
+      self.rope_scaling,
+    )
     if self.rope_scaling == "yarn":
-      _require(self.rope_factor > 1.0, "model.rope_factor",
-               "must be > 1 with model.rope_scaling='yarn' (YaRN at factor 1 is plain RoPE: "
-               "set rope_scaling='none')", self.rope_factor)
-      _require(self.rope_beta_fast > self.rope_beta_slow > 0, "model.rope_beta_fast",
-               f"need beta_fast > beta_slow={self.rope_beta_slow} > 0", self.rope_beta_fast)
+      _require(
+        self.rope_factor > 1.0,
+        "model.rope_factor",
+        "must be > 1 with model.rope_scaling='yarn' (YaRN at factor 1 is plain RoPE: "
+        "set rope_scaling='none')",
+        self.rope_factor,
+      )
+      _require(
+        self.rope_beta_fast > self.rope_beta_slow > 0,
+        "model.rope_beta_fast",
+        f"need beta_fast > beta_slow={self.rope_beta_slow} > 0",
+        self.rope_beta_fast,
+      )
     else:
-      _require(self.rope_factor == 1.0, "model.rope_factor",
-               "is read only with model.rope_scaling='yarn'; set rope_scaling='yarn' to extend "
-               "the context with YaRN, or leave rope_factor at 1.0 for plain RoPE",
-               self.rope_factor)
+      _require(
+        self.rope_factor == 1.0,
+        "model.rope_factor",
+        "is read only with model.rope_scaling='yarn'; set rope_scaling='yarn' to extend "
+        "the context with YaRN, or leave rope_factor at 1.0 for plain RoPE",
+        self.rope_factor,
+      )
     _require(self.init_std > 0, "model.init_std", "must be positive", self.init_std)
     _require(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}", self.dtype)
-    _require(self.matmul_precision in PRECISIONS, "model.matmul_precision",
-             f"must be one of {PRECISIONS}", self.matmul_precision)
+    _require(
+      self.matmul_precision in PRECISIONS,
+      "model.matmul_precision",
+      f"must be one of {PRECISIONS}",
+      self.matmul_precision,
+    )
     return self
 
 
@@ -185,8 +251,13 @@ class TrainConfig:
       first, dash, last = (x.strip() for x in part.partition("-"))
       last = last if dash else first
       ok = first.isdigit() and last.isdigit() and 0 < int(first) <= int(last)
-      _require(ok, "train.skip_batches", "must be comma-separated steps or inclusive step "
-               "windows 'a-b' with 0 < a <= b, e.g. '120' or '120-140,300'", self.skip_batches)
+      _require(
+        ok,
+        "train.skip_batches",
+        "must be comma-separated steps or inclusive step "
+        "windows 'a-b' with 0 < a <= b, e.g. '120' or '120-140,300'",
+        self.skip_batches,
+      )
       windows.append((int(first), int(last)))
     windows.sort()
     for (_, b), (c, _) in zip(windows, windows[1:]):
@@ -194,15 +265,23 @@ class TrainConfig:
     return tuple(windows)
 
   def validate(self) -> "TrainConfig":
-    for name in ("steps", "global_batch", "seq_len", "log_every", "eval_every",
-                 "eval_batches", "checkpoint_every", "keep_checkpoints"):
+    for name in (
+      "steps",
+      "global_batch",
+      "seq_len",
+      "log_every",
+      "eval_every",
+      "eval_batches",
+      "checkpoint_every",
+      "keep_checkpoints",
+    ):
       v = getattr(self, name)
       _require(isinstance(v, int) and v > 0, f"train.{name}", "must be a positive integer", v)
     _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", self.warmup_steps)
-    _require(self.learning_rate > 0, "train.learning_rate", "must be positive",
-             self.learning_rate)
-    _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]",
-             self.min_lr_ratio)
+    _require(self.learning_rate > 0, "train.learning_rate", "must be positive", self.learning_rate)
+    _require(
+      0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio
+    )
     for name in ("b1", "b2"):
       v = getattr(self, name)
       _require(0 <= v < 1, f"train.{name}", "must be in [0, 1)", v)
@@ -210,13 +289,25 @@ class TrainConfig:
       v = getattr(self, name)
       _require(v >= 0, f"train.{name}", "must be >= 0", v)
     _require(self.grad_clip > 0, "train.grad_clip", "must be positive", self.grad_clip)
-    _require(self.moment_dtype in DTYPES, "train.moment_dtype", f"must be one of {DTYPES}",
-             self.moment_dtype)
+    _require(
+      self.moment_dtype in DTYPES,
+      "train.moment_dtype",
+      f"must be one of {DTYPES}",
+      self.moment_dtype,
+    )
     _require(self.lr_scale > 0, "train.lr_scale", "must be positive", self.lr_scale)
-    _require(isinstance(self.resume_step, int) and self.resume_step >= 0, "train.resume_step",
-             "must be a step number >= 0 (0 = the newest checkpoint)", self.resume_step)
-    _require(isinstance(self.skip_batches, str), "train.skip_batches",
-             "must be a string such as '120-140'", self.skip_batches)
+    _require(
+      isinstance(self.resume_step, int) and self.resume_step >= 0,
+      "train.resume_step",
+      "must be a step number >= 0 (0 = the newest checkpoint)",
+      self.resume_step,
+    )
+    _require(
+      isinstance(self.skip_batches, str),
+      "train.skip_batches",
+      "must be a string such as '120-140'",
+      self.skip_batches,
+    )
     self.skip_windows()
     return self
 
@@ -232,8 +323,12 @@ class DataConfig:
   max_bytes: int = 0  # 0 = read everything; else cap the corpus (quick runs)
 
   def validate(self) -> "DataConfig":
-    _require(0 < self.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)",
-             self.heldout_fraction)
+    _require(
+      0 < self.heldout_fraction < 1,
+      "data.heldout_fraction",
+      "must be in (0, 1)",
+      self.heldout_fraction,
+    )
     _require(self.max_bytes >= 0, "data.max_bytes", "must be >= 0", self.max_bytes)
     return self
 
@@ -259,21 +354,37 @@ class ParallelConfig:
 
   def validate(self) -> "ParallelConfig":
     sizes = (self.data, self.expert, self.pipe)
-    _require(sum(s == -1 for s in sizes) <= 1, "parallel.data",
-             "at most one of data/expert/pipe may be -1", sizes)
+    _require(
+      sum(s == -1 for s in sizes) <= 1,
+      "parallel.data",
+      "at most one of data/expert/pipe may be -1",
+      sizes,
+    )
     for name in ("data", "expert", "pipe"):
       v = getattr(self, name)
       _require(v == -1 or v > 0, f"parallel.{name}", "must be positive or -1", v)
-    _require(self.ep_ranks_per_node > 0, "parallel.ep_ranks_per_node", "must be positive",
-             self.ep_ranks_per_node)
-    _require(self.capacity_factor >= 0, "parallel.capacity_factor",
-             "must be >= 0 (0 = dropless expert dispatch)", self.capacity_factor)
-    _require(self.dispatch_factor == 0 or self.dispatch_factor >= 1, "parallel.dispatch_factor",
-             "must be 0 (worst-case buffers) or >= 1", self.dispatch_factor)
-    _require(self.pipeline in PIPELINES, "parallel.pipeline", f"must be one of {PIPELINES}",
-             self.pipeline)
-    _require(self.microbatches > 0, "parallel.microbatches", "must be positive",
-             self.microbatches)
+    _require(
+      self.ep_ranks_per_node > 0,
+      "parallel.ep_ranks_per_node",
+      "must be positive",
+      self.ep_ranks_per_node,
+    )
+    _require(
+      self.capacity_factor >= 0,
+      "parallel.capacity_factor",
+      "must be >= 0 (0 = dropless expert dispatch)",
+      self.capacity_factor,
+    )
+    _require(
+      self.dispatch_factor == 0 or self.dispatch_factor >= 1,
+      "parallel.dispatch_factor",
+      "must be 0 (worst-case buffers) or >= 1",
+      self.dispatch_factor,
+    )
+    _require(
+      self.pipeline in PIPELINES, "parallel.pipeline", f"must be one of {PIPELINES}", self.pipeline
+    )
+    _require(self.microbatches > 0, "parallel.microbatches", "must be positive", self.microbatches)
     return self
 
 
@@ -289,22 +400,31 @@ class Config:
     self.train.validate()
     self.data.validate()
     self.parallel.validate()
-    _require(self.train.seq_len <= self.model.max_position_embeddings, "train.seq_len",
-             f"exceeds model.max_position_embeddings={self.model.max_position_embeddings}",
-             self.train.seq_len)
+    _require(
+      self.train.seq_len <= self.model.max_position_embeddings,
+      "train.seq_len",
+      f"exceeds model.max_position_embeddings={self.model.max_position_embeddings}",
+      self.train.seq_len,
+    )
     return self
 
 
-_SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig,
-             "parallel": ParallelConfig}
+_SECTIONS = {
+  "model": ModelConfig,
+  "train": TrainConfig,
+  "data": DataConfig,
+  "parallel": ParallelConfig,
+}
 
 
 def _build(cls, values: Mapping[str, Any], prefix: str):
   known = {f.name: f for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - set(known))
   if unknown:
-    raise ValueError(f"unknown config field(s) {', '.join(prefix + u for u in unknown)}; "
-                     f"known: {', '.join(sorted(known))}")
+    raise ValueError(
+      f"unknown config field(s) {', '.join(prefix + u for u in unknown)}; "
+      f"known: {', '.join(sorted(known))}"
+    )
   kwargs = {}
   for name, value in values.items():
     default = known[name].default
@@ -343,5 +463,13 @@ def replace(config: Config, **sections: Mapping[str, Any]) -> Config:
   return from_dict(values)
 
 
-__all__ = ["Config", "ModelConfig", "TrainConfig", "DataConfig", "ParallelConfig", "from_dict",
-           "to_dict", "replace"]
+__all__ = [
+  "Config",
+  "ModelConfig",
+  "TrainConfig",
+  "DataConfig",
+  "ParallelConfig",
+  "from_dict",
+  "to_dict",
+  "replace",
+]

@@ -18,8 +18,11 @@ def param_counts(cfg: ModelConfig) -> dict:
     q = d * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * h * cfg.qk_head_dim
   else:
     q = d * h * cfg.qk_head_dim
-  kv = (d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
-        + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+  kv = (
+    d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    + cfg.kv_lora_rank
+    + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+  )
   attn = q + kv + h * cfg.v_head_dim * d + 2 * d  # + the two block norms
   dense = 3 * d * cfg.intermediate_size
   expert = 3 * d * cfg.moe_intermediate_size
@@ -30,16 +33,20 @@ def param_counts(cfg: ModelConfig) -> dict:
   body_total = cfg.n_dense_layers * (attn + dense) + cfg.n_moe_layers * (attn + moe_total)
   body_active = cfg.n_dense_layers * (attn + dense) + cfg.n_moe_layers * (attn + moe_active)
   mtp_unique = cfg.num_nextn_predict_layers * (2 * d * d + 2 * d + d + attn + moe_total)
-  return {"total": embed + body_total + head,
-          "activated": embed + body_active + head,
-          "mtp_unique": mtp_unique,
-          "mtp_with_shared": mtp_unique + cfg.num_nextn_predict_layers * (embed + head - d)}
+  return {
+    "total": embed + body_total + head,
+    "activated": embed + body_active + head,
+    "mtp_unique": mtp_unique,
+    "mtp_with_shared": mtp_unique + cfg.num_nextn_predict_layers * (embed + head - d),
+  }
 
 
 def describe(cfg: ModelConfig) -> str:
   c = param_counts(cfg)
-  return (f"{c['total'] / 1e9:.2f}B params, {c['activated'] / 1e9:.2f}B activated, "
-          f"MTP {c['mtp_unique'] / 1e9:.2f}B unique")
+  return (
+    f"{c['total'] / 1e9:.2f}B params, {c['activated'] / 1e9:.2f}B activated, "
+    f"MTP {c['mtp_unique'] / 1e9:.2f}B unique"
+  )
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -48,13 +55,16 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   matmul_params = counts["activated"] - cfg.vocab_size * cfg.hidden_size  # no lookup
   depth = cfg.num_nextn_predict_layers
   if depth:
-    mtp_active = (counts["mtp_unique"] - cfg.n_routed_experts * 3 * cfg.hidden_size
-                  * cfg.moe_intermediate_size
-                  + cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size)
+    mtp_active = (
+      counts["mtp_unique"]
+      - cfg.n_routed_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+      + cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    )
     matmul_params += depth * (mtp_active + cfg.vocab_size * cfg.hidden_size)
   attn_layers = cfg.num_hidden_layers + depth
-  attn = 6 * attn_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (
-      seq_len / 2)
+  attn = (
+    6 * attn_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_len / 2)
+  )
   return 6.0 * matmul_params + attn
 
 

@@ -70,15 +70,17 @@ def _stack(cfg: ModelConfig, moe: bool, n: int, key: jax.Array) -> Block:
   return make(jax.random.split(key, n))
 
 
-def run_stack(stack: Block, x_BxLxD: jax.Array, ctx: Context, cache=None,
-              collect: bool = False) -> StackResult:
+def run_stack(
+  stack: Block, x_BxLxD: jax.Array, ctx: Context, cache=None, collect: bool = False
+) -> StackResult:
   """Scans the stacked blocks (all of them, or the slice a pipeline stage holds)."""
   graphdef, state = nnx.split(stack)
 
   def body(x, xs):
     layer_state, layer_cache = xs
     x, aux, layer_cache = nnx.merge(graphdef, layer_state)(
-        x, ctx.positions_BxL, ctx.cos, ctx.sin, layer_cache, ctx.absorb, ctx.routed)
+      x, ctx.positions_BxL, ctx.cos, ctx.sin, layer_cache, ctx.absorb, ctx.routed
+    )
     return x, (aux, layer_cache, x if collect else None)
 
   x, (aux, cache, hidden) = jax.lax.scan(body, x_BxLxD, (state, cache))
@@ -87,40 +89,45 @@ def run_stack(stack: Block, x_BxLxD: jax.Array, ctx: Context, cache=None,
 
 
 class Transformer(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     cfg.validate()
     self.cfg = cfg
     d, v = cfg.hidden_size, cfg.vocab_size
-    self.embed = nnx.Param(jax.random.normal(rngs.params(), (v, d), jnp.float32) * cfg.init_std,
-                           axes=("vocab", "embed"))
-    self.dense = (_stack(cfg, False, cfg.n_dense_layers, rngs.params())
-                  if cfg.n_dense_layers else None)
+    self.embed = nnx.Param(
+      jax.random.normal(rngs.params(), (v, d), jnp.float32) * cfg.init_std, axes=("vocab", "embed")
+    )
+    self.dense = (
+      _stack(cfg, False, cfg.n_dense_layers, rngs.params()) if cfg.n_dense_layers else None
+    )
     self.moe = _stack(cfg, True, cfg.n_moe_layers, rngs.params()) if cfg.n_moe_layers else None
     self.norm = RMSNorm(d, cfg.rms_norm_eps, "embed")
-    self.head = Linear(d, v, axes=("embed", "vocab"), std=cfg.init_std, precision="fp32",
-                       rngs=rngs)
-    self.mtp = nnx.List([MTPModule(cfg, rngs=rngs)
-                         for _ in range(cfg.num_nextn_predict_layers)])
+    self.head = Linear(d, v, axes=("embed", "vocab"), std=cfg.init_std, precision="fp32", rngs=rngs)
+    self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.num_nextn_predict_layers)])
 
   # ------------------------------------------------------------------ the walk
   # One walk serves every caller: `forward` (training, eval, decoding, inspection) runs
   # embed -> dense stack -> MoE stack -> readout (norm + head); a pipeline stage runs the same pieces on its
   # own slice (`train/pipeline_step.py`); the objective (`train/loss.py`) adds MTP on top.
-  def context(self, positions_BxL: jax.Array, absorb: Optional[bool] = None,
-              routed: Optional[RoutedExperts] = None) -> Context:
+  def context(
+    self,
+    positions_BxL: jax.Array,
+    absorb: Optional[bool] = None,
+    routed: Optional[RoutedExperts] = None,
+  ) -> Context:
     cos, sin = rope.rope_angles(self.cfg, positions_BxL)
     return Context(positions_BxL, cos, sin, absorb, routed)
 
   def embed_tokens(self, tokens_BxL: jax.Array) -> jax.Array:
     return jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.dtype)
 
-  def run_dense(self, x_BxLxD: jax.Array, ctx: Context, cache=None,
-                collect: bool = False) -> StackResult:
+  def run_dense(
+    self, x_BxLxD: jax.Array, ctx: Context, cache=None, collect: bool = False
+  ) -> StackResult:
     return run_stack(self.dense, x_BxLxD, ctx, cache, collect)
 
-  def run_moe(self, x_BxLxD: jax.Array, ctx: Context, cache=None,
-              collect: bool = False) -> StackResult:
+  def run_moe(
+    self, x_BxLxD: jax.Array, ctx: Context, cache=None, collect: bool = False
+  ) -> StackResult:
     return run_stack(self.moe, x_BxLxD, ctx, cache, collect)
 
   def readout(self, x_BxLxD: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -131,9 +138,15 @@ class Transformer(nnx.Module):
   def logits(self, h_normed_BxLxD: jax.Array) -> jax.Array:
     return self.head(h_normed_BxLxD.astype(jnp.float32))
 
-  def forward(self, tokens_BxL: jax.Array, positions_BxL: Optional[jax.Array] = None,
-              cache: Optional[ModelCache] = None, absorb: Optional[bool] = None,
-              routed: Optional[RoutedExperts] = None, hidden_states: bool = False) -> Output:
+  def forward(
+    self,
+    tokens_BxL: jax.Array,
+    positions_BxL: Optional[jax.Array] = None,
+    cache: Optional[ModelCache] = None,
+    absorb: Optional[bool] = None,
+    routed: Optional[RoutedExperts] = None,
+    hidden_states: bool = False,
+  ) -> Output:
     cfg = self.cfg
     b, l = tokens_BxL.shape
     if positions_BxL is None:
@@ -166,16 +179,24 @@ class Transformer(nnx.Module):
 
   def init_cache(self, batch: int, length: int, dtype=jnp.bfloat16) -> ModelCache:
     cfg = self.cfg
-    dense = (init_latent_cache(cfg, batch, length, dtype, cfg.n_dense_layers)
-             if cfg.n_dense_layers else None)
-    moe = (init_latent_cache(cfg, batch, length, dtype, cfg.n_moe_layers)
-           if cfg.n_moe_layers else None)
+    dense = (
+      init_latent_cache(cfg, batch, length, dtype, cfg.n_dense_layers)
+      if cfg.n_dense_layers
+      else None
+    )
+    moe = (
+      init_latent_cache(cfg, batch, length, dtype, cfg.n_moe_layers) if cfg.n_moe_layers else None
+    )
     return ModelCache(dense, moe)
 
   # ------------------------------------------------------------------ MTP
-  def mtp_forward(self, hidden_BxLxD: jax.Array, tokens_BxLpD: jax.Array,
-                  positions_BxL: Optional[jax.Array] = None,
-                  routed: Optional[RoutedExperts] = None):
+  def mtp_forward(
+    self,
+    hidden_BxLxD: jax.Array,
+    tokens_BxLpD: jax.Array,
+    positions_BxL: Optional[jax.Array] = None,
+    routed: Optional[RoutedExperts] = None,
+  ):
     """Runs every MTP depth over the main model's hidden states.
 
     `tokens_BxLpD` holds the main inputs followed by D more tokens (D = depth), so depth k
@@ -190,7 +211,7 @@ class Transformer(nnx.Module):
     h = hidden_BxLxD
     logits, loads, balance = [], [], jnp.zeros((), jnp.float32)
     for k, module in enumerate(self.mtp, start=1):
-      emb = self.embed_tokens(tokens_BxLpD[:, k:k + l])
+      emb = self.embed_tokens(tokens_BxLpD[:, k : k + l])
       # Each depth consumes the previous depth's normed hidden state (what its head read),
       # as transformers' and vLLM's MTP drafting do with the published checkpoint.
       _, h, aux, _ = module(h, emb, ctx.positions_BxL, ctx.cos, ctx.sin, routed=ctx.routed)

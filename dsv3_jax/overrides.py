@@ -65,16 +65,18 @@ def check_path(config: Any, path: str, name: str = "config") -> None:
     where = ".".join(walked)
     section = f"config section `{where}`" if where else "the config"
     if not _is_section(node):
-      raise ValueError(f"--{name}.{path}: `{where}` is a field, not a section, so it has no "
-                       f"field `{key}`")
+      raise ValueError(
+        f"--{name}.{path}: `{where}` is a field, not a section, so it has no field `{key}`"
+      )
     fields = [str(k) for k in node.keys()]
     if key not in fields:
       hint = close_matches(key, fields)
-      did_you_mean = (f"; did you mean {' or '.join(f'`{h}`' for h in hint)}?" if hint
-                      else "")
-      raise ValueError(f"--{name}.{path}: {section} has no field `{key}`{did_you_mean} "
-                       f"(fields of {f'`{where}`' if where else 'the config'}: "
-                       f"{', '.join(sorted(fields))})")
+      did_you_mean = f"; did you mean {' or '.join(f'`{h}`' for h in hint)}?" if hint else ""
+      raise ValueError(
+        f"--{name}.{path}: {section} has no field `{key}`{did_you_mean} "
+        f"(fields of {f'`{where}`' if where else 'the config'}: "
+        f"{', '.join(sorted(fields))})"
+      )
     node = node[key]
     walked.append(key)
 
@@ -83,3 +85,15 @@ def check_argv(config: Any, argv: Sequence[str], name: str = "config") -> None:
   """`check_path` for every ``--<name>.<path>`` override in ``argv``."""
   for path in override_paths(argv, name):
     check_path(config, path, name)
+
+
+def flag_value(name: str, argv) -> str | None:
+  """The last `--name=value` / `--name value` in argv, or None."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg == "--":
+      break
+    m = re.match(r"^--?" + re.escape(name) + r"(=(.*))?$", arg)
+    if m:
+      value = m.group(2) if m.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
+  return value

@@ -51,9 +51,11 @@ def checkpoint_kind(path: str) -> str:
       return "hf"
     if "model" in cfg and os.path.isdir(os.path.join(path, "checkpoints")):
       return "workdir"
-  raise ValueError(f"{path}: neither a HF directory (config.json + *.safetensors), an "
-                   "orbax checkpoint directory (numbered steps, e.g. from `save_orbax`) nor a "
-                   "training workdir (config.json + checkpoints/)")
+  raise ValueError(
+    f"{path}: neither a HF directory (config.json + *.safetensors), an "
+    "orbax checkpoint directory (numbered steps, e.g. from `save_orbax`) nor a "
+    "training workdir (config.json + checkpoints/)"
+  )
 
 
 def _settings(fp8: bool, dtype) -> dict:
@@ -63,8 +65,9 @@ def _settings(fp8: bool, dtype) -> dict:
   return {"dtype": dtype, "matmul_precision": "fp8" if fp8 else "fp32"}
 
 
-def from_pretrained(path: str, *, fp8: bool = False, dtype="float32", mtp: Optional[bool] = None,
-                    **overrides):
+def from_pretrained(
+  path: str, *, fp8: bool = False, dtype="float32", mtp: Optional[bool] = None, **overrides
+):
   """Loads a DeepSeek-V3 `Transformer`: `model(tokens [B, L] int) -> logits [B, L, V]` float32.
 
   Args:
@@ -103,8 +106,9 @@ def save_orbax(model, path: str, step: int = 0) -> dict:
   return orbax_lib.save_model(model, path, step)
 
 
-def load_orbax_state(path: str, step: Optional[int] = None, *,
-                     shardings=None) -> tuple[ModelConfig, dict]:
+def load_orbax_state(
+  path: str, step: Optional[int] = None, *, shardings=None
+) -> tuple[ModelConfig, dict]:
   """(cfg, {"params", "biases"}) of an orbax checkpoint directory or a training workdir (its
   latest step by default), placed by `shardings` (`orbax.load_model_state`; one device by
   default)."""
@@ -139,5 +143,12 @@ def logits(model, tokens_BxL: jax.Array) -> jax.Array:
   return _logits(graphdef, state, tokens_BxL)
 
 
-__all__ = ["from_pretrained", "save_pretrained", "save_orbax", "load_orbax_state",
-           "checkpoint_kind", "hidden_states", "logits"]
+__all__ = [
+  "from_pretrained",
+  "save_pretrained",
+  "save_orbax",
+  "load_orbax_state",
+  "checkpoint_kind",
+  "hidden_states",
+  "logits",
+]

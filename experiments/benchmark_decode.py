@@ -27,8 +27,11 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Decode prompt length.")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "Greedy tokens per sequence.")
 _BATCHES = flags.DEFINE_list("decode_batches", ["1", "8"], "Decode batch sizes.")
 _PEER = flags.DEFINE_bool("peer", True, "Also time HF transformers (needs the `hf` extra).")
-_SPECULATIVE = flags.DEFINE_bool("speculative", True, "Also time MTP self-speculative decoding "
-                                 "(acceptance rate, tokens/s vs plain).")
+_SPECULATIVE = flags.DEFINE_bool(
+  "speculative",
+  True,
+  "Also time MTP self-speculative decoding (acceptance rate, tokens/s vs plain).",
+)
 _OUT = flags.DEFINE_string("out", "runs/benchmark_decode.json", "JSON output.")
 
 
@@ -38,8 +41,16 @@ def main(argv):
   common.quiet_logs()
   from benchmarks import decode
 
-  result = decode.run(_CONFIG.value, _BATCHES.value, _PREFILL_BATCH.value, _PREFILL_LEN.value,
-                      _PROMPT_LEN.value, _NEW.value, _PEER.value, _SPECULATIVE.value)
+  result = decode.run(
+    _CONFIG.value,
+    _BATCHES.value,
+    _PREFILL_BATCH.value,
+    _PREFILL_LEN.value,
+    _PROMPT_LEN.value,
+    _NEW.value,
+    _PEER.value,
+    _SPECULATIVE.value,
+  )
   print(decode.report(result))
   common.write_json(_OUT.value, result)
 

@@ -25,8 +25,9 @@ _NODES = flags.DEFINE_integer("nodes", 8, "Nodes the EP ranks form (= router gro
 _LIMIT = flags.DEFINE_integer("limit", 4, "Nodes per token under node-limited routing (M).")
 _TOKENS = flags.DEFINE_integer("tokens_per_device", 128, "Tokens per device per step.")
 _ITERS = flags.DEFINE_integer("iters", 3, "Timed iterations (after one warm-up).")
-_CAPACITY = flags.DEFINE_float("capacity_factor", 1.25, "The capacity factor compared with "
-                               "the dropless buffer.")
+_CAPACITY = flags.DEFINE_float(
+  "capacity_factor", 1.25, "The capacity factor compared with the dropless buffer."
+)
 _V3_TOKENS = flags.DEFINE_integer("v3_tokens", 4096, "Tokens for the DeepSeek-V3-shape routing.")
 _OUT = flags.DEFINE_string("out", "runs/benchmark_moe.json", "JSON output.")
 
@@ -38,8 +39,15 @@ def main(argv):
   common.emulate_cpu_devices(_DEVICES.value)
   from benchmarks import moe_ep  # jax starts after XLA_FLAGS
 
-  res = moe_ep.run(_CONFIG.value, _NODES.value, _LIMIT.value, _TOKENS.value, _ITERS.value,
-                   _CAPACITY.value, _V3_TOKENS.value)
+  res = moe_ep.run(
+    _CONFIG.value,
+    _NODES.value,
+    _LIMIT.value,
+    _TOKENS.value,
+    _ITERS.value,
+    _CAPACITY.value,
+    _V3_TOKENS.value,
+  )
   print(moe_ep.table(res))
   common.write_json(_OUT.value, res)
 

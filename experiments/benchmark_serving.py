@@ -29,8 +29,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Trace seed.")
 _THREADS = flags.DEFINE_integer("threads", 0, "Cores for both systems (0 = all).")
 _PEER = flags.DEFINE_bool("peer", True, "Also replay through HF transformers (`hf` extra).")
 _EPLB = flags.DEFINE_bool("eplb", True, "Also replay with EPLB load collection.")
-_SPECULATIVE = flags.DEFINE_bool("speculative", None, "MTP speculation row (default: if "
-                                 "the engine has it).")
+_SPECULATIVE = flags.DEFINE_bool(
+  "speculative", None, "MTP speculation row (default: if the engine has it)."
+)
 _OUT = flags.DEFINE_string("out", "runs/benchmark_serving.json", "JSON output (PNG beside).")
 
 
@@ -44,11 +45,24 @@ def main(argv):
     kwargs = dict(serving.QUICK)
   else:
     lengths = lambda v: tuple(int(x) for x in v)
-    kwargs = dict(config=_CONFIG.value, slots=_SLOTS.value, trace=serving.TraceSettings(
-        requests=_REQUESTS.value, rate=_RATE.value, prompt_len=lengths(_PROMPT.value),
-        output_len=lengths(_OUTPUT.value), seed=_SEED.value))
-  result = serving.run(threads=_THREADS.value, peer=_PEER.value, eplb=_EPLB.value,
-                       speculative=_SPECULATIVE.value, **kwargs)
+    kwargs = dict(
+      config=_CONFIG.value,
+      slots=_SLOTS.value,
+      trace=serving.TraceSettings(
+        requests=_REQUESTS.value,
+        rate=_RATE.value,
+        prompt_len=lengths(_PROMPT.value),
+        output_len=lengths(_OUTPUT.value),
+        seed=_SEED.value,
+      ),
+    )
+  result = serving.run(
+    threads=_THREADS.value,
+    peer=_PEER.value,
+    eplb=_EPLB.value,
+    speculative=_SPECULATIVE.value,
+    **kwargs,
+  )
   print(serving.report(result))
   common.write_json(_OUT.value, result)
   if _OUT.value:

@@ -3,7 +3,6 @@
 import json
 import logging
 import os
-import re
 import sys
 
 # Libraries whose INFO chatter (checkpoint bookkeeping, backend probing) is hidden by default.
@@ -13,8 +12,9 @@ NOISY_LOGGERS = ("absl", "orbax", "jax", "jax._src", "grain", "tensorstore")
 def emulate_cpu_devices(n: int) -> None:
   """Asks XLA for `n` host devices; must run before jax is first imported (0 = leave as is)."""
   if n:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={n}")
+    os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+    )
 
 
 def quiet_logs() -> None:
@@ -45,20 +45,10 @@ def check_mesh_fits(parallel, n_devices: int) -> None:
   try:
     mesh_lib.mesh_shape(parallel, n_devices)
   except ValueError as e:
-    raise app.UsageError(f"{e}: pass --devices=N to emulate N CPU devices, or change "
-                         "--config.parallel.data / expert / pipe") from e
-
-
-def _flag_value(name: str, argv) -> str | None:
-  """The last `--name=value` / `--name value` in argv, or None."""
-  value = None
-  for i, arg in enumerate(argv):
-    if arg == "--":
-      break
-    m = re.match(r"^--?" + re.escape(name) + r"(=(.*))?$", arg)
-    if m:
-      value = m.group(2) if m.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
-  return value
+    raise app.UsageError(
+      f"{e}: pass --devices=N to emulate N CPU devices, or change "
+      "--config.parallel.data / expert / pipe"
+    ) from e
 
 
 def _check_overrides(name: str, load_config) -> None:
@@ -76,8 +66,9 @@ def _check_overrides(name: str, load_config) -> None:
   try:
     overrides.check_argv(config, argv, name)
   except ValueError as e:
-    sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on "
-             "flags.")
+    sys.exit(
+      f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags."
+    )
 
 
 def define_config_file(name: str, default: str, help_string: str):
@@ -89,8 +80,10 @@ def define_config_file(name: str, default: str, help_string: str):
 
   from ml_collections import config_flags
 
+  from dsv3_jax import overrides
+
   def load(argv):  # what ml_collections does: `path[:arg]` -> module.get_config(arg)
-    path, *arg = (_flag_value(name, argv) or default).split(":", 1)
+    path, *arg = (overrides.flag_value(name, argv) or default).split(":", 1)
     spec = importlib.util.spec_from_file_location(f"_{name}_config_check", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

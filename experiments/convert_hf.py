@@ -24,13 +24,18 @@ from experiments import common
 _SRC = flags.DEFINE_string("src", None, "HF directory, orbax model directory or training workdir.")
 _DST = flags.DEFINE_string("dst", None, "Output directory.")
 _TO = flags.DEFINE_enum("to", None, ["hf", "orbax"], "Output format.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
-                           "HF output: dtype of the non-FP8 tensors.")
+_DTYPE = flags.DEFINE_enum(
+  "dtype", "bfloat16", ["bfloat16", "float32"], "HF output: dtype of the non-FP8 tensors."
+)
 _FP8 = flags.DEFINE_bool("fp8", False, "HF output: projections as FP8 + weight_scale_inv.")
 _POW2 = flags.DEFINE_bool("pow2", False, "HF output with --fp8: power-of-two (UE8M0) scales.")
 _SHARD_GB = flags.DEFINE_float("shard_gb", 4.0, "HF output: max bytes per safetensors shard, GiB.")
-_MTP = flags.DEFINE_enum("mtp", "auto", ["auto", "yes", "no"],
-                         "HF input: load the MTP layers if present / require them / drop them.")
+_MTP = flags.DEFINE_enum(
+  "mtp",
+  "auto",
+  ["auto", "yes", "no"],
+  "HF input: load the MTP layers if present / require them / drop them.",
+)
 _OUTPUT = flags.DEFINE_string("summary_json", None, "Also write the JSON summary to this file.")
 
 
@@ -44,12 +49,21 @@ def main(argv):
     raise app.UsageError("--pow2 needs --fp8")
   common.quiet_logs()
   import jax
+
   jax.config.update("jax_threefry_partitionable", True)
   from dsv3_jax.checkpoint.convert import convert
 
   mtp = {"auto": None, "yes": True, "no": False}[_MTP.value]
-  summary = convert(_SRC.value, _DST.value, _TO.value, dtype=_DTYPE.value, fp8=_FP8.value,
-                    pow2=_POW2.value, shard_bytes=int(_SHARD_GB.value * (1 << 30)), mtp=mtp)
+  summary = convert(
+    _SRC.value,
+    _DST.value,
+    _TO.value,
+    dtype=_DTYPE.value,
+    fp8=_FP8.value,
+    pow2=_POW2.value,
+    shard_bytes=int(_SHARD_GB.value * (1 << 30)),
+    mtp=mtp,
+  )
   print(json.dumps(summary, indent=1))
   common.write_json(_OUTPUT.value, summary, announce=False)
 

@@ -36,12 +36,12 @@ def count(model_cfg) -> dict:
     raise AssertionError(f"tensor count {main}/{mtp_tensors} != formula {analytic}")
   embed = model_cfg.vocab_size * model_cfg.hidden_size
   return {
-      "main": main,
-      "activated": analytic["activated"],
-      "activated_excl_embedding": analytic["activated"] - embed,
-      "mtp_unique": mtp_tensors,
-      "mtp_with_shared_embedding_and_head": analytic["mtp_with_shared"],
-      "main_plus_mtp": main + mtp_tensors,
+    "main": main,
+    "activated": analytic["activated"],
+    "activated_excl_embedding": analytic["activated"] - embed,
+    "mtp_unique": mtp_tensors,
+    "mtp_with_shared_embedding_and_head": analytic["mtp_with_shared"],
+    "main_plus_mtp": main + mtp_tensors,
   }
 
 
@@ -54,12 +54,12 @@ def main(argv):
   cfg = config_lib.from_dict(_CONFIG.value).model
   counts = count(cfg)
   labels = {
-      "main": "main model",
-      "activated": "activated per token",
-      "activated_excl_embedding": "activated per token, without the embedding lookup",
-      "mtp_unique": "MTP modules (unique tensors)",
-      "mtp_with_shared_embedding_and_head": "MTP modules incl. shared embedding + head",
-      "main_plus_mtp": "main + MTP (as hosted)",
+    "main": "main model",
+    "activated": "activated per token",
+    "activated_excl_embedding": "activated per token, without the embedding lookup",
+    "mtp_unique": "MTP modules (unique tensors)",
+    "mtp_with_shared_embedding_and_head": "MTP modules incl. shared embedding + head",
+    "main_plus_mtp": "main + MTP (as hosted)",
   }
   for key, label in labels.items():
     print(f"{label:<52} {counts[key] / 1e9:9.2f}B  ({counts[key]:,})")

@@ -35,26 +35,37 @@ def main(argv):
   try:
     model, cfg, step = load_model(_WORKDIR.value, _STEP.value)
   except FileNotFoundError as e:  # nothing trained there yet
-    raise app.UsageError(f"--workdir: {e}; train first, e.g. python -m experiments.train "
-                         f"--workdir={_WORKDIR.value}") from e
+    raise app.UsageError(
+      f"--workdir: {e}; train first, e.g. python -m experiments.train --workdir={_WORKDIR.value}"
+    ) from e
   tokenizer = load_tokenizer(cfg.data.tokenizer or None)
   gen = Generator(model, vocab_limit=tokenizer.vocab_size)
-  sampling = SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
-                            top_k=_TOP_K.value, top_p=_TOP_P.value, eos_id=tokenizer.eos_id,
-                            seed=_SEED.value)
+  sampling = SamplingConfig(
+    max_new_tokens=_MAX_NEW.value,
+    temperature=_TEMPERATURE.value,
+    top_k=_TOP_K.value,
+    top_p=_TOP_P.value,
+    eos_id=tokenizer.eos_id,
+    seed=_SEED.value,
+  )
   result = gen.generate([tokenizer.encode(p) for p in _PROMPT.value], sampling)
   for prompt, tokens in zip(_PROMPT.value, result.tokens):
     print("=" * 72)
     print(prompt + tokenizer.decode(tokens))
   print("=" * 72)
-  print(json.dumps({
-      "checkpoint_step": step,
-      "cache_bytes_per_token": gen.cache_bytes_per_token(),
-      "cache_formula": f"{cfg.model.num_hidden_layers} layers x ({cfg.model.kv_lora_rank} + "
-                       f"{cfg.model.qk_rope_head_dim}) x {gen.cache_dtype.itemsize} bytes",
-      "prefill_s": round(result.prefill_seconds, 3),
-      "decode_tokens_per_s": round(result.new_tokens / max(result.decode_seconds, 1e-9), 1),
-  }, indent=1))
+  print(
+    json.dumps(
+      {
+        "checkpoint_step": step,
+        "cache_bytes_per_token": gen.cache_bytes_per_token(),
+        "cache_formula": f"{cfg.model.num_hidden_layers} layers x ({cfg.model.kv_lora_rank} + "
+        f"{cfg.model.qk_rope_head_dim}) x {gen.cache_dtype.itemsize} bytes",
+        "prefill_s": round(result.prefill_seconds, 3),
+        "decode_tokens_per_s": round(result.new_tokens / max(result.decode_seconds, 1e-9), 1),
+      },
+      indent=1,
+    )
+  )
 
 
 if __name__ == "__main__":

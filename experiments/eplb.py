@@ -17,12 +17,19 @@ from absl import app, flags
 
 from experiments import common
 
-_WORKDIR = flags.DEFINE_string("workdir", "", "A training workdir whose metrics.jsonl holds "
-                               "per-expert loads (the `load` field); empty = synthetic only.")
+_WORKDIR = flags.DEFINE_string(
+  "workdir",
+  "",
+  "A training workdir whose metrics.jsonl holds "
+  "per-expert loads (the `load` field); empty = synthetic only.",
+)
 _GPUS = flags.DEFINE_integer("gpus", 4, "GPUs for the workdir's experts.")
 _NODES = flags.DEFINE_integer("nodes", 2, "Nodes for the workdir's experts.")
-_REDUNDANT = flags.DEFINE_integer("redundant", 4, "Redundant slots for the workdir's experts "
-                                  "(experts + redundant must be a multiple of --gpus).")
+_REDUNDANT = flags.DEFINE_integer(
+  "redundant",
+  4,
+  "Redundant slots for the workdir's experts (experts + redundant must be a multiple of --gpus).",
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic Zipf load.")
 _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
 
@@ -33,8 +40,13 @@ def main(argv):
   common.quiet_logs()
   from benchmarks import eplb as bench
 
-  result = bench.report(_WORKDIR.value, gpus=_GPUS.value, nodes=_NODES.value,
-                        redundant=_REDUNDANT.value, seed=_SEED.value)
+  result = bench.report(
+    _WORKDIR.value,
+    gpus=_GPUS.value,
+    nodes=_NODES.value,
+    redundant=_REDUNDANT.value,
+    seed=_SEED.value,
+  )
   print(bench.format_table(result))
   common.write_json(_JSON.value, result)
 

@@ -26,19 +26,22 @@ from experiments import common
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF directory, orbax directory or workdir.")
 _TEXT = flags.DEFINE_string("text", None, "A UTF-8 text file to score.")
-_TOKENS = flags.DEFINE_string("tokens", None,
-                              "A .npy file of token ids, or a file of whitespace-separated ids.")
+_TOKENS = flags.DEFINE_string(
+  "tokens", None, "A .npy file of token ids, or a file of whitespace-separated ids."
+)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "A HF tokenizer.json (text input only).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Predictions per window.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Windows per forward pass.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 0, "Score at most this many tokens (0 = all).")
 _FP8 = flags.DEFINE_bool("fp8_dots", False, "Run the projections as FP8 dots.")
-_DTYPE = flags.DEFINE_enum("activation_dtype", "float32", ["float32", "bfloat16"],
-                           "Activation dtype.")
+_DTYPE = flags.DEFINE_enum(
+  "activation_dtype", "float32", ["float32", "bfloat16"], "Activation dtype."
+)
 _OUTPUT = flags.DEFINE_string("result_json", None, "Also write the summary JSON here.")
 _DUMP_LOGPROBS = flags.DEFINE_string("dump_logprobs", None, "Per-token log-likelihoods (.npy).")
-_DUMP_LOGITS = flags.DEFINE_string("dump_logits", None,
-                                   "Logits [windows, seq_len, vocab] float32 (.npy).")
+_DUMP_LOGITS = flags.DEFINE_string(
+  "dump_logits", None, "Logits [windows, seq_len, vocab] float32 (.npy)."
+)
 
 
 def main(argv):
@@ -50,15 +53,24 @@ def main(argv):
     raise app.UsageError("give exactly one of --text and --tokens")
   common.quiet_logs()
   import jax
+
   jax.config.update("jax_threefry_partitionable", True)
   from dsv3_jax.inference.score import evaluate
 
   try:
     summary = evaluate(
-        _CHECKPOINT.value, text=_TEXT.value or None, tokens=_TOKENS.value or None,
-        tokenizer=_TOKENIZER.value, seq_len=_SEQ_LEN.value, batch=_BATCH.value,
-        max_tokens=_MAX_TOKENS.value, fp8=_FP8.value, dtype=_DTYPE.value,
-        dump_logprobs=_DUMP_LOGPROBS.value, dump_logits=_DUMP_LOGITS.value)
+      _CHECKPOINT.value,
+      text=_TEXT.value or None,
+      tokens=_TOKENS.value or None,
+      tokenizer=_TOKENIZER.value,
+      seq_len=_SEQ_LEN.value,
+      batch=_BATCH.value,
+      max_tokens=_MAX_TOKENS.value,
+      fp8=_FP8.value,
+      dtype=_DTYPE.value,
+      dump_logprobs=_DUMP_LOGPROBS.value,
+      dump_logits=_DUMP_LOGITS.value,
+    )
   except ValueError as e:  # inputs that do not fit the model (vocab, lengths, ids)
     raise app.UsageError(str(e)) from e
   print(json.dumps(summary, indent=1))

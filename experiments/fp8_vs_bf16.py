@@ -31,15 +31,19 @@ from dsv3_jax import config as config_lib
 from experiments import common
 
 _CONFIG = common.define_config_dict(
-    "config", ml_collections.ConfigDict(config_lib.to_dict(fp8_parity.experiment_config())),
-    "Model/train/data/parallel config (default: fp8_parity.experiment_config()); any field "
-    "overrides.")
+  "config",
+  ml_collections.ConfigDict(config_lib.to_dict(fp8_parity.experiment_config())),
+  "Model/train/data/parallel config (default: fp8_parity.experiment_config()); any field "
+  "overrides.",
+)
 _OUT = flags.DEFINE_string("out", "runs/fp8_vs_bf16", "Directory for results.json and loss.png.")
 _TAIL = flags.DEFINE_float("tail", 0.1, "Fraction of final steps the relative error averages.")
 _PRECISIONS = flags.DEFINE_list(
-    "precisions", ["bf16", "fp8", "fp32"],
-    "Dot precisions to train; the first is the reference. fp32 gives the noise floor: how far "
-    "a run with more precise dots drifts from the reference over the same steps.")
+  "precisions",
+  ["bf16", "fp8", "fp32"],
+  "Dot precisions to train; the first is the reference. fp32 gives the noise floor: how far "
+  "a run with more precise dots drifts from the reference over the same steps.",
+)
 
 
 def main(argv):
@@ -49,19 +53,26 @@ def main(argv):
   jax.config.update("jax_threefry_partitionable", True)
   jax.config.update("jax_numpy_rank_promotion", "raise")
 
-  logging.info("process %d/%d, devices %s", jax.process_index(), jax.process_count(),
-               jax.devices())
+  logging.info("process %d/%d, devices %s", jax.process_index(), jax.process_count(), jax.devices())
   precisions = _PRECISIONS.value
-  result = fp8_parity.compare(_CONFIG.value, precisions, reference=precisions[0],
-                              tail=_TAIL.value, progress=True)
+  result = fp8_parity.compare(
+    _CONFIG.value, precisions, reference=precisions[0], tail=_TAIL.value, progress=True
+  )
   os.makedirs(_OUT.value, exist_ok=True)
   with open(os.path.join(_OUT.value, "results.json"), "w") as f:
     json.dump(result, f, indent=1)
   fp8_parity.plot(result, os.path.join(_OUT.value, "loss.png"))
   for p in precisions[1:]:
     print(fp8_parity.summary_line(result, p))
-  print(json.dumps({p: {k: v for k, v in c.items() if k not in ("loss", "ce")}
-                    for p, c in result["curves"].items()}, indent=1))
+  print(
+    json.dumps(
+      {
+        p: {k: v for k, v in c.items() if k not in ("loss", "ce")}
+        for p, c in result["curves"].items()
+      },
+      indent=1,
+    )
+  )
   logging.flush()
 
 

@@ -20,8 +20,9 @@ from experiments import common
 _CONFIG = common.define_config_file("config", "configs/dsv3.py:tiny", "Model config.")
 _OUTDIR = flags.DEFINE_string("outdir", "runs/pipeline_schedules", "JSON and PNGs go here.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Emulated CPU devices (0 = leave XLA_FLAGS).")
-_SCHEDULES = flags.DEFINE_list("schedules", ["1f1b", "dualpipe", "zb1p", "gpipe"],
-                               "Schedules to compare (schedules.SCHEDULES).")
+_SCHEDULES = flags.DEFINE_list(
+  "schedules", ["1f1b", "dualpipe", "zb1p", "gpipe"], "Schedules to compare (schedules.SCHEDULES)."
+)
 _PP = flags.DEFINE_integer("pp", 4, "Pipeline ranks.")
 _MB = flags.DEFINE_integer("microbatches", 8, "Micro-batches per step (both directions).")
 _MB_SIZE = flags.DEFINE_integer("mb_size", 1, "Sequences per micro-batch.")
@@ -36,12 +37,20 @@ def main(argv):
   common.quiet_logs()
   common.emulate_cpu_devices(_DEVICES.value)
   import jax  # after XLA_FLAGS
+
   jax.config.update("jax_threefry_partitionable", True)
   from benchmarks import pipeline_timeline
   from dsv3_jax import config as config_lib
 
-  req = pipeline_timeline.Request(tuple(_SCHEDULES.value), _PP.value, _MB.value,
-                                  _MB_SIZE.value, _SEQ.value, _REPEATS.value, _GRAN.value)
+  req = pipeline_timeline.Request(
+    tuple(_SCHEDULES.value),
+    _PP.value,
+    _MB.value,
+    _MB_SIZE.value,
+    _SEQ.value,
+    _REPEATS.value,
+    _GRAN.value,
+  )
   logging.info("devices: %s", jax.devices())
   report = pipeline_timeline.run(config_lib.from_dict(_CONFIG.value), req, _OUTDIR.value)
   print(pipeline_timeline.table(report["results"]))

@@ -17,9 +17,11 @@ from absl import app, flags
 
 from experiments import common
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/small",
-                               "A training workdir or orbax model export (`make run` writes "
-                               "runs/small).")
+_WORKDIR = flags.DEFINE_string(
+  "workdir",
+  "runs/small",
+  "A training workdir or orbax model export (`make run` writes runs/small).",
+)
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "A HF DeepSeek-V3 directory (replaces --workdir).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: latest).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Override: 'byte' or a tokenizer.json.")
@@ -44,13 +46,23 @@ def main(argv):
     print(f"serving {server.model_name} on {server.url}", flush=True)
 
   try:
-    http.serve_checkpoint(workdir, _HF_DIR.value, host=_HOST.value, port=_PORT.value,
-                          slots=_SLOTS.value, max_len=_MAX_LEN.value, step=_STEP.value,
-                          tokenizer=_TOKENIZER.value, speculative=_SPECULATIVE.value,
-                          eplb=_EPLB.value, ready=ready)
+    http.serve_checkpoint(
+      workdir,
+      _HF_DIR.value,
+      host=_HOST.value,
+      port=_PORT.value,
+      slots=_SLOTS.value,
+      max_len=_MAX_LEN.value,
+      step=_STEP.value,
+      tokenizer=_TOKENIZER.value,
+      speculative=_SPECULATIVE.value,
+      eplb=_EPLB.value,
+      ready=ready,
+    )
   except FileNotFoundError as e:  # nothing trained there yet
-    raise app.UsageError(f"{e}; train first, e.g. python -m experiments.train "
-                         f"--workdir={workdir}") from e
+    raise app.UsageError(
+      f"{e}; train first, e.g. python -m experiments.train --workdir={workdir}"
+    ) from e
 
 
 if __name__ == "__main__":

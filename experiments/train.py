@@ -29,10 +29,14 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job 
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (-1 = env).")
 _INIT_TIMEOUT = flags.DEFINE_integer("init_timeout", 120, "Seconds to wait for all processes.")
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    "heartbeat_timeout", 30, "Seconds without heartbeats after which a process counts as dead.")
+  "heartbeat_timeout", 30, "Seconds without heartbeats after which a process counts as dead."
+)
 _STEP_TIMEOUT = flags.DEFINE_integer(
-    "step_timeout", 900, "Multi-process: exit if no training step finishes for this many "
-    "seconds (a hung peer); 0 = no watchdog.")
+  "step_timeout",
+  900,
+  "Multi-process: exit if no training step finishes for this many "
+  "seconds (a hung peer); 0 = no watchdog.",
+)
 
 
 def main(argv):
@@ -41,12 +45,17 @@ def main(argv):
   common.quiet_logs()
   common.emulate_cpu_devices(_DEVICES.value)
   import jax  # after XLA_FLAGS
+
   jax.config.update("jax_threefry_partitionable", True)
   from dsv3_jax.parallel import distributed
 
-  spec = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                             init_timeout_s=_INIT_TIMEOUT.value,
-                             heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value)
+  spec = distributed.resolve(
+    _COORDINATOR.value,
+    _NUM_PROCESSES.value,
+    _PROCESS_ID.value,
+    init_timeout_s=_INIT_TIMEOUT.value,
+    heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value,
+  )
   distributed.initialize(spec)  # before anything touches a device
   common.check_mesh_fits(_CONFIG.value.parallel, jax.device_count())
   if spec is not None and _STEP_TIMEOUT.value > 0:
@@ -58,8 +67,15 @@ def main(argv):
   summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   distributed.stop_watchdog()
   if jax.process_index() == 0:
-    print(json.dumps({k: summary[k] for k in ("steps", "final_loss", "heldout_loss",
-                                              "unigram_entropy", "wall_time_s")}, indent=1))
+    print(
+      json.dumps(
+        {
+          k: summary[k]
+          for k in ("steps", "final_loss", "heldout_loss", "unigram_entropy", "wall_time_s")
+        },
+        indent=1,
+      )
+    )
   logging.flush()
 
 

@@ -3,6 +3,7 @@
 The device count must be fixed before jax is first imported, so it is set here,
 at collection time, ahead of every test module.
 """
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -16,8 +17,10 @@ jax.config.update("jax_threefry_partitionable", True)
 # Identical programs (the same tiny train step in several tests) compile once per session.
 import tempfile  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("DSV3_TEST_CACHE", tempfile.mkdtemp(prefix="jax_cache_")))
+jax.config.update(
+  "jax_compilation_cache_dir",
+  os.environ.get("DSV3_TEST_CACHE", tempfile.mkdtemp(prefix="jax_cache_")),
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

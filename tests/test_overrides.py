@@ -13,15 +13,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_override_paths_reads_every_form():
-  argv = ["--config=configs/dsv3.py:tiny", "--config.train.steps=4", "-config.model.dtype",
-          "bfloat16", "--noconfig.train.flag", "--workdir=/tmp/x", "--", "--config.not.this=1"]
+  argv = [
+    "--config=configs/dsv3.py:tiny",
+    "--config.train.steps=4",
+    "-config.model.dtype",
+    "bfloat16",
+    "--noconfig.train.flag",
+    "--workdir=/tmp/x",
+    "--",
+    "--config.not.this=1",
+  ]
   assert overrides.override_paths(argv) == ["train.steps", "model.dtype", "train.flag"]
 
 
 def test_existing_fields_pass():
   config = dsv3.get_config("tiny")
-  overrides.check_argv(config, ["--config.train.steps=4", "--config.model.hidden_size=64",
-                                "--config.parallel.data=2"])
+  overrides.check_argv(
+    config, ["--config.train.steps=4", "--config.model.hidden_size=64", "--config.parallel.data=2"]
+  )
 
 
 def test_missing_field_names_it_and_close_matches():
@@ -51,8 +60,13 @@ def test_close_matches_by_spelling_and_by_shared_part():
 
 def test_binary_reports_a_bad_override_without_a_traceback():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "experiments.count_params", "--config=configs/dsv3.py:tiny",
-         "--config.train.batch_size=4"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.count_params",
+    "--config=configs/dsv3.py:tiny",
+    "--config.train.batch_size=4",
+  ]
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 1, out.stderr
   assert "Traceback" not in out.stderr, out.stderr

@@ -30,7 +30,7 @@ def _imports(path: pathlib.Path, name: str) -> set[str]:
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ""
       if node.level:
-        base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+        base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
       deps.add(base)
       deps |= {f"{base}.{a.name}" for a in node.names}
   return deps
@@ -84,8 +84,13 @@ def test_no_import_cycles():
 
 
 def test_layers_never_import_what_runs_them():
-  bad = [(m, d) for m, deps in _graph().items() if m.startswith("dsv3_jax.layers")
-         for d in deps if any(d.startswith(f"dsv3_jax.{p}") for p in ABOVE_LAYERS)]
+  bad = [
+    (m, d)
+    for m, deps in _graph().items()
+    if m.startswith("dsv3_jax.layers")
+    for d in deps
+    if any(d.startswith(f"dsv3_jax.{p}") for p in ABOVE_LAYERS)
+  ]
   assert bad == []
 
 
@@ -97,6 +102,9 @@ def test_tests_import_no_binary_and_binaries_stay_thin():
   for path in (ROOT / "tests").rglob("*.py"):
     deps = _imports(path, _module_name(path))
     assert not any(d == "experiments" or d.startswith("experiments.") for d in deps), path
-  long = {p.name: n for p in (ROOT / "experiments").glob("*.py")
-          if (n := len(p.read_text().splitlines())) > 120}
+  long = {
+    p.name: n
+    for p in (ROOT / "experiments").glob("*.py")
+    if (n := len(p.read_text().splitlines())) > 120
+  }
   assert long == {}

@@ -14,12 +14,25 @@ import time
 
 __all__ = ["convert"]
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "generation_config.json")
+_TOKENIZER_FILES = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "generation_config.json",
+)
 
 
-def convert(src: str, dst: str, to: str, *, dtype: str = "bfloat16", fp8: bool = False,
-            pow2: bool = False, shard_bytes: int = 4 << 30, mtp=None) -> dict:
+def convert(
+  src: str,
+  dst: str,
+  to: str,
+  *,
+  dtype: str = "bfloat16",
+  fp8: bool = False,
+  pow2: bool = False,
+  shard_bytes: int = 4 << 30,
+  mtp=None,
+) -> dict:
   """Converts `src` into `dst` in format `to` ("hf" or "orbax"); returns a summary."""
   from dsv3_jax import pretrained
 
@@ -31,8 +44,9 @@ def convert(src: str, dst: str, to: str, *, dtype: str = "bfloat16", fp8: bool =
   load_s = time.time() - t0
   t0 = time.time()
   if to == "hf":
-    summary = pretrained.save_pretrained(model, dst, format="hf", dtype=dtype, fp8=fp8,
-                                         pow2=pow2, max_shard_bytes=shard_bytes)
+    summary = pretrained.save_pretrained(
+      model, dst, format="hf", dtype=dtype, fp8=fp8, pow2=pow2, max_shard_bytes=shard_bytes
+    )
   elif to == "orbax":
     summary = pretrained.save_pretrained(model, dst, format="orbax")
   else:
@@ -40,7 +54,13 @@ def convert(src: str, dst: str, to: str, *, dtype: str = "bfloat16", fp8: bool =
   for name in _TOKENIZER_FILES:
     if os.path.exists(os.path.join(src, name)):
       shutil.copy(os.path.join(src, name), os.path.join(dst, name))
-  summary.update(src=src, src_kind=kind, dst=dst, to=to,
-                 mtp_depth=model.cfg.num_nextn_predict_layers, load_seconds=load_s,
-                 save_seconds=time.time() - t0)
+  summary.update(
+    src=src,
+    src_kind=kind,
+    dst=dst,
+    to=to,
+    mtp_depth=model.cfg.num_nextn_predict_layers,
+    load_seconds=load_s,
+    save_seconds=time.time() - t0,
+  )
   return summary

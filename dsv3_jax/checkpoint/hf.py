@@ -66,10 +66,17 @@ from dsv3_jax.quant import fp8 as fp8_lib
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+  "F64": np.dtype(np.float64),
+  "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+  "I64": np.dtype(np.int64),
+  "I32": np.dtype(np.int32),
+  "I16": np.dtype(np.int16),
+  "I8": np.dtype(np.int8),
+  "U8": np.dtype(np.uint8),
+  "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _OUT_DTYPES = {"bfloat16": "BF16", "float32": "F32"}
@@ -78,9 +85,9 @@ _OUT_DTYPES = {"bfloat16": "BF16", "float32": "F32"}
 # ----------------------------------------------------------------------------- safetensors
 class TensorInfo(NamedTuple):
   file: str
-  dtype: str      # safetensors dtype name, e.g. "BF16"
+  dtype: str  # safetensors dtype name, e.g. "BF16"
   shape: tuple
-  start: int      # absolute byte offsets in `file`
+  start: int  # absolute byte offsets in `file`
   end: int
 
 
@@ -129,8 +136,11 @@ def write_safetensors(path: str, planned: list[TensorSpec], produce) -> int:
   header, offset = {}, 0
   for p in planned:
     nbytes = int(np.prod(p.shape, dtype=np.int64)) * _DTYPES[p.dtype].itemsize
-    header[p.name] = {"dtype": p.dtype, "shape": list(p.shape),
-                      "data_offsets": [offset, offset + nbytes]}
+    header[p.name] = {
+      "dtype": p.dtype,
+      "shape": list(p.shape),
+      "data_offsets": [offset, offset + nbytes],
+    }
     offset += nbytes
   header["__metadata__"] = {"format": "pt"}
   blob = json.dumps(header, separators=(",", ":")).encode()
@@ -141,8 +151,10 @@ def write_safetensors(path: str, planned: list[TensorSpec], produce) -> int:
     for p in planned:
       arr = np.ascontiguousarray(produce(p.name))
       if arr.dtype != _DTYPES[p.dtype] or tuple(arr.shape) != tuple(p.shape):
-        raise ValueError(f"tensor {p.name}: produced {arr.dtype}{list(arr.shape)}, "
-                         f"planned {p.dtype}{list(p.shape)}")
+        raise ValueError(
+          f"tensor {p.name}: produced {arr.dtype}{list(arr.shape)}, "
+          f"planned {p.dtype}{list(p.shape)}"
+        )
       f.write(arr.tobytes())
   return offset
 
@@ -203,16 +215,17 @@ def read_hf_config(path: str) -> dict:
 class Entry(NamedTuple):
   """One HF tensor and where it lives in this model."""
 
-  hf: str           # HF tensor name
-  path: tuple       # ("params"|"biases", key, ...) into the pure-dict state
-  index: tuple      # leading indices into that leaf (stacked layer, expert)
-  kind: str         # linear | gate | head | embed | vector | shared_embed | shared_head
-  shape: tuple      # HF shape
+  hf: str  # HF tensor name
+  path: tuple  # ("params"|"biases", key, ...) into the pure-dict state
+  index: tuple  # leading indices into that leaf (stacked layer, expert)
+  kind: str  # linear | gate | head | embed | vector | shared_embed | shared_head
+  shape: tuple  # HF shape
   fp8: bool = False  # written as FP8 (+ weight_scale_inv) by an FP8 export
 
 
-def _block_entries(cfg: ModelConfig, hf_layer: int, base: tuple, index: tuple,
-                   moe: bool) -> Iterator[Entry]:
+def _block_entries(
+  cfg: ModelConfig, hf_layer: int, base: tuple, index: tuple, moe: bool
+) -> Iterator[Entry]:
   d, h = cfg.hidden_size, cfg.num_attention_heads
   p = f"model.layers.{hf_layer}."
   par, bia = ("params",) + base, ("biases",) + base
@@ -232,11 +245,15 @@ def _block_entries(cfg: ModelConfig, hf_layer: int, base: tuple, index: tuple,
     yield lin("self_attn.q_b_proj", a + ("wq_b",), (h * cfg.qk_head_dim, cfg.q_lora_rank))
   else:
     yield lin("self_attn.q_proj", a + ("wq",), (h * cfg.qk_head_dim, d))
-  yield lin("self_attn.kv_a_proj_with_mqa", a + ("wkv_a",),
-            (cfg.kv_lora_rank + cfg.qk_rope_head_dim, d))
+  yield lin(
+    "self_attn.kv_a_proj_with_mqa", a + ("wkv_a",), (cfg.kv_lora_rank + cfg.qk_rope_head_dim, d)
+  )
   yield vec("self_attn.kv_a_layernorm", a + ("kv_norm",), cfg.kv_lora_rank)
-  yield lin("self_attn.kv_b_proj", a + ("wkv_b",),
-            (h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank))
+  yield lin(
+    "self_attn.kv_b_proj",
+    a + ("wkv_b",),
+    (h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
+  )
   yield lin("self_attn.o_proj", a + ("wo",), (d, h * cfg.v_head_dim))
   f = ("ffn",)
   if not moe:
@@ -263,8 +280,10 @@ def _block_entries(cfg: ModelConfig, hf_layer: int, base: tuple, index: tuple,
 def entries(cfg: ModelConfig, *, tied_head: bool = False) -> list[Entry]:
   """Every HF tensor of `cfg` (MTP layers included when num_nextn_predict_layers > 0)."""
   d, v = cfg.hidden_size, cfg.vocab_size
-  out = [Entry("model.embed_tokens.weight", ("params", "embed"), (), "embed", (v, d)),
-         Entry("model.norm.weight", ("params", "norm", "scale"), (), "vector", (d,))]
+  out = [
+    Entry("model.embed_tokens.weight", ("params", "embed"), (), "embed", (v, d)),
+    Entry("model.norm.weight", ("params", "norm", "scale"), (), "vector", (d,)),
+  ]
   if not tied_head:
     out.append(Entry("lm_head.weight", ("params", "head", "kernel"), (), "head", (v, d)))
   for i in range(cfg.num_hidden_layers):
@@ -274,13 +293,14 @@ def entries(cfg: ModelConfig, *, tied_head: bool = False) -> list[Entry]:
   for k in range(cfg.num_nextn_predict_layers):
     n = cfg.num_hidden_layers + k
     p, par = f"model.layers.{n}.", ("params", "mtp", k)
-    out += [Entry(p + "enorm.weight", par + ("enorm", "scale"), (), "vector", (d,)),
-            Entry(p + "hnorm.weight", par + ("hnorm", "scale"), (), "vector", (d,)),
-            Entry(p + "eh_proj.weight", par + ("eh_proj", "kernel"), (), "linear", (d, 2 * d)),
-            Entry(p + "shared_head.norm.weight", par + ("norm", "scale"), (), "vector", (d,)),
-            Entry(p + "embed_tokens.weight", ("params", "embed"), (), "shared_embed", (v, d)),
-            Entry(p + "shared_head.head.weight", ("params", "head", "kernel"), (), "shared_head",
-                  (v, d))]
+    out += [
+      Entry(p + "enorm.weight", par + ("enorm", "scale"), (), "vector", (d,)),
+      Entry(p + "hnorm.weight", par + ("hnorm", "scale"), (), "vector", (d,)),
+      Entry(p + "eh_proj.weight", par + ("eh_proj", "kernel"), (), "linear", (d, 2 * d)),
+      Entry(p + "shared_head.norm.weight", par + ("norm", "scale"), (), "vector", (d,)),
+      Entry(p + "embed_tokens.weight", ("params", "embed"), (), "shared_embed", (v, d)),
+      Entry(p + "shared_head.head.weight", ("params", "head", "kernel"), (), "shared_head", (v, d)),
+    ]
     out.extend(_block_entries(cfg, n, ("mtp", k, "block"), (), True))
   return out
 
@@ -295,12 +315,13 @@ def _rope_rows(cfg: ModelConfig, hf_name: str) -> Optional[np.ndarray]:
   perm_R = np.stack([np.arange(r // 2), np.arange(r // 2) + r // 2], axis=1).reshape(-1)
   if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
     rows = np.arange(cfg.num_attention_heads * cfg.qk_head_dim).reshape(
-        cfg.num_attention_heads, cfg.qk_head_dim)
-    rows[:, cfg.qk_nope_head_dim:] = rows[:, cfg.qk_nope_head_dim:][:, perm_R]
+      cfg.num_attention_heads, cfg.qk_head_dim
+    )
+    rows[:, cfg.qk_nope_head_dim :] = rows[:, cfg.qk_nope_head_dim :][:, perm_R]
     return rows.reshape(-1)
   if hf_name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
     rows = np.arange(cfg.kv_lora_rank + r)
-    rows[cfg.kv_lora_rank:] = rows[cfg.kv_lora_rank:][perm_R]
+    rows[cfg.kv_lora_rank :] = rows[cfg.kv_lora_rank :][perm_R]
     return rows
   return None
 
@@ -346,17 +367,27 @@ def check_tensors(ckpt: HFCheckpoint, plan: list[Entry], ignore_prefixes: tuple 
           badshape.append(f"{sname}: {list(got)}, expected {list(want)} (128x128 blocks)")
     elif info.dtype not in ("F32", "BF16", "F16", "F64"):
       baddtype.append(f"{name}: dtype {info.dtype}")
-  unexpected = sorted(n for n, info in ckpt.tensors.items()
-                      if n not in expected and n not in scales and not _ignorable(n, info)
-                      and not n.startswith(ignore_prefixes))
+  unexpected = sorted(
+    n
+    for n, info in ckpt.tensors.items()
+    if n not in expected
+    and n not in scales
+    and not _ignorable(n, info)
+    and not n.startswith(ignore_prefixes)
+  )
   problems = []
-  for label, names in (("missing", missing), ("unexpected", unexpected),
-                       ("mis-shaped", badshape), ("unsupported dtype", baddtype)):
+  for label, names in (
+    ("missing", missing),
+    ("unexpected", unexpected),
+    ("mis-shaped", badshape),
+    ("unsupported dtype", baddtype),
+  ):
     if names:
       problems.append(f"{len(names)} {label}:\n  " + "\n  ".join(sorted(names)))
   if problems:
-    raise ValueError(f"HF checkpoint {ckpt.path} does not match the model config:\n"
-                     + "\n".join(problems))
+    raise ValueError(
+      f"HF checkpoint {ckpt.path} does not match the model config:\n" + "\n".join(problems)
+    )
 
 
 def _set(tree: dict, path: tuple, value) -> None:
@@ -373,6 +404,7 @@ def _get(tree: dict, path: tuple):
 
 def _abstract(cfg: ModelConfig):
   from dsv3_jax import model as model_lib  # local: the model imports nothing from here
+
   return nnx.split(model_lib.abstract(cfg), nnx.Param, RouterBias)
 
 
@@ -403,12 +435,15 @@ def _check_shared_copies(ckpt: HFCheckpoint, plan: list[Entry], tied: bool) -> N
     if e.kind in ("shared_embed", "shared_head"):
       main = "model.embed_tokens.weight" if e.kind == "shared_embed" or tied else "lm_head.weight"
       if not np.array_equal(ckpt.read_float(e.hf), ckpt.read_float(main)):
-        raise ValueError(f"{e.hf} differs from {main}: this model shares the MTP embedding and "
-                         "head with the main model (load with mtp=False to drop the MTP layers)")
+        raise ValueError(
+          f"{e.hf} differs from {main}: this model shares the MTP embedding and "
+          "head with the main model (load with mtp=False to drop the MTP layers)"
+        )
 
 
-def load_hf_state(path: str, cfg: Optional[ModelConfig] = None, *, mtp: Optional[bool] = None,
-                  **overrides) -> tuple[ModelConfig, dict]:
+def load_hf_state(
+  path: str, cfg: Optional[ModelConfig] = None, *, mtp: Optional[bool] = None, **overrides
+) -> tuple[ModelConfig, dict]:
   """Reads a HF directory into (cfg, {"params": ..., "biases": ...}) of float32 arrays.
 
   `cfg` defaults to the one built from `config.json` (`overrides` applied). `mtp`: None loads
@@ -425,8 +460,12 @@ def load_hf_state(path: str, cfg: Optional[ModelConfig] = None, *, mtp: Optional
   ignore = ()
   if mtp is False or (mtp is None and declared and not present):
     if mtp is None:
-      logging.warning("%s: config.json declares %d MTP layer(s) but the files hold none; "
-                      "building the model without MTP", path, len(declared))
+      logging.warning(
+        "%s: config.json declares %d MTP layer(s) but the files hold none; "
+        "building the model without MTP",
+        path,
+        len(declared),
+      )
     ignore = declared
     cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0).validate()
   interleaved = hf_cfg.get("rope_interleave", True) is not False
@@ -443,7 +482,7 @@ def load_hf_state(path: str, cfg: Optional[ModelConfig] = None, *, mtp: Optional
   for leaf_path, group in by_leaf.items():
     spec = _get(state, leaf_path)
     arr = np.zeros(spec.shape, np.float32)
-    filled = np.zeros(spec.shape[:len(group[0].index)], bool)
+    filled = np.zeros(spec.shape[: len(group[0].index)], bool)
     for e in group:
       t = ckpt.read_float(e.hf)
       rows = None if interleaved else _rope_rows(cfg, e.hf)
@@ -460,8 +499,9 @@ def load_hf_state(path: str, cfg: Optional[ModelConfig] = None, *, mtp: Optional
   return cfg, state
 
 
-def load_hf(path: str, cfg: Optional[ModelConfig] = None, *, mtp: Optional[bool] = None,
-            **overrides):
+def load_hf(
+  path: str, cfg: Optional[ModelConfig] = None, *, mtp: Optional[bool] = None, **overrides
+):
   """A ready `Transformer` from a HF DeepSeek-V3 directory (see `load_hf_state`)."""
   cfg, state = load_hf_state(path, cfg, mtp=mtp, **overrides)
   return model_from_state(cfg, state)
@@ -484,9 +524,16 @@ def export_plan(cfg: ModelConfig, dtype: str = "bfloat16", fp8: bool = False) ->
   return out
 
 
-def save_hf_state(path: str, cfg: ModelConfig, state: dict, *, dtype: str = "bfloat16",
-                  fp8: bool = False, pow2: bool = False,
-                  max_shard_bytes: int = 4 << 30) -> dict:
+def save_hf_state(
+  path: str,
+  cfg: ModelConfig,
+  state: dict,
+  *,
+  dtype: str = "bfloat16",
+  fp8: bool = False,
+  pow2: bool = False,
+  max_shard_bytes: int = 4 << 30,
+) -> dict:
   """Writes `state` ({"params", "biases"} pure dicts) as a HF DeepSeek-V3 directory.
 
   BF16 (or float32) tensors; with `fp8`, projections as float8_e4m3fn + `weight_scale_inv`
@@ -529,8 +576,9 @@ def save_hf_state(path: str, cfg: ModelConfig, state: dict, *, dtype: str = "bfl
 
   total, weight_map = 0, {}
   for i, shard in enumerate(shards):
-    fname = SINGLE_FILE if len(shards) == 1 else (
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+    fname = (
+      SINGLE_FILE if len(shards) == 1 else (f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+    )
     total += write_safetensors(os.path.join(path, fname), shard, produce)
     weight_map.update({p.name: fname for p in shard})
   if len(shards) > 1:
@@ -542,15 +590,23 @@ def save_hf_state(path: str, cfg: ModelConfig, state: dict, *, dtype: str = "bfl
   hf = to_hf_config(cfg)
   hf["torch_dtype"] = dtype
   if fp8:
-    hf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
-                                 "activation_scheme": "dynamic",
-                                 "weight_block_size": [fp8_lib.BLOCK, fp8_lib.BLOCK]}
+    hf["quantization_config"] = {
+      "quant_method": "fp8",
+      "fmt": "e4m3",
+      "activation_scheme": "dynamic",
+      "weight_block_size": [fp8_lib.BLOCK, fp8_lib.BLOCK],
+    }
     if pow2:
       hf["quantization_config"]["scale_fmt"] = "ue8m0"
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(hf, f, indent=1, sort_keys=True)
-  return {"tensors": len(planned), "bytes": total, "shards": len(shards), "dtype": dtype,
-          "fp8": fp8}
+  return {
+    "tensors": len(planned),
+    "bytes": total,
+    "shards": len(shards),
+    "dtype": dtype,
+    "fp8": fp8,
+  }
 
 
 def save_hf(model, path: str, **kwargs) -> dict:
@@ -559,7 +615,23 @@ def save_hf(model, path: str, **kwargs) -> dict:
   return save_hf_state(path, cfg, state, **kwargs)
 
 
-__all__ = ["HFCheckpoint", "Entry", "TensorSpec", "entries", "check_tensors", "load_hf",
-           "load_hf_state", "save_hf", "save_hf_state", "read_hf_config", "read_header",
-           "read_tensor", "write_safetensors", "save_tensors", "abstract_state",
-           "model_from_state", "model_state", "scale_name"]
+__all__ = [
+  "HFCheckpoint",
+  "Entry",
+  "TensorSpec",
+  "entries",
+  "check_tensors",
+  "load_hf",
+  "load_hf_state",
+  "save_hf",
+  "save_hf_state",
+  "read_hf_config",
+  "read_header",
+  "read_tensor",
+  "write_safetensors",
+  "save_tensors",
+  "abstract_state",
+  "model_from_state",
+  "model_state",
+  "scale_name",
+]

@@ -16,20 +16,37 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.rope import yarn_mscale
 
 _HF_RENAMES = {
-    "rope_factor": "factor",
-    "rope_original_max_position_embeddings": "original_max_position_embeddings",
-    "rope_beta_fast": "beta_fast",
-    "rope_beta_slow": "beta_slow",
-    "rope_mscale": "mscale",
-    "rope_mscale_all_dim": "mscale_all_dim",
+  "rope_factor": "factor",
+  "rope_original_max_position_embeddings": "original_max_position_embeddings",
+  "rope_beta_fast": "beta_fast",
+  "rope_beta_slow": "beta_slow",
+  "rope_mscale": "mscale",
+  "rope_mscale_all_dim": "mscale_all_dim",
 }
-_HF_PLAIN = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-             "num_hidden_layers", "first_k_dense_replace", "num_attention_heads",
-             "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-             "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group",
-             "topk_group", "routed_scaling_factor", "norm_topk_prob",
-             "num_nextn_predict_layers", "rms_norm_eps", "rope_theta",
-             "max_position_embeddings")
+_HF_PLAIN = (
+  "vocab_size",
+  "hidden_size",
+  "intermediate_size",
+  "moe_intermediate_size",
+  "num_hidden_layers",
+  "first_k_dense_replace",
+  "num_attention_heads",
+  "kv_lora_rank",
+  "qk_nope_head_dim",
+  "qk_rope_head_dim",
+  "v_head_dim",
+  "n_routed_experts",
+  "n_shared_experts",
+  "num_experts_per_tok",
+  "n_group",
+  "topk_group",
+  "routed_scaling_factor",
+  "norm_topk_prob",
+  "num_nextn_predict_layers",
+  "rms_norm_eps",
+  "rope_theta",
+  "max_position_embeddings",
+)
 
 
 def _hf_rope_fields(hf: Mapping[str, Any]) -> dict:
@@ -57,8 +74,10 @@ def _hf_rope_fields(hf: Mapping[str, Any]) -> dict:
   if kind != "yarn":
     return out
   if scaling.get("truncate", True) is False:
-    raise ValueError("HF config rope_scaling truncate=false is not supported (DeepSeek floors "
-                     "and ceils the YaRN correction range)")
+    raise ValueError(
+      "HF config rope_scaling truncate=false is not supported (DeepSeek floors "
+      "and ceils the YaRN correction range)"
+    )
   orig = scaling.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
   factor = scaling.get("factor")
   if factor is None:
@@ -70,14 +89,19 @@ def _hf_rope_fields(hf: Mapping[str, Any]) -> dict:
     raise ValueError(f"HF config rope_scaling factor={factor!r}: YaRN needs a factor >= 1")
   if factor == 1.0:
     if af is not None and float(af) != 1.0:
-      raise ValueError(f"HF config rope_scaling attention_factor={af!r} with factor 1 is not "
-                       "supported (it scales plain RoPE)")
+      raise ValueError(
+        f"HF config rope_scaling attention_factor={af!r} with factor 1 is not "
+        "supported (it scales plain RoPE)"
+      )
     return out
-  out.update(rope_scaling="yarn", rope_factor=factor,
-             rope_original_max_position_embeddings=int(orig),
-             rope_beta_fast=float(scaling.get("beta_fast") or 32.0),
-             rope_beta_slow=float(scaling.get("beta_slow") or 1.0),
-             rope_mscale_all_dim=float(a or 0.0))
+  out.update(
+    rope_scaling="yarn",
+    rope_factor=factor,
+    rope_original_max_position_embeddings=int(orig),
+    rope_beta_fast=float(scaling.get("beta_fast") or 32.0),
+    rope_beta_slow=float(scaling.get("beta_slow") or 1.0),
+    rope_mscale_all_dim=float(a or 0.0),
+  )
   if af is None and m and a:
     out["rope_mscale"] = float(m)
   else:
@@ -87,8 +111,16 @@ def _hf_rope_fields(hf: Mapping[str, Any]) -> dict:
   return out
 
 
-_HF_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+_HF_REQUIRED = (
+  "vocab_size",
+  "hidden_size",
+  "num_hidden_layers",
+  "num_attention_heads",
+  "kv_lora_rank",
+  "qk_nope_head_dim",
+  "qk_rope_head_dim",
+  "v_head_dim",
+)
 
 
 def from_hf_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
@@ -106,13 +138,19 @@ def from_hf_config(hf: Mapping[str, Any], **overrides) -> ModelConfig:
   kwargs["q_lora_rank"] = hf.get("q_lora_rank") or 0
   kwargs["n_group"] = hf.get("n_group") or 1
   kwargs["topk_group"] = hf.get("topk_group") or 1
-  kwargs["num_nextn_predict_layers"] = int(hf.get("num_nextn_predict_layers",
-                                                  hf.get("num_mtp_layers")) or 0)
+  kwargs["num_nextn_predict_layers"] = int(
+    hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers")) or 0
+  )
   kwargs["init_std"] = hf.get("initializer_range", 0.006)
   if kwargs.get("first_k_dense_replace", 0) > kwargs["num_hidden_layers"]:
     kwargs["first_k_dense_replace"] = kwargs["num_hidden_layers"]  # all dense, as in HF
-  checks = (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("hidden_act", "silu"),
-            ("attention_bias", False), ("moe_layer_freq", 1))
+  checks = (
+    ("scoring_func", "sigmoid"),
+    ("topk_method", "noaux_tc"),
+    ("hidden_act", "silu"),
+    ("attention_bias", False),
+    ("moe_layer_freq", 1),
+  )
   for key, want in checks:
     if hf.get(key) is not None and hf[key] != want:
       raise ValueError(f"HF config {key}={hf[key]!r}: only {want!r} (DeepSeek-V3) is supported")
@@ -131,17 +169,32 @@ def to_hf_config(cfg: ModelConfig) -> dict:
   """
   hf = {name: getattr(cfg, name) for name in _HF_PLAIN}
   hf.update(
-      architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
-      q_lora_rank=cfg.q_lora_rank or None, hidden_act="silu", scoring_func="sigmoid",
-      topk_method="noaux_tc", moe_layer_freq=1, tie_word_embeddings=False,
-      attention_bias=False, attention_dropout=0.0, initializer_range=cfg.init_std,
-      num_key_value_heads=cfg.num_attention_heads,
-      rope_interleave=True, torch_dtype="bfloat16", bos_token_id=0, eos_token_id=1)
+    architectures=["DeepseekV3ForCausalLM"],
+    model_type="deepseek_v3",
+    q_lora_rank=cfg.q_lora_rank or None,
+    hidden_act="silu",
+    scoring_func="sigmoid",
+    topk_method="noaux_tc",
+    moe_layer_freq=1,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    attention_dropout=0.0,
+    initializer_range=cfg.init_std,
+    num_key_value_heads=cfg.num_attention_heads,
+    rope_interleave=True,
+    torch_dtype="bfloat16",
+    bos_token_id=0,
+    eos_token_id=1,
+  )
   if cfg.rope_scaling == "yarn":
-    hf["rope_scaling"] = {"type": "yarn", "rope_type": "yarn",
-                          **{theirs: getattr(cfg, ours) for ours, theirs in _HF_RENAMES.items()}}
-    ours = (yarn_mscale(cfg.rope_factor, cfg.rope_mscale)
-            / yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim))
+    hf["rope_scaling"] = {
+      "type": "yarn",
+      "rope_type": "yarn",
+      **{theirs: getattr(cfg, ours) for ours, theirs in _HF_RENAMES.items()},
+    }
+    ours = yarn_mscale(cfg.rope_factor, cfg.rope_mscale) / yarn_mscale(
+      cfg.rope_factor, cfg.rope_mscale_all_dim
+    )
     if not (cfg.rope_mscale and cfg.rope_mscale_all_dim):
       hf["rope_scaling"]["attention_factor"] = ours  # HF's default rule would differ
   else:

@@ -44,17 +44,20 @@ class Checkpointer:
   `read_only=True` never writes, creates or deletes anything (for loading a model).
   """
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
-               read_only: bool = False):
+  def __init__(
+    self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False
+  ):
     self.directory = os.path.abspath(directory)
     if read_only:
       if not os.path.isdir(self.directory):
         raise FileNotFoundError(f"{self.directory}: no such checkpoint directory")
-      options = ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                             enable_async_checkpointing=False)
+      options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, enable_async_checkpointing=False
+      )
     else:
-      options = ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                             enable_async_checkpointing=async_save, create=True)
+      options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+      )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   def latest_step(self) -> Optional[int]:
@@ -72,8 +75,11 @@ class Checkpointer:
     names = sorted(ocp.path.step.tmp_checkpoints(self.directory))
     if jax.process_index() == 0:
       for name in names:
-        logging.warning("removing orphaned temporary checkpoint directory %s in %s (a save "
-                        "that never finished)", name, self.directory)
+        logging.warning(
+          "removing orphaned temporary checkpoint directory %s in %s (a save that never finished)",
+          name,
+          self.directory,
+        )
         shutil.rmtree(os.path.join(self.directory, name))
     _sync("dsv3_remove_orphaned_tmp")
     self.manager.reload()
@@ -84,8 +90,10 @@ class Checkpointer:
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if not self.manager.save(step, args=ocp.args.Composite(**items)):
-      raise ValueError(f"checkpoint step {step} was not saved in {self.directory}: orbax "
-                       f"refuses steps at or before its latest ({self.latest_step()})")
+      raise ValueError(
+        f"checkpoint step {step} was not saved in {self.directory}: orbax "
+        f"refuses steps at or before its latest ({self.latest_step()})"
+      )
 
   def restore(self, step: int, target_state: Any, data_iterator=None):
     """Restores onto `target_state` (arrays or ShapeDtypeStructs with shardings)."""
@@ -111,8 +119,13 @@ class Checkpointer:
         state, meta = self.restore(step, target_state, data_iterator)
       except ValueError as e:
         cause = e.__cause__ or e
-        logging.warning("checkpoint step %d in %s does not restore (%s: %s); trying the step "
-                        "before", step, self.directory, type(cause).__name__, cause)
+        logging.warning(
+          "checkpoint step %d in %s does not restore (%s: %s); trying the step before",
+          step,
+          self.directory,
+          type(cause).__name__,
+          cause,
+        )
         failures.append((step, e))
         continue
       if failures:
@@ -135,8 +148,7 @@ class Checkpointer:
         if os.path.exists(dest):
           dest += f"-{int(time.time())}"
         shutil.move(os.path.join(self.directory, str(step)), dest)
-        logging.warning("moved %s checkpoint step %d of %s to %s", why, step, self.directory,
-                        dest)
+        logging.warning("moved %s checkpoint step %d of %s to %s", why, step, self.directory, dest)
     _sync("dsv3_set_aside_checkpoints")
     self.manager.reload()
 
@@ -152,13 +164,15 @@ class Checkpointer:
 
   def _restore(self, step: int, items: dict):
     if step not in self.manager.all_steps():
-      raise FileNotFoundError(f"checkpoint step {step} not in {self.directory} (steps "
-                              f"{self.all_steps()})")
+      raise FileNotFoundError(
+        f"checkpoint step {step} not in {self.directory} (steps {self.all_steps()})"
+      )
     try:
       return self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types; name the checkpoint in one clear error
-      raise ValueError(f"cannot restore checkpoint step {step} from {self.directory}: "
-                       f"{type(e).__name__}: {e}") from e
+      raise ValueError(
+        f"cannot restore checkpoint step {step} from {self.directory}: {type(e).__name__}: {e}"
+      ) from e
 
   def delete(self, step: int):
     self.manager.delete(step)
@@ -197,17 +211,22 @@ def _model_target(cfg, shardings):
     from dsv3_jax.parallel import sharding as sharding_lib
 
     mesh = shardings
-    shardings = {"params": sharding_lib.shardings(mesh, sharding_lib.param_specs(params)),
-                 "biases": sharding_lib.replicated(mesh)}
+    shardings = {
+      "params": sharding_lib.shardings(mesh, sharding_lib.param_specs(params)),
+      "biases": sharding_lib.replicated(mesh),
+    }
   is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
   place = lambda sh, sub: jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), sub)
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), sub
+  )
   try:
     target = jax.tree.map(place, shardings, shapes, is_leaf=is_sharding)
   except ValueError as e:
-    raise ValueError("load_model shardings: must be None, a Sharding, a Mesh or a "
-                     "{'params', 'biases'} tree of Shardings (or a prefix of it) matching the "
-                     f"model's parameters: {e}") from e
+    raise ValueError(
+      "load_model shardings: must be None, a Sharding, a Mesh or a "
+      "{'params', 'biases'} tree of Shardings (or a prefix of it) matching the "
+      f"model's parameters: {e}"
+    ) from e
   bad = [x for x in jax.tree.leaves(target) if not isinstance(x, jax.ShapeDtypeStruct)]
   if bad:
     raise ValueError(f"load_model shardings: expected Shardings as leaves, got {bad[:3]}")
@@ -221,8 +240,10 @@ def _load(path: str, step: Optional[int], shardings):
 
   directory = checkpoint_dir(path)
   if directory is None:
-    raise FileNotFoundError(f"{path} holds no orbax checkpoint step (neither a checkpoint "
-                            f"directory nor a training workdir with {CHECKPOINTS}/)")
+    raise FileNotFoundError(
+      f"{path} holds no orbax checkpoint step (neither a checkpoint "
+      f"directory nor a training workdir with {CHECKPOINTS}/)"
+    )
   ckpt = Checkpointer(directory, read_only=True)
   try:
     step = ckpt.latest_step() if step is None else step
@@ -233,8 +254,10 @@ def _load(path: str, step: Optional[int], shardings):
       with open(workdir_cfg) as f:
         config = json.load(f)
     if config is None:
-      raise ValueError(f"checkpoint step {step} in {directory} has no config in its `meta` "
-                       "item and no config.json beside it")
+      raise ValueError(
+        f"checkpoint step {step} in {directory} has no config in its `meta` "
+        "item and no config.json beside it"
+      )
     cfg = config_lib.from_dict(config)
     graphdef, params, biases, target = _model_target(cfg.model, shardings)
     state = ckpt.restore_model_state(step, target)
@@ -287,8 +310,12 @@ def save_model(model, path: str, step: int = 0, meta: Optional[dict] = None) -> 
   try:
     if step in ckpt.all_steps():
       ckpt.delete(step)
-    meta = dict(meta or {}, format="dsv3_jax.model", step=step,
-                config={"model": dataclasses.asdict(model.cfg)})
+    meta = dict(
+      meta or {},
+      format="dsv3_jax.model",
+      step=step,
+      config={"model": dataclasses.asdict(model.cfg)},
+    )
     ckpt.save(step, state, meta=meta)
   finally:
     ckpt.close()

@@ -9,6 +9,7 @@ The train/held-out split is by file, decided by a stable hash of each file's
 path relative to the files' common root, so it does not depend on where the
 corpus lives, on the file order, or on the Python hash seed.
 """
+
 from __future__ import annotations
 
 import glob
@@ -44,10 +45,11 @@ def _walk_files(root: Path, suffixes: Sequence[str]) -> list[Path]:
   for dirpath, dirnames, filenames in os.walk(root):
     here = Path(dirpath)
     dirnames[:] = sorted(
-        d for d in dirnames
-        if d not in _EXCLUDED_DIRS
-        and not (here / d / "pyvenv.cfg").exists()
-        and (here / d).resolve() not in venvs
+      d
+      for d in dirnames
+      if d not in _EXCLUDED_DIRS
+      and not (here / d / "pyvenv.cfg").exists()
+      and (here / d).resolve() not in venvs
     )
     out.extend(here / f for f in filenames if f.endswith(tuple(suffixes)))
   return sorted(out, key=lambda p: p.relative_to(root).as_posix())
@@ -109,9 +111,9 @@ def _hash_unit(key: str) -> float:
 
 
 def split_files(
-    files: Sequence[str | os.PathLike],
-    heldout_fraction: float = 0.05,
-    seed: int = 0,
+  files: Sequence[str | os.PathLike],
+  heldout_fraction: float = 0.05,
+  seed: int = 0,
 ) -> tuple[list[Path], list[Path]]:
   """Splits ``files`` into ``(train, heldout)`` by a stable hash of each file.
 
@@ -144,9 +146,9 @@ def split_files(
 
 
 def load_tokens(
-    files: Sequence[str | os.PathLike],
-    tokenizer,
-    max_bytes: int | None = None,
+  files: Sequence[str | os.PathLike],
+  tokenizer,
+  max_bytes: int | None = None,
 ) -> np.ndarray:
   """Tokenizes ``files`` in order into one int32 array, each document + EOS.
 

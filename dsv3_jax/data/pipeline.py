@@ -18,6 +18,7 @@ next step number: ``get_state()`` / ``set_state()`` resume exactly, and the
 iterator can be saved by orbax with ``grain.checkpoint.CheckpointSave`` /
 ``CheckpointRestore``. Reading is single-threaded by default.
 """
+
 from __future__ import annotations
 
 import grain
@@ -52,9 +53,7 @@ def _check_shard(global_batch: int, shard_index: int, shard_count: int) -> int:
   if not isinstance(shard_index, (int, np.integer)) or not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index!r}")
   if global_batch % shard_count:
-    raise ValueError(
-        f"global_batch {global_batch} must be divisible by shard_count {shard_count}"
-    )
+    raise ValueError(f"global_batch {global_batch} must be divisible by shard_count {shard_count}")
   return global_batch // shard_count
 
 
@@ -71,12 +70,12 @@ class _GatherRows(grain.transforms.Map):
 
 
 def make_train_dataset(
-    tokens,
-    seq_len: int,
-    global_batch: int,
-    seed: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
+  tokens,
+  seq_len: int,
+  global_batch: int,
+  seed: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
 ) -> grain.MapDataset:
   """The infinite training ``MapDataset``: element ``i`` is this shard's step-``i`` batch."""
   global_batch = _check_positive("global_batch", global_batch)
@@ -87,27 +86,27 @@ def make_train_dataset(
   num_windows = windows_WxL1.shape[0]
   if num_windows < global_batch:
     raise ValueError(
-        f"tokens too short: {np.asarray(tokens).size} tokens give {num_windows} "
-        f"windows of seq_len+1={seq_len + 1}, fewer than global_batch={global_batch}"
+      f"tokens too short: {np.asarray(tokens).size} tokens give {num_windows} "
+      f"windows of seq_len+1={seq_len + 1}, fewer than global_batch={global_batch}"
     )
   start = shard_index * local_batch
   return (
-      grain.MapDataset.range(num_windows)
-      .shuffle(seed=int(seed))
-      .repeat()
-      .batch(global_batch, drop_remainder=True)
-      .map(_GatherRows(windows_WxL1, start, start + local_batch))
+    grain.MapDataset.range(num_windows)
+    .shuffle(seed=int(seed))
+    .repeat()
+    .batch(global_batch, drop_remainder=True)
+    .map(_GatherRows(windows_WxL1, start, start + local_batch))
   )
 
 
 def make_train_iterator(
-    tokens,
-    seq_len: int,
-    global_batch: int,
-    seed: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    num_threads: int = 0,
+  tokens,
+  seq_len: int,
+  global_batch: int,
+  seed: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_threads: int = 0,
 ) -> grain.DatasetIterator:
   """An endless, resumable iterator of ``{"tokens": int32[local_batch, seq_len+1]}``.
 
@@ -119,18 +118,18 @@ def make_train_iterator(
   if num_threads < 0:
     raise ValueError(f"num_threads must be >= 0, got {num_threads}")
   read_options = grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=0 if num_threads == 0 else 2 * num_threads
+    num_threads=num_threads, prefetch_buffer_size=0 if num_threads == 0 else 2 * num_threads
   )
   return iter(ds.to_iter_dataset(read_options))
 
 
 def eval_batches(
-    tokens,
-    seq_len: int,
-    batch: int,
-    max_batches: int | None = None,
-    shard_index: int = 0,
-    shard_count: int = 1,
+  tokens,
+  seq_len: int,
+  batch: int,
+  max_batches: int | None = None,
+  shard_index: int = 0,
+  shard_count: int = 1,
 ) -> list[dict[str, np.ndarray]]:
   """Held-out batches in corpus order (no shuffle); the last partial batch is dropped.
 
@@ -145,14 +144,14 @@ def eval_batches(
   num_windows = windows_WxL1.shape[0]
   if num_windows == 0:
     raise ValueError(
-        f"held-out tokens too short: {np.asarray(tokens).size} tokens, "
-        f"one window needs seq_len+1={seq_len + 1}"
+      f"held-out tokens too short: {np.asarray(tokens).size} tokens, "
+      f"one window needs seq_len+1={seq_len + 1}"
     )
   num_batches = num_windows // batch
   if num_batches == 0:
     raise ValueError(
-        f"held-out tokens give {num_windows} windows of seq_len+1={seq_len + 1}, "
-        f"fewer than one batch of {batch}"
+      f"held-out tokens give {num_windows} windows of seq_len+1={seq_len + 1}, "
+      f"fewer than one batch of {batch}"
     )
   if max_batches is not None:
     num_batches = min(num_batches, max_batches)

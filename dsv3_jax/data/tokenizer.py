@@ -10,6 +10,7 @@ Both expose the same small interface used by the corpus and training code:
 
 ``load_tokenizer(spec)`` picks one from a command-line style spec.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,20 +22,20 @@ import numpy as np
 # Special-token names tried, in order, when a tokenizer.json does not say
 # which tokens mark the beginning and end of a document.
 DEFAULT_BOS_NAMES = (
-    "<｜begin▁of▁sentence｜>",
-    "<|begin_of_text|>",
-    "<s>",
-    "<bos>",
-    "<|bos|>",
-    "<|endoftext|>",
+  "<｜begin▁of▁sentence｜>",
+  "<|begin_of_text|>",
+  "<s>",
+  "<bos>",
+  "<|bos|>",
+  "<|endoftext|>",
 )
 DEFAULT_EOS_NAMES = (
-    "<｜end▁of▁sentence｜>",
-    "<|end_of_text|>",
-    "</s>",
-    "<eos>",
-    "<|eos|>",
-    "<|endoftext|>",
+  "<｜end▁of▁sentence｜>",
+  "<|end_of_text|>",
+  "</s>",
+  "<eos>",
+  "<|eos|>",
+  "<|endoftext|>",
 )
 DEFAULT_PAD_NAMES = ("<｜▁pad▁｜>", "<pad>", "<|pad|>", "[PAD]")
 
@@ -93,11 +94,11 @@ class HFTokenizer:
   """
 
   def __init__(
-      self,
-      path: str | os.PathLike,
-      bos_token: str | None = None,
-      eos_token: str | None = None,
-      pad_token: str | None = None,
+    self,
+    path: str | os.PathLike,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    pad_token: str | None = None,
   ):
     try:
       import tokenizers  # pylint: disable=import-outside-toplevel
@@ -126,8 +127,8 @@ class HFTokenizer:
       missing = "bos" if bos is None else "eos"
       names = DEFAULT_BOS_NAMES if bos is None else DEFAULT_EOS_NAMES
       raise ValueError(
-          f"{path}: no {missing} token found (tried {list(names)}); "
-          f"pass {missing}_token= with the right special-token string"
+        f"{path}: no {missing} token found (tried {list(names)}); "
+        f"pass {missing}_token= with the right special-token string"
       )
     pad = pick("pad", pad_token, DEFAULT_PAD_NAMES)
     self.bos_id, self.eos_id = int(bos), int(eos)
@@ -171,7 +172,7 @@ def load_tokenizer(spec: str | os.PathLike | None = None, **kwargs) -> Tokenizer
     return HFTokenizer(path, **kwargs)
   if not path.exists():
     raise FileNotFoundError(
-        f"tokenizer spec {str(spec)!r} is neither 'byte' nor an existing tokenizer.json"
+      f"tokenizer spec {str(spec)!r} is neither 'byte' nor an existing tokenizer.json"
     )
   if path.suffix != ".json":
     raise ValueError(f"tokenizer file must be a tokenizer.json, got {path}")

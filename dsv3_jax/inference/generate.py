@@ -53,8 +53,9 @@ class Generation:
   new_tokens: int  # total generated tokens over the batch (EOS included)
 
 
-def sample(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int,
-           top_p: float) -> jax.Array:
+def sample(
+  logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float
+) -> jax.Array:
   """Next token ids [B] from float32 logits; the filters are static Python numbers."""
   if temperature == 0.0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
@@ -62,8 +63,7 @@ def sample(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def filter_logits(logits_BxV: jax.Array, temperature: float, top_k: int,
-                  top_p: float) -> jax.Array:
+def filter_logits(logits_BxV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
   """The logits `sample` draws from at temperature > 0: scaled by 1/T, tokens outside the
   top-k and the top-p nucleus set to -inf (their softmax is the sampling distribution)."""
   logits = logits_BxV.astype(jnp.float32) / max(temperature, 1e-5)
@@ -149,41 +149,53 @@ class Generator:
         raise ValueError(f"prompt {i} is empty: give at least one token")
       bad = [t for t in p if not 0 <= int(t) < self.cfg.vocab_size]
       if bad:
-        raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary "
-                         f"[0, {self.cfg.vocab_size})")
+        raise ValueError(
+          f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})"
+        )
       if len(p) + max_new_tokens > self.cfg.max_position_embeddings:
-        raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens={max_new_tokens} "
-                         f"exceeds the model's context of {self.cfg.max_position_embeddings}")
+        raise ValueError(
+          f"prompt {i}: {len(p)} tokens + max_new_tokens={max_new_tokens} "
+          f"exceeds the model's context of {self.cfg.max_position_embeddings}"
+        )
 
-  def generate(self, prompts: Sequence[Sequence[int]],
-               sampling: SamplingConfig = SamplingConfig()) -> Generation:
+  def generate(
+    self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig()
+  ) -> Generation:
     sampling.validate()
     self.validate_prompts(prompts, sampling.max_new_tokens)
     lengths = np.array([len(p) for p in prompts], np.int32)
     width = min(_bucket(int(lengths.max())), self.cfg.max_position_embeddings)
     tokens = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
-      tokens[i, :len(p)] = p
+      tokens[i, : len(p)] = p
     total = min(_bucket(width + sampling.max_new_tokens), self.cfg.max_position_embeddings)
     model = nnx.merge(self.graphdef, self.state)
     cache = model.init_cache(len(prompts), total, self.cache_dtype)
     key_prefill, key_decode = jax.random.split(jax.random.key(sampling.seed))
     filters = (sampling.temperature, sampling.top_k, sampling.top_p)
     t0 = time.perf_counter()
-    first, cache = self._prefill(self.state, jnp.asarray(tokens), jnp.asarray(lengths), cache,
-                                 key_prefill, filters=filters)
+    first, cache = self._prefill(
+      self.state, jnp.asarray(tokens), jnp.asarray(lengths), cache, key_prefill, filters=filters
+    )
     first.block_until_ready()
     t1 = time.perf_counter()
-    out, steps = self._decode(self.state, cache, first, jnp.asarray(lengths), key_decode,
-                              jnp.int32(-1 if sampling.eos_id is None else sampling.eos_id),
-                              filters=filters, max_new_tokens=sampling.max_new_tokens)
+    out, steps = self._decode(
+      self.state,
+      cache,
+      first,
+      jnp.asarray(lengths),
+      key_decode,
+      jnp.int32(-1 if sampling.eos_id is None else sampling.eos_id),
+      filters=filters,
+      max_new_tokens=sampling.max_new_tokens,
+    )
     out = np.asarray(out)
     t2 = time.perf_counter()
     seqs, finished = [], []
-    for row in out[:, :int(steps)]:
+    for row in out[:, : int(steps)]:
       row = row.tolist()
       if sampling.eos_id is not None and sampling.eos_id in row:
-        seqs.append(row[:row.index(sampling.eos_id)])
+        seqs.append(row[: row.index(sampling.eos_id)])
         finished.append(True)
       else:
         seqs.append(row)
@@ -191,8 +203,9 @@ class Generator:
     return Generation(seqs, finished, t1 - t0, t2 - t1, int(steps) * len(prompts))
 
 
-def generate_text(model, tokenizer, prompts: Sequence[str],
-                  sampling: SamplingConfig = SamplingConfig(), **kw) -> list:
+def generate_text(
+  model, tokenizer, prompts: Sequence[str], sampling: SamplingConfig = SamplingConfig(), **kw
+) -> list:
   """Convenience: strings in, strings out (BOS-less byte or HF tokenizer)."""
   kw.setdefault("vocab_limit", tokenizer.vocab_size)
   gen = Generator(model, **kw)

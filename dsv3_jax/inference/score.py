@@ -49,8 +49,9 @@ def _window_scorer():
   return run
 
 
-def score(model, tokens_N: np.ndarray, seq_len: int, batch: int = 4,
-          logits_out: Optional[np.ndarray] = None) -> dict:
+def score(
+  model, tokens_N: np.ndarray, seq_len: int, batch: int = 4, logits_out: Optional[np.ndarray] = None
+) -> dict:
   """Log-likelihood of every token but the first, in windows of `seq_len` predictions.
 
   Returns {"logprobs": [N-1] float32 (log p(t_i | window context)), "tokens_scored",
@@ -64,8 +65,9 @@ def score(model, tokens_N: np.ndarray, seq_len: int, batch: int = 4,
   if seq_len < 1:
     raise ValueError(f"seq_len={seq_len}: must be >= 1")
   if seq_len > cfg.max_position_embeddings:
-    raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings="
-                     f"{cfg.max_position_embeddings}")
+    raise ValueError(
+      f"seq_len={seq_len} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}"
+    )
   if batch < 1:
     raise ValueError(f"batch={batch}: must be >= 1")
   tokens_N = np.asarray(tokens_N, np.int32).reshape(-1)
@@ -77,14 +79,14 @@ def score(model, tokens_N: np.ndarray, seq_len: int, batch: int = 4,
   n_pred = tokens_N.size - 1
   n_win = -(-n_pred // seq_len)
   padded = np.zeros(n_win * seq_len + 1, np.int32)
-  padded[:tokens_N.size] = tokens_N
-  inputs_WxL = np.stack([padded[w * seq_len:(w + 1) * seq_len] for w in range(n_win)])
-  targets_WxL = np.stack([padded[w * seq_len + 1:(w + 1) * seq_len + 1] for w in range(n_win)])
+  padded[: tokens_N.size] = tokens_N
+  inputs_WxL = np.stack([padded[w * seq_len : (w + 1) * seq_len] for w in range(n_win)])
+  targets_WxL = np.stack([padded[w * seq_len + 1 : (w + 1) * seq_len + 1] for w in range(n_win)])
   graphdef, state = nnx.split(model)
   run = _window_scorer()
   logprobs = []
   for start in range(0, n_win, batch):
-    x, y = inputs_WxL[start:start + batch], targets_WxL[start:start + batch]
+    x, y = inputs_WxL[start : start + batch], targets_WxL[start : start + batch]
     real = x.shape[0]
     if real < batch:  # pad the last batch to a fixed shape: one compilation
       x = np.concatenate([x, np.zeros((batch - real, seq_len), np.int32)])
@@ -92,25 +94,42 @@ def score(model, tokens_N: np.ndarray, seq_len: int, batch: int = 4,
     lp, logits = run(graphdef, state, jnp.asarray(x), jnp.asarray(y))
     logprobs.append(np.asarray(lp)[:real])
     if logits_out is not None:
-      logits_out[start:start + real] = np.asarray(logits, np.float32)[:real]
+      logits_out[start : start + real] = np.asarray(logits, np.float32)[:real]
   lp_N = np.concatenate(logprobs).reshape(-1)[:n_pred]
   nll = float(-lp_N.astype(np.float64).mean())
-  return {"logprobs": lp_N, "tokens_scored": int(n_pred), "nll": nll,
-          "perplexity": float(math.exp(nll)), "windows": int(n_win), "seq_len": int(seq_len)}
+  return {
+    "logprobs": lp_N,
+    "tokens_scored": int(n_pred),
+    "nll": nll,
+    "perplexity": float(math.exp(nll)),
+    "windows": int(n_win),
+    "seq_len": int(seq_len),
+  }
 
 
 def _tokenizer_for(checkpoint: str, spec: Optional[str]):
   from dsv3_jax.data import load_tokenizer
+
   if spec:
     return load_tokenizer(spec)
   own = os.path.join(checkpoint, "tokenizer.json")
   return load_tokenizer(own if os.path.exists(own) else None)
 
 
-def evaluate(checkpoint: str, *, text: Optional[str] = None, tokens: Optional[str] = None,
-             tokenizer: Optional[str] = None, seq_len: int = 256, batch: int = 4,
-             max_tokens: int = 0, fp8: bool = False, dtype: str = "float32",
-             dump_logprobs: Optional[str] = None, dump_logits: Optional[str] = None) -> dict:
+def evaluate(
+  checkpoint: str,
+  *,
+  text: Optional[str] = None,
+  tokens: Optional[str] = None,
+  tokenizer: Optional[str] = None,
+  seq_len: int = 256,
+  batch: int = 4,
+  max_tokens: int = 0,
+  fp8: bool = False,
+  dtype: str = "float32",
+  dump_logprobs: Optional[str] = None,
+  dump_logits: Optional[str] = None,
+) -> dict:
   """Scores the UTF-8 file `text` or the token file `tokens` (`read_tokens`) with the
   checkpoint `checkpoint` (anything `dsv3_jax.from_pretrained` reads); returns the summary.
 
@@ -132,8 +151,10 @@ def evaluate(checkpoint: str, *, text: Optional[str] = None, tokens: Optional[st
       content = f.read()
     tok = _tokenizer_for(checkpoint, tokenizer)
     if tok.vocab_size > model.cfg.vocab_size:
-      raise ValueError(f"the tokenizer ({tok!r}) has {tok.vocab_size} ids, the model's vocab "
-                       f"only {model.cfg.vocab_size}: pass the checkpoint's tokenizer")
+      raise ValueError(
+        f"the tokenizer ({tok!r}) has {tok.vocab_size} ids, the model's vocab "
+        f"only {model.cfg.vocab_size}: pass the checkpoint's tokenizer"
+      )
     ids = np.asarray(tok.encode_array(content), np.int32)
     n_bytes = len(content.encode("utf-8"))
   else:
@@ -144,8 +165,9 @@ def evaluate(checkpoint: str, *, text: Optional[str] = None, tokens: Optional[st
   logits_out = None
   if dump_logits:
     n_win = -(-(ids.size - 1) // seq_len)
-    logits_out = np.lib.format.open_memmap(dump_logits, mode="w+", dtype=np.float32,
-                                           shape=(n_win, seq_len, model.cfg.vocab_size))
+    logits_out = np.lib.format.open_memmap(
+      dump_logits, mode="w+", dtype=np.float32, shape=(n_win, seq_len, model.cfg.vocab_size)
+    )
   t0 = time.time()
   result = score(model, ids, seq_len, batch, logits_out)
   score_s = time.time() - t0
@@ -154,9 +176,13 @@ def evaluate(checkpoint: str, *, text: Optional[str] = None, tokens: Optional[st
   if dump_logprobs:
     np.save(dump_logprobs, result["logprobs"])
   summary = {k: v for k, v in result.items() if k != "logprobs"}
-  summary.update(checkpoint=checkpoint, source=text or tokens, load_seconds=load_s,
-                 score_seconds=score_s,
-                 tokens_per_second=result["tokens_scored"] / max(score_s, 1e-9))
+  summary.update(
+    checkpoint=checkpoint,
+    source=text or tokens,
+    load_seconds=load_s,
+    score_seconds=score_s,
+    tokens_per_second=result["tokens_scored"] / max(score_s, 1e-9),
+  )
   if n_bytes:
     summary["bits_per_byte"] = result["nll"] * result["tokens_scored"] / n_bytes / math.log(2)
   return summary

@@ -19,12 +19,13 @@ from dsv3_jax.layers.norms import RMSNorm
 
 
 def empty_aux(cfg: ModelConfig) -> dict:
-  return {"load": jnp.zeros((max(cfg.n_routed_experts, 1),), jnp.float32),
-          "balance_loss": jnp.zeros((), jnp.float32)}
+  return {
+    "load": jnp.zeros((max(cfg.n_routed_experts, 1),), jnp.float32),
+    "balance_loss": jnp.zeros((), jnp.float32),
+  }
 
 
 class Block(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs):
     self.cfg = cfg
     self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed")
@@ -33,9 +34,16 @@ class Block(nnx.Module):
     self.is_moe = moe
     self.ffn = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
 
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, cos, sin,
-               cache: Optional[LatentCache] = None, absorb: Optional[bool] = None,
-               routed: Optional[RoutedExperts] = None):
+  def __call__(
+    self,
+    x_BxLxD: jax.Array,
+    positions_BxL: jax.Array,
+    cos,
+    sin,
+    cache: Optional[LatentCache] = None,
+    absorb: Optional[bool] = None,
+    routed: Optional[RoutedExperts] = None,
+  ):
     """`routed`: where the MoE's routed experts run (`layers/moe.py`; None = this device)."""
     a, cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL, cos, sin, cache, absorb)
     x_BxLxD = x_BxLxD + a

@@ -49,8 +49,12 @@ def _cast(x, precision):
 
 def _bmm_raw(a_ExMxK, b_ExKxN, precision):
   """Per-expert `a[e] @ b[e]` as one canonical batched dot (batch, then row-major GEMM)."""
-  return jax.lax.dot_general(_cast(a_ExMxK, precision), _cast(b_ExKxN, precision),
-                             (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(
+    _cast(a_ExMxK, precision),
+    _cast(b_ExKxN, precision),
+    (((2,), (1,)), ((0,), (0,))),
+    preferred_element_type=jnp.float32,
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -121,6 +125,7 @@ def grouped_matmul(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision="fp32")
   """
   if precision == "fp8":
     from dsv3_jax.quant import fp8_grouped  # local import, as in layers/linear.py
+
     return fp8_grouped.grouped_matmul_fp8(x_NBxSxK, w_ExKxF, block_expert_NB, n_used)
   return _grouped_hp(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision)
 
@@ -128,6 +133,7 @@ def grouped_matmul(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision="fp32")
 def _block_fn(precision):
   def f(x_SxK, w_KxF):
     return matmul(x_SxK, w_KxF, precision)
+
   return f
 
 
@@ -170,8 +176,9 @@ def _grouped_bwd(precision, res, g_NBxSxF):
     current = jax.lax.dynamic_slice(dw, (e, zero, zero), (1,) + dw.shape[1:])
     return jax.lax.dynamic_update_slice(dw, current + dwe[None], (e, zero, zero)), dxb
 
-  dw, dx = jax.lax.scan(step, jnp.zeros(w.shape, jnp.float32),
-                        (x, g_NBxSxF, block_expert, jnp.arange(x.shape[0])))
+  dw, dx = jax.lax.scan(
+    step, jnp.zeros(w.shape, jnp.float32), (x, g_NBxSxF, block_expert, jnp.arange(x.shape[0]))
+  )
   return dx, dw.astype(w.dtype), None, None
 
 
@@ -224,13 +231,15 @@ def _block_rows(x_RxD, expert_R, w1, w3, w2, block, precision):
   lay = block_layout(expert_R, e_loc + 1, block)  # empty slots: an extra last group
   counts = jnp.zeros((e_loc,), jnp.int32).at[expert_R].add(1, mode="drop")
   real_blocks = jnp.sum((counts + block - 1) // block)
-  lay = lay._replace(block_expert_NB=jnp.minimum(lay.block_expert_NB, e_loc - 1),
-                     n_used=real_blocks)
+  lay = lay._replace(
+    block_expert_NB=jnp.minimum(lay.block_expert_NB, e_loc - 1), n_used=real_blocks
+  )
   rows = lay.n_blocks * block
   xs = jnp.zeros((rows, d), x_RxD.dtype).at[lay.dest_R].set(x_RxD[lay.order_R])
   xs_NBxSxD = xs.reshape(lay.n_blocks, block, d)
-  gm = functools.partial(grouped_matmul, block_expert_NB=lay.block_expert_NB,
-                         n_used=lay.n_used, precision=precision)
+  gm = functools.partial(
+    grouped_matmul, block_expert_NB=lay.block_expert_NB, n_used=lay.n_used, precision=precision
+  )
   h = jax.nn.silu(gm(xs_NBxSxD, w1)) * gm(xs_NBxSxD, w3)
   ys = gm(h, w2).reshape(rows, d)
   return jnp.zeros((r, d), ys.dtype).at[lay.order_R].set(ys[lay.dest_R])
@@ -241,17 +250,27 @@ def _gathered_rows(x_RxD, expert_R, w1, w3, w2):
   """Few rows (decode): gather each row's expert weights and run one batched product."""
   e = w1.shape[0]
   ex = jnp.minimum(expert_R, e - 1)
-  h = (jax.nn.silu(jnp.einsum("cd,cdf->cf", x_RxD, w1[ex].astype(x_RxD.dtype)))
-       * jnp.einsum("cd,cdf->cf", x_RxD, w3[ex].astype(x_RxD.dtype)))
+  h = jax.nn.silu(jnp.einsum("cd,cdf->cf", x_RxD, w1[ex].astype(x_RxD.dtype))) * jnp.einsum(
+    "cd,cdf->cf", x_RxD, w3[ex].astype(x_RxD.dtype)
+  )
   y = jnp.einsum("cf,cfd->cd", h, w2[ex].astype(x_RxD.dtype))
   return jnp.where((expert_R < e)[:, None], y, 0)
 
 
 # ----------------------------------------------------------------------------- the kernel
-def expert_rows(x_RxD: jax.Array, expert_R: jax.Array, w1_ExDxF: jax.Array,
-                w3_ExDxF: jax.Array, w2_ExFxD: jax.Array, *, block: int, precision: str,
-                capacity_factor: float = CAPACITY_FACTOR,
-                expected_rows: int | None = None, path: str | None = None) -> jax.Array:
+def expert_rows(
+  x_RxD: jax.Array,
+  expert_R: jax.Array,
+  w1_ExDxF: jax.Array,
+  w3_ExDxF: jax.Array,
+  w2_ExFxD: jax.Array,
+  *,
+  block: int,
+  precision: str,
+  capacity_factor: float = CAPACITY_FACTOR,
+  expected_rows: int | None = None,
+  path: str | None = None,
+) -> jax.Array:
   """SwiGLU of each row through its expert: [R, D]; rows with expert id E are zeros.
 
   `expected_rows`: the real (non-empty) rows to size the buckets for, when the buffer holds
@@ -270,8 +289,16 @@ def expert_rows(x_RxD: jax.Array, expert_R: jax.Array, w1_ExDxF: jax.Array,
     return _block_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD, block, precision)
   if path == "gather":
     return _gathered_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD)
-  return _bucket_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD, precision, capacity_factor,
-                      r if expected_rows is None else expected_rows)
+  return _bucket_rows(
+    x_RxD,
+    expert_R,
+    w1_ExDxF,
+    w3_ExDxF,
+    w2_ExFxD,
+    precision,
+    capacity_factor,
+    r if expected_rows is None else expected_rows,
+  )
 
 
 def combine(y_CxD: jax.Array, weights_Nxk: jax.Array, dtype) -> jax.Array:
@@ -281,15 +308,31 @@ def combine(y_CxD: jax.Array, weights_Nxk: jax.Array, dtype) -> jax.Array:
   return (y_CxD.astype(jnp.float32) * w_C[:, None]).reshape(n, k, -1).sum(1).astype(dtype)
 
 
-def routed_ffn(x_NxD: jax.Array, routing: Routing, w1_ExDxF, w3_ExDxF, w2_ExFxD, block: int,
-               precision: str, capacity_factor: float = CAPACITY_FACTOR,
-               path: str | None = None) -> jax.Array:
+def routed_ffn(
+  x_NxD: jax.Array,
+  routing: Routing,
+  w1_ExDxF,
+  w3_ExDxF,
+  w2_ExFxD,
+  block: int,
+  precision: str,
+  capacity_factor: float = CAPACITY_FACTOR,
+  path: str | None = None,
+) -> jax.Array:
   """Dropless routed-expert SwiGLU on one device, combined with the routing weights: [N, D]."""
   k = routing.experts_Nxk.shape[1]
   x_CxD = jnp.repeat(x_NxD, k, axis=0)  # copy c is token c // k
-  y_CxD = expert_rows(x_CxD, routing.experts_Nxk.reshape(-1), w1_ExDxF, w3_ExDxF, w2_ExFxD,
-                      block=block, precision=precision, capacity_factor=capacity_factor,
-                      path=path)
+  y_CxD = expert_rows(
+    x_CxD,
+    routing.experts_Nxk.reshape(-1),
+    w1_ExDxF,
+    w3_ExDxF,
+    w2_ExFxD,
+    block=block,
+    precision=precision,
+    capacity_factor=capacity_factor,
+    path=path,
+  )
   return combine(y_CxD, routing.weights_Nxk, x_NxD.dtype)
 
 
@@ -298,6 +341,9 @@ def dense_reference(x_NxD, routing: Routing, w1, w3, w2) -> jax.Array:
   h = jax.nn.silu(jnp.einsum("nd,edf->enf", x_NxD, w1)) * jnp.einsum("nd,edf->enf", x_NxD, w3)
   y_ExNxD = jnp.einsum("enf,efd->end", h, w2)
   e = w1.shape[0]
-  gate_NxE = jnp.zeros((x_NxD.shape[0], e), jnp.float32).at[
-      jnp.arange(x_NxD.shape[0])[:, None], routing.experts_Nxk].add(routing.weights_Nxk)
+  gate_NxE = (
+    jnp.zeros((x_NxD.shape[0], e), jnp.float32)
+    .at[jnp.arange(x_NxD.shape[0])[:, None], routing.experts_Nxk]
+    .add(routing.weights_Nxk)
+  )
   return jnp.einsum("ne,end->nd", gate_NxE, y_ExNxD).astype(x_NxD.dtype)

@@ -15,10 +15,12 @@ def matmul(x_xK: jax.Array, w_KxN: jax.Array, precision: str) -> jax.Array:
   """`x @ w` in the chosen precision; the result has x's dtype."""
   if precision == "fp8":
     from dsv3_jax.quant import fp8  # local import: quant depends on nothing here
+
     return fp8.fp8_matmul(x_xK, w_KxN)
   if precision == "bf16":
-    y = jnp.dot(x_xK.astype(jnp.bfloat16), w_KxN.astype(jnp.bfloat16),
-                preferred_element_type=jnp.float32)
+    y = jnp.dot(
+      x_xK.astype(jnp.bfloat16), w_KxN.astype(jnp.bfloat16), preferred_element_type=jnp.float32
+    )
   elif precision == "fp32":
     y = jnp.dot(x_xK.astype(jnp.float32), w_KxN.astype(jnp.float32))
   else:
@@ -29,8 +31,16 @@ def matmul(x_xK: jax.Array, w_KxN: jax.Array, precision: str) -> jax.Array:
 class Linear(nnx.Module):
   """A bias-free projection with an `[in, out]` float32 kernel and logical axis names."""
 
-  def __init__(self, d_in: int, d_out: int, *, axes: tuple[str, str], std: float,
-               precision: str, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    d_in: int,
+    d_out: int,
+    *,
+    axes: tuple[str, str],
+    std: float,
+    precision: str,
+    rngs: nnx.Rngs,
+  ):
     init = jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32) * std
     self.kernel = nnx.Param(init, axes=axes)
     self.precision = precision

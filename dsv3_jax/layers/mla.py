@@ -33,11 +33,14 @@ class LatentCache(NamedTuple):
   k_pe_BxTxR: jax.Array
 
 
-def init_latent_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.bfloat16,
-                      n_layers: Optional[int] = None) -> LatentCache:
+def init_latent_cache(
+  cfg: ModelConfig, batch: int, length: int, dtype=jnp.bfloat16, n_layers: Optional[int] = None
+) -> LatentCache:
   lead = () if n_layers is None else (n_layers,)
-  return LatentCache(jnp.zeros(lead + (batch, length, cfg.kv_lora_rank), dtype),
-                     jnp.zeros(lead + (batch, length, cfg.qk_rope_head_dim), dtype))
+  return LatentCache(
+    jnp.zeros(lead + (batch, length, cfg.kv_lora_rank), dtype),
+    jnp.zeros(lead + (batch, length, cfg.qk_rope_head_dim), dtype),
+  )
 
 
 def cache_bytes_per_token(cfg: ModelConfig, dtype=jnp.bfloat16) -> int:
@@ -47,8 +50,7 @@ def cache_bytes_per_token(cfg: ModelConfig, dtype=jnp.bfloat16) -> int:
 
 def _write(cache_BxTxC: jax.Array, new_BxLxC: jax.Array, positions_BxL: jax.Array) -> jax.Array:
   b = jnp.arange(cache_BxTxC.shape[0])[:, None]
-  return cache_BxTxC.at[b, positions_BxL].set(new_BxLxC.astype(cache_BxTxC.dtype),
-                                              mode="drop")
+  return cache_BxTxC.at[b, positions_BxL].set(new_BxLxC.astype(cache_BxTxC.dtype), mode="drop")
 
 
 class MLA(nnx.Module):
@@ -64,11 +66,16 @@ class MLA(nnx.Module):
       self.wq_b = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, axes=("q_lora", "heads"), **lin)
     else:
       self.wq = Linear(d, h * cfg.qk_head_dim, axes=("embed", "heads"), **lin)
-    self.wkv_a = Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, axes=("embed", "kv_lora"),
-                        **lin)
+    self.wkv_a = Linear(
+      d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, axes=("embed", "kv_lora"), **lin
+    )
     self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, "kv_lora")
-    self.wkv_b = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-                        axes=("kv_lora", "heads"), **lin)
+    self.wkv_b = Linear(
+      cfg.kv_lora_rank,
+      h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+      axes=("kv_lora", "heads"),
+      **lin,
+    )
     self.wo = Linear(h * cfg.v_head_dim, d, axes=("heads", "embed"), **lin)
 
   def queries(self, x_BxLxD, cos, sin):
@@ -79,25 +86,33 @@ class MLA(nnx.Module):
     else:
       q = self.wq(x_BxLxD)
     q_BxLxHxQK = q.reshape(b, l, cfg.num_attention_heads, cfg.qk_head_dim)
-    q_nope = q_BxLxHxQK[..., :cfg.qk_nope_head_dim]
-    q_pe = rope.apply_rope(q_BxLxHxQK[..., cfg.qk_nope_head_dim:], cos, sin)
+    q_nope = q_BxLxHxQK[..., : cfg.qk_nope_head_dim]
+    q_pe = rope.apply_rope(q_BxLxHxQK[..., cfg.qk_nope_head_dim :], cos, sin)
     return q_nope, q_pe
 
   def latents(self, x_BxLxD, cos, sin):
     cfg = self.cfg
     kv = self.wkv_a(x_BxLxD)
-    c_kv_BxLxK = self.kv_norm(kv[..., :cfg.kv_lora_rank])
-    k_pe_BxLxR = rope.apply_rope(kv[..., None, cfg.kv_lora_rank:], cos, sin)[:, :, 0]
+    c_kv_BxLxK = self.kv_norm(kv[..., : cfg.kv_lora_rank])
+    k_pe_BxLxR = rope.apply_rope(kv[..., None, cfg.kv_lora_rank :], cos, sin)[:, :, 0]
     return c_kv_BxLxK, k_pe_BxLxR
 
   def _split_kvb(self):
     cfg = self.cfg
-    w = self.wkv_b.kernel[...].reshape(cfg.kv_lora_rank, cfg.num_attention_heads,
-                                       cfg.qk_nope_head_dim + cfg.v_head_dim)
-    return w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
+    w = self.wkv_b.kernel[...].reshape(
+      cfg.kv_lora_rank, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim
+    )
+    return w[..., : cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim :]
 
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, cos, sin,
-               cache: Optional[LatentCache] = None, absorb: Optional[bool] = None):
+  def __call__(
+    self,
+    x_BxLxD: jax.Array,
+    positions_BxL: jax.Array,
+    cos,
+    sin,
+    cache: Optional[LatentCache] = None,
+    absorb: Optional[bool] = None,
+  ):
     cfg = self.cfg
     b, l, _ = x_BxLxD.shape
     q_nope, q_pe = self.queries(x_BxLxD, cos, sin)
@@ -106,12 +121,13 @@ class MLA(nnx.Module):
       keys_c, keys_pe = c_kv, k_pe
       key_pos_BxT = positions_BxL
     else:
-      cache = LatentCache(_write(cache.c_kv_BxTxK, c_kv, positions_BxL),
-                          _write(cache.k_pe_BxTxR, k_pe, positions_BxL))
+      cache = LatentCache(
+        _write(cache.c_kv_BxTxK, c_kv, positions_BxL), _write(cache.k_pe_BxTxR, k_pe, positions_BxL)
+      )
       keys_c = cache.c_kv_BxTxK.astype(x_BxLxD.dtype)
       keys_pe = cache.k_pe_BxTxR.astype(x_BxLxD.dtype)
       key_pos_BxT = jnp.broadcast_to(jnp.arange(keys_c.shape[1]), (b, keys_c.shape[1]))
-    mask_Bx1xLxT = (key_pos_BxT[:, None, None, :] <= positions_BxL[:, None, :, None])
+    mask_Bx1xLxT = key_pos_BxT[:, None, None, :] <= positions_BxL[:, None, :, None]
     if absorb is None:
       absorb = cache is not None and l == 1
     attend = self._attend_absorbed if absorb else self._attend_naive
@@ -120,18 +136,21 @@ class MLA(nnx.Module):
     return out, cache
 
   def _softmax(self, scores_BxHxLxT, mask_Bx1xLxT, dtype):
-    scores = jnp.where(mask_Bx1xLxT, scores_BxHxLxT.astype(jnp.float32) * rope.softmax_scale(
-        self.cfg), -jnp.inf)
+    scores = jnp.where(
+      mask_Bx1xLxT, scores_BxHxLxT.astype(jnp.float32) * rope.softmax_scale(self.cfg), -jnp.inf
+    )
     return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
   def _attend_naive(self, q_nope, q_pe, c_kv_BxTxK, k_pe_BxTxR, mask):
     cfg = self.cfg
     b, t, _ = c_kv_BxTxK.shape
-    kv = self.wkv_b(c_kv_BxTxK).reshape(b, t, cfg.num_attention_heads,
-                                        cfg.qk_nope_head_dim + cfg.v_head_dim)
-    k_nope_BxTxHxN, v_BxTxHxV = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
-    scores = (jnp.einsum("blhn,bthn->bhlt", q_nope, k_nope_BxTxHxN)
-              + jnp.einsum("blhr,btr->bhlt", q_pe, k_pe_BxTxR))
+    kv = self.wkv_b(c_kv_BxTxK).reshape(
+      b, t, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim
+    )
+    k_nope_BxTxHxN, v_BxTxHxV = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim :]
+    scores = jnp.einsum("blhn,bthn->bhlt", q_nope, k_nope_BxTxHxN) + jnp.einsum(
+      "blhr,btr->bhlt", q_pe, k_pe_BxTxR
+    )
     p_BxHxLxT = self._softmax(scores, mask, v_BxTxHxV.dtype)
     return jnp.einsum("bhlt,bthv->blhv", p_BxHxLxT, v_BxTxHxV)
 
@@ -139,8 +158,9 @@ class MLA(nnx.Module):
     w_uk_KxHxN, w_uv_KxHxV = self._split_kvb()
     dtype = q_nope.dtype
     q_c_BxLxHxK = jnp.einsum("blhn,khn->blhk", q_nope, w_uk_KxHxN.astype(dtype))
-    scores = (jnp.einsum("blhk,btk->bhlt", q_c_BxLxHxK, c_kv_BxTxK)
-              + jnp.einsum("blhr,btr->bhlt", q_pe, k_pe_BxTxR))
+    scores = jnp.einsum("blhk,btk->bhlt", q_c_BxLxHxK, c_kv_BxTxK) + jnp.einsum(
+      "blhr,btr->bhlt", q_pe, k_pe_BxTxR
+    )
     p_BxHxLxT = self._softmax(scores, mask, dtype)
     o_c_BxLxHxK = jnp.einsum("bhlt,btk->blhk", p_BxHxLxT, c_kv_BxTxK)
     return jnp.einsum("blhk,khv->blhv", o_c_BxLxHxK, w_uv_KxHxV.astype(dtype))

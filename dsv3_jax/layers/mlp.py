@@ -8,7 +8,6 @@ from dsv3_jax.layers.linear import Linear
 
 
 class MLP(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, width: int, *, rngs: nnx.Rngs):
     lin = dict(std=cfg.init_std, precision=cfg.matmul_precision, rngs=rngs)
     self.w1 = Linear(cfg.hidden_size, width, axes=("embed", "mlp"), **lin)

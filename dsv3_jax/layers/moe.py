@@ -27,16 +27,24 @@ from dsv3_jax.layers.routing import RouterBias
 RoutedExperts = Callable[..., tuple]
 
 
-def local_routed_experts(x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD,
-                         cfg: ModelConfig):
+def local_routed_experts(x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD, cfg: ModelConfig):
   """The routed half of DeepSeekMoE with every expert on this device."""
   b, l, d = x_BxLxD.shape
   x_NxD = x_BxLxD.reshape(b * l, d)
   r = routing.route(x_NxD, gate_DxE, bias_E, cfg)
-  y = experts.routed_ffn(x_NxD, r, w1_ExDxF, w3_ExDxF, w2_ExFxD, block=cfg.expert_block_size,
-                         precision=cfg.matmul_precision)
-  aux = {"load": routing.expert_load(r.experts_Nxk, cfg.n_routed_experts),
-         "balance_loss": routing.sequence_balance_loss(r, b, cfg)}
+  y = experts.routed_ffn(
+    x_NxD,
+    r,
+    w1_ExDxF,
+    w3_ExDxF,
+    w2_ExFxD,
+    block=cfg.expert_block_size,
+    precision=cfg.matmul_precision,
+  )
+  aux = {
+    "load": routing.expert_load(r.experts_Nxk, cfg.n_routed_experts),
+    "balance_loss": routing.sequence_balance_loss(r, b, cfg),
+  }
   return y.reshape(b, l, d), aux
 
 
@@ -53,14 +61,14 @@ class MoE(nnx.Module):
     self.w1 = nnx.Param(normal((e, d, f)), axes=("expert", "embed", "expert_mlp"))
     self.w3 = nnx.Param(normal((e, d, f)), axes=("expert", "embed", "expert_mlp"))
     self.w2 = nnx.Param(normal((e, f, d)), axes=("expert", "expert_mlp", "embed"))
-    self.shared = (MLP(cfg, cfg.n_shared_experts * f, rngs=rngs)
-                   if cfg.n_shared_experts else None)
+    self.shared = MLP(cfg, cfg.n_shared_experts * f, rngs=rngs) if cfg.n_shared_experts else None
 
   def __call__(self, x_BxLxD: jax.Array, routed: Optional[RoutedExperts] = None):
     b, l, d = x_BxLxD.shape
     routed = routed or local_routed_experts
-    y, aux = routed(x_BxLxD, self.gate[...], self.bias[...], self.w1[...], self.w3[...],
-                    self.w2[...], self.cfg)
+    y, aux = routed(
+      x_BxLxD, self.gate[...], self.bias[...], self.w1[...], self.w3[...], self.w2[...], self.cfg
+    )
     if self.shared is not None:
       y = y + self.shared(x_BxLxD.reshape(b * l, d)).reshape(b, l, d)
     return y, aux

@@ -26,21 +26,35 @@ from dsv3_jax.layers.norms import RMSNorm
 
 
 class MTPModule(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d = cfg.hidden_size
     self.enorm = RMSNorm(d, cfg.rms_norm_eps, "embed")
     self.hnorm = RMSNorm(d, cfg.rms_norm_eps, "embed")
-    self.eh_proj = Linear(2 * d, d, axes=("mtp_in", "embed"), std=cfg.init_std,
-                          precision=cfg.matmul_precision, rngs=rngs)
+    self.eh_proj = Linear(
+      2 * d,
+      d,
+      axes=("mtp_in", "embed"),
+      std=cfg.init_std,
+      precision=cfg.matmul_precision,
+      rngs=rngs,
+    )
     self.block = Block(cfg, moe=True, rngs=rngs)
     self.norm = RMSNorm(d, cfg.rms_norm_eps, "embed")
 
-  def __call__(self, h_prev_BxLxD: jax.Array, emb_next_BxLxD: jax.Array, positions_BxL,
-               cos, sin, cache: Optional[LatentCache] = None,
-               routed: Optional[RoutedExperts] = None, absorb: Optional[bool] = None):
+  def __call__(
+    self,
+    h_prev_BxLxD: jax.Array,
+    emb_next_BxLxD: jax.Array,
+    positions_BxL,
+    cos,
+    sin,
+    cache: Optional[LatentCache] = None,
+    routed: Optional[RoutedExperts] = None,
+    absorb: Optional[bool] = None,
+  ):
     """Returns (h^k [B, L, D] before the final norm, normed h^k, aux, cache)."""
     x = jnp.concatenate([self.enorm(emb_next_BxLxD), self.hnorm(h_prev_BxLxD)], axis=-1)
-    h, aux, cache = self.block(self.eh_proj(x), positions_BxL, cos, sin, cache, absorb,
-                                 routed=routed)
+    h, aux, cache = self.block(
+      self.eh_proj(x), positions_BxL, cos, sin, cache, absorb, routed=routed
+    )
     return h, self.norm(h), aux, cache

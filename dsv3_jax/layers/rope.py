@@ -30,10 +30,16 @@ def _correction_dim(num_rotations: float, dim: int, theta: float, orig: int) -> 
 
 def yarn_correction_range(cfg: ModelConfig) -> tuple[int, int]:
   dim = cfg.qk_rope_head_dim
-  low = math.floor(_correction_dim(cfg.rope_beta_fast, dim, cfg.rope_theta,
-                                   cfg.rope_original_max_position_embeddings))
-  high = math.ceil(_correction_dim(cfg.rope_beta_slow, dim, cfg.rope_theta,
-                                   cfg.rope_original_max_position_embeddings))
+  low = math.floor(
+    _correction_dim(
+      cfg.rope_beta_fast, dim, cfg.rope_theta, cfg.rope_original_max_position_embeddings
+    )
+  )
+  high = math.ceil(
+    _correction_dim(
+      cfg.rope_beta_slow, dim, cfg.rope_theta, cfg.rope_original_max_position_embeddings
+    )
+  )
   return max(low, 0), min(high, dim - 1)
 
 
@@ -51,7 +57,7 @@ def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
-  scale = cfg.qk_head_dim ** -0.5
+  scale = cfg.qk_head_dim**-0.5
   if cfg.rope_scaling == "yarn":
     scale *= yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim) ** 2
   return scale
@@ -61,8 +67,9 @@ def attention_factor(cfg: ModelConfig) -> float:
   """HF's extra cos/sin factor mscale(f, mscale) / mscale(f, mscale_all_dim) (1 for V3)."""
   if cfg.rope_scaling != "yarn":
     return 1.0
-  return (yarn_mscale(cfg.rope_factor, cfg.rope_mscale)
-          / yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim))
+  return yarn_mscale(cfg.rope_factor, cfg.rope_mscale) / yarn_mscale(
+    cfg.rope_factor, cfg.rope_mscale_all_dim
+  )
 
 
 def rope_angles(cfg: ModelConfig, positions_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:

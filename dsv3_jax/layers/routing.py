@@ -97,7 +97,7 @@ def update_biases(biases, loads_LxE: jax.Array, gamma: float):
   new, i = [], 0
   for b in leaves:
     rows = b.shape[0] if b.ndim == 2 else 1
-    load = loads_LxE[i:i + rows]
+    load = loads_LxE[i : i + rows]
     new.append(bias_update(b, load if b.ndim == 2 else load[0], gamma))
     i += rows
   if i != loads_LxE.shape[0]:

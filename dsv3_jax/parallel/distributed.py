@@ -50,8 +50,10 @@ class DistributedSpec:
     if self.num_processes < 1:
       raise ValueError(f"invalid num_processes = {self.num_processes}: must be >= 1")
     if not 0 <= self.process_id < self.num_processes:
-      raise ValueError(f"invalid process_id = {self.process_id}: must be in "
-                       f"[0, num_processes={self.num_processes})")
+      raise ValueError(
+        f"invalid process_id = {self.process_id}: must be in "
+        f"[0, num_processes={self.num_processes})"
+      )
     for name in ("init_timeout_s", "heartbeat_timeout_s"):
       if getattr(self, name) <= 0:
         raise ValueError(f"invalid {name} = {getattr(self, name)}: must be positive")
@@ -65,9 +67,15 @@ def _int(value, name: str) -> int:
     raise ValueError(f"invalid {name} = {value!r}: must be an integer") from None
 
 
-def resolve(coordinator: str = "", num_processes: int = 0, process_id: int = -1, *,
-            env: Optional[Mapping[str, str]] = None, init_timeout_s: int = 120,
-            heartbeat_timeout_s: int = 30) -> Optional[DistributedSpec]:
+def resolve(
+  coordinator: str = "",
+  num_processes: int = 0,
+  process_id: int = -1,
+  *,
+  env: Optional[Mapping[str, str]] = None,
+  init_timeout_s: int = 120,
+  heartbeat_timeout_s: int = 30,
+) -> Optional[DistributedSpec]:
   """The multi-process setting from flags (non-default values win) and the environment.
 
   Returns None for a single-process run. Raises ValueError naming the missing or bad value
@@ -80,14 +88,16 @@ def resolve(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
   if not coordinator and n <= 1:
     return None
   if not coordinator:
-    raise ValueError(f"num_processes = {n} needs a coordinator address (--coordinator or "
-                     f"${ENV_COORDINATOR})")
+    raise ValueError(
+      f"num_processes = {n} needs a coordinator address (--coordinator or ${ENV_COORDINATOR})"
+    )
   if n < 1:
-    raise ValueError(f"coordinator {coordinator!r} given without num_processes "
-                     f"(--num_processes or ${ENV_NUM_PROCESSES})")
+    raise ValueError(
+      f"coordinator {coordinator!r} given without num_processes "
+      f"(--num_processes or ${ENV_NUM_PROCESSES})"
+    )
   if pid < 0:
-    raise ValueError(f"multi-process run without a process_id (--process_id or "
-                     f"${ENV_PROCESS_ID})")
+    raise ValueError(f"multi-process run without a process_id (--process_id or ${ENV_PROCESS_ID})")
   return DistributedSpec(coordinator, n, pid, init_timeout_s, heartbeat_timeout_s).validate()
 
 
@@ -97,22 +107,32 @@ def initialize(spec: Optional[DistributedSpec]) -> None:
     return
   import jax
 
-  logging.info("process %d/%d joining coordinator %s", spec.process_id, spec.num_processes,
-               spec.coordinator)
+  logging.info(
+    "process %d/%d joining coordinator %s", spec.process_id, spec.num_processes, spec.coordinator
+  )
   t0 = time.time()
   try:
-    jax.distributed.initialize(spec.coordinator, num_processes=spec.num_processes,
-                               process_id=spec.process_id,
-                               initialization_timeout=spec.init_timeout_s,
-                               heartbeat_timeout_seconds=spec.heartbeat_timeout_s)
+    jax.distributed.initialize(
+      spec.coordinator,
+      num_processes=spec.num_processes,
+      process_id=spec.process_id,
+      initialization_timeout=spec.init_timeout_s,
+      heartbeat_timeout_seconds=spec.heartbeat_timeout_s,
+    )
   except Exception as e:  # the runtime raises several types; name the job in one error
     raise RuntimeError(
-        f"process {spec.process_id}/{spec.num_processes} could not join coordinator "
-        f"{spec.coordinator} within {spec.init_timeout_s}s ({time.time() - t0:.0f}s elapsed):"
-        f" {type(e).__name__}: {e}") from e
-  logging.info("process %d/%d joined in %.1fs: %d local / %d global devices",
-               jax.process_index(), jax.process_count(), time.time() - t0,
-               jax.local_device_count(), jax.device_count())
+      f"process {spec.process_id}/{spec.num_processes} could not join coordinator "
+      f"{spec.coordinator} within {spec.init_timeout_s}s ({time.time() - t0:.0f}s elapsed):"
+      f" {type(e).__name__}: {e}"
+    ) from e
+  logging.info(
+    "process %d/%d joined in %.1fs: %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    time.time() - t0,
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 # ----------------------------------------------------------------------------- watchdog
@@ -144,8 +164,10 @@ class Watchdog:
     while not self._stop.wait(min(1.0, self.timeout_s / 4)):
       idle = time.monotonic() - self._last
       if idle > self.timeout_s:
-        msg = (f"watchdog: no {self.what} finished for {idle:.0f}s (limit {self.timeout_s:.0f}s)"
-               f"; a peer process has probably died or hung. Exiting.")
+        msg = (
+          f"watchdog: no {self.what} finished for {idle:.0f}s (limit {self.timeout_s:.0f}s)"
+          f"; a peer process has probably died or hung. Exiting."
+        )
         logging.error(msg)
         print(msg, file=sys.stderr, flush=True)
         os._exit(WATCHDOG_EXIT_CODE)

@@ -81,27 +81,38 @@ class ExpertParallel:
 
   def validate(self, cfg: ModelConfig) -> "ExpertParallel":
     if EXPERT not in self.mesh.shape:
-      raise ValueError(f"expert parallelism needs a mesh with an `{EXPERT}` axis; got axes "
-                       f"{tuple(self.mesh.shape)}")
+      raise ValueError(
+        f"expert parallelism needs a mesh with an `{EXPERT}` axis; got axes "
+        f"{tuple(self.mesh.shape)}"
+      )
     if cfg.n_routed_experts % self.size:
-      raise ValueError(f"invalid config field `model.n_routed_experts` = {cfg.n_routed_experts}:"
-                       f" must be divisible by the `expert` mesh axis size {self.size}")
+      raise ValueError(
+        f"invalid config field `model.n_routed_experts` = {cfg.n_routed_experts}:"
+        f" must be divisible by the `expert` mesh axis size {self.size}"
+      )
     if self.ranks_per_node <= 0 or self.size % self.ranks_per_node:
-      raise ValueError(f"invalid config field `parallel.ep_ranks_per_node` = "
-                       f"{self.ranks_per_node}: must divide the `expert` mesh axis size "
-                       f"{self.size}")
+      raise ValueError(
+        f"invalid config field `parallel.ep_ranks_per_node` = "
+        f"{self.ranks_per_node}: must divide the `expert` mesh axis size "
+        f"{self.size}"
+      )
     if self.capacity_factor < 0:
-      raise ValueError(f"invalid config field `parallel.capacity_factor` = "
-                       f"{self.capacity_factor}: must be >= 0 (0 = dropless)")
+      raise ValueError(
+        f"invalid config field `parallel.capacity_factor` = "
+        f"{self.capacity_factor}: must be >= 0 (0 = dropless)"
+      )
     if self.dispatch_factor and self.dispatch_factor < 1:
-      raise ValueError(f"invalid config field `parallel.dispatch_factor` = "
-                       f"{self.dispatch_factor}: must be 0 or >= 1")
+      raise ValueError(
+        f"invalid config field `parallel.dispatch_factor` = "
+        f"{self.dispatch_factor}: must be 0 or >= 1"
+      )
     return self
 
 
 def from_config(mesh: Mesh, parallel: ParallelConfig) -> ExpertParallel:
-  return ExpertParallel(mesh, parallel.capacity_factor, parallel.ep_ranks_per_node,
-                        parallel.dispatch_factor)
+  return ExpertParallel(
+    mesh, parallel.capacity_factor, parallel.ep_ranks_per_node, parallel.dispatch_factor
+  )
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -144,14 +155,15 @@ def node_of_expert(experts: jax.Array, n_experts: int, n_nodes: int) -> jax.Arra
 
 def _slots(dst_C: jax.Array, n_ranks: int) -> jax.Array:
   """Each copy's position among the copies (in token order) going to the same rank."""
-  onehot_CxR = (dst_C[:, None] == jnp.arange(n_ranks, dtype=dst_C.dtype)[None, :])
+  onehot_CxR = dst_C[:, None] == jnp.arange(n_ranks, dtype=dst_C.dtype)[None, :]
   running_CxR = jnp.cumsum(onehot_CxR.astype(jnp.int32), axis=0)
   return jnp.sum(running_CxR * onehot_CxR, axis=1) - 1
 
 
 # ----------------------------------------------------------------------------- the EP layer
-def flat_dispatch(x_NxD: jax.Array, routing: Routing, w1, w3, w2, *, cfg: ModelConfig,
-                  ep: ExpertParallel):
+def flat_dispatch(
+  x_NxD: jax.Array, routing: Routing, w1, w3, w2, *, cfg: ModelConfig, ep: ExpertParallel
+):
   """This shard's routed-expert output [N, D] by one all_to_all of copies over `expert`
   (inside a shard_map over the whole mesh); also which copies were kept [N*k] (all, unless a
   dropping `capacity_factor` is set) and whether the layer needed more than one round of the
@@ -173,15 +185,24 @@ def flat_dispatch(x_NxD: jax.Array, routing: Routing, w1, w3, w2, *, cfg: ModelC
     sent_C = (slot_C >= lo) & (slot_C < lo + s)
     slot_or_oob_C = jnp.where(sent_C, slot_C - lo, s)  # out-of-bounds rows: dropped by scatter
     # Row [j, t] of the buffer is the (lo + t)-th copy this rank sends to rank j.
-    send_RxSxD = jnp.zeros((r, s, d), x_NxD.dtype).at[dst_C, slot_or_oob_C].set(
-        x_NxD[token_C], mode="drop")
-    send_e_RxS = jnp.full((r, s), e_loc, jnp.int32).at[dst_C, slot_or_oob_C].set(
-        e_of_C, mode="drop")
+    send_RxSxD = (
+      jnp.zeros((r, s, d), x_NxD.dtype).at[dst_C, slot_or_oob_C].set(x_NxD[token_C], mode="drop")
+    )
+    send_e_RxS = (
+      jnp.full((r, s), e_loc, jnp.int32).at[dst_C, slot_or_oob_C].set(e_of_C, mode="drop")
+    )
     recv_RxSxD = jax.lax.all_to_all(send_RxSxD, EXPERT, 0, 0)
     recv_e_RxS = jax.lax.all_to_all(send_e_RxS, EXPERT, 0, 0)
-    y_rows = expert_rows(recv_RxSxD.reshape(r * s, d), recv_e_RxS.reshape(r * s), w1, w3, w2,
-                         block=cfg.expert_block_size, precision=cfg.matmul_precision,
-                         expected_rows=n * k)
+    y_rows = expert_rows(
+      recv_RxSxD.reshape(r * s, d),
+      recv_e_RxS.reshape(r * s),
+      w1,
+      w3,
+      w2,
+      block=cfg.expert_block_size,
+      precision=cfg.matmul_precision,
+      expected_rows=n * k,
+    )
     # Combine: the inverse all_to_all puts each result back in the slot its copy left from.
     back_RxSxD = jax.lax.all_to_all(y_rows.reshape(r, s, d), EXPERT, 0, 0)
     y_CxD = back_RxSxD[dst_C, jnp.clip(slot_C - lo, 0, s - 1)]
@@ -205,9 +226,19 @@ def flat_dispatch(x_NxD: jax.Array, routing: Routing, w1, w3, w2, *, cfg: ModelC
   return y_NxD, jnp.ones((n * k,), bool), rounds > 1
 
 
-def shard_routed_experts(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, *, cfg: ModelConfig,
-                         ep: ExpertParallel, reduce_stats: bool = True,
-                         dispatch: Callable = flat_dispatch):
+def shard_routed_experts(
+  x_bxLxD,
+  gate_DxE,
+  bias_E,
+  w1,
+  w3,
+  w2,
+  *,
+  cfg: ModelConfig,
+  ep: ExpertParallel,
+  reduce_stats: bool = True,
+  dispatch: Callable = flat_dispatch,
+):
   """One mesh shard (inside a shard_map over the whole mesh): route, dispatch (flat, or the
   two-stage node-then-GPU one of `parallel/node_dispatch.py`), local experts, combine.
   Statistics are psum'ed over the mesh (`reduce_stats`), or left per shard for a caller that
@@ -223,31 +254,38 @@ def shard_routed_experts(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, *, cfg: ModelCon
 
   # Global statistics: sums over every shard of the mesh (or this shard's share).
   psum_stats = psum if reduce_stats else (lambda v: v)
-  load_E = psum_stats(jax.lax.stop_gradient(expert_load(routing.experts_Nxk,
-                                                       cfg.n_routed_experts)))
+  load_E = psum_stats(jax.lax.stop_gradient(expert_load(routing.experts_Nxk, cfg.n_routed_experts)))
   balance = sequence_balance_loss(routing, b, cfg)
   if reduce_stats:
     balance = psum(balance) / ep.n_shards
   node_C = dst_C // ep.ranks_per_node
   my_node = jax.lax.axis_index(EXPERT) // ep.ranks_per_node
   remote_C = (node_C != my_node) & keep_C
-  reached_NxkxM = ((node_C[:, None] == jnp.arange(ep.n_nodes)[None, :])
-                   & remote_C[:, None]).reshape(n, k, ep.n_nodes)
+  reached_NxkxM = (
+    (node_C[:, None] == jnp.arange(ep.n_nodes)[None, :]) & remote_C[:, None]
+  ).reshape(n, k, ep.n_nodes)
   stats = {
-      "dropped_copies": psum_stats(jnp.sum(~keep_C).astype(jnp.float32)),
-      "cross_node_copies": psum_stats(jnp.sum(remote_C).astype(jnp.float32)),
-      "remote_node_sends": psum_stats(jnp.sum(jnp.any(reached_NxkxM, axis=1)).astype(
-          jnp.float32)),
-      # Every shard agrees on it; per shard, a 1/n_shards share sums to the count.
-      "dispatch_fallbacks": fallback.astype(jnp.float32) / (1 if reduce_stats else ep.n_shards),
+    "dropped_copies": psum_stats(jnp.sum(~keep_C).astype(jnp.float32)),
+    "cross_node_copies": psum_stats(jnp.sum(remote_C).astype(jnp.float32)),
+    "remote_node_sends": psum_stats(jnp.sum(jnp.any(reached_NxkxM, axis=1)).astype(jnp.float32)),
+    # Every shard agrees on it; per shard, a 1/n_shards share sums to the count.
+    "dispatch_fallbacks": fallback.astype(jnp.float32) / (1 if reduce_stats else ep.n_shards),
   }
   aux = {"load": load_E, "balance_loss": balance, **jax.lax.stop_gradient(stats)}
   return y_NxD.reshape(b, l, d), aux
 
 
-def routed_experts(x_BxLxD: jax.Array, gate_DxE: jax.Array, bias_E: jax.Array,
-                   w1_ExDxF: jax.Array, w3_ExDxF: jax.Array, w2_ExFxD: jax.Array,
-                   cfg: ModelConfig, ep: ExpertParallel, dispatch: Callable = flat_dispatch):
+def routed_experts(
+  x_BxLxD: jax.Array,
+  gate_DxE: jax.Array,
+  bias_E: jax.Array,
+  w1_ExDxF: jax.Array,
+  w3_ExDxF: jax.Array,
+  w2_ExFxD: jax.Array,
+  cfg: ModelConfig,
+  ep: ExpertParallel,
+  dispatch: Callable = flat_dispatch,
+):
   """The routed-expert half of DeepSeekMoE, expert-parallel over `ep.mesh`.
 
   Returns (y [B, L, D] without the shared experts, aux) with aux = {load [E], balance_loss,
@@ -256,34 +294,40 @@ def routed_experts(x_BxLxD: jax.Array, gate_DxE: jax.Array, bias_E: jax.Array,
   ep.validate(cfg)
   b = x_BxLxD.shape[0]
   if b % ep.n_shards:
-    raise ValueError(f"expert parallelism splits the batch over data x expert = {ep.n_shards} "
-                     f"shards; batch {b} is not divisible by it")
+    raise ValueError(
+      f"expert parallelism splits the batch over data x expert = {ep.n_shards} "
+      f"shards; batch {b} is not divisible by it"
+    )
   batch_spec = P(BATCH, None, None)
   expert_spec = P(EXPERT, None, None)
   aux_specs = {"load": P(), "balance_loss": P(), **{name: P() for name in STATS}}
   # check_vma=False: grouped_matmul's skip branches (cond / scan carries) build
   # mesh-invariant zeros next to per-shard blocks, which the VMA checker rejects. The
   # sharded-vs-unsharded tests check values and gradients instead.
-  fn = jax.shard_map(functools.partial(shard_routed_experts, cfg=cfg, ep=ep, dispatch=dispatch),
-                     mesh=ep.mesh,
-                     in_specs=(batch_spec, P(), P(), expert_spec, expert_spec, expert_spec),
-                     out_specs=(batch_spec, aux_specs), check_vma=False)
+  fn = jax.shard_map(
+    functools.partial(shard_routed_experts, cfg=cfg, ep=ep, dispatch=dispatch),
+    mesh=ep.mesh,
+    in_specs=(batch_spec, P(), P(), expert_spec, expert_spec, expert_spec),
+    out_specs=(batch_spec, aux_specs),
+    check_vma=False,
+  )
   return fn(x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD)
 
 
-def buffer_bytes(n_local_tokens: int, cfg: ModelConfig, ep: ExpertParallel,
-                 itemsize: int) -> dict:
+def buffer_bytes(n_local_tokens: int, cfg: ModelConfig, ep: ExpertParallel, itemsize: int) -> dict:
   """Per-device dispatch buffer sizes vs the real copies: the worst-case (fallback) buffer
   and the fast one a dropless step uses unless some rank overflows it."""
   s = slots_per_rank(n_local_tokens, cfg, ep)
   s_fast = fast_slots_per_rank(n_local_tokens, cfg, ep)
   d = cfg.hidden_size
   real = n_local_tokens * cfg.num_experts_per_tok
-  return {"slots_per_rank": s,
-          "buffer_rows": ep.size * s,
-          "real_copies": real,
-          "send_buffer_bytes": ep.size * s * d * itemsize,
-          "overhead_vs_real": ep.size * s / real,
-          "fast_slots_per_rank": s_fast,
-          "fast_send_buffer_bytes": ep.size * s_fast * d * itemsize,
-          "fast_overhead_vs_real": ep.size * s_fast / real}
+  return {
+    "slots_per_rank": s,
+    "buffer_rows": ep.size * s,
+    "real_copies": real,
+    "send_buffer_bytes": ep.size * s * d * itemsize,
+    "overhead_vs_real": ep.size * s / real,
+    "fast_slots_per_rank": s_fast,
+    "fast_send_buffer_bytes": ep.size * s_fast * d * itemsize,
+    "fast_overhead_vs_real": ep.size * s_fast / real,
+  }

@@ -17,22 +17,28 @@ from dsv3_jax.config import ParallelConfig
 AXES = ("data", "expert", "pipe")
 BATCH = ("data", "expert")  # the batch is split over both
 
+
 def mesh_shape(cfg: ParallelConfig, n_devices: int) -> tuple[int, int, int]:
   sizes = [cfg.data, cfg.expert, cfg.pipe]
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if n_devices % known:
-      raise ValueError(f"parallel mesh: {n_devices} devices are not divisible by the fixed axes "
-                       f"(data, expert, pipe) = {tuple(sizes)}")
+      raise ValueError(
+        f"parallel mesh: {n_devices} devices are not divisible by the fixed axes "
+        f"(data, expert, pipe) = {tuple(sizes)}"
+      )
     sizes[sizes.index(-1)] = n_devices // known
   if math.prod(sizes) != n_devices:
-    raise ValueError(f"parallel mesh: data x expert x pipe = {sizes[0]} x {sizes[1]} x "
-                     f"{sizes[2]} = {math.prod(sizes)} does not match {n_devices} devices")
+    raise ValueError(
+      f"parallel mesh: data x expert x pipe = {sizes[0]} x {sizes[1]} x "
+      f"{sizes[2]} = {math.prod(sizes)} does not match {n_devices} devices"
+    )
   return tuple(sizes)
 
 
-def make_mesh(cfg: ParallelConfig, devices: Sequence[jax.Device] | None = None, *,
-              explicit: bool = False) -> Mesh:
+def make_mesh(
+  cfg: ParallelConfig, devices: Sequence[jax.Device] | None = None, *, explicit: bool = False
+) -> Mesh:
   """A (data, expert, pipe) mesh over `devices` (default: all of them, every process's).
 
   Axis types are Auto (the compiler propagates shardings from the ones we declare) unless
@@ -46,5 +52,3 @@ def make_mesh(cfg: ParallelConfig, devices: Sequence[jax.Device] | None = None, 
 
 def batch_size_per_step(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["expert"]
-
-

@@ -91,8 +91,7 @@ def _all_to_all(x, groups: list[list[int]]):
   """all_to_all over the `expert` axis within `groups` (leading axis = group size)."""
   if len(groups[0]) == 1:
     return x  # a group of one rank: nothing moves
-  return jax.lax.all_to_all(x, EXPERT, 0, 0,
-                            axis_index_groups=None if len(groups) == 1 else groups)
+  return jax.lax.all_to_all(x, EXPERT, 0, 0, axis_index_groups=None if len(groups) == 1 else groups)
 
 
 def two_stage_slots(n_local_tokens: int, cfg: ModelConfig, ep: ExpertParallel) -> tuple[int, int]:
@@ -106,8 +105,9 @@ def _round8(x: float) -> int:
   return -(-math.ceil(x) // 8) * 8
 
 
-def fast_two_stage_slots(n_local_tokens: int, cfg: ModelConfig,
-                         ep: ExpertParallel) -> tuple[int, int]:
+def fast_two_stage_slots(
+  n_local_tokens: int, cfg: ModelConfig, ep: ExpertParallel
+) -> tuple[int, int]:
   """The dropless fast path's (S1, S2): `dispatch_factor` x the mean (rounded up to 8), never
   more than the worst case; the worst case when the fast path is off (`dispatch_factor` 0)."""
   s1, s2 = two_stage_slots(n_local_tokens, cfg, ep)
@@ -122,8 +122,10 @@ def fast_two_stage_slots(n_local_tokens: int, cfg: ModelConfig,
 def validate(cfg: ModelConfig, ep: ExpertParallel) -> ExpertParallel:
   ep.validate(cfg)
   if ep.capacity_factor:
-    raise ValueError(f"invalid config field `parallel.capacity_factor` = {ep.capacity_factor}: "
-                     f"the two-stage dispatch is dropless only (must be 0)")
+    raise ValueError(
+      f"invalid config field `parallel.capacity_factor` = {ep.capacity_factor}: "
+      f"the two-stage dispatch is dropless only (must be 0)"
+    )
   return ep
 
 
@@ -136,8 +138,19 @@ def _positions(dst_C: jax.Array, n_dst: int) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- dispatch
-def _dispatch(x_NxD, experts_Nxk, weights_Nxk, w1, w3, w2, s1: int, s2: int, *,
-              cfg: ModelConfig, ep: ExpertParallel):
+def _dispatch(
+  x_NxD,
+  experts_Nxk,
+  weights_Nxk,
+  w1,
+  w3,
+  w2,
+  s1: int,
+  s2: int,
+  *,
+  cfg: ModelConfig,
+  ep: ExpertParallel,
+):
   """Both stages with S1 / S2 slots, the local experts and the reverse combine: [N, D]."""
   n, d = x_NxD.shape
   k = experts_Nxk.shape[1]
@@ -152,14 +165,21 @@ def _dispatch(x_NxD, experts_Nxk, weights_Nxk, w1, w3, w2, s1: int, s2: int, *,
   slot1_NxJ = jnp.cumsum(to_node_NxJ.astype(jnp.int32), axis=0) - 1  # token order
   slot1_NxJ = jnp.where(to_node_NxJ & (slot1_NxJ < s1), slot1_NxJ, s1)  # s1: dropped
   node_NxJ = jnp.broadcast_to(jnp.arange(j)[None, :], (n, j))
-  send_x_JxSxD = jnp.zeros((j, s1, d), x_NxD.dtype).at[node_NxJ, slot1_NxJ].set(
-      jnp.broadcast_to(x_NxD[:, None, :], (n, j, d)), mode="drop")
+  send_x_JxSxD = (
+    jnp.zeros((j, s1, d), x_NxD.dtype)
+    .at[node_NxJ, slot1_NxJ]
+    .set(jnp.broadcast_to(x_NxD[:, None, :], (n, j, d)), mode="drop")
+  )
   e_NxJxk = jnp.where(in_node_NxJxk, (experts_Nxk % e_node)[:, None, :], e_node)
   w_NxJxk = jnp.where(in_node_NxJxk, weights_Nxk[:, None, :], 0.0)
-  send_e_JxSxk = jnp.full((j, s1, k), e_node, jnp.int32).at[node_NxJ, slot1_NxJ].set(
-      e_NxJxk.astype(jnp.int32), mode="drop")
-  send_w_JxSxk = jnp.zeros((j, s1, k), weights_Nxk.dtype).at[node_NxJ, slot1_NxJ].set(
-      w_NxJxk, mode="drop")
+  send_e_JxSxk = (
+    jnp.full((j, s1, k), e_node, jnp.int32)
+    .at[node_NxJ, slot1_NxJ]
+    .set(e_NxJxk.astype(jnp.int32), mode="drop")
+  )
+  send_w_JxSxk = (
+    jnp.zeros((j, s1, k), weights_Nxk.dtype).at[node_NxJ, slot1_NxJ].set(w_NxJxk, mode="drop")
+  )
   nodes = node_groups(ep)
   recv_x_TxD = _all_to_all(send_x_JxSxD, nodes).reshape(j * s1, d)
   recv_e_C = _all_to_all(send_e_JxSxk, nodes).reshape(j * s1 * k)  # copy c: row c // k
@@ -172,16 +192,25 @@ def _dispatch(x_NxD, experts_Nxk, weights_Nxk, w1, w3, w2, s1: int, s2: int, *,
   keep_C = real_C & (slot2_C < s2)
   slot2_C = jnp.where(keep_C, slot2_C, s2)  # s2: dropped
   row_C = jnp.arange(j * s1 * k, dtype=jnp.int32) // k
-  send2_x_GxSxD = jnp.zeros((g, s2, d), x_NxD.dtype).at[dst_C, slot2_C].set(
-      recv_x_TxD[row_C], mode="drop")
-  send2_e_GxS = jnp.full((g, s2), e_loc, jnp.int32).at[dst_C, slot2_C].set(
-      recv_e_C % e_loc, mode="drop")
+  send2_x_GxSxD = (
+    jnp.zeros((g, s2, d), x_NxD.dtype).at[dst_C, slot2_C].set(recv_x_TxD[row_C], mode="drop")
+  )
+  send2_e_GxS = (
+    jnp.full((g, s2), e_loc, jnp.int32).at[dst_C, slot2_C].set(recv_e_C % e_loc, mode="drop")
+  )
   gpus = gpu_groups(ep)
   recv2_x_GxSxD = _all_to_all(send2_x_GxSxD, gpus)
   recv2_e_GxS = _all_to_all(send2_e_GxS, gpus)
-  y_rows = expert_rows(recv2_x_GxSxD.reshape(g * s2, d), recv2_e_GxS.reshape(g * s2), w1, w3,
-                       w2, block=cfg.expert_block_size, precision=cfg.matmul_precision,
-                       expected_rows=n * k)
+  y_rows = expert_rows(
+    recv2_x_GxSxD.reshape(g * s2, d),
+    recv2_e_GxS.reshape(g * s2),
+    w1,
+    w3,
+    w2,
+    block=cfg.expert_block_size,
+    precision=cfg.matmul_precision,
+    expected_rows=n * k,
+  )
 
   # Combine, stage 2 inverse: outputs back to the forwarder, which pre-sums each token's
   # copies in this node weighted by their routing weights (zero for copies elsewhere).
@@ -214,8 +243,9 @@ def _overflows(experts_Nxk, s1: int, s2: int, *, cfg: ModelConfig, ep: ExpertPar
   return over1 | over2
 
 
-def two_stage_dispatch(x_NxD: jax.Array, routing: Routing, w1, w3, w2, *, cfg: ModelConfig,
-                       ep: ExpertParallel):
+def two_stage_dispatch(
+  x_NxD: jax.Array, routing: Routing, w1, w3, w2, *, cfg: ModelConfig, ep: ExpertParallel
+):
   """The routed experts' output [N, D] of this shard's tokens by the two-stage dispatch
   (inside a shard_map over the whole mesh), and whether this layer fell back to the
   worst-case buffers (a bool every rank agrees on). Dropless: every copy is computed, so
@@ -225,8 +255,9 @@ def two_stage_dispatch(x_NxD: jax.Array, routing: Routing, w1, w3, w2, *, cfg: M
   keep_C = jnp.ones((n * cfg.num_experts_per_tok,), bool)
   s1, s2 = two_stage_slots(n, cfg, ep)
   f1, f2 = fast_two_stage_slots(n, cfg, ep)
-  run = functools.partial(_dispatch, x_NxD, routing.experts_Nxk, routing.weights_Nxk, w1, w3,
-                          w2, cfg=cfg, ep=ep)
+  run = functools.partial(
+    _dispatch, x_NxD, routing.experts_Nxk, routing.weights_Nxk, w1, w3, w2, cfg=cfg, ep=ep
+  )
   if (f1, f2) == (s1, s2):
     return run(s1, s2), keep_C, jnp.zeros((), bool)
   over = _overflows(routing.experts_Nxk, f1, f2, cfg=cfg, ep=ep).astype(jnp.int32)
@@ -238,18 +269,27 @@ def two_stage_dispatch(x_NxD: jax.Array, routing: Routing, w1, w3, w2, *, cfg: M
 
 
 # ----------------------------------------------------------------------------- the EP layer
-def routed_experts(x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD,
-                   cfg: ModelConfig, ep: ExpertParallel):
+def routed_experts(
+  x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD, cfg: ModelConfig, ep: ExpertParallel
+):
   """`parallel/expert.routed_experts` with the two-stage dispatch (same outputs and aux)."""
   validate(cfg, ep)
-  return expert_lib.routed_experts(x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD,
-                                   cfg, ep, dispatch=two_stage_dispatch)
+  return expert_lib.routed_experts(
+    x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD, cfg, ep, dispatch=two_stage_dispatch
+  )
 
 
 # ----------------------------------------------------------------------------- traffic
-def cross_node_traffic(experts_Nxk, src_node_N, n_experts: int, n_nodes: int, *,
-                       hidden_size: int = 1, dispatch_itemsize: int = 1,
-                       combine_itemsize: int = 2) -> dict:
+def cross_node_traffic(
+  experts_Nxk,
+  src_node_N,
+  n_experts: int,
+  n_nodes: int,
+  *,
+  hidden_size: int = 1,
+  dispatch_itemsize: int = 1,
+  combine_itemsize: int = 2,
+) -> dict:
   """Cross-node sends and bytes per token of a routing (numpy), flat vs two-stage dispatch,
   for tokens living on nodes `src_node_N`. Flat: every copy whose expert is on another node
   crosses (dispatch) and its output crosses back (combine). Two-stage: one vector per
@@ -261,20 +301,27 @@ def cross_node_traffic(experts_Nxk, src_node_N, n_experts: int, n_nodes: int, *,
   np.put_along_axis(reached_NxJ, node_Nxk, True, axis=1)
   two_stage_N = reached_NxJ.sum(1) - reached_NxJ[np.arange(len(node_Nxk)), src_node_N]
   per_send = hidden_size * (dispatch_itemsize + combine_itemsize)
-  return {"flat_sends_per_token": float(flat_N.mean()),
-          "two_stage_sends_per_token": float(two_stage_N.mean()),
-          "two_stage_sends_max": int(two_stage_N.max()),
-          "flat_bytes_per_token": float(flat_N.mean()) * per_send,
-          "two_stage_bytes_per_token": float(two_stage_N.mean()) * per_send}
+  return {
+    "flat_sends_per_token": float(flat_N.mean()),
+    "two_stage_sends_per_token": float(two_stage_N.mean()),
+    "two_stage_sends_max": int(two_stage_N.max()),
+    "flat_bytes_per_token": float(flat_N.mean()) * per_send,
+    "two_stage_bytes_per_token": float(two_stage_N.mean()) * per_send,
+  }
 
 
 def traffic_ratios(limited: dict, unlimited: dict) -> dict:
   """Cross-node bytes per token compared, from `cross_node_traffic` of the same tokens routed
   node-limited (M < nodes) and unlimited: two-stage M vs flat unlimited (the report's
   "about halves"), two-stage M vs two-stage unlimited, and two-stage vs flat at M."""
-  return {"two_stage_limited_vs_flat_unlimited": (limited["two_stage_bytes_per_token"]
-                                                  / unlimited["flat_bytes_per_token"]),
-          "two_stage_limited_vs_two_stage_unlimited": (limited["two_stage_bytes_per_token"]
-                                                       / unlimited["two_stage_bytes_per_token"]),
-          "two_stage_vs_flat_limited": (limited["two_stage_bytes_per_token"]
-                                        / limited["flat_bytes_per_token"])}
+  return {
+    "two_stage_limited_vs_flat_unlimited": (
+      limited["two_stage_bytes_per_token"] / unlimited["flat_bytes_per_token"]
+    ),
+    "two_stage_limited_vs_two_stage_unlimited": (
+      limited["two_stage_bytes_per_token"] / unlimited["two_stage_bytes_per_token"]
+    ),
+    "two_stage_vs_flat_limited": (
+      limited["two_stage_bytes_per_token"] / limited["flat_bytes_per_token"]
+    ),
+  }

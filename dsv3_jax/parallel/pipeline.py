@@ -59,10 +59,29 @@ from dsv3_jax.parallel.stage_vjp import StageVJP
 
 GRANULARITIES = ("unit", "op")
 # Row fields of the executor's table, per rank and tick.
-FIELDS = ("kind", "f_slot", "f_stage", "f_mb", "f_act", "f_r1w",
-          "b_slot", "b_stage", "b_mb", "b_grad", "b_r1", "b_r2w", "b_r2",
-          "send_act", "send_grad", "arr_act_r", "arr_act_l", "arr_act_s",
-          "arr_grad_r", "arr_grad_l", "arr_grad_s")
+FIELDS = (
+  "kind",
+  "f_slot",
+  "f_stage",
+  "f_mb",
+  "f_act",
+  "f_r1w",
+  "b_slot",
+  "b_stage",
+  "b_mb",
+  "b_grad",
+  "b_r1",
+  "b_r2w",
+  "b_r2",
+  "send_act",
+  "send_grad",
+  "arr_act_r",
+  "arr_act_l",
+  "arr_act_s",
+  "arr_grad_r",
+  "arr_grad_l",
+  "arr_grad_s",
+)
 FI = {f: i for i, f in enumerate(FIELDS)}
 SEND = {"none": 0, "right": 1, "left": 2, "self": 3}  # right: to rank r+1
 BUFFERS = ("act", "grad", "r1", "r2")
@@ -176,21 +195,42 @@ def make_plan(schedule: S.Schedule, granularity: str = "unit") -> Plan:
   placed = _place(schedule, granularity)
   pp, n_st = schedule.pp, schedule.n_stages
   T = max((p.tick + 1 for row in placed for p in row), default=0)
-  holds = [sorted({(d, s) for d in range(schedule.n_dirs) for s in range(n_st)
-                   if schedule.rank_of(s, d) == r}) for r in range(pp)]
+  holds = [
+    sorted(
+      {(d, s) for d in range(schedule.n_dirs) for s in range(n_st) if schedule.rank_of(s, d) == r}
+    )
+    for r in range(pp)
+  ]
   if len({len(h) for h in holds}) != 1:
-    raise ValueError(f"schedule {schedule.name!r}: every rank must hold the same number "
-                     "of stages")
+    raise ValueError(f"schedule {schedule.name!r}: every rank must hold the same number of stages")
   slot_of = [{ds: k for k, ds in enumerate(h)} for h in holds]
-  slot_stage = np.array([[holds[r][k][1] for r in range(pp)] for k in range(len(holds[0]))],
-                        np.int32)
+  slot_stage = np.array(
+    [[holds[r][k][1] for r in range(pp)] for k in range(len(holds[0]))], np.int32
+  )
 
   f = np.full((len(FIELDS), pp, T), ZERO, np.int32)
-  for name in ("f_r1w", "b_r2w", "arr_act_r", "arr_act_l", "arr_act_s", "arr_grad_r",
-               "arr_grad_l", "arr_grad_s"):
+  for name in (
+    "f_r1w",
+    "b_r2w",
+    "arr_act_r",
+    "arr_act_l",
+    "arr_act_s",
+    "arr_grad_r",
+    "arr_grad_l",
+    "arr_grad_s",
+  ):
     f[FI[name]] = SCRATCH
-  for name in ("kind", "f_slot", "f_stage", "f_mb", "b_slot", "b_stage", "b_mb",
-               "send_act", "send_grad"):
+  for name in (
+    "kind",
+    "f_slot",
+    "f_stage",
+    "f_mb",
+    "b_slot",
+    "b_stage",
+    "b_mb",
+    "send_act",
+    "send_grad",
+  ):
     f[FI[name]] = 0
   alloc = [{b: _Alloc() for b in BUFFERS} for _ in range(pp)]
   gmb = lambda d, m: d * schedule.mb_per_dir + m
@@ -232,8 +272,7 @@ def make_plan(schedule: S.Schedule, granularity: str = "unit") -> Plan:
         step = tr.dst - tr.src
         way = {0: "self", 1: "right", -1: "left"}.get(step)
         if way is None:
-          raise ValueError(f"schedule {schedule.name!r}: rank {r} sends to non-neighbour "
-                           f"{tr.dst}")
+          raise ValueError(f"schedule {schedule.name!r}: rank {r} sends to non-neighbour {tr.dst}")
         if f[FI["send_" + tr.payload], r, t]:
           raise AssertionError(f"rank {r} sends two {tr.payload}s at tick {t}")
         f[FI["send_" + tr.payload], r, t] = SEND[way]
@@ -242,16 +281,27 @@ def make_plan(schedule: S.Schedule, granularity: str = "unit") -> Plan:
         f[FI[f"arr_{tr.payload}_{way[0]}"], tr.dst, t] = alloc[tr.dst][tr.payload].put(key)
 
   sizes = {b: max(a[b].peak for a in alloc) for b in BUFFERS}
-  for b, names in (("act", ("f_act", "arr_act_r", "arr_act_l", "arr_act_s")),
-                   ("grad", ("b_grad", "arr_grad_r", "arr_grad_l", "arr_grad_s")),
-                   ("r1", ("f_r1w", "b_r1")), ("r2", ("b_r2w", "b_r2"))):
+  for b, names in (
+    ("act", ("f_act", "arr_act_r", "arr_act_l", "arr_act_s")),
+    ("grad", ("b_grad", "arr_grad_r", "arr_grad_l", "arr_grad_s")),
+    ("r1", ("f_r1w", "b_r1")),
+    ("r2", ("b_r2w", "b_r2")),
+  ):
     for name in names:
       v = f[FI[name]]
       v[v == ZERO] = sizes[b]
       v[v == SCRATCH] = sizes[b] + 1
   kinds = tuple(sorted({int(k) for k in np.unique(f[FI["kind"]])} - {0}))
-  return Plan(schedule, granularity, tuple(tuple(r) for r in placed), f, slot_stage, sizes,
-              {k: tuple(sorted(v)) for k, v in perms.items()}, kinds)
+  return Plan(
+    schedule,
+    granularity,
+    tuple(tuple(r) for r in placed),
+    f,
+    slot_stage,
+    sizes,
+    {k: tuple(sorted(v)) for k, v in perms.items()},
+    kinds,
+  )
 
 
 # ------------------------------------------------------------------------- executor
@@ -281,7 +331,7 @@ class _Packer:
     return {k: jnp.concatenate(p) for k, p in parts.items()}
 
   def unpack(self, flat: dict) -> list:
-    return [flat[k][o:o + n].reshape(shape) for k, o, n, shape in self.slots]
+    return [flat[k][o : o + n].reshape(shape) for k, o, n, shape in self.slots]
 
 
 def _index(tree, i):
@@ -321,14 +371,25 @@ class Pipeline:
   split the batch (data parallelism); their gradients are summed.
   """
 
-  def __init__(self, stage_fn: Callable, schedule: S.Schedule, mesh: Mesh, *,
-               pipe_axis: str = "pipe", batch_axes: Sequence[str] = (),
-               granularity: str = "unit", stage_specs: Any = None, shared_specs: Any = None):
+  def __init__(
+    self,
+    stage_fn: Callable,
+    schedule: S.Schedule,
+    mesh: Mesh,
+    *,
+    pipe_axis: str = "pipe",
+    batch_axes: Sequence[str] = (),
+    granularity: str = "unit",
+    stage_specs: Any = None,
+    shared_specs: Any = None,
+  ):
     if pipe_axis not in mesh.shape:
       raise ValueError(f"mesh has no axis {pipe_axis!r} (axes: {tuple(mesh.shape)})")
     if mesh.shape[pipe_axis] != schedule.pp:
-      raise ValueError(f"schedule {schedule.name!r} has pp={schedule.pp} ranks but mesh axis "
-                       f"{pipe_axis!r} has {mesh.shape[pipe_axis]} devices")
+      raise ValueError(
+        f"schedule {schedule.name!r} has pp={schedule.pp} ranks but mesh axis "
+        f"{pipe_axis!r} has {mesh.shape[pipe_axis]} devices"
+      )
     self.stage_fn, self.mesh, self.pipe_axis = stage_fn, mesh, pipe_axis
     self.batch_axes = tuple(a for a in batch_axes if a in mesh.shape)
     self.plan = make_plan(schedule, granularity)
@@ -347,8 +408,17 @@ class Pipeline:
   def n_mb(self) -> int:
     return self.plan.source.n_mb
 
-  def __call__(self, stage_params, shared_params, stage_consts, shared_consts, batch,
-               act: jax.ShapeDtypeStruct, *, probe: Callable | None = None):
+  def __call__(
+    self,
+    stage_params,
+    shared_params,
+    stage_consts,
+    shared_consts,
+    batch,
+    act: jax.ShapeDtypeStruct,
+    *,
+    probe: Callable | None = None,
+  ):
     """Loss, aux and gradients of one pipelined step, summed over micro-batches and
     batch shards: ``(loss, aux, stage_grads, shared_grads)``.
 
@@ -368,8 +438,10 @@ class Pipeline:
     idx = plan.slot_stage
     lead = {jnp.shape(a)[0] for a in jax.tree.leaves((stage_params, stage_consts))}
     if lead != {self.n_stages}:
-      raise ValueError(f"stage_params/stage_consts need a leading axis of n_stages="
-                       f"{self.n_stages}, got {sorted(lead)}")
+      raise ValueError(
+        f"stage_params/stage_consts need a leading axis of n_stages="
+        f"{self.n_stages}, got {sorted(lead)}"
+      )
     to_slots = lambda tree: jax.tree.map(lambda a: _to_slots(a, idx), tree)  # [n_slots, pp, ..]
     slot_params, unslot = jax.vjp(to_slots, stage_params)
     slot_consts = to_slots(stage_consts)
@@ -377,19 +449,22 @@ class Pipeline:
     p_specs = (self._slot_specs(stage_params), self._shared_specs(shared_params))
     batch_spec = P(self.batch_axes) if self.batch_axes else P()
     body = jax.shard_map(
-        lambda *a: self._body(*a, act=act, probe=probe, p_specs=p_specs), mesh=self.mesh,
-        in_specs=(p_specs[0], p_specs[1], slots_spec, rep, batch_spec),
-        out_specs=(rep, rep, p_specs[0], p_specs[1]), check_vma=False)
-    loss, aux, g_slots, g_shared = body(slot_params, shared_params, slot_consts,
-                                        shared_consts, batch)
+      lambda *a: self._body(*a, act=act, probe=probe, p_specs=p_specs),
+      mesh=self.mesh,
+      in_specs=(p_specs[0], p_specs[1], slots_spec, rep, batch_spec),
+      out_specs=(rep, rep, p_specs[0], p_specs[1]),
+      check_vma=False,
+    )
+    loss, aux, g_slots, g_shared = body(
+      slot_params, shared_params, slot_consts, shared_consts, batch
+    )
     (g_stage,) = unslot(g_slots)
     return loss, aux, g_stage, g_shared
 
   def _slot_specs(self, stage_params):
     if self.stage_specs is None:
       return jax.tree.map(lambda _: P(None, self.pipe_axis), stage_params)
-    return jax.tree.map(lambda s: P(None, *s), self.stage_specs,
-                        is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(lambda s: P(None, *s), self.stage_specs, is_leaf=lambda x: isinstance(x, P))
 
   def _shared_specs(self, shared_params):
     if self.shared_specs is None:
@@ -412,8 +487,9 @@ class Pipeline:
     rank = jax.lax.axis_index(self.pipe_axis)
     b_loc = {jnp.shape(a)[0] for a in jax.tree.leaves(batch)}
     if len(b_loc) != 1 or next(iter(b_loc)) % n_mb:
-      raise ValueError(f"the local batch {sorted(b_loc)} must split into n_mb={n_mb} "
-                       f"equal micro-batches")
+      raise ValueError(
+        f"the local batch {sorted(b_loc)} must split into n_mb={n_mb} equal micro-batches"
+      )
     mbs = jax.tree.map(lambda a: a.reshape(n_mb, a.shape[0] // n_mb, *a.shape[1:]), batch)
 
     def fn(params, x, consts):
@@ -424,8 +500,9 @@ class Pipeline:
     p0 = (_index(slot_p, 0), shared_p)
     consts0 = (_index(slot_c, 0), shared_c, _index(mbs, 0), jnp.int32(0))
     n_leaves = lambda t: len(jax.tree.leaves(t))
-    varying = ([False] * n_leaves(consts0[:2]) + [True] * n_leaves(consts0[2])
-               + [False])  # only the micro-batch's own inputs vary per micro-batch
+    varying = (
+      [False] * n_leaves(consts0[:2]) + [True] * n_leaves(consts0[2]) + [False]
+    )  # only the micro-batch's own inputs vary per micro-batch
     sv = StageVJP(fn, p0, x0, consts0, varying)
     self.stage_vjp = sv
     (y0, loss0), aux0 = jax.eval_shape(fn, p0, x0, consts0)
@@ -434,16 +511,25 @@ class Pipeline:
     flat_shp, unravel_shp = ravel_pytree(shared_p)
     size = plan.sizes
     buf = lambda n, a: jnp.zeros((n + 2, *a.shape), a.dtype)
-    carry = dict(act=buf(size["act"], act), grad=buf(size["grad"], act),
-                 r1=pk1.buffers(size["r1"] + 2), r2=pk2.buffers(size["r2"] + 2),
-                 g_slot=jnp.zeros((plan.n_slots, flat_sp.size), flat_sp.dtype),
-                 g_shared=jnp.zeros_like(flat_shp),
-                 loss=jnp.zeros((), loss0.dtype), aux=_zeros(aux0))
+    carry = dict(
+      act=buf(size["act"], act),
+      grad=buf(size["grad"], act),
+      r1=pk1.buffers(size["r1"] + 2),
+      r2=pk2.buffers(size["r2"] + 2),
+      g_slot=jnp.zeros((plan.n_slots, flat_sp.size), flat_sp.dtype),
+      g_shared=jnp.zeros_like(flat_shp),
+      loss=jnp.zeros((), loss0.dtype),
+      aux=_zeros(aux0),
+    )
     one = jnp.ones((), loss0.dtype)
 
     def consts_of(row, half):
-      return (_index(slot_c, row[FI[half + "_slot"]]), shared_c,
-              _index(mbs, row[FI[half + "_mb"]]), row[FI[half + "_stage"]])
+      return (
+        _index(slot_c, row[FI[half + "_slot"]]),
+        shared_c,
+        _index(mbs, row[FI[half + "_mb"]]),
+        row[FI[half + "_stage"]],
+      )
 
     def params_of(row, half):
       return (_index(slot_p, row[FI[half + "_slot"]]), shared_p)
@@ -455,22 +541,33 @@ class Pipeline:
 
     # Branch outputs: (y, loss, aux, packed r1, dx, packed r2, g_slot, g_shared).
     def noop(gs, gsh, row, x, g, r1, r2):
-      return (_zeros(y0), jnp.zeros_like(one), _zeros(aux0), pk1.zeros(), jnp.zeros_like(g),
-              pk2.zeros(), gs, gsh)
+      return (
+        _zeros(y0),
+        jnp.zeros_like(one),
+        _zeros(aux0),
+        pk1.zeros(),
+        jnp.zeros_like(g),
+        pk2.zeros(),
+        gs,
+        gsh,
+      )
 
     def op_f(gs, gsh, row, x, g, r1, r2):
       (y, loss), aux, r1n = sv.forward(params_of(row, "f"), x, consts_of(row, "f"))
       return (y, loss, aux, pk1.pack(r1n)) + noop(gs, gsh, row, x, g, r1, r2)[4:]
 
     def op_b(gs, gsh, row, x, g, r1, r2):
-      dx, dp, r2n = sv.backward_input(pk1.unpack(r1), params_of(row, "b"), consts_of(row, "b"),
-                                      (g, one))
-      return noop(gs, gsh, row, x, g, r1, r2)[:4] + (dx, pk2.pack(r2n)) + add_grads(
-          gs, gsh, row, dp)
+      dx, dp, r2n = sv.backward_input(
+        pk1.unpack(r1), params_of(row, "b"), consts_of(row, "b"), (g, one)
+      )
+      return (
+        noop(gs, gsh, row, x, g, r1, r2)[:4] + (dx, pk2.pack(r2n)) + add_grads(gs, gsh, row, dp)
+      )
 
     def op_w(gs, gsh, row, x, g, r1, r2):
-      dp = sv.backward_weight(pk1.unpack(r1), pk2.unpack(r2), params_of(row, "b"),
-                              consts_of(row, "b"))
+      dp = sv.backward_weight(
+        pk1.unpack(r1), pk2.unpack(r2), params_of(row, "b"), consts_of(row, "b")
+      )
       return noop(gs, gsh, row, x, g, r1, r2)[:6] + add_grads(gs, gsh, row, dp)
 
     def op_bw(gs, gsh, row, x, g, r1, r2):
@@ -492,8 +589,10 @@ class Pipeline:
     fields = jnp.asarray(plan.fields)
     rows = jnp.swapaxes(jax.lax.dynamic_index_in_dim(fields, rank, 1, keepdims=False), 0, 1)
     pp, axis = plan.pp, self.pipe_axis
-    ring = {"right": [(i, i + 1) for i in range(pp - 1)],
-            "left": [(i, i - 1) for i in range(1, pp)]}
+    ring = {
+      "right": [(i, i + 1) for i in range(pp - 1)],
+      "left": [(i, i - 1) for i in range(1, pp)],
+    }
 
     def tick(c, inp):
       row, t = inp
@@ -506,12 +605,18 @@ class Pipeline:
       r1 = {k: v[row[FI["b_r1"]]] for k, v in c["r1"].items()}
       r2 = {k: v[row[FI["b_r2"]]] for k, v in c["r2"].items()}
       y, loss, aux, r1n, dx, r2n, g_slot, g_shared = jax.lax.switch(
-          branch_of[kind], branches, c["g_slot"], c["g_shared"], row, x, g, r1, r2)
+        branch_of[kind], branches, c["g_slot"], c["g_shared"], row, x, g, r1, r2
+      )
       if probe is not None:
         s1 = probe(rank, t, 1, loss)
         loss = jnp.where(s1 != 0, 0.0, loss)
-      c = dict(c, g_slot=g_slot, g_shared=g_shared, loss=c["loss"] + loss,
-               aux=jax.tree.map(jnp.add, c["aux"], aux))
+      c = dict(
+        c,
+        g_slot=g_slot,
+        g_shared=g_shared,
+        loss=c["loss"] + loss,
+        aux=jax.tree.map(jnp.add, c["aux"], aux),
+      )
       c["r1"] = {k: v.at[row[FI["f_r1w"]]].set(r1n[k]) for k, v in c["r1"].items()}
       c["r2"] = {k: v.at[row[FI["b_r2w"]]].set(r2n[k]) for k, v in c["r2"].items()}
       for payload, value in (("act", y), ("grad", dx)):
@@ -520,8 +625,7 @@ class Pipeline:
           if way == "self":
             got = value
           else:
-            sent = jnp.where(row[FI["send_" + payload]] == SEND[way], value,
-                             jnp.zeros_like(value))
+            sent = jnp.where(row[FI["send_" + payload]] == SEND[way], value, jnp.zeros_like(value))
             got = jax.lax.ppermute(sent, axis, ring[way])
           inbox = inbox.at[row[FI[f"arr_{payload}_{way[0]}"]]].set(got)
         c[payload] = inbox
@@ -536,9 +640,9 @@ class Pipeline:
       return jax.lax.psum(g, axes) if axes else g
 
     g_slot = jax.vmap(unravel_sp)(c["g_slot"])
-    g_slot = jax.tree.map(lambda s, g: reduce(g, s)[:, None], p_specs[0], g_slot,
-                          is_leaf=is_spec)
-    g_shared = jax.tree.map(lambda s, g: reduce(g, s, (axis,)), p_specs[1],
-                            unravel_shp(c["g_shared"]), is_leaf=is_spec)
+    g_slot = jax.tree.map(lambda s, g: reduce(g, s)[:, None], p_specs[0], g_slot, is_leaf=is_spec)
+    g_shared = jax.tree.map(
+      lambda s, g: reduce(g, s, (axis,)), p_specs[1], unravel_shp(c["g_shared"]), is_leaf=is_spec
+    )
     loss, aux = jax.lax.psum((c["loss"], c["aux"]), all_axes)
     return loss, aux, g_slot, g_shared

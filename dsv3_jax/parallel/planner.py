@@ -82,10 +82,22 @@ class Hardware:
 # that of IB (50 GB/s)" (§3.2.2). H100 SXM: NVLink 4 at 900 GB/s both ways = 450 one way,
 # 400 Gb/s NDR InfiniBand = 50 GB/s per GPU.
 HARDWARE = {
-    "h800": Hardware("h800", {"fp8": 1979e12, "bf16": 989e12, "fp32": 495e12}, 160e9, 50e9,
-                     80e9, "H800 SXM dense peaks; NVLink 160 GB/s, IB 50 GB/s (report §3.2.2)"),
-    "h100": Hardware("h100", {"fp8": 1979e12, "bf16": 989e12, "fp32": 495e12}, 450e9, 50e9,
-                     80e9, "H100 SXM dense peaks; NVLink 450 GB/s, IB 50 GB/s (nominal)"),
+  "h800": Hardware(
+    "h800",
+    {"fp8": 1979e12, "bf16": 989e12, "fp32": 495e12},
+    160e9,
+    50e9,
+    80e9,
+    "H800 SXM dense peaks; NVLink 160 GB/s, IB 50 GB/s (report §3.2.2)",
+  ),
+  "h100": Hardware(
+    "h100",
+    {"fp8": 1979e12, "bf16": 989e12, "fp32": 495e12},
+    450e9,
+    50e9,
+    80e9,
+    "H100 SXM dense peaks; NVLink 450 GB/s, IB 50 GB/s (nominal)",
+  ),
 }
 
 
@@ -101,9 +113,15 @@ def measure_cpu(n: int = 1024, repeats: int = 5) -> Hardware:
     t = time.perf_counter()
     f(x).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  rate = 2 * n ** 3 / best
-  return Hardware("cpu", {"fp8": rate, "bf16": rate, "fp32": rate}, 10e9, 10e9, 0.0,
-                  f"this CPU: {rate / 1e9:.0f} GFLOP/s measured (f32 {n}x{n} matmul)")
+  rate = 2 * n**3 / best
+  return Hardware(
+    "cpu",
+    {"fp8": rate, "bf16": rate, "fp32": rate},
+    10e9,
+    10e9,
+    0.0,
+    f"this CPU: {rate / 1e9:.0f} GFLOP/s measured (f32 {n}x{n} matmul)",
+  )
 
 
 def hardware(name: str) -> Hardware:
@@ -121,8 +139,10 @@ def parse_mesh(text: str) -> dict:
   for part in filter(None, (p.strip() for p in text.split(","))):
     name, _, value = part.partition(":")
     if name not in sizes or not value.isdigit() or int(value) < 1:
-      raise ValueError(f"--mesh entry {part!r}: expected <axis>:<size> with axis in {AXES} "
-                       "and a positive size, e.g. data:2,expert:64,pipe:16")
+      raise ValueError(
+        f"--mesh entry {part!r}: expected <axis>:<size> with axis in {AXES} "
+        "and a positive size, e.g. data:2,expert:64,pipe:16"
+      )
     sizes[name] = int(value)
   return sizes
 
@@ -142,31 +162,52 @@ def node_extents(sizes: dict, node_size: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- the layout
-def configure(cfg: Config, sizes: dict, *, node_size: int = 8, schedule: Optional[str] = None,
-              microbatches: Optional[int] = None, seq_len: Optional[int] = None,
-              global_batch: Optional[int] = None) -> Config:
+def configure(
+  cfg: Config,
+  sizes: dict,
+  *,
+  node_size: int = 8,
+  schedule: Optional[str] = None,
+  microbatches: Optional[int] = None,
+  seq_len: Optional[int] = None,
+  global_batch: Optional[int] = None,
+) -> Config:
   """`cfg` with the mesh, the node size (EP ranks per node), the pipeline schedule and the
   batch of the plan; micro-batches default to one sequence each."""
   if node_size < 1:
     raise ValueError(f"node_size = {node_size}: must be positive")
   ep = sizes["expert"]
   if ep % node_size and node_size % ep:
-    raise ValueError(f"node size {node_size} and the `expert` axis size {ep} must divide one "
-                     "another (EP ranks are packed into nodes)")
+    raise ValueError(
+      f"node size {node_size} and the `expert` axis size {ep} must divide one "
+      "another (EP ranks are packed into nodes)"
+    )
   name = schedule or cfg.parallel.pipeline
   if sizes["pipe"] > 1 and name == "none":
-    raise ValueError(f"a `pipe` axis of {sizes['pipe']} needs a pipeline schedule "
-                     f"(--schedule={'|'.join(s for s in config_lib.PIPELINES if s != 'none')})")
+    raise ValueError(
+      f"a `pipe` axis of {sizes['pipe']} needs a pipeline schedule "
+      f"(--schedule={'|'.join(s for s in config_lib.PIPELINES if s != 'none')})"
+    )
   if sizes["pipe"] == 1:
     name = "none"
   train = {k: v for k, v in (("seq_len", seq_len), ("global_batch", global_batch)) if v}
   shards = sizes["data"] * sizes["expert"]
   gb = global_batch or cfg.train.global_batch
-  n_mb = microbatches or (gb // shards if name != "none" and gb % shards == 0 else
-                          cfg.parallel.microbatches)
-  return config_lib.replace(cfg, train=train, parallel={
-      "data": sizes["data"], "expert": ep, "pipe": sizes["pipe"],
-      "ep_ranks_per_node": min(ep, node_size), "pipeline": name, "microbatches": n_mb})
+  n_mb = microbatches or (
+    gb // shards if name != "none" and gb % shards == 0 else cfg.parallel.microbatches
+  )
+  return config_lib.replace(
+    cfg,
+    train=train,
+    parallel={
+      "data": sizes["data"],
+      "expert": ep,
+      "pipe": sizes["pipe"],
+      "ep_ranks_per_node": min(ep, node_size),
+      "pipeline": name,
+      "microbatches": n_mb,
+    },
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,44 +241,70 @@ def check(cfg: Config, node_size: int = 8, uneven_stages: bool = False) -> Layou
   m, p, t = cfg.model, cfg.parallel, cfg.train
   sizes = {"data": p.data, "expert": p.expert, "pipe": p.pipe}
   if m.n_routed_experts % p.expert:
-    raise ValueError(f"{m.n_routed_experts} routed experts (model.n_routed_experts) do not "
-                     f"split over the `expert` mesh axis of {p.expert}")
+    raise ValueError(
+      f"{m.n_routed_experts} routed experts (model.n_routed_experts) do not "
+      f"split over the `expert` mesh axis of {p.expert}"
+    )
   ext = node_extents(sizes, node_size)
   n_nodes = p.expert // ext["expert"]
   if m.n_group % n_nodes and n_nodes % m.n_group:
-    raise ValueError(f"{m.n_group} expert groups (model.n_group) do not nest in the "
-                     f"{n_nodes} nodes of the `expert` axis ({p.expert} EP ranks, "
-                     f"{ext['expert']} per node): node-limited routing needs one to divide "
-                     "the other")
+    raise ValueError(
+      f"{m.n_group} expert groups (model.n_group) do not nest in the "
+      f"{n_nodes} nodes of the `expert` axis ({p.expert} EP ranks, "
+      f"{ext['expert']} per node): node-limited routing needs one to divide "
+      "the other"
+    )
   shards = p.data * p.expert
   if t.global_batch % shards:
-    raise ValueError(f"global batch {t.global_batch} (train.global_batch) does not split "
-                     f"into data x expert = {shards} batch shards")
+    raise ValueError(
+      f"global batch {t.global_batch} (train.global_batch) does not split "
+      f"into data x expert = {shards} batch shards"
+    )
   local = t.global_batch // shards
   if p.pipeline == "none":
-    return Layout(None, 1, m.n_moe_layers, True, shards, local, 1, local, t.seq_len, 1, 1, 1,
-                  1, n_nodes, ext)
+    return Layout(
+      None, 1, m.n_moe_layers, True, shards, local, 1, local, t.seq_len, 1, 1, 1, 1, n_nodes, ext
+    )
   try:
     sched = schedules.SCHEDULES[p.pipeline](p.pipe, p.microbatches)
   except ValueError as e:
-    raise ValueError(f"pipeline {p.pipeline!r} on pipe {p.pipe} with {p.microbatches} "
-                     f"micro-batches: {e}") from e
+    raise ValueError(
+      f"pipeline {p.pipeline!r} on pipe {p.pipe} with {p.microbatches} micro-batches: {e}"
+    ) from e
   n_st = sched.n_stages
   even = m.n_moe_layers % n_st == 0
   if not even and not uneven_stages:
-    raise ValueError(f"{m.n_moe_layers} MoE layers do not split evenly into {n_st} pipeline "
-                     f"stages ({p.pipeline} on pipe {p.pipe}); "
-                     "plan the busiest stage with ceil(layers / stages) layers, as "
-                     "DeepSeek-V3 lays out 61 layers over 16 ranks, with uneven_stages")
+    raise ValueError(
+      f"{m.n_moe_layers} MoE layers do not split evenly into {n_st} pipeline "
+      f"stages ({p.pipeline} on pipe {p.pipe}); "
+      "plan the busiest stage with ceil(layers / stages) layers, as "
+      "DeepSeek-V3 lays out 61 layers over 16 ranks, with uneven_stages"
+    )
   if local % p.microbatches:
-    raise ValueError(f"{local} sequences per batch shard (global batch {t.global_batch} / "
-                     f"{shards} shards) do not split into {p.microbatches} micro-batches")
+    raise ValueError(
+      f"{local} sequences per batch shard (global batch {t.global_batch} / "
+      f"{shards} shards) do not split into {p.microbatches} micro-batches"
+    )
   in_flight = int(schedules.peak_activations(sched).max())
   n_slots = sched.n_dirs * n_st // p.pipe
   copies = int(round(sched.params_per_rank().max()))
-  return Layout(sched, n_st, -(-m.n_moe_layers // n_st), even, shards, local, p.microbatches,
-                local // p.microbatches, t.seq_len, in_flight, n_slots, sched.n_dirs, copies,
-                n_nodes, ext)
+  return Layout(
+    sched,
+    n_st,
+    -(-m.n_moe_layers // n_st),
+    even,
+    shards,
+    local,
+    p.microbatches,
+    local // p.microbatches,
+    t.seq_len,
+    in_flight,
+    n_slots,
+    sched.n_dirs,
+    copies,
+    n_nodes,
+    ext,
+  )
 
 
 # ----------------------------------------------------------------------------- state
@@ -274,8 +341,9 @@ def abstract_state(cfg: Config, mesh) -> _State:
   gd, params, biases = nnx.split(model_lib.abstract(cfg.model), nnx.Param, RouterBias)
   specs = plan.param_specs(params)
   pure = nnx.to_pure_dict(params)
-  return _State(gd, params, pure, specs, sharding.zero1_specs(pure, specs, mesh),
-                nnx.to_pure_dict(biases))
+  return _State(
+    gd, params, pure, specs, sharding.zero1_specs(pure, specs, mesh), nnx.to_pure_dict(biases)
+  )
 
 
 def state_memory(cfg: Config, mesh, state: _State, layout: Layout) -> dict:
@@ -285,18 +353,27 @@ def state_memory(cfg: Config, mesh, state: _State, layout: Layout) -> dict:
   sizes = dict(mesh.shape)
   is_spec = lambda x: isinstance(x, P)
   leaf_bytes = lambda a, s: _nbytes(shard_shape(a.shape, s, sizes), a.dtype)
-  params = sum(jax.tree.leaves(jax.tree.map(leaf_bytes, state.pure, state.specs,
-                                            is_leaf=is_spec)))
-  staged = sum(jax.tree.leaves(jax.tree.map(leaf_bytes, state.pure[sharding.STAGED],
-                                            state.specs[sharding.STAGED], is_leaf=is_spec))
-               ) if sharding.STAGED in state.pure else 0
+  params = sum(jax.tree.leaves(jax.tree.map(leaf_bytes, state.pure, state.specs, is_leaf=is_spec)))
+  staged = (
+    sum(
+      jax.tree.leaves(
+        jax.tree.map(
+          leaf_bytes, state.pure[sharding.STAGED], state.specs[sharding.STAGED], is_leaf=is_spec
+        )
+      )
+    )
+    if sharding.STAGED in state.pure
+    else 0
+  )
   # The optimizer state laid out as the plan lays it out (ZeRO-1), leaf by leaf.
   plan = sharding.plan(cfg, mesh)
   optimizer = make_optimizer(cfg.train)
   abs_opt = jax.eval_shape(optimizer.init, state.pure)
   opt_sh = plan.optimizer_shardings(optimizer, state.params)
-  opt = sum(_nbytes(shard_shape(a.shape, s.spec, sizes), a.dtype)
-            for a, s in zip(jax.tree.leaves(abs_opt), jax.tree.leaves(opt_sh)))
+  opt = sum(
+    _nbytes(shard_shape(a.shape, s.spec, sizes), a.dtype)
+    for a, s in zip(jax.tree.leaves(abs_opt), jax.tree.leaves(opt_sh))
+  )
   biases = sum(_nbytes(b.shape, b.dtype) for b in jax.tree.leaves(state.biases))
   tokens = layout.local_batch * (layout.seq_len + 1) * 4
   # DualPipe: each rank also holds the mirrored chunk (parameters and their gradients).
@@ -311,10 +388,18 @@ def state_memory(cfg: Config, mesh, state: _State, layout: Layout) -> dict:
     accumulators += layout.param_copies * staged if layout.n_slots > 1 else 0
   # The donated step writes the new parameters and moments next to the old ones (XLA
   # releases the old state only once the update is done): one more copy of each.
-  return {"params": params, "grads": params, "optimizer": opt, "router_biases": biases,
-          "step": 4, "batch": tokens, "dualpipe_second_chunk": slot_copies,
-          "pipeline_accumulators": accumulators, "update_copy": params + opt,
-          "staged_params": staged}
+  return {
+    "params": params,
+    "grads": params,
+    "optimizer": opt,
+    "router_biases": biases,
+    "step": 4,
+    "batch": tokens,
+    "dualpipe_second_chunk": slot_copies,
+    "pipeline_accumulators": accumulators,
+    "update_copy": params + opt,
+    "staged_params": staged,
+  }
 
 
 # ----------------------------------------------------------------------------- activations
@@ -337,8 +422,8 @@ def _stored_residual_bytes(fn, params, x, consts, varying) -> tuple[int, list]:
 
   def fwd(*flat):
     pp = jax.tree.unflatten(p_t, flat[:n_p])
-    xx = jax.tree.unflatten(x_t, flat[n_p:n_p + n_x])
-    cc = jax.tree.unflatten(c_t, flat[n_p + n_x:])
+    xx = jax.tree.unflatten(x_t, flat[n_p : n_p + n_x])
+    cc = jax.tree.unflatten(c_t, flat[n_p + n_x :])
     outs, vjp, aux = jax.vjp(lambda a, b: fn(a, b, cc), pp, xx, has_aux=True)
     res, cell["vjp"] = jax.tree.flatten(vjp)
     o, cell["outs"] = jax.tree.flatten(outs)
@@ -358,11 +443,11 @@ def _stored_residual_bytes(fn, params, x, consts, varying) -> tuple[int, list]:
     dp, dx = vjp(jax.tree.unflatten(cell["outs"], flat[n_r:]))
     return jax.tree.leaves(dp) + jax.tree.leaves(dx)
 
-  avals = [v.aval for v in res_vars] + [v.aval for v in jaxpr.outvars[:cell["n_o"]]]
+  avals = [v.aval for v in res_vars] + [v.aval for v in jaxpr.outvars[: cell["n_o"]]]
   bw = jax.make_jaxpr(bwd)(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals))
   bj = pe.convert_constvars_jaxpr(bw.jaxpr)
   _, used = pe.dce_jaxpr(bj, [True] * len(bj.outvars))
-  used_res = used[len(bw.consts):len(bw.consts) + n_r]
+  used_res = used[len(bw.consts) : len(bw.consts) + n_r]
   sources = [False] * (n_k + n_p) + [True] * n_x + list(varying)
   tainted = stage_vjp._tainted(jaxpr, sources)
   n_out, stored = len(jaxpr.outvars), {}
@@ -376,18 +461,21 @@ def _stored_residual_bytes(fn, params, x, consts, varying) -> tuple[int, list]:
 
 def _largest(avals, n: int = 3) -> list:
   """The `n` largest avals as [bytes, 'dtype[shape]'] (what dominates an estimate)."""
-  rows = sorted(((int(a.size * a.dtype.itemsize), f"{a.dtype}{list(a.shape)}") for a in avals),
-                reverse=True)
+  rows = sorted(
+    ((int(a.size * a.dtype.itemsize), f"{a.dtype}{list(a.shape)}") for a in avals), reverse=True
+  )
   return [list(r) for r in rows[:n]]
 
 
 def _local_tree(tree, specs, sizes: dict, drop_lead: int = 0, lead=None):
   """ShapeDtypeStructs of each leaf's shard (optionally replacing the leading axis)."""
+
   def one(a, s):
     shape = shard_shape(a.shape, s, sizes)
     if lead is not None:
       shape = (lead,) + shape[1:]
     return jax.ShapeDtypeStruct(shape, a.dtype)
+
   return jax.tree.map(one, tree, specs, is_leaf=lambda x: isinstance(x, P))
 
 
@@ -417,36 +505,44 @@ def traced_activations(cfg: Config, mesh, state: _State, layout: Layout) -> dict
     def body():
       def fn(p, x, consts):
         b, tok = consts
-        loss, _, loads = model_losses(nnx.merge(state.graphdef, p, b), tok, cfg.train,
-                                      routed=routed)
+        loss, _, loads = model_losses(
+          nnx.merge(state.graphdef, p, b), tok, cfg.train, routed=routed
+        )
         return (loss + 0 * x,), loads
+
       n_b = len(jax.tree.leaves(biases))
       cell["bytes"], avals = _stored_residual_bytes(
-          fn, params, jnp.zeros((), jnp.float32), (biases, tokens), [False] * n_b + [True])
+        fn, params, jnp.zeros((), jnp.float32), (biases, tokens), [False] * n_b + [True]
+      )
       cell["largest"] = _largest(avals)
       return jnp.zeros(())
   else:
     from dsv3_jax.train import pipeline_step
 
     n_st = layout.n_stages
-    chunk_p = _local_tree(state.pure[sharding.STAGED], state.specs[sharding.STAGED], sizes,
-                          lead=layout.layers_per_stage)
-    shared_p = _local_tree({k: v for k, v in state.pure.items() if k != sharding.STAGED},
-                           {k: v for k, v in state.specs.items() if k != sharding.STAGED},
-                           sizes)
-    chunk_b = jax.tree.map(lambda b: jax.ShapeDtypeStruct((layout.layers_per_stage,)
-                                                          + b.shape[1:], b.dtype),
-                           biases[sharding.STAGED])
+    chunk_p = _local_tree(
+      state.pure[sharding.STAGED], state.specs[sharding.STAGED], sizes, lead=layout.layers_per_stage
+    )
+    shared_p = _local_tree(
+      {k: v for k, v in state.pure.items() if k != sharding.STAGED},
+      {k: v for k, v in state.specs.items() if k != sharding.STAGED},
+      sizes,
+    )
+    chunk_b = jax.tree.map(
+      lambda b: jax.ShapeDtypeStruct((layout.layers_per_stage,) + b.shape[1:], b.dtype),
+      biases[sharding.STAGED],
+    )
     shared_b = {k: v for k, v in biases.items() if k != sharding.STAGED}
     stage_cfg = cfg
     if not layout.even:  # trace a model whose stack splits evenly: the busiest stage's size
-      stage_cfg = config_lib.replace(cfg, model={"num_hidden_layers": cfg.model.n_dense_layers
-                                                 + layout.layers_per_stage * n_st})
+      stage_cfg = config_lib.replace(
+        cfg, model={"num_hidden_layers": cfg.model.n_dense_layers + layout.layers_per_stage * n_st}
+      )
     gd = nnx.split(model_lib.abstract(stage_cfg.model), nnx.Param, RouterBias)[0]
-    stage_fn = pipeline_step.make_stage_fn(gd, stage_cfg, n_st, 1.0 / layout.n_mb,
-                                           routed=routed)
-    act = jax.ShapeDtypeStruct((n_mb_tok, layout.seq_len, cfg.model.hidden_size),
-                               jnp.dtype(cfg.model.dtype))
+    stage_fn = pipeline_step.make_stage_fn(gd, stage_cfg, n_st, 1.0 / layout.n_mb, routed=routed)
+    act = jax.ShapeDtypeStruct(
+      (n_mb_tok, layout.seq_len, cfg.model.hidden_size), jnp.dtype(cfg.model.dtype)
+    )
 
     def body():
       from dsv3_jax.parallel.stage_vjp import StageVJP
@@ -454,6 +550,7 @@ def traced_activations(cfg: Config, mesh, state: _State, layout: Layout) -> dict
       def fn(params, x, consts):
         (sp, shp), (sc, shc, mb, stage) = params, consts
         return stage_fn(sp, shp, x, sc, shc, mb, stage)
+
       consts = (chunk_b, shared_b, tokens, jax.ShapeDtypeStruct((), jnp.int32))
       n_c = len(jax.tree.leaves(consts[:2]))
       # The executor's own split (as `Pipeline` builds it): what F stores for B/W (r1) and
@@ -466,8 +563,12 @@ def traced_activations(cfg: Config, mesh, state: _State, layout: Layout) -> dict
   jax.eval_shape(jax.shard_map(body, mesh=mesh, in_specs=(), out_specs=P(), check_vma=False))
   if layout.schedule is None:
     per_mb = cell["bytes"]
-    return {"per_microbatch_stage": per_mb, "in_flight": 1, "activations": per_mb,
-            "largest_residuals": cell["largest"]}
+    return {
+      "per_microbatch_stage": per_mb,
+      "in_flight": 1,
+      "activations": per_mb,
+      "largest_residuals": cell["largest"],
+    }
   # The executor's buffers: entries sized by its free-list over the schedule, plus an
   # always-zero and a scratch entry each (`parallel/pipeline.make_plan`).
   from dsv3_jax.parallel import pipeline as pipeline_lib
@@ -475,11 +576,20 @@ def traced_activations(cfg: Config, mesh, state: _State, layout: Layout) -> dict
   sizes_ = pipeline_lib.make_plan(layout.schedule).sizes
   a = math.prod(act.shape) * act.dtype.itemsize
   # Every tick also reads one entry of each residual buffer and makes a new one: two more.
-  buffers = {"r1": (sizes_["r1"] + 4) * cell["r1"], "r2": (sizes_["r2"] + 4) * cell["r2"],
-             "act_grad": (sizes_["act"] + sizes_["grad"] + 4) * a}
-  return {"per_microbatch_stage": cell["r1"], "r2_per_microbatch_stage": cell["r2"],
-          "buffer_entries": dict(sizes_), "buffers": buffers, "in_flight": sizes_["r1"],
-          "activations": sum(buffers.values()), "largest_residuals": cell["largest"]}
+  buffers = {
+    "r1": (sizes_["r1"] + 4) * cell["r1"],
+    "r2": (sizes_["r2"] + 4) * cell["r2"],
+    "act_grad": (sizes_["act"] + sizes_["grad"] + 4) * a,
+  }
+  return {
+    "per_microbatch_stage": cell["r1"],
+    "r2_per_microbatch_stage": cell["r2"],
+    "buffer_entries": dict(sizes_),
+    "buffers": buffers,
+    "in_flight": sizes_["r1"],
+    "activations": sum(buffers.values()),
+    "largest_residuals": cell["largest"],
+  }
 
 
 def recipe_layer_bytes(cfg: Config, n: int) -> dict:
@@ -502,8 +612,12 @@ def recipe_layer_bytes(cfg: Config, n: int) -> dict:
   resid = 2 * d * a
   mla = (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim) * a + h * m.v_head_dim * a + h * 4
   f, fs = m.moe_intermediate_size, m.moe_intermediate_size * m.n_shared_experts
-  moe = (m.n_routed_experts * 4 + k * 4 + k * (d * c + 2 * f * c + d * a)
-         + (d * c + 2 * fs * c if fs else 0))
+  moe = (
+    m.n_routed_experts * 4
+    + k * 4
+    + k * (d * c + 2 * f * c + d * a)
+    + (d * c + 2 * fs * c if fs else 0)
+  )
   dense = d * c + 2 * m.intermediate_size * c
   return {"residual_stream": resid * n, "mla": mla * n, "moe": moe * n, "dense_mlp": dense * n}
 
@@ -521,7 +635,8 @@ def recipe_activations(cfg: Config, layout: Layout) -> dict:
   a = jnp.dtype(m.dtype).itemsize
   first = m.n_dense_layers * dense_layer
   last = n * m.hidden_size * a + m.num_nextn_predict_layers * (
-      moe_layer + n * 3 * m.hidden_size * a)  # MTP: its block + the concat and projection
+    moe_layer + n * 3 * m.hidden_size * a
+  )  # MTP: its block + the concat and projection
   stage = layout.layers_per_stage * moe_layer
   if layout.schedule is None:
     per_entry = stage + first + last
@@ -529,9 +644,13 @@ def recipe_activations(cfg: Config, layout: Layout) -> dict:
     per_entry = stage + (first + last) / 2
   else:  # 1F1B: rank 0 holds the embedding stage and the most entries
     per_entry = stage + first
-  return {"per_layer": {k: int(v) for k, v in per.items()},
-          "moe_layer": int(moe_layer), "per_microbatch_stage": int(per_entry),
-          "in_flight": layout.in_flight, "activations": int(per_entry * layout.in_flight)}
+  return {
+    "per_layer": {k: int(v) for k, v in per.items()},
+    "moe_layer": int(moe_layer),
+    "per_microbatch_stage": int(per_entry),
+    "in_flight": layout.in_flight,
+    "activations": int(per_entry * layout.in_flight),
+  }
 
 
 # ----------------------------------------------------------------------------- communication
@@ -565,19 +684,26 @@ def communication(cfg: Config, mesh, state: _State, layout: Layout) -> dict:
     per_token_nv = local_fwd * m.hidden_size * 2 * (disp + comb)
     # MoE layers a token passes through on this rank: its chunks' layers (DualPipe runs each
     # micro-batch through one of its two chunks) and the MTP modules on the last stage's rank.
-    passes = ((layout.n_slots * layout.layers_per_stage + m.num_nextn_predict_layers)
-              / layout.n_dirs if layout.schedule is not None
-              else m.n_moe_layers + m.num_nextn_predict_layers)
+    passes = (
+      (layout.n_slots * layout.layers_per_stage + m.num_nextn_predict_layers) / layout.n_dirs
+      if layout.schedule is not None
+      else m.n_moe_layers + m.num_nextn_predict_layers
+    )
     tokens = layout.local_batch * layout.seq_len * passes
-    out["expert_all_to_all"] = {"nvlink": per_token_nv * tokens, "ib": per_token_ib * tokens,
-                                "nodes_per_token": reach, "remote_nodes_per_token": remote,
-                                "moe_layer_passes": passes}
+    out["expert_all_to_all"] = {
+      "nvlink": per_token_nv * tokens,
+      "ib": per_token_ib * tokens,
+      "nodes_per_token": reach,
+      "remote_nodes_per_token": remote,
+      "moe_layer_passes": passes,
+    }
 
   # Pipeline sends: each micro-batch's activation forward and gradient backward per stage
   # boundary; a rank sends both for every micro-batch it runs.
   if layout.schedule is not None:
-    nbytes = (2 * layout.local_batch * layout.seq_len * m.hidden_size * a
-              * layout.n_slots / layout.n_dirs)
+    nbytes = (
+      2 * layout.local_batch * layout.seq_len * m.hidden_size * a * layout.n_slots / layout.n_dirs
+    )
     link = "ib" if ext["pipe"] < sizes["pipe"] else "nvlink"
     out["pipeline_sends"] = {"nvlink": 0.0, "ib": 0.0, link: nbytes}
 
@@ -588,8 +714,11 @@ def communication(cfg: Config, mesh, state: _State, layout: Layout) -> dict:
   ag = {"nvlink": 0.0, "ib": 0.0}
   ar = {"nvlink": 0.0, "ib": 0.0}
   is_spec = lambda x: isinstance(x, P)
-  leaves = zip(jax.tree.leaves(state.pure), jax.tree.leaves(state.specs, is_leaf=is_spec),
-               jax.tree.leaves(state.zero1, is_leaf=is_spec))
+  leaves = zip(
+    jax.tree.leaves(state.pure),
+    jax.tree.leaves(state.specs, is_leaf=is_spec),
+    jax.tree.leaves(state.zero1, is_leaf=is_spec),
+  )
   for p, spec, zspec in leaves:
     used = _axes(spec)
     zero = [x for x in AXES if x in _axes(zspec) - used and sizes[x] > 1]
@@ -608,32 +737,43 @@ def communication(cfg: Config, mesh, state: _State, layout: Layout) -> dict:
   out["zero1_param_all_gather"] = ag
   if ar["nvlink"] or ar["ib"]:
     out["replicated_grad_all_reduce"] = ar
-  out["total"] = {link: sum(v[link] for k, v in out.items() if isinstance(v, dict))
-                  for link in ("nvlink", "ib")}
+  out["total"] = {
+    link: sum(v[link] for k, v in out.items() if isinstance(v, dict)) for link in ("nvlink", "ib")
+  }
   return out
 
 
 # ----------------------------------------------------------------------------- time
-def timing(cfg: Config, mesh, layout: Layout, comm: dict, hw: Hardware,
-           efficiency: float = 1.0) -> dict:
+def timing(
+  cfg: Config, mesh, layout: Layout, comm: dict, hw: Hardware, efficiency: float = 1.0
+) -> dict:
   """Step time from the compute at `efficiency` x peak, the schedule and the links."""
   m, n_dev = cfg.model, mesh.size
   tokens_step = cfg.train.global_batch * cfg.train.seq_len
   model_flops = counts.flops_per_token(m, cfg.train.seq_len) * tokens_step
   peak = hw.flops[m.matmul_precision]
   # The busiest stage's share: its MoE layers over the mean (uneven stages hold more).
-  imbalance = (layout.layers_per_stage * layout.n_stages / m.n_moe_layers
-               if layout.schedule is not None else 1.0)
+  imbalance = (
+    layout.layers_per_stage * layout.n_stages / m.n_moe_layers
+    if layout.schedule is not None
+    else 1.0
+  )
   device_flops = model_flops / n_dev * imbalance
   t_compute = device_flops / (peak * efficiency)
   a2a = comm.get("expert_all_to_all", {"nvlink": 0.0, "ib": 0.0})
   t_a2a = max(a2a["nvlink"] / hw.nvlink, a2a["ib"] / hw.ib)  # NVLink and IB run concurrently
   dp_keys = ("zero1_grad_reduce_scatter", "zero1_param_all_gather", "replicated_grad_all_reduce")
   t_dp = sum(comm[k]["nvlink"] / hw.nvlink + comm[k]["ib"] / hw.ib for k in dp_keys if k in comm)
-  out = {"peak_flops": peak, "efficiency": efficiency, "model_flops_per_step": model_flops,
-         "device_flops_per_step": device_flops, "compute_s": t_compute,
-         "expert_all_to_all_s": t_a2a, "dp_sync_s": t_dp,
-         "comm_to_compute": t_a2a / t_compute if t_compute else 0.0}
+  out = {
+    "peak_flops": peak,
+    "efficiency": efficiency,
+    "model_flops_per_step": model_flops,
+    "device_flops_per_step": device_flops,
+    "compute_s": t_compute,
+    "expert_all_to_all_s": t_a2a,
+    "dp_sync_s": t_dp,
+    "comm_to_compute": t_a2a / t_compute if t_compute else 0.0,
+  }
   if layout.schedule is None:
     step = t_compute + t_a2a  # no second micro-batch to hide the all-to-all behind
     out.update(bubble_s=0.0, exposed_all_to_all_s=t_a2a)
@@ -643,15 +783,23 @@ def timing(cfg: Config, mesh, layout: Layout, comm: dict, hw: Hardware,
     af = ab = t_a2a / passes / 2  # the all-to-all of one pass's forward / backward
     p2p = comm["pipeline_sends"]
     hop = (p2p["ib"] / hw.ib + p2p["nvlink"] / hw.nvlink) / (2 * passes)
-    costs = schedules.Costs(F=f + af, B=b + ab, W=w, BW=b + w + ab,
-                            # DualPipe overlaps one micro-batch's all-to-all with the other's
-                            # compute (§3.2.1): a pair costs the larger of the two.
-                            FB=max(f + b + w, af + ab), comm=hop)
+    costs = schedules.Costs(
+      F=f + af,
+      B=b + ab,
+      W=w,
+      BW=b + w + ab,
+      # DualPipe overlaps one micro-batch's all-to-all with the other's
+      # compute (§3.2.1): a pair costs the larger of the two.
+      FB=max(f + b + w, af + ab),
+      comm=hop,
+    )
     sim = schedules.simulate(layout.schedule, costs)
     busy_compute = t_compute
     step = sim.makespan
-    out.update(bubble_s=float(sim.max_bubble),
-               exposed_all_to_all_s=max(0.0, step - busy_compute - float(sim.max_bubble)))
+    out.update(
+      bubble_s=float(sim.max_bubble),
+      exposed_all_to_all_s=max(0.0, step - busy_compute - float(sim.max_bubble)),
+    )
   step += t_dp
   out["step_s"] = step
   out["mfu"] = model_flops / (n_dev * peak * step) if step else 0.0
@@ -660,11 +808,20 @@ def timing(cfg: Config, mesh, layout: Layout, comm: dict, hw: Hardware,
 
 
 # ----------------------------------------------------------------------------- the plan
-def plan_training(cfg: Config, mesh_sizes: dict | str, *, node_size: int = 8,
-                  hardware_name: str = "h800", schedule: Optional[str] = None,
-                  microbatches: Optional[int] = None, seq_len: Optional[int] = None,
-                  global_batch: Optional[int] = None, uneven_stages: bool = False,
-                  trace: bool = True, efficiency: float = 1.0) -> dict:
+def plan_training(
+  cfg: Config,
+  mesh_sizes: dict | str,
+  *,
+  node_size: int = 8,
+  hardware_name: str = "h800",
+  schedule: Optional[str] = None,
+  microbatches: Optional[int] = None,
+  seq_len: Optional[int] = None,
+  global_batch: Optional[int] = None,
+  uneven_stages: bool = False,
+  trace: bool = True,
+  efficiency: float = 1.0,
+) -> dict:
   """Memory, communication and time per device of training `cfg` on a mesh of `mesh_sizes`
   ({'data': .., 'expert': .., 'pipe': ..} or 'data:2,expert:64,pipe:16'); JSON-able.
 
@@ -672,45 +829,79 @@ def plan_training(cfg: Config, mesh_sizes: dict | str, *, node_size: int = 8,
   Raises ValueError, before tracing anything, when the mesh does not divide the config.
   """
   sizes = parse_mesh(mesh_sizes) if isinstance(mesh_sizes, str) else dict(mesh_sizes)
-  cfg = configure(cfg, sizes, node_size=node_size, schedule=schedule,
-                  microbatches=microbatches, seq_len=seq_len, global_batch=global_batch)
+  cfg = configure(
+    cfg,
+    sizes,
+    node_size=node_size,
+    schedule=schedule,
+    microbatches=microbatches,
+    seq_len=seq_len,
+    global_batch=global_batch,
+  )
   layout = check(cfg, node_size, uneven_stages)
   hw = hardware(hardware_name)
   mesh = abstract_mesh(sizes)
   state = abstract_state(cfg, mesh)
   mem = state_memory(cfg, mesh, state, layout)
   recipe = recipe_activations(cfg, layout)
-  static = (mem["params"] + mem["grads"] + mem["optimizer"] + mem["router_biases"]
-            + mem["step"] + mem["batch"])
-  memory = dict(mem, activations_recipe=recipe["activations"],
-                total_recipe=static + mem["dualpipe_second_chunk"] + recipe["activations"])
+  static = (
+    mem["params"]
+    + mem["grads"]
+    + mem["optimizer"]
+    + mem["router_biases"]
+    + mem["step"]
+    + mem["batch"]
+  )
+  memory = dict(
+    mem,
+    activations_recipe=recipe["activations"],
+    total_recipe=static + mem["dualpipe_second_chunk"] + recipe["activations"],
+  )
   traced = None
   if trace:
     traced = traced_activations(cfg, mesh, state, layout)
     memory["activations_traced"] = traced["activations"]
-    memory["total_traced"] = (static + mem["pipeline_accumulators"] + mem["update_copy"]
-                              + traced["activations"])
+    memory["total_traced"] = (
+      static + mem["pipeline_accumulators"] + mem["update_copy"] + traced["activations"]
+    )
   comm = communication(cfg, mesh, state, layout)
   m = cfg.model
   return {
-      "config": {"layers": m.num_hidden_layers, "moe_layers": m.n_moe_layers,
-                 "experts": m.n_routed_experts, "params_total": counts.param_counts(m)["total"],
-                 "seq_len": cfg.train.seq_len, "global_batch": cfg.train.global_batch,
-                 "dtype": m.dtype, "matmul_precision": m.matmul_precision},
-      "mesh": sizes, "devices": mesh.size, "node_size": node_size,
-      "nodes_per_ep_group": layout.n_nodes,
-      "schedule": cfg.parallel.pipeline, "microbatches": layout.n_mb,
-      "microbatch_sequences": layout.mb_seqs, "stages": layout.n_stages,
-      "moe_layers_per_stage": layout.layers_per_stage, "even_stages": layout.even,
-      "in_flight": layout.in_flight, "chunks_per_rank": layout.n_slots,
-      "parameter_copies": layout.param_copies,
-      "hardware": {"name": hw.name, "source": hw.source, "memory_bytes": hw.memory,
-                   "nvlink_bytes_s": hw.nvlink, "ib_bytes_s": hw.ib},
-      "memory": memory,
-      "activations_recipe_detail": recipe,
-      "activations_traced_detail": traced,
-      "communication": comm,
-      "time": timing(cfg, mesh, layout, comm, hw, efficiency),
+    "config": {
+      "layers": m.num_hidden_layers,
+      "moe_layers": m.n_moe_layers,
+      "experts": m.n_routed_experts,
+      "params_total": counts.param_counts(m)["total"],
+      "seq_len": cfg.train.seq_len,
+      "global_batch": cfg.train.global_batch,
+      "dtype": m.dtype,
+      "matmul_precision": m.matmul_precision,
+    },
+    "mesh": sizes,
+    "devices": mesh.size,
+    "node_size": node_size,
+    "nodes_per_ep_group": layout.n_nodes,
+    "schedule": cfg.parallel.pipeline,
+    "microbatches": layout.n_mb,
+    "microbatch_sequences": layout.mb_seqs,
+    "stages": layout.n_stages,
+    "moe_layers_per_stage": layout.layers_per_stage,
+    "even_stages": layout.even,
+    "in_flight": layout.in_flight,
+    "chunks_per_rank": layout.n_slots,
+    "parameter_copies": layout.param_copies,
+    "hardware": {
+      "name": hw.name,
+      "source": hw.source,
+      "memory_bytes": hw.memory,
+      "nvlink_bytes_s": hw.nvlink,
+      "ib_bytes_s": hw.ib,
+    },
+    "memory": memory,
+    "activations_recipe_detail": recipe,
+    "activations_traced_detail": traced,
+    "communication": comm,
+    "time": timing(cfg, mesh, layout, comm, hw, efficiency),
   }
 
 
@@ -725,72 +916,102 @@ def format_table(r: dict) -> str:
   if r["schedule"] == "none":
     pipe = f"no pipeline, {r['microbatch_sequences']} sequence(s) per device"
   else:
-    pipe = (f"{r['schedule']}: {r['stages']} stages, {r['moe_layers_per_stage']} MoE layers "
-            f"on the busiest{'' if r['even_stages'] else ' (uneven)'}, {r['microbatches']} "
-            f"micro-batches of {r['microbatch_sequences']} sequence(s), {r['in_flight']} in "
-            "flight")
+    pipe = (
+      f"{r['schedule']}: {r['stages']} stages, {r['moe_layers_per_stage']} MoE layers "
+      f"on the busiest{'' if r['even_stages'] else ' (uneven)'}, {r['microbatches']} "
+      f"micro-batches of {r['microbatch_sequences']} sequence(s), {r['in_flight']} in "
+      "flight"
+    )
   lines = [
-      f"{size} params ({c['moe_layers']} MoE layers, {c['experts']} experts), "
-      f"{c['matmul_precision']} matmuls, {c['dtype']} activations; seq {c['seq_len']}, "
-      f"batch {c['global_batch']}",
-      f"mesh {mesh} = {r['devices']} devices, {r['node_size']} per node "
-      f"({r['nodes_per_ep_group']} nodes per EP group); {pipe}",
-      "",
-      "memory per device",
-      f"  parameters (fp32 masters)        {g(mem['params'])}",
-      f"  gradients (fp32)                 {g(mem['grads'])}",
-      f"  optimizer (bf16 moments, ZeRO-1) {g(mem['optimizer'])}",
+    f"{size} params ({c['moe_layers']} MoE layers, {c['experts']} experts), "
+    f"{c['matmul_precision']} matmuls, {c['dtype']} activations; seq {c['seq_len']}, "
+    f"batch {c['global_batch']}",
+    f"mesh {mesh} = {r['devices']} devices, {r['node_size']} per node "
+    f"({r['nodes_per_ep_group']} nodes per EP group); {pipe}",
+    "",
+    "memory per device",
+    f"  parameters (fp32 masters)        {g(mem['params'])}",
+    f"  gradients (fp32)                 {g(mem['grads'])}",
+    f"  optimizer (bf16 moments, ZeRO-1) {g(mem['optimizer'])}",
   ]
   if mem["dualpipe_second_chunk"]:
     lines.append(f"  DualPipe second chunk (p + g)    {g(mem['dualpipe_second_chunk'])}")
-  lines.append(f"  batch, router biases, step       "
-               f"{g(mem['batch'] + mem['router_biases'] + mem['step'])}")
+  lines.append(
+    f"  batch, router biases, step       {g(mem['batch'] + mem['router_biases'] + mem['step'])}"
+  )
   lines.append(f"  activations, report's recipe     {g(mem['activations_recipe'])}")
   if "activations_traced" in mem:
     lines.append(f"  activations, this code (traced)  {g(mem['activations_traced'])}")
     size, name = r["activations_traced_detail"]["largest_residuals"][0]
     lines.append(f"    (largest residual {name}: {size / GB:.2f} GB per micro-batch-stage)")
   if "activations_traced" in mem:
-    lines.append(f"  this code's step temporaries     "
-                 f"{g(mem['pipeline_accumulators'] + mem['update_copy'])}"
-                 "  (pipeline accumulators, updated state)")
+    lines.append(
+      f"  this code's step temporaries     "
+      f"{g(mem['pipeline_accumulators'] + mem['update_copy'])}"
+      "  (pipeline accumulators, updated state)"
+    )
   lines.append(f"  total, report's recipe           {g(mem['total_recipe'])}")
   if "total_traced" in mem:
     lines.append(f"  total, this code                 {g(mem['total_traced'])}")
   if r["hardware"]["memory_bytes"]:
     lines.append(f"  ({r['hardware']['name']} memory {g(r['hardware']['memory_bytes']).strip()})")
   lines += ["", "communication per device per step        NVLink           IB"]
-  for key, label in (("expert_all_to_all", "expert all-to-all (fwd + bwd)"),
-                     ("pipeline_sends", "pipeline sends (act + grad)"),
-                     ("zero1_grad_reduce_scatter", "ZeRO-1 grad reduce-scatter"),
-                     ("zero1_param_all_gather", "ZeRO-1 param all-gather"),
-                     ("replicated_grad_all_reduce", "all-reduce, replicated over pipe"),
-                     ("total", "total")):
+  for key, label in (
+    ("expert_all_to_all", "expert all-to-all (fwd + bwd)"),
+    ("pipeline_sends", "pipeline sends (act + grad)"),
+    ("zero1_grad_reduce_scatter", "ZeRO-1 grad reduce-scatter"),
+    ("zero1_param_all_gather", "ZeRO-1 param all-gather"),
+    ("replicated_grad_all_reduce", "all-reduce, replicated over pipe"),
+    ("total", "total"),
+  ):
     if key in comm:
       lines.append(f"  {label:<34}{g(comm[key]['nvlink'])}{g(comm[key]['ib'])}")
   if "expert_all_to_all" in comm:
     e = comm["expert_all_to_all"]
-    lines.append(f"  (a token reaches <= {e['nodes_per_token']} nodes, "
-                 f"{e['remote_nodes_per_token']:.2f} remote on average; "
-                 f"{e['moe_layer_passes']:g} MoE layer passes per token)")
-  peak = (f"{t['peak_flops'] / 1e12:.0f} TFLOPS" if t["peak_flops"] >= 1e12
-          else f"{t['peak_flops'] / 1e9:.0f} GFLOPS")
+    lines.append(
+      f"  (a token reaches <= {e['nodes_per_token']} nodes, "
+      f"{e['remote_nodes_per_token']:.2f} remote on average; "
+      f"{e['moe_layer_passes']:g} MoE layer passes per token)"
+    )
+  peak = (
+    f"{t['peak_flops'] / 1e12:.0f} TFLOPS"
+    if t["peak_flops"] >= 1e12
+    else f"{t['peak_flops'] / 1e9:.0f} GFLOPS"
+  )
   lines += [
-      "", f"time per step on {r['hardware']['name']} ({r['hardware']['source']})",
-      f"  {'compute at ' + format(t['efficiency'], '.0%') + ' of ' + peak:<33}"
-      f"{t['compute_s']:10.3f} s",
-      f"  expert all-to-all                {t['expert_all_to_all_s']:10.3f} s  "
-      f"(comm : compute = {t['comm_to_compute']:.2f} : 1)",
-      f"  pipeline bubble                  {t['bubble_s']:10.3f} s",
-      f"  exposed all-to-all               {t['exposed_all_to_all_s']:10.3f} s",
-      f"  data-parallel sync               {t['dp_sync_s']:10.3f} s",
-      f"  step                             {t['step_s']:10.3f} s   MFU {t['mfu']:.1%}, "
-      f"{t['tokens_per_s']:,.0f} tokens/s",
+    "",
+    f"time per step on {r['hardware']['name']} ({r['hardware']['source']})",
+    f"  {'compute at ' + format(t['efficiency'], '.0%') + ' of ' + peak:<33}"
+    f"{t['compute_s']:10.3f} s",
+    f"  expert all-to-all                {t['expert_all_to_all_s']:10.3f} s  "
+    f"(comm : compute = {t['comm_to_compute']:.2f} : 1)",
+    f"  pipeline bubble                  {t['bubble_s']:10.3f} s",
+    f"  exposed all-to-all               {t['exposed_all_to_all_s']:10.3f} s",
+    f"  data-parallel sync               {t['dp_sync_s']:10.3f} s",
+    f"  step                             {t['step_s']:10.3f} s   MFU {t['mfu']:.1%}, "
+    f"{t['tokens_per_s']:,.0f} tokens/s",
   ]
   return "\n".join(lines)
 
 
-__all__ = ["HARDWARE", "Hardware", "Layout", "abstract_mesh", "check", "communication",
-           "configure", "format_table", "hardware", "measure_cpu", "node_extents",
-           "parse_mesh", "plan_training", "recipe_activations", "recipe_layer_bytes",
-           "shard_shape", "state_memory", "timing", "traced_activations"]
+__all__ = [
+  "HARDWARE",
+  "Hardware",
+  "Layout",
+  "abstract_mesh",
+  "check",
+  "communication",
+  "configure",
+  "format_table",
+  "hardware",
+  "measure_cpu",
+  "node_extents",
+  "parse_mesh",
+  "plan_training",
+  "recipe_activations",
+  "recipe_layer_bytes",
+  "shard_shape",
+  "state_memory",
+  "timing",
+  "traced_activations",
+]

@@ -48,21 +48,20 @@ STAGED = "moe"  # the stacked layers a pipeline cuts into stages (leading layer 
 # (ZeRO-1 shards only the optimizer state); `layers` is the stacked-layer axis; routed
 # experts live on the `expert` axis (E / expert experts per rank).
 RULES = {
-    "batch": BATCH,
-    "layers": None,
-    "vocab": None,
-    "embed": None,
-    "heads": None,
-    "q_lora": None,
-    "kv_lora": None,
-    "mlp": None,
-    "norm": None,
-    "mtp_in": None,
-    "experts_gate": None,
-    "expert": "expert",
-    "expert_mlp": None,
+  "batch": BATCH,
+  "layers": None,
+  "vocab": None,
+  "embed": None,
+  "heads": None,
+  "q_lora": None,
+  "kv_lora": None,
+  "mlp": None,
+  "norm": None,
+  "mtp_in": None,
+  "experts_gate": None,
+  "expert": "expert",
+  "expert_mlp": None,
 }
-
 
 
 def logical_to_mesh(axes: Sequence[str | None], ndim: int) -> P:
@@ -93,8 +92,7 @@ def param_specs(state, staged_axis: Optional[str] = None) -> dict:
 
 
 def shardings(mesh: Mesh, specs) -> object:
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -141,8 +139,12 @@ def zero1_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
 
 def zero1_specs(abstract_params, specs, mesh: Mesh):
   """`zero1_spec` over a params tree (ShapeDtypeStructs or arrays) and its PartitionSpecs."""
-  return jax.tree.map(lambda p, s: zero1_spec(s, p.shape, mesh), abstract_params, specs,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+    lambda p, s: zero1_spec(s, p.shape, mesh),
+    abstract_params,
+    specs,
+    is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 def bytes_per_device(tree) -> int:
@@ -215,17 +217,22 @@ class ShardingPlan:
   def bias_shardings(self, biases: dict) -> dict:
     return jax.tree.map(lambda _: self.replicated, biases)
 
-  def optimizer_shardings(self, optimizer: optax.GradientTransformation, abstract_params_state,
-                          zero1: bool = True):
+  def optimizer_shardings(
+    self, optimizer: optax.GradientTransformation, abstract_params_state, zero1: bool = True
+  ):
     """Shardings of `optimizer.init(params)`: ZeRO-1 moments (or laid out like the params)."""
     pure = _pure(abstract_params_state)
     specs = self.param_specs(abstract_params_state)
     if zero1:
       specs = zero1_specs(pure, specs, self.mesh)
     abs_opt = jax.eval_shape(optimizer.init, pure)
-    return optax.tree_map_params(optimizer, lambda _, s: s, abs_opt,
-                                 shardings(self.mesh, specs),
-                                 transform_non_params=lambda _: self.replicated)
+    return optax.tree_map_params(
+      optimizer,
+      lambda _, s: s,
+      abs_opt,
+      shardings(self.mesh, specs),
+      transform_non_params=lambda _: self.replicated,
+    )
 
   def describe(self) -> str:
     ep = self.expert_parallel
@@ -233,10 +240,12 @@ class ShardingPlan:
     if ep is None:
       return f"mesh {shape}; routed experts on every device"
     m = self.cfg.model
-    return (f"mesh {shape}; expert parallel: {ep.size} EP ranks in {ep.n_nodes} nodes, "
-            f"{m.n_routed_experts // ep.size} experts per rank, a token reaches at most "
-            f"{expert_lib.max_nodes_per_token(m, ep.n_nodes)} nodes, capacity factor "
-            f"{ep.capacity_factor or '0 (dropless)'}")
+    return (
+      f"mesh {shape}; expert parallel: {ep.size} EP ranks in {ep.n_nodes} nodes, "
+      f"{m.n_routed_experts // ep.size} experts per rank, a token reaches at most "
+      f"{expert_lib.max_nodes_per_token(m, ep.n_nodes)} nodes, capacity factor "
+      f"{ep.capacity_factor or '0 (dropless)'}"
+    )
 
 
 def _routed_ep(x_BxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, *, ep, dispatch):
@@ -244,8 +253,9 @@ def _routed_ep(x_BxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, *, ep, dispatch):
 
 
 def _routed_ep_local(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, *, ep, dispatch):
-  return expert_lib.shard_routed_experts(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, cfg=cfg, ep=ep,
-                                         reduce_stats=False, dispatch=dispatch)
+  return expert_lib.shard_routed_experts(
+    x_bxLxD, gate_DxE, bias_E, w1, w3, w2, cfg=cfg, ep=ep, reduce_stats=False, dispatch=dispatch
+  )
 
 
 def _pure(state) -> dict:

@@ -86,8 +86,9 @@ class StageVJP:
   programs must get the same ``params`` and ``consts`` as the forward did.
   """
 
-  def __init__(self, fn: Callable, params: Any, x: Any, consts: Any,
-               varying: Sequence[bool] | None = None):
+  def __init__(
+    self, fn: Callable, params: Any, x: Any, consts: Any, varying: Sequence[bool] | None = None
+  ):
     self.fn = fn
     p_leaves, self.p_tree = jax.tree.flatten(params)
     x_leaves, self.x_tree = jax.tree.flatten(x)
@@ -99,9 +100,14 @@ class StageVJP:
     cell = {}
 
     def fwd(*flat):
-      p, x_, c = (jax.tree.unflatten(t, v) for t, v in (
-          (self.p_tree, flat[:n_p]), (self.x_tree, flat[n_p:n_p + n_x]),
-          (self.c_tree, flat[n_p + n_x:])))
+      p, x_, c = (
+        jax.tree.unflatten(t, v)
+        for t, v in (
+          (self.p_tree, flat[:n_p]),
+          (self.x_tree, flat[n_p : n_p + n_x]),
+          (self.c_tree, flat[n_p + n_x :]),
+        )
+      )
       outs, vjp, aux = jax.vjp(lambda pp, xx: fn(pp, xx, c), p, x_, has_aux=True)
       res, cell["vjp"] = jax.tree.flatten(vjp)
       o, cell["o"] = jax.tree.flatten(outs)
@@ -125,9 +131,12 @@ class StageVJP:
     # Each residual is re-supplied (an input other than x), recomputed or stored.
     self._res = []
     n_out = len(jaxpr.outvars)
-    for i, v in enumerate(jaxpr.outvars[n_o + n_a:], start=n_o + n_a):
-      if isinstance(v, jcore.Var) and v in invars and not (
-          n_k + n_p <= invars.index(v) < n_k + n_p + n_x):
+    for i, v in enumerate(jaxpr.outvars[n_o + n_a :], start=n_o + n_a):
+      if (
+        isinstance(v, jcore.Var)
+        and v in invars
+        and not (n_k + n_p <= invars.index(v) < n_k + n_p + n_x)
+      ):
         self._res.append(("input", invars.index(v)))
       elif isinstance(v, jcore.Var) and v in bad and _depends(jaxpr, i, n_out, sources):
         self._res.append(("store", None))
@@ -136,13 +145,13 @@ class StageVJP:
     kinds = [k for k, _ in self._res]
     keep = [True] * (n_o + n_a) + [k == "store" for k in kinds]
     self._f = _dce(closed, keep)
-    self.r1_avals = [v.aval for v, k in zip(jaxpr.outvars[n_o + n_a:], kinds) if k == "store"]
+    self.r1_avals = [v.aval for v, k in zip(jaxpr.outvars[n_o + n_a :], kinds) if k == "store"]
     rec = [False] * (n_o + n_a) + [k == "recompute" for k in kinds]
     rec_jaxpr, self._rec_in = pe.dce_jaxpr(jaxpr, rec)
     self._rec = jcore.ClosedJaxpr(rec_jaxpr, ())
 
     # The full backward, traced from the VJP closure over all residuals.
-    res_avals = [v.aval for v in jaxpr.outvars[n_o + n_a:]]
+    res_avals = [v.aval for v in jaxpr.outvars[n_o + n_a :]]
     n_r = len(res_avals)
     o_avals = [v.aval for v in jaxpr.outvars[:n_o]]
 
@@ -160,14 +169,15 @@ class StageVJP:
     # Cut: inside the backward, residuals that dx never reads -> unknown.
     n_bk = len(self._bw_k)
     _, used = pe.dce_jaxpr(bw.jaxpr, [False] * n_p + [True] * n_x)
-    used_r = list(used[n_bk:n_bk + n_r])
+    used_r = list(used[n_bk : n_bk + n_r])
     self._w_r = [not u for u in used_r]
     self.deferred = any(self._w_r)
     if self.deferred:
       unknowns = [False] * n_bk + self._w_r + [False] * n_o
       fwd_ok = [True] * (n_bk + n_r) + [False] * n_o  # a cotangent W needs is stored
       b_jaxpr, w_jaxpr, out_uk, r2_avals, fwds2 = pe.partial_eval_jaxpr_nounits_fwd(
-          bw, unknowns, False, fwd=fwd_ok)
+        bw, unknowns, False, fwd=fwd_ok
+      )
       if any(out_uk[n_p:]):
         raise ValueError("StageVJP: the input gradient depends on a weight-only residual")
       # Weight gradients that need no weight-only residual (norm scales, the embedding's
@@ -184,19 +194,24 @@ class StageVJP:
       self._b_k = list(b_jaxpr.consts)
       n_bbk, n_lead = len(self._b_k), out_uk.count(False)
       known_kinds = _take([k for k, _ in self._res], [not w for w in self._w_r])
-      sources = ([False] * (n_bbk + n_bk) + [k == "store" for k in known_kinds]
-                 + [True] * n_o)
+      sources = [False] * (n_bbk + n_bk) + [k == "store" for k in known_kinds] + [True] * n_o
       n_bout = len(bj.outvars)
       w_reads = iter([u for u, f in zip(self._w_in, self._fwds2) if f is None])
-      self._r2 = ["drop" if not next(w_reads) else
-                  "store" if _depends(bj, i, n_bout, sources) else "recompute"
-                  for i in range(n_lead, n_bout)]
+      self._r2 = [
+        "drop"
+        if not next(w_reads)
+        else "store"
+        if _depends(bj, i, n_bout, sources)
+        else "recompute"
+        for i in range(n_lead, n_bout)
+      ]
       keep = [True] * n_lead + [k == "store" for k in self._r2]
       self._b = _dce(jcore.ClosedJaxpr(bj, ()), keep)
       self.r2_avals = _take(list(r2_avals), [k == "store" for k in self._r2])
-      rec_jaxpr, self._rec2_in = pe.dce_jaxpr(bj, [False] * n_lead + [k == "recompute"
-                                                                      for k in self._r2])
-      if any(self._rec2_in[n_bbk + n_bk + len(known_kinds):]):
+      rec_jaxpr, self._rec2_in = pe.dce_jaxpr(
+        bj, [False] * n_lead + [k == "recompute" for k in self._r2]
+      )
+      if any(self._rec2_in[n_bbk + n_bk + len(known_kinds) :]):
         raise AssertionError("StageVJP: a recomputed W residual reads a cotangent")
       self._rec2 = jcore.ClosedJaxpr(rec_jaxpr, ())
     else:  # nothing to defer: B is the full backward and W adds nothing
@@ -217,8 +232,9 @@ class StageVJP:
     stored = iter(r1)
     out = []
     for kind, i in self._res:
-      out.append(inputs[i] if kind == "input" else next(rec) if kind == "recompute"
-                 else next(stored))
+      out.append(
+        inputs[i] if kind == "input" else next(rec) if kind == "recompute" else next(stored)
+      )
     return out
 
   # ---------------------------------------------------------------- programs
@@ -227,22 +243,27 @@ class StageVJP:
     n_o, n_a = self._n[3], self._n[4]
     flat = _as_fun(self._f)(*self._inputs(params, consts, x))
     outs = jax.tree.unflatten(self.o_tree, flat[:n_o])
-    aux = jax.tree.unflatten(self.a_tree, flat[n_o:n_o + n_a])
-    return outs, aux, list(flat[n_o + n_a:])
+    aux = jax.tree.unflatten(self.a_tree, flat[n_o : n_o + n_a])
+    return outs, aux, list(flat[n_o + n_a :])
 
   def backward(self, r1, params, consts, ct):
     """``BW``: the full backward, ``(dparams, dx)``."""
     n_p = self._n[0]
-    flat = _as_fun(self._bw)(*self._bw_k, *self._residuals(r1, params, consts),
-                             *jax.tree.leaves(ct))
-    return (jax.tree.unflatten(self.p_tree, flat[:n_p]),
-            jax.tree.unflatten(self.x_tree, flat[n_p:]))
+    flat = _as_fun(self._bw)(
+      *self._bw_k, *self._residuals(r1, params, consts), *jax.tree.leaves(ct)
+    )
+    return (
+      jax.tree.unflatten(self.p_tree, flat[:n_p]),
+      jax.tree.unflatten(self.x_tree, flat[n_p:]),
+    )
 
   def _params_tree(self, values, in_w: bool):
     """A params tree from the gradient leaves one half computed; zeros elsewhere."""
     it = iter(values)
-    leaves = [next(it) if w == in_w else jnp.zeros(a.shape, a.dtype)
-              for w, a in zip(self._dp_in_w, self._p_avals)]
+    leaves = [
+      next(it) if w == in_w else jnp.zeros(a.shape, a.dtype)
+      for w, a in zip(self._dp_in_w, self._p_avals)
+    ]
     return jax.tree.unflatten(self.p_tree, leaves)
 
   def backward_input(self, r1, params, consts, ct):
@@ -255,7 +276,7 @@ class StageVJP:
     known = _take(self._residuals(r1, params, consts), [not w for w in self._w_r])
     flat = _as_fun(self._b)(*self._b_k, *self._bw_k, *known, *jax.tree.leaves(ct))
     dp = self._params_tree(flat[:n_pb], in_w=False)
-    return jax.tree.unflatten(self.x_tree, flat[n_pb:n_pb + n_x]), dp, list(flat[n_pb + n_x:])
+    return jax.tree.unflatten(self.x_tree, flat[n_pb : n_pb + n_x]), dp, list(flat[n_pb + n_x :])
 
   def backward_weight(self, r1, r2, params, consts):
     """``W``: the rest of the parameter gradient (zeros where ``B`` computed it), from
@@ -267,8 +288,9 @@ class StageVJP:
     b_in = self._b_k + b_known + [None] * self._n[3]
     rec = iter(_as_fun(self._rec2)(*_take(b_in, self._rec2_in)))
     stored = iter(r2)
-    r2_out = iter([next(stored) if k == "store" else next(rec) if k == "recompute" else None
-                   for k in self._r2])
+    r2_out = iter(
+      [next(stored) if k == "store" else next(rec) if k == "recompute" else None for k in self._r2]
+    )
     r2_all = [next(r2_out) if f is None else b_known[f] for f in self._fwds2]
     flat = _as_fun(self._w)(*_take(r2_all + _take(res, self._w_r), self._w_in))
     return self._params_tree(flat, in_w=True)

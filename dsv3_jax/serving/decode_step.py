@@ -48,6 +48,7 @@ class SlotState(NamedTuple):
 
 class Carry(NamedTuple):
   """Everything a step reads and writes: the slot pool's cache and the slots' state."""
+
   cache: object  # model.ModelCache of batch S, length T
   slots: SlotState
 
@@ -87,23 +88,34 @@ class DecodeProgram:
 
   tokens_per_step = 1
 
-  def __init__(self, model, n_slots: int, max_len: int, cache_dtype=jnp.bfloat16,
-               vocab_limit: Optional[int] = None, buckets: Optional[Sequence[int]] = None):
+  def __init__(
+    self,
+    model,
+    n_slots: int,
+    max_len: int,
+    cache_dtype=jnp.bfloat16,
+    vocab_limit: Optional[int] = None,
+    buckets: Optional[Sequence[int]] = None,
+  ):
     cfg = model.cfg
     if n_slots < 1:
       raise ValueError(f"n_slots must be >= 1, got {n_slots}")
     if not 1 < max_len <= cfg.max_position_embeddings:
-      raise ValueError(f"max_len must be in (1, {cfg.max_position_embeddings}] (the model's "
-                       f"context), got {max_len}")
+      raise ValueError(
+        f"max_len must be in (1, {cfg.max_position_embeddings}] (the model's "
+        f"context), got {max_len}"
+      )
     self.cfg = cfg
     self.n_slots, self.max_len = n_slots, max_len
     self.cache_dtype = jnp.dtype(cache_dtype)
     self.vocab_limit = vocab_limit
-    self.buckets = tuple(sorted(set(min(int(b), max_len) for b in
-                                    (buckets or default_buckets(max_len)))))
+    self.buckets = tuple(
+      sorted(set(min(int(b), max_len) for b in (buckets or default_buckets(max_len))))
+    )
     if self.buckets[-1] < max_len - 1:
-      raise ValueError(f"buckets {self.buckets} must reach max_len - 1 = {max_len - 1} (the "
-                       "longest prompt)")
+      raise ValueError(
+        f"buckets {self.buckets} must reach max_len - 1 = {max_len - 1} (the longest prompt)"
+      )
     self.graphdef, self.state = nnx.split(model)
     self._prefill = jax.jit(self._prefill_fn)
     self._insert = jax.jit(self._insert_fn, donate_argnums=0)
@@ -124,8 +136,9 @@ class DecodeProgram:
     for b in self.buckets:
       if b >= length:
         return b
-    raise ValueError(f"a prompt of {length} tokens is longer than the largest bucket "
-                     f"{self.buckets[-1]}")
+    raise ValueError(
+      f"a prompt of {length} tokens is longer than the largest bucket {self.buckets[-1]}"
+    )
 
   # ------------------------------------------------------------------ compiled pieces
   def _prefill_fn(self, state, tokens_1xL, length, seed, temperature, top_k, top_p):
@@ -134,27 +147,31 @@ class DecodeProgram:
     out = model.forward(tokens_1xL, cache=cache, absorb=False)
     last_1xV = jax.lax.dynamic_index_in_dim(out.logits_BxLxV[0], length - 1, keepdims=True)
     key_prefill, key_decode = jax.random.split(jax.random.key(seed))
-    first = sample_rows(self._limit(last_1xV), key_prefill[None], temperature[None],
-                        top_k[None], top_p[None])[0]
+    first = sample_rows(
+      self._limit(last_1xV), key_prefill[None], temperature[None], top_k[None], top_p[None]
+    )[0]
     return first, key_decode, out.cache
 
   @staticmethod
   def _write_slot(pool, one, slot):
     """Rows of a batch-1 cache (any leading layer axes, then [1, L, C]) into slot `slot`."""
     lead = pool.ndim - 3
-    return jax.lax.dynamic_update_slice(pool, one.astype(pool.dtype),
-                                        (0,) * lead + (slot, 0, 0))
+    return jax.lax.dynamic_update_slice(pool, one.astype(pool.dtype), (0,) * lead + (slot, 0, 0))
 
   @staticmethod
   def _set_slot(s: SlotState, slot, first, key, length, temperature, top_k, top_p) -> SlotState:
-    return SlotState(s.tokens_S.at[slot].set(first), s.positions_S.at[slot].set(length),
-                     s.active_S.at[slot].set(True), s.temperature_S.at[slot].set(temperature),
-                     s.top_k_S.at[slot].set(top_k), s.top_p_S.at[slot].set(top_p),
-                     s.keys_S.at[slot].set(key))
+    return SlotState(
+      s.tokens_S.at[slot].set(first),
+      s.positions_S.at[slot].set(length),
+      s.active_S.at[slot].set(True),
+      s.temperature_S.at[slot].set(temperature),
+      s.top_k_S.at[slot].set(top_k),
+      s.top_p_S.at[slot].set(top_p),
+      s.keys_S.at[slot].set(key),
+    )
 
   def _insert_fn(self, carry, slot, length, temperature, top_k, top_p, first, key, cache_1):
-    cache = jax.tree.map(lambda pool, one: self._write_slot(pool, one, slot), carry.cache,
-                         cache_1)
+    cache = jax.tree.map(lambda pool, one: self._write_slot(pool, one, slot), carry.cache, cache_1)
     slots = self._set_slot(carry.slots, slot, first, key, length, temperature, top_k, top_p)
     return Carry(cache, slots)
 
@@ -167,13 +184,18 @@ class DecodeProgram:
     s = carry.slots
     split_Sx2 = jax.vmap(jax.random.split)(s.keys_S)
     keys, subkeys = split_Sx2[:, 0], split_Sx2[:, 1]
-    res = model.forward(s.tokens_S[:, None], positions_BxL=s.positions_S[:, None],
-                        cache=carry.cache, absorb=True)
-    nxt_S = sample_rows(self._limit(res.logits_BxLxV[:, 0]), subkeys, s.temperature_S,
-                        s.top_k_S, s.top_p_S)
+    res = model.forward(
+      s.tokens_S[:, None], positions_BxL=s.positions_S[:, None], cache=carry.cache, absorb=True
+    )
+    nxt_S = sample_rows(
+      self._limit(res.logits_BxLxV[:, 0]), subkeys, s.temperature_S, s.top_k_S, s.top_p_S
+    )
     nxt_S = jnp.where(s.active_S, nxt_S, s.tokens_S)
-    slots = s._replace(tokens_S=nxt_S, positions_S=s.positions_S + s.active_S.astype(jnp.int32),
-                       keys_S=jnp.where(s.active_S, keys, s.keys_S))
+    slots = s._replace(
+      tokens_S=nxt_S,
+      positions_S=s.positions_S + s.active_S.astype(jnp.int32),
+      keys_S=jnp.where(s.active_S, keys, s.keys_S),
+    )
     out = StepOutput(nxt_S[:, None], s.active_S.astype(jnp.int32), res.load_LxE)
     return Carry(res.cache, slots), out
 
@@ -183,21 +205,36 @@ class DecodeProgram:
     s = self.n_slots
     cache = self._model(self.state).init_cache(s, self.max_len, self.cache_dtype)
     keys = jax.random.split(jax.random.key(0), s)
-    slots = SlotState(jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.int32),
-                      jnp.zeros((s,), bool), jnp.zeros((s,), jnp.float32),
-                      jnp.zeros((s,), jnp.int32), jnp.ones((s,), jnp.float32), keys)
+    slots = SlotState(
+      jnp.zeros((s,), jnp.int32),
+      jnp.zeros((s,), jnp.int32),
+      jnp.zeros((s,), bool),
+      jnp.zeros((s,), jnp.float32),
+      jnp.zeros((s,), jnp.int32),
+      jnp.ones((s,), jnp.float32),
+      keys,
+    )
     return Carry(cache, slots)
 
-  def admit(self, carry: Carry, prompt: Sequence[int], slot: int, temperature: float,
-            top_k: int, top_p: float, seed: int) -> Admitted:
+  def admit(
+    self,
+    carry: Carry,
+    prompt: Sequence[int],
+    slot: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+  ) -> Admitted:
     """Prefills one (validated) prompt and inserts it into free slot `slot`."""
     length = len(prompt)
     tokens = np.zeros((1, self.bucket(length)), np.int32)
     tokens[0, :length] = prompt
     settings = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
     # The prefill returns (first token, ...what the insert needs of this request).
-    prefilled = self._prefill(self.state, jnp.asarray(tokens), jnp.int32(length),
-                              jnp.uint32(seed), *settings)
+    prefilled = self._prefill(
+      self.state, jnp.asarray(tokens), jnp.int32(length), jnp.uint32(seed), *settings
+    )
     carry = self._insert(carry, jnp.int32(slot), jnp.int32(length), *settings, *prefilled)
     return Admitted(carry, prefilled[0])
 

@@ -33,8 +33,9 @@ from dsv3_jax.layers.mtp import MTPModule
 def _check_tokens(tokens_BxL) -> np.ndarray:
   tokens = np.asarray(tokens_BxL)
   if tokens.ndim != 2 or tokens.shape[1] < 3:
-    raise ValueError(f"tokens must be [batch, length >= 3] to score drafts of t_(i+2), got "
-                     f"shape {tokens.shape}")
+    raise ValueError(
+      f"tokens must be [batch, length >= 3] to score drafts of t_(i+2), got shape {tokens.shape}"
+    )
   return tokens.astype(np.int32)
 
 
@@ -61,8 +62,9 @@ class BigramDrafter:
     if tokens.size < 2:
       raise ValueError(f"a bigram drafter needs at least 2 training tokens, got {tokens.size}")
     if tokens.min() < 0 or tokens.max() >= vocab_size:
-      raise ValueError(f"training tokens must lie in [0, {vocab_size}), found "
-                       f"[{tokens.min()}, {tokens.max()}]")
+      raise ValueError(
+        f"training tokens must lie in [0, {vocab_size}), found [{tokens.min()}, {tokens.max()}]"
+      )
     counts_VxV = np.zeros((vocab_size, vocab_size), np.int64)
     np.add.at(counts_VxV, (tokens[:-1], tokens[1:]), 1)
     unigram = np.bincount(tokens, minlength=vocab_size).argmax()
@@ -80,8 +82,9 @@ def fresh_mtp(cfg, seed: int = 1) -> MTPModule:
 
 def _limited_argmax(logits_BxLxV, vocab_limit):
   if vocab_limit is not None and vocab_limit < logits_BxLxV.shape[-1]:
-    logits_BxLxV = jnp.where(jnp.arange(logits_BxLxV.shape[-1]) < vocab_limit, logits_BxLxV,
-                             -jnp.inf)
+    logits_BxLxV = jnp.where(
+      jnp.arange(logits_BxLxV.shape[-1]) < vocab_limit, logits_BxLxV, -jnp.inf
+    )
   return jnp.argmax(logits_BxLxV, axis=-1).astype(jnp.int32)
 
 
@@ -93,14 +96,18 @@ def _mtp_and_main(model_def, model_state, module_def, module_state, tokens_BxL, 
   out = model.forward(tokens_BxL)
   next_BxL = jnp.concatenate([tokens_BxL[:, 1:], tokens_BxL[:, -1:]], axis=1)
   ctx = model.context(jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l)))
-  _, h_mtp, _, _ = module(out.hidden_BxLxD, model.embed_tokens(next_BxL), ctx.positions_BxL,
-                          ctx.cos, ctx.sin)
-  return (_limited_argmax(model.logits(h_mtp), vocab_limit),
-          _limited_argmax(out.logits_BxLxV, vocab_limit))
+  _, h_mtp, _, _ = module(
+    out.hidden_BxLxD, model.embed_tokens(next_BxL), ctx.positions_BxL, ctx.cos, ctx.sin
+  )
+  return (
+    _limited_argmax(model.logits(h_mtp), vocab_limit),
+    _limited_argmax(out.logits_BxLxV, vocab_limit),
+  )
 
 
-def mtp_drafts(model, tokens_BxL, module: Optional[MTPModule] = None,
-               vocab_limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+def mtp_drafts(
+  model, tokens_BxL, module: Optional[MTPModule] = None, vocab_limit: Optional[int] = None
+) -> tuple[np.ndarray, np.ndarray]:
   """(greedy MTP drafts [B, L], main model's greedy next tokens [B, L]) in one forward;
   `module` defaults to the model's own MTP depth 1."""
   tokens = _check_tokens(tokens_BxL)
@@ -110,15 +117,21 @@ def mtp_drafts(model, tokens_BxL, module: Optional[MTPModule] = None,
     module = model.mtp[0]
   model_def, model_state = nnx.split(model)
   module_def, module_state = nnx.split(module)
-  drafts, main = _mtp_and_main(model_def, model_state, module_def, module_state,
-                               jnp.asarray(tokens), vocab_limit)
+  drafts, main = _mtp_and_main(
+    model_def, model_state, module_def, module_state, jnp.asarray(tokens), vocab_limit
+  )
   return np.asarray(drafts), np.asarray(main)
 
 
-def teacher_forced_acceptance(model, tokens_BxL, *, bigram: Optional[BigramDrafter] = None,
-                              untrained_seed: Optional[int] = 1,
-                              vocab_limit: Optional[int] = None,
-                              batch_size: int = 8) -> dict:
+def teacher_forced_acceptance(
+  model,
+  tokens_BxL,
+  *,
+  bigram: Optional[BigramDrafter] = None,
+  untrained_seed: Optional[int] = 1,
+  vocab_limit: Optional[int] = None,
+  batch_size: int = 8,
+) -> dict:
   """Per drafter, the fraction of positions whose guess of t_{i+2} equals the text's token
   (`vs_text`) and the main model's greedy choice (`vs_main`); plus `main_vs_text`, the main
   model's own next-token accuracy, and `positions`, how many were scored.
@@ -139,7 +152,7 @@ def teacher_forced_acceptance(model, tokens_BxL, *, bigram: Optional[BigramDraft
   drafts = {name: [] for name in modules}
   main = []
   for start in range(0, tokens.shape[0], batch_size):
-    chunk = tokens[start:start + batch_size]
+    chunk = tokens[start : start + batch_size]
     for name, module in modules.items():
       d, m = mtp_drafts(model, chunk, module, vocab_limit)
       drafts[name].append(d)
@@ -151,10 +164,14 @@ def teacher_forced_acceptance(model, tokens_BxL, *, bigram: Optional[BigramDraft
     drafts["bigram"] = bigram.drafts(tokens)
   target_text = tokens[:, 2:]  # t_{i+2} for i < L-2
   target_main = main[:, 1:-1]  # the main model's argmax at i+1
-  result = {"positions": int(target_text.size),
-            "main_vs_text": float(np.mean(main[:, 1:-1] == target_text))}
+  result = {
+    "positions": int(target_text.size),
+    "main_vs_text": float(np.mean(main[:, 1:-1] == target_text)),
+  }
   for name, d in drafts.items():
     d = d[:, :-2]
-    result[name] = {"vs_text": float(np.mean(d == target_text)),
-                    "vs_main": float(np.mean(d == target_main))}
+    result[name] = {
+      "vs_text": float(np.mean(d == target_text)),
+      "vs_main": float(np.mean(d == target_main)),
+    }
   return result

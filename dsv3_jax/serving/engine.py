@@ -41,8 +41,14 @@ import numpy as np
 
 from dsv3_jax.serving.decode_step import DecodeProgram
 from dsv3_jax.serving.expert_loads import ExpertLoadMonitor
-from dsv3_jax.serving.requests import (FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Request,
-                                       RequestError, TokenStream)
+from dsv3_jax.serving.requests import (
+  FINISH_CANCELLED,
+  FINISH_LENGTH,
+  FINISH_STOP,
+  Request,
+  RequestError,
+  TokenStream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +85,22 @@ class Engine:
     pipeline: dispatch the next step before reading the current one back.
   """
 
-  def __init__(self, model, *, n_slots: int = 8, max_len: Optional[int] = None,
-               cache_dtype=jnp.bfloat16, vocab_limit: Optional[int] = None,
-               eos_id: Optional[int] = None, buckets: Optional[Sequence[int]] = None,
-               program=None, speculative: bool = False, eplb=False, seed: int = 0,
-               pipeline: bool = True):
+  def __init__(
+    self,
+    model,
+    *,
+    n_slots: int = 8,
+    max_len: Optional[int] = None,
+    cache_dtype=jnp.bfloat16,
+    vocab_limit: Optional[int] = None,
+    eos_id: Optional[int] = None,
+    buckets: Optional[Sequence[int]] = None,
+    program=None,
+    speculative: bool = False,
+    eplb=False,
+    seed: int = 0,
+    pipeline: bool = True,
+  ):
     self.cfg = model.cfg
     self.max_len = int(max_len or self.cfg.max_position_embeddings)
     self.n_slots = int(n_slots)
@@ -92,8 +109,14 @@ class Engine:
       raise ValueError("give either program= or speculative=True, not both")
     if program is None:
       make = _speculative_program if speculative else DecodeProgram
-      program = make(model, self.n_slots, self.max_len, cache_dtype=cache_dtype,
-                     vocab_limit=vocab_limit, buckets=buckets)
+      program = make(
+        model,
+        self.n_slots,
+        self.max_len,
+        cache_dtype=cache_dtype,
+        vocab_limit=vocab_limit,
+        buckets=buckets,
+      )
     self.program = program
     self.speculative = bool(speculative)
     if eplb is True:
@@ -159,8 +182,7 @@ class Engine:
     if self._thread is not None:
       raise RuntimeError("the engine thread is already running")
     self._stop.clear()
-    self._thread = threading.Thread(target=self._serve_forever, name="dsv3-engine",
-                                    daemon=True)
+    self._thread = threading.Thread(target=self._serve_forever, name="dsv3-engine", daemon=True)
     self._thread.start()
     return self
 
@@ -257,8 +279,9 @@ class Engine:
         continue
       r = stream.request
       try:
-        admitted = self.program.admit(self._carry, r.prompt, slot, r.temperature, r.top_k,
-                                      r.top_p, r.seed)
+        admitted = self.program.admit(
+          self._carry, r.prompt, slot, r.temperature, r.top_k, r.top_p, r.seed
+        )
         first = int(admitted.first)
       except Exception as e:  # noqa: BLE001 -- this request fails, the others go on
         log.exception("prefill of request %d failed", stream.id)
@@ -289,7 +312,7 @@ class Engine:
         stream._finish(FINISH_CANCELLED)
         self._free(slot)
         continue
-      for token in tokens_SxN[slot, :counts_S[slot]].tolist():
+      for token in tokens_SxN[slot, : counts_S[slot]].tolist():
         if self._emit(stream, token):
           self._free(slot)
           break

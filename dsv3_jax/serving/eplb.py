@@ -109,8 +109,9 @@ def _replicate(weight_XxM: np.ndarray, num_slots: int):
 
 def _inverse(perm_XxN: np.ndarray) -> np.ndarray:
   inv_XxN = np.empty_like(perm_XxN)
-  np.put_along_axis(inv_XxN, perm_XxN, np.broadcast_to(np.arange(perm_XxN.shape[1]),
-                                                       perm_XxN.shape), axis=1)
+  np.put_along_axis(
+    inv_XxN, perm_XxN, np.broadcast_to(np.arange(perm_XxN.shape[1]), perm_XxN.shape), axis=1
+  )
   return inv_XxN
 
 
@@ -128,12 +129,14 @@ def _place(weight_LxE, num_replicas, num_groups, num_nodes, num_gpus):
   node_LxG, pos_LxG = _balanced_packing(group_load_LxG, num_nodes)
   block_LxG = node_LxG * (num_groups // num_nodes) + pos_LxG
   log2nm_LxE = (block_LxG[:, :, None] * group_size + np.arange(group_size)).reshape(
-      num_layers, num_experts)
+    num_layers, num_experts
+  )
   nm2log_LxE = _inverse(log2nm_LxE)
 
   # 2. Replicas inside each node; rows are (layer, node) pairs.
   nm_load_XxM = np.take_along_axis(weight_LxE, nm2log_LxE, axis=1).reshape(
-      num_layers * num_nodes, experts_per_node)
+    num_layers * num_nodes, experts_per_node
+  )
   slot2nm_XxS, rank_XxS, count_XxM = _replicate(nm_load_XxM, slots_per_node)
 
   # 3. The node's replicas onto its GPUs; a replica's final slot is gpu * per_gpu + position.
@@ -144,16 +147,18 @@ def _place(weight_LxE, num_replicas, num_groups, num_nodes, num_gpus):
   # 4. Back to global ids.
   local_nm_XxS = np.take_along_axis(slot2nm_XxS, final2slot_XxS, axis=1)
   offset_N = np.arange(num_nodes) * experts_per_node
-  nm_LxR = (local_nm_XxS.reshape(num_layers, num_nodes, slots_per_node)
-            + offset_N[None, :, None]).reshape(num_layers, num_replicas)
+  nm_LxR = (
+    local_nm_XxS.reshape(num_layers, num_nodes, slots_per_node) + offset_N[None, :, None]
+  ).reshape(num_layers, num_replicas)
   phy2log_LxR = np.take_along_axis(nm2log_LxE, nm_LxR, axis=1)
   rank_LxR = np.take_along_axis(rank_XxS, final2slot_XxS, axis=1).reshape(num_layers, -1)
   logcnt_LxE = np.take_along_axis(count_XxM.reshape(num_layers, num_experts), log2nm_LxE, axis=1)
   return phy2log_LxR, rank_LxR, logcnt_LxE
 
 
-def rebalance_experts(weight_LxE, num_replicas: int, num_groups: int, num_nodes: int,
-                      num_gpus: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def rebalance_experts(
+  weight_LxE, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Places `num_replicas` physical experts per layer from the loads `weight_LxE`.
 
   Args:
@@ -179,14 +184,17 @@ def rebalance_experts(weight_LxE, num_replicas: int, num_groups: int, num_nodes:
   if num_gpus % num_nodes:
     raise ValueError(f"`num_gpus` = {num_gpus} must be a multiple of `num_nodes` = {num_nodes}")
   if num_replicas % num_gpus:
-    raise ValueError(f"`num_replicas` = {num_replicas} must be a multiple of `num_gpus` = "
-                     f"{num_gpus}")
+    raise ValueError(
+      f"`num_replicas` = {num_replicas} must be a multiple of `num_gpus` = {num_gpus}"
+    )
   if num_replicas < num_experts:
-    raise ValueError(f"`num_replicas` = {num_replicas} must be at least the {num_experts} "
-                     "logical experts")
+    raise ValueError(
+      f"`num_replicas` = {num_replicas} must be at least the {num_experts} logical experts"
+    )
   if num_groups % num_nodes == 0:
-    phy2log_LxR, rank_LxR, logcnt_LxE = _place(weight_LxE, num_replicas, num_groups, num_nodes,
-                                               num_gpus)
+    phy2log_LxR, rank_LxR, logcnt_LxE = _place(
+      weight_LxE, num_replicas, num_groups, num_nodes, num_gpus
+    )
   else:
     phy2log_LxR, rank_LxR, logcnt_LxE = _place(weight_LxE, num_replicas, 1, 1, num_gpus)
   log2phy_LxExM = np.full((num_layers, num_experts, int(logcnt_LxE.max())), -1, np.int64)
@@ -197,8 +205,15 @@ def rebalance_experts(weight_LxE, num_replicas: int, num_groups: int, num_nodes:
 # ---------------------------------------------------------------------------------------------
 # Run time: logical expert choices -> physical slots (jax.numpy, static shapes, jit-able).
 
-def physical_experts(experts_Nxk, log2phy_ExM, logcnt_E, mode: str = "static",
-                     key: Optional[jax.Array] = None, rank=None) -> jax.Array:
+
+def physical_experts(
+  experts_Nxk,
+  log2phy_ExM,
+  logcnt_E,
+  mode: str = "static",
+  key: Optional[jax.Array] = None,
+  rank=None,
+) -> jax.Array:
   """Maps one layer's routed logical experts [N, k] to physical slots [N, k].
 
   Modes (pass `mode` as a static argument under jit):
@@ -215,8 +230,10 @@ def physical_experts(experts_Nxk, log2phy_ExM, logcnt_E, mode: str = "static",
   if experts_Nxk.ndim != 2:
     raise ValueError(f"`experts_Nxk` must be [tokens, k], got shape {experts_Nxk.shape}")
   if log2phy_ExM.ndim != 2 or logcnt_E.ndim != 1 or log2phy_ExM.shape[0] != logcnt_E.shape[0]:
-    raise ValueError(f"`log2phy_ExM` [E, M] and `logcnt_E` [E] disagree: shapes "
-                     f"{log2phy_ExM.shape} and {logcnt_E.shape}")
+    raise ValueError(
+      f"`log2phy_ExM` [E, M] and `logcnt_E` [E] disagree: shapes "
+      f"{log2phy_ExM.shape} and {logcnt_E.shape}"
+    )
   num_tokens, k = experts_Nxk.shape
   count_Nxk = logcnt_E[experts_Nxk]
   if mode == "static":
@@ -229,8 +246,9 @@ def physical_experts(experts_Nxk, log2phy_ExM, logcnt_E, mode: str = "static",
       elif rank.shape == (num_tokens,):
         pick_Nx1 = rank[:, None]
       else:
-        raise ValueError(f"`rank` must be a scalar or [tokens] = ({num_tokens},), got shape "
-                         f"{rank.shape}")
+        raise ValueError(
+          f"`rank` must be a scalar or [tokens] = ({num_tokens},), got shape {rank.shape}"
+        )
     replica_Nxk = jnp.broadcast_to(pick_Nx1.astype(count_Nxk.dtype), (num_tokens, k)) % count_Nxk
   elif mode == "random":
     if key is None:
@@ -241,8 +259,11 @@ def physical_experts(experts_Nxk, log2phy_ExM, logcnt_E, mode: str = "static",
     order_T = jnp.argsort(flat_T, stable=True)
     sorted_T = flat_T[order_T]
     first_T = jnp.searchsorted(sorted_T, sorted_T, side="left")
-    seen_T = jnp.zeros_like(flat_T).at[order_T].set(
-        (jnp.arange(flat_T.size) - first_T).astype(flat_T.dtype))
+    seen_T = (
+      jnp.zeros_like(flat_T)
+      .at[order_T]
+      .set((jnp.arange(flat_T.size) - first_T).astype(flat_T.dtype))
+    )
     replica_Nxk = seen_T.reshape(num_tokens, k) % count_Nxk.astype(flat_T.dtype)
   else:
     raise ValueError(f"`mode` must be 'static', 'random' or 'round_robin', got {mode!r}")
@@ -259,6 +280,7 @@ def replicate_weights(w_ExDxF, phy2log_R):
 
 # ---------------------------------------------------------------------------------------------
 # Load statistics.
+
 
 class LoadWindow:
   """The last `capacity` per-layer expert loads and an every-N-forward-passes schedule."""
@@ -279,8 +301,9 @@ class LoadWindow:
     """Records one forward pass's loads, dropping the oldest once full."""
     load_LxE = _check_load("load_LxE", load_LxE, 2)
     if load_LxE.shape != (self.num_layers, self.num_experts):
-      raise ValueError(f"`load_LxE` must have shape {(self.num_layers, self.num_experts)}, got "
-                       f"{load_LxE.shape}")
+      raise ValueError(
+        f"`load_LxE` must have shape {(self.num_layers, self.num_experts)}, got {load_LxE.shape}"
+      )
     self._loads_CxLxE[self._next] = load_LxE
     self._next = (self._next + 1) % self.capacity
     self._size = min(self._size + 1, self.capacity)
@@ -310,19 +333,22 @@ def loads_from_metrics(path: str, last: int = 0) -> np.ndarray:
   return np.sum(np.asarray(loads[-last:] if last else loads, np.float64), axis=0)
 
 
-def zipf_load(num_layers: int, num_experts: int, tokens: int, exponent: float = 1.0,
-              seed: int = 0) -> np.ndarray:
+def zipf_load(
+  num_layers: int, num_experts: int, tokens: int, exponent: float = 1.0, seed: int = 0
+) -> np.ndarray:
   """Skewed synthetic loads [L, E]: per layer, expert popularity ~ 1 / rank**exponent over a
   random permutation of the experts, `tokens` routed choices drawn multinomially."""
   rng = np.random.default_rng(seed)
   p_E = 1.0 / np.arange(1, num_experts + 1) ** exponent
   p_E /= p_E.sum()
-  return np.stack([rng.multinomial(tokens, p_E[rng.permutation(num_experts)])
-                   for _ in range(num_layers)]).astype(np.float64)
+  return np.stack(
+    [rng.multinomial(tokens, p_E[rng.permutation(num_experts)]) for _ in range(num_layers)]
+  ).astype(np.float64)
 
 
 # ---------------------------------------------------------------------------------------------
 # Measurement.
+
 
 def device_loads(load_LxE, phy2log_LxR, logcnt_LxE, num_gpus: int) -> np.ndarray:
   """Per-GPU load [L, num_gpus] when every expert's load splits evenly over its replicas."""
@@ -331,8 +357,10 @@ def device_loads(load_LxE, phy2log_LxR, logcnt_LxE, num_gpus: int) -> np.ndarray
   logcnt_LxE = np.asarray(logcnt_LxE)
   num_gpus = _positive_int("num_gpus", num_gpus)
   if logcnt_LxE.shape != load_LxE.shape or phy2log_LxR.shape[0] != load_LxE.shape[0]:
-    raise ValueError(f"shapes disagree: load_LxE {load_LxE.shape}, phy2log_LxR "
-                     f"{phy2log_LxR.shape}, logcnt_LxE {logcnt_LxE.shape}")
+    raise ValueError(
+      f"shapes disagree: load_LxE {load_LxE.shape}, phy2log_LxR "
+      f"{phy2log_LxR.shape}, logcnt_LxE {logcnt_LxE.shape}"
+    )
   num_layers, num_replicas = phy2log_LxR.shape
   if num_replicas % num_gpus:
     raise ValueError(f"`num_gpus` = {num_gpus} must divide the {num_replicas} slots")
@@ -353,21 +381,33 @@ def contiguous_placement(num_layers: int, num_experts: int) -> Tuple[np.ndarray,
   return phy2log_LxE, np.ones((num_layers, num_experts), np.int64)
 
 
-def compare_placements(load_LxE, num_replicas: int, num_groups: int, num_nodes: int,
-                       num_gpus: int) -> dict:
+def compare_placements(
+  load_LxE, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> dict:
   """max / mean GPU load per layer, contiguous experts (before) vs rebalanced (after)."""
   load_LxE = _check_load("load_LxE", load_LxE, 2)
   num_layers, num_experts = load_LxE.shape
   if num_experts % num_gpus:
     raise ValueError(f"`num_gpus` = {num_gpus} must divide the {num_experts} experts")
-  before_L = imbalance(device_loads(load_LxE, *contiguous_placement(num_layers, num_experts),
-                                    num_gpus))
-  phy2log_LxR, _, logcnt_LxE = rebalance_experts(load_LxE, num_replicas, num_groups, num_nodes,
-                                                 num_gpus)
+  before_L = imbalance(
+    device_loads(load_LxE, *contiguous_placement(num_layers, num_experts), num_gpus)
+  )
+  phy2log_LxR, _, logcnt_LxE = rebalance_experts(
+    load_LxE, num_replicas, num_groups, num_nodes, num_gpus
+  )
   after_L = imbalance(device_loads(load_LxE, phy2log_LxR, logcnt_LxE, num_gpus))
-  return dict(layers=num_layers, experts=num_experts, replicas=num_replicas, groups=num_groups,
-              nodes=num_nodes, gpus=num_gpus,
-              hierarchical=num_groups % num_nodes == 0,
-              before_mean=float(before_L.mean()), before_worst=float(before_L.max()),
-              after_mean=float(after_L.mean()), after_worst=float(after_L.max()),
-              before_per_layer=before_L.tolist(), after_per_layer=after_L.tolist())
+  return dict(
+    layers=num_layers,
+    experts=num_experts,
+    replicas=num_replicas,
+    groups=num_groups,
+    nodes=num_nodes,
+    gpus=num_gpus,
+    hierarchical=num_groups % num_nodes == 0,
+    before_mean=float(before_L.mean()),
+    before_worst=float(before_L.max()),
+    after_mean=float(after_L.mean()),
+    after_worst=float(after_L.max()),
+    before_per_layer=before_L.tolist(),
+    after_per_layer=after_L.tolist(),
+  )

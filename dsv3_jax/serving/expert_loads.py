@@ -34,9 +34,15 @@ class ExpertLoadMonitor:
     rebalance_every: decode steps between re-placements.
   """
 
-  def __init__(self, cfg, num_gpus: Optional[int] = None, num_nodes: int = 1,
-               num_replicas: Optional[int] = None, window: int = 256,
-               rebalance_every: int = 64):
+  def __init__(
+    self,
+    cfg,
+    num_gpus: Optional[int] = None,
+    num_nodes: int = 1,
+    num_replicas: Optional[int] = None,
+    window: int = 256,
+    rebalance_every: int = 64,
+  ):
     if cfg.n_moe_layers == 0 or cfg.n_routed_experts == 0:
       raise ValueError("EPLB needs routed experts: this model has no MoE layer")
     self.num_layers, self.num_experts = cfg.n_moe_layers, cfg.n_routed_experts
@@ -45,15 +51,21 @@ class ExpertLoadMonitor:
     self.num_nodes = num_nodes
     self.num_replicas = num_replicas or self.num_experts + self.num_gpus
     if self.num_experts % self.num_gpus:
-      raise ValueError(f"EPLB num_gpus={self.num_gpus} must divide the {self.num_experts} "
-                       "routed experts")
+      raise ValueError(
+        f"EPLB num_gpus={self.num_gpus} must divide the {self.num_experts} routed experts"
+      )
     self.window = eplb.LoadWindow(self.num_layers, self.num_experts, window, rebalance_every)
     self.steps = 0
     self.placement = None  # (phy2log [L, R], log2phy [L, E, M], logcnt [L, E])
     self.report: Optional[dict] = None
     # Validates the sizes once, up front, rather than at the first rebalance.
-    eplb.rebalance_experts(np.ones((1, self.num_experts)), self.num_replicas, self.num_groups,
-                           self.num_nodes, self.num_gpus)
+    eplb.rebalance_experts(
+      np.ones((1, self.num_experts)),
+      self.num_replicas,
+      self.num_groups,
+      self.num_nodes,
+      self.num_gpus,
+    )
 
   def record(self, load_LxE) -> bool:
     """Adds one step's loads; re-places when due. Returns True when it re-placed."""
@@ -66,9 +78,11 @@ class ExpertLoadMonitor:
 
   def rebalance(self) -> dict:
     total = self.window.total()
-    self.placement = eplb.rebalance_experts(total, self.num_replicas, self.num_groups,
-                                            self.num_nodes, self.num_gpus)
-    report = eplb.compare_placements(total, self.num_replicas, self.num_groups, self.num_nodes,
-                                     self.num_gpus)
+    self.placement = eplb.rebalance_experts(
+      total, self.num_replicas, self.num_groups, self.num_nodes, self.num_gpus
+    )
+    report = eplb.compare_placements(
+      total, self.num_replicas, self.num_groups, self.num_nodes, self.num_gpus
+    )
     self.report = dict(report, steps=self.steps, window=len(self.window))
     return self.report

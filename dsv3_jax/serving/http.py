@@ -37,27 +37,40 @@ STREAM_TIMEOUT_S = 600.0  # longest wait for one token before the reply is aband
 
 # field -> (accepted types, default); bool is not a number here.
 _FIELDS = {
-    "prompt": ((str,), None),
-    "max_tokens": ((int,), 16),
-    "temperature": ((int, float), 1.0),
-    "top_p": ((int, float), 1.0),
-    "top_k": ((int,), 0),
-    "stream": ((bool,), False),
-    "seed": ((int,), None),
-    "ignore_eos": ((bool,), False),
-    "model": ((str,), None),
-    "n": ((int,), 1),
-    "user": ((str,), None),
-    "stream_options": ((dict,), None),
+  "prompt": ((str,), None),
+  "max_tokens": ((int,), 16),
+  "temperature": ((int, float), 1.0),
+  "top_p": ((int, float), 1.0),
+  "top_k": ((int,), 0),
+  "stream": ((bool,), False),
+  "seed": ((int,), None),
+  "ignore_eos": ((bool,), False),
+  "model": ((str,), None),
+  "n": ((int,), 1),
+  "user": ((str,), None),
+  "stream_options": ((dict,), None),
 }
 # OpenAI fields this server does not implement: accepted only when null or at their default.
-_UNSUPPORTED = {"stop": None, "echo": False, "logprobs": None, "best_of": 1, "suffix": None,
-                "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0}
+_UNSUPPORTED = {
+  "stop": None,
+  "echo": False,
+  "logprobs": None,
+  "best_of": 1,
+  "suffix": None,
+  "logit_bias": None,
+  "presence_penalty": 0,
+  "frequency_penalty": 0,
+}
 
 
 def _type_name(types) -> str:
-  names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
-           dict: "an object"}
+  names = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "a boolean",
+    dict: "an object",
+  }
   return " or ".join(names[t] for t in types if not (t is int and float in types))
 
 
@@ -75,8 +88,7 @@ def parse_completion(body: dict, tokenizer, served_name: str) -> tuple[Request, 
         raise RequestError(f"{key} is not supported by this server", key)
       continue
     if key not in _FIELDS:
-      raise RequestError(f"unknown field {key!r}; supported: "
-                         f"{', '.join(sorted(_FIELDS))}", key)
+      raise RequestError(f"unknown field {key!r}; supported: {', '.join(sorted(_FIELDS))}", key)
     types, _ = _FIELDS[key]
     if value is None and key not in ("prompt",):
       continue
@@ -88,8 +100,9 @@ def parse_completion(body: dict, tokenizer, served_name: str) -> tuple[Request, 
   if not body["prompt"]:
     raise RequestError("prompt is empty: give at least one character", "prompt")
   if get("model") is not None and get("model") != served_name:
-    raise RequestError(f"model {get('model')!r} is not served here; this server serves "
-                       f"{served_name!r}", "model")
+    raise RequestError(
+      f"model {get('model')!r} is not served here; this server serves {served_name!r}", "model"
+    )
   if get("n") != 1:
     raise RequestError("n must be 1 (one completion per request)", "n")
   stream_options = get("stream_options") or {}
@@ -103,9 +116,15 @@ def parse_completion(body: dict, tokenizer, served_name: str) -> tuple[Request, 
   prompt_ids = tokenizer.encode(body["prompt"])
   if not prompt_ids:
     raise RequestError("prompt encodes to no token", "prompt")
-  request = Request(prompt=prompt_ids, max_tokens=get("max_tokens"),
-                    temperature=float(get("temperature")), top_k=get("top_k"),
-                    top_p=float(get("top_p")), seed=get("seed"), ignore_eos=get("ignore_eos"))
+  request = Request(
+    prompt=prompt_ids,
+    max_tokens=get("max_tokens"),
+    temperature=float(get("temperature")),
+    top_k=get("top_k"),
+    top_p=float(get("top_p")),
+    seed=get("seed"),
+    ignore_eos=get("ignore_eos"),
+  )
   return request, {"stream": get("stream"), "include_usage": include_usage}
 
 
@@ -123,12 +142,12 @@ class Detokenizer:
     stable = text.rstrip("\ufffd")
     if not stable.startswith(self.sent):  # the decoder revised earlier text: send nothing
       return ""
-    delta, self.sent = stable[len(self.sent):], stable
+    delta, self.sent = stable[len(self.sent) :], stable
     return delta
 
   def flush(self) -> str:
     text = self.tokenizer.decode(self.tokens)
-    delta = text[len(self.sent):] if text.startswith(self.sent) else ""
+    delta = text[len(self.sent) :] if text.startswith(self.sent) else ""
     self.sent = text
     return delta
 
@@ -171,10 +190,17 @@ class _Handler(BaseHTTPRequestHandler):
     self.end_headers()
     self.wfile.write(data)
 
-  def _error(self, status: int, message: str, param: Optional[str] = None,
-             kind: str = "invalid_request_error", code: Optional[str] = None) -> None:
-    self._send_json(status, {"error": {"message": message, "type": kind, "param": param,
-                                       "code": code}})
+  def _error(
+    self,
+    status: int,
+    message: str,
+    param: Optional[str] = None,
+    kind: str = "invalid_request_error",
+    code: Optional[str] = None,
+  ) -> None:
+    self._send_json(
+      status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    )
 
   def _chunk(self, text: str) -> None:
     data = text.encode()
@@ -191,9 +217,21 @@ class _Handler(BaseHTTPRequestHandler):
   def do_GET(self):
     if self.path == "/v1/models":
       srv = self.server
-      self._send_json(200, {"object": "list", "data": [{
-          "id": srv.model_name, "object": "model", "created": srv.created,
-          "owned_by": "dsv3_jax", "max_model_len": srv.engine.max_len}]})
+      self._send_json(
+        200,
+        {
+          "object": "list",
+          "data": [
+            {
+              "id": srv.model_name,
+              "object": "model",
+              "created": srv.created,
+              "owned_by": "dsv3_jax",
+              "max_model_len": srv.engine.max_len,
+            }
+          ],
+        },
+      )
     elif self.path == "/health":
       data = b"ok"
       self.send_response(200)
@@ -259,8 +297,12 @@ class _Handler(BaseHTTPRequestHandler):
       return None
 
   def _header(self) -> dict:
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-            "created": int(time.time()), "model": self.server.model_name}
+    return {
+      "id": f"cmpl-{uuid.uuid4().hex}",
+      "object": "text_completion",
+      "created": int(time.time()),
+      "model": self.server.model_name,
+    }
 
   def _usage(self, stream) -> dict:
     p, c = len(stream.request.prompt), len(stream.tokens)
@@ -273,9 +315,16 @@ class _Handler(BaseHTTPRequestHandler):
       self._error(500, str(e), kind="server_error")
       return
     text = self.server.tokenizer.decode(tokens)
-    self._send_json(200, dict(self._header(), choices=[{
-        "index": 0, "text": text, "logprobs": None, "finish_reason": stream.finish_reason}],
-        usage=self._usage(stream)))
+    self._send_json(
+      200,
+      dict(
+        self._header(),
+        choices=[
+          {"index": 0, "text": text, "logprobs": None, "finish_reason": stream.finish_reason}
+        ],
+        usage=self._usage(stream),
+      ),
+    )
 
   def _stream(self, stream, include_usage: bool) -> None:
     self.send_response(200)
@@ -284,9 +333,9 @@ class _Handler(BaseHTTPRequestHandler):
     self.send_header("Transfer-Encoding", "chunked")
     self.end_headers()
     head = self._header()
-    chunk = lambda text, reason: dict(head, choices=[{"index": 0, "text": text,
-                                                      "logprobs": None,
-                                                      "finish_reason": reason}])
+    chunk = lambda text, reason: dict(
+      head, choices=[{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]
+    )
     detok = Detokenizer(self.server.tokenizer)
     try:
       for kind, value in stream.events(timeout=STREAM_TIMEOUT_S):
@@ -297,8 +346,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif kind == "done":
           self._event(chunk(detok.flush(), value))
         else:
-          self._event({"error": {"message": value, "type": "server_error", "param": None,
-                                 "code": None}})
+          self._event(
+            {"error": {"message": value, "type": "server_error", "param": None, "code": None}}
+          )
       if include_usage:
         self._event(dict(head, choices=[], usage=self._usage(stream)))
       self._event("[DONE]")
@@ -306,8 +356,9 @@ class _Handler(BaseHTTPRequestHandler):
     except TimeoutError as e:
       stream.cancel()
       try:
-        self._event({"error": {"message": str(e), "type": "server_error", "param": None,
-                               "code": None}})
+        self._event(
+          {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
+        )
         self._chunk("")
       except _ClientGone:
         pass
@@ -317,26 +368,42 @@ class _Handler(BaseHTTPRequestHandler):
       self.close_connection = True
 
 
-def make_server(engine, tokenizer, host: str = "127.0.0.1", port: int = 0,
-                model_name: str = "dsv3_jax") -> CompletionServer:
+def make_server(
+  engine, tokenizer, host: str = "127.0.0.1", port: int = 0, model_name: str = "dsv3_jax"
+) -> CompletionServer:
   """A bound (not yet serving) server; port 0 picks a free port (see `server.url`)."""
   return CompletionServer((host, port), engine, tokenizer, model_name)
 
 
-def serve_checkpoint(workdir: Optional[str] = None, hf_dir: Optional[str] = None, *,
-                     host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
-                     max_len: Optional[int] = None, step: Optional[int] = None,
-                     tokenizer: Optional[str] = None, speculative: bool = False,
-                     eplb: bool = False, ready=None) -> None:
+def serve_checkpoint(
+  workdir: Optional[str] = None,
+  hf_dir: Optional[str] = None,
+  *,
+  host: str = "127.0.0.1",
+  port: int = 8000,
+  slots: int = 8,
+  max_len: Optional[int] = None,
+  step: Optional[int] = None,
+  tokenizer: Optional[str] = None,
+  speculative: bool = False,
+  eplb: bool = False,
+  ready=None,
+) -> None:
   """Loads a checkpoint (`serving/loading.py`), starts the engine and serves until
   interrupted. `ready(server)` is called once the socket listens."""
   from dsv3_jax.serving.engine import Engine
   from dsv3_jax.serving.loading import load
 
   served = load(workdir=workdir, hf_dir=hf_dir, step=step, tokenizer=tokenizer)
-  engine = Engine(served.model, n_slots=slots, max_len=max_len,
-                  vocab_limit=served.tokenizer.vocab_size, eos_id=served.tokenizer.eos_id,
-                  speculative=speculative, eplb=eplb)
+  engine = Engine(
+    served.model,
+    n_slots=slots,
+    max_len=max_len,
+    vocab_limit=served.tokenizer.vocab_size,
+    eos_id=served.tokenizer.eos_id,
+    speculative=speculative,
+    eplb=eplb,
+  )
   server = make_server(engine, served.tokenizer, host, port, served.name)
   with engine:
     engine.warmup()

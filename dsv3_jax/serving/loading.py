@@ -19,14 +19,20 @@ class Served(NamedTuple):
   step: Optional[int]  # the checkpoint step (None for a HF directory)
 
 
-def load(workdir: Optional[str] = None, hf_dir: Optional[str] = None,
-         step: Optional[int] = None, tokenizer: Optional[str] = None) -> Served:
+def load(
+  workdir: Optional[str] = None,
+  hf_dir: Optional[str] = None,
+  step: Optional[int] = None,
+  tokenizer: Optional[str] = None,
+) -> Served:
   """Exactly one of `workdir` / `hf_dir`; `tokenizer` overrides the one found there."""
   from dsv3_jax.data import load_tokenizer
 
   if (workdir is None) == (hf_dir is None):
-    raise ValueError("give exactly one of workdir (a training workdir or orbax export) and "
-                     "hf_dir (a HF DeepSeek-V3 directory)")
+    raise ValueError(
+      "give exactly one of workdir (a training workdir or orbax export) and "
+      "hf_dir (a HF DeepSeek-V3 directory)"
+    )
   if workdir is not None:
     from dsv3_jax.checkpoint.orbax import load_model
 
@@ -40,5 +46,4 @@ def load(workdir: Optional[str] = None, hf_dir: Optional[str] = None,
   model = from_pretrained(hf_dir)
   if tokenizer is None and os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
     tokenizer = hf_dir
-  return Served(model, load_tokenizer(tokenizer), os.path.basename(os.path.normpath(hf_dir)),
-                None)
+  return Served(model, load_tokenizer(tokenizer), os.path.basename(os.path.normpath(hf_dir)), None)

@@ -33,8 +33,11 @@ class RequestError(ValueError):
 
 
 def _is_int(x) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool) or (
-      hasattr(x, "dtype") and getattr(x.dtype, "kind", "") in "iu" and getattr(x, "ndim", 1) == 0)
+  return (
+    isinstance(x, int)
+    and not isinstance(x, bool)
+    or (hasattr(x, "dtype") and getattr(x.dtype, "kind", "") in "iu" and getattr(x, "ndim", 1) == 0)
+  )
 
 
 @dataclasses.dataclass
@@ -58,25 +61,30 @@ class Request:
     try:
       prompt = list(self.prompt)
     except TypeError:
-      raise RequestError(f"prompt must be a sequence of token ids, got "
-                         f"{type(self.prompt).__name__}", "prompt") from None
+      raise RequestError(
+        f"prompt must be a sequence of token ids, got {type(self.prompt).__name__}", "prompt"
+      ) from None
     if not prompt:
       raise RequestError("prompt is empty: give at least one token", "prompt")
     for t in prompt:
       if not _is_int(t):
         raise RequestError(f"prompt token {t!r} is not an integer id", "prompt")
       if not 0 <= int(t) < vocab_size:
-        raise RequestError(f"prompt has token id {int(t)} outside the vocabulary "
-                           f"[0, {vocab_size})", "prompt")
+        raise RequestError(
+          f"prompt has token id {int(t)} outside the vocabulary [0, {vocab_size})", "prompt"
+        )
     self.prompt = [int(t) for t in prompt]
     if not _is_int(self.max_tokens) or self.max_tokens < 1:
-      raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}",
-                         "max_tokens")
+      raise RequestError(
+        f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens"
+      )
     if len(prompt) + self.max_tokens > max_len:
-      raise RequestError(f"prompt of {len(prompt)} tokens + max_tokens={self.max_tokens} "
-                         f"exceeds the context of {max_len} tokens", "max_tokens")
-    for name, lo, hi, lo_open in (("temperature", 0.0, math.inf, False),
-                                  ("top_p", 0.0, 1.0, True)):
+      raise RequestError(
+        f"prompt of {len(prompt)} tokens + max_tokens={self.max_tokens} "
+        f"exceeds the context of {max_len} tokens",
+        "max_tokens",
+      )
+    for name, lo, hi, lo_open in (("temperature", 0.0, math.inf, False), ("top_p", 0.0, 1.0, True)):
       x = getattr(self, name)
       if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
         raise RequestError(f"{name} must be a finite number, got {x!r}", name)
@@ -102,13 +110,17 @@ _TOKEN, _DONE, _ERROR = "token", "done", "error"
 class TokenStream:
   """Tokens of one request as the engine produces them; thread-safe, read by any thread.
 
-    for token in stream: ...          # blocks between tokens; raises StreamError on failure
-    tokens = stream.result(timeout)   # all generated ids (EOS excluded)
-    stream.finish_reason              # "stop" | "length" | "cancelled" once done
+  for token in stream: ...          # blocks between tokens; raises StreamError on failure
+  tokens = stream.result(timeout)   # all generated ids (EOS excluded)
+  stream.finish_reason              # "stop" | "length" | "cancelled" once done
   """
 
-  def __init__(self, request: Request, request_id: int,
-               callback: Optional[Callable[[str, object], None]] = None):
+  def __init__(
+    self,
+    request: Request,
+    request_id: int,
+    callback: Optional[Callable[[str, object], None]] = None,
+  ):
     self.request = request
     self.id = request_id
     self.tokens: list = []

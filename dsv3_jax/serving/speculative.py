@@ -41,8 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax.inference.generate import (Generation, Generator, SamplingConfig, _bucket,
-                                         filter_logits, sample)
+from dsv3_jax.inference.generate import (
+  Generation,
+  Generator,
+  SamplingConfig,
+  _bucket,
+  filter_logits,
+  sample,
+)
 from dsv3_jax.layers.mla import init_latent_cache
 
 
@@ -62,8 +68,9 @@ class SpeculativeGeneration(Generation):
     return (self.drafted + self.accepted) / max(self.drafted, 1)
 
 
-def speculative_accept(p_BxV: jax.Array, q_BxV: jax.Array, draft_B: jax.Array,
-                       key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def speculative_accept(
+  p_BxV: jax.Array, q_BxV: jax.Array, draft_B: jax.Array, key: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Speculative sampling's verification of one drafted token per row.
 
   `draft_B` was drawn from q; it is kept with probability min(1, p(d) / q(d)), otherwise the
@@ -71,8 +78,10 @@ def speculative_accept(p_BxV: jax.Array, q_BxV: jax.Array, draft_B: jax.Array,
   q. Returns (token [B] int32, accepted [B] bool).
   """
   if p_BxV.shape != q_BxV.shape or p_BxV.ndim != 2 or draft_B.shape != p_BxV.shape[:1]:
-    raise ValueError(f"speculative_accept: p {p_BxV.shape} and q {q_BxV.shape} must both be "
-                     f"[B, V] and the drafts {draft_B.shape} [B]")
+    raise ValueError(
+      f"speculative_accept: p {p_BxV.shape} and q {q_BxV.shape} must both be "
+      f"[B, V] and the drafts {draft_B.shape} [B]"
+    )
   key_u, key_r = jax.random.split(key)
   p_d = jnp.take_along_axis(p_BxV, draft_B[:, None], axis=1)[:, 0]
   q_d = jnp.take_along_axis(q_BxV, draft_B[:, None], axis=1)[:, 0]
@@ -87,12 +96,19 @@ def speculative_accept(p_BxV: jax.Array, q_BxV: jax.Array, draft_B: jax.Array,
 
 def _at(x_BxLx_: jax.Array, index_B: jax.Array) -> jax.Array:
   """Row b's entry at index_B[b] along axis 1."""
-  return jnp.take_along_axis(x_BxLx_, index_B.reshape((-1, 1) + (1,) * (x_BxLx_.ndim - 2)),
-                             axis=1)[:, 0]
+  return jnp.take_along_axis(x_BxLx_, index_B.reshape((-1, 1) + (1,) * (x_BxLx_.ndim - 2)), axis=1)[
+    :, 0
+  ]
 
 
-def mtp_hidden(model, h_BxLxD: jax.Array, next_BxL: jax.Array, positions_BxL: jax.Array,
-               cache, absorb: Optional[bool] = None):
+def mtp_hidden(
+  model,
+  h_BxLxD: jax.Array,
+  next_BxL: jax.Array,
+  positions_BxL: jax.Array,
+  cache,
+  absorb: Optional[bool] = None,
+):
   """MTP depth 1 over the main model's normed hidden states h_i and tokens t_{i+1}:
   (normed MTP hidden state [B, L, D] that the shared head reads, updated MTP cache).
 
@@ -100,8 +116,15 @@ def mtp_hidden(model, h_BxLxD: jax.Array, next_BxL: jax.Array, positions_BxL: ja
   embedding first).
   """
   ctx = model.context(positions_BxL, absorb)
-  _, h, _, cache = model.mtp[0](h_BxLxD, model.embed_tokens(next_BxL), ctx.positions_BxL,
-                                ctx.cos, ctx.sin, cache, absorb=ctx.absorb)
+  _, h, _, cache = model.mtp[0](
+    h_BxLxD,
+    model.embed_tokens(next_BxL),
+    ctx.positions_BxL,
+    ctx.cos,
+    ctx.sin,
+    cache,
+    absorb=ctx.absorb,
+  )
   return h, cache
 
 
@@ -115,12 +138,13 @@ class SpeculativeGenerator(Generator):
 
   def __init__(self, model, cache_dtype=jnp.bfloat16, vocab_limit: Optional[int] = None):
     if len(getattr(model, "mtp", ())) == 0:
-      raise ValueError("speculative decoding drafts with the MTP module, and this model has "
-                       "none (num_nextn_predict_layers=0; load HF checkpoints with mtp=True)")
+      raise ValueError(
+        "speculative decoding drafts with the MTP module, and this model has "
+        "none (num_nextn_predict_layers=0; load HF checkpoints with mtp=True)"
+      )
     super().__init__(model, cache_dtype=cache_dtype, vocab_limit=vocab_limit)
     self._spec_prefill = jax.jit(self._spec_prefill_fn, static_argnames=("filters",))
-    self._spec_decode = jax.jit(self._spec_decode_fn,
-                                static_argnames=("filters", "max_new_tokens"))
+    self._spec_decode = jax.jit(self._spec_decode_fn, static_argnames=("filters", "max_new_tokens"))
 
   def cache_bytes_per_token(self) -> int:
     """Latent cache bytes per token over all layers, the MTP layer included."""
@@ -154,13 +178,26 @@ class SpeculativeGenerator(Generator):
     next_BxW = jnp.concatenate([tokens_BxW[:, 1:], tokens_BxW[:, -1:]], axis=1)
     next_BxW = next_BxW.at[jnp.arange(b), last_B].set(first_B)
     positions_BxW = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, w))
-    h_mtp, mtp_cache = mtp_hidden(model, out.hidden_BxLxD, next_BxW, positions_BxW, mtp_cache,
-                                  absorb=False)
+    h_mtp, mtp_cache = mtp_hidden(
+      model, out.hidden_BxLxD, next_BxW, positions_BxW, mtp_cache, absorb=False
+    )
     draft_B, q_BxV = self._draft(model, _at(h_mtp, last_B), key_draft, filters)
     return first_B, draft_B, q_BxV, out.cache, mtp_cache
 
-  def _spec_decode_fn(self, state, cache, mtp_cache, first_B, draft_B, q_BxV, lengths_B, key,
-                      eos, filters, max_new_tokens):
+  def _spec_decode_fn(
+    self,
+    state,
+    cache,
+    mtp_cache,
+    first_B,
+    draft_B,
+    q_BxV,
+    lengths_B,
+    key,
+    eos,
+    filters,
+    max_new_tokens,
+  ):
     model = nnx.merge(self.graphdef, state)
     b, n = first_B.shape[0], max_new_tokens
     rows = jnp.arange(b)
@@ -179,18 +216,25 @@ class SpeculativeGenerator(Generator):
     def body(c):
       key, k_verify, k_bonus, k_draft = jax.random.split(c["key"], 4)
       pos, last, draft, active = c["pos"], c["last"], c["draft"], ~c["done"]
-      res = model.forward(jnp.stack([last, draft], axis=1),
-                          positions_BxL=jnp.stack([pos, pos + 1], axis=1), cache=c["cache"],
-                          absorb=True)
+      res = model.forward(
+        jnp.stack([last, draft], axis=1),
+        positions_BxL=jnp.stack([pos, pos + 1], axis=1),
+        cache=c["cache"],
+        absorb=True,
+      )
       logits0 = self._limit(res.logits_BxLxV[:, 0])
       logits1 = self._limit(res.logits_BxLxV[:, 1])
       t1, acc = self._verify(logits0, c["q"], draft, k_verify, filters)
       t2 = sample(logits1, k_bonus, *filters)  # used only when the draft was accepted
-      h_mtp, mtp_cache = mtp_hidden(model, res.hidden_BxLxD, jnp.stack([t1, t2], axis=1),
-                                    jnp.stack([pos, pos + 1], axis=1), c["mtp_cache"],
-                                    absorb=True)
-      new_draft, new_q = self._draft(model, _at(h_mtp, acc.astype(jnp.int32)), k_draft,
-                                     filters)
+      h_mtp, mtp_cache = mtp_hidden(
+        model,
+        res.hidden_BxLxD,
+        jnp.stack([t1, t2], axis=1),
+        jnp.stack([pos, pos + 1], axis=1),
+        c["mtp_cache"],
+        absorb=True,
+      )
+      new_draft, new_q = self._draft(model, _at(h_mtp, acc.astype(jnp.int32)), k_draft, filters)
       # Finished rows write nowhere (index n + 1 is out of bounds and dropped).
       count = c["count"]
       out = c["out"].at[rows, jnp.where(active, count, n + 1)].set(t1, mode="drop")
@@ -199,28 +243,49 @@ class SpeculativeGenerator(Generator):
       new_count = count + step
       hit_eos = (t1 == eos) | (acc & (t2 == eos))
       return dict(
-          key=key, cache=res.cache, mtp_cache=mtp_cache, out=out, count=new_count,
-          pos=pos + step, last=jnp.where(active, jnp.where(acc, t2, t1), last),
-          draft=jnp.where(active, new_draft, draft),
-          q=c["q"] if greedy else jnp.where(active[:, None], new_q, c["q"]),
-          done=c["done"] | (new_count >= n) | (active & hit_eos),
-          steps=c["steps"] + 1, drafted=c["drafted"] + active.sum(dtype=jnp.int32),
-          accepted=c["accepted"] + (active & acc).sum(dtype=jnp.int32))
+        key=key,
+        cache=res.cache,
+        mtp_cache=mtp_cache,
+        out=out,
+        count=new_count,
+        pos=pos + step,
+        last=jnp.where(active, jnp.where(acc, t2, t1), last),
+        draft=jnp.where(active, new_draft, draft),
+        q=c["q"] if greedy else jnp.where(active[:, None], new_q, c["q"]),
+        done=c["done"] | (new_count >= n) | (active & hit_eos),
+        steps=c["steps"] + 1,
+        drafted=c["drafted"] + active.sum(dtype=jnp.int32),
+        accepted=c["accepted"] + (active & acc).sum(dtype=jnp.int32),
+      )
 
-    carry = dict(key=key, cache=cache, mtp_cache=mtp_cache, out=out_BxN1, count=count_B,
-                 pos=lengths_B.astype(jnp.int32), last=first_B, draft=draft_B, q=q_BxV,
-                 done=done_B, steps=zero, drafted=zero, accepted=zero)
+    carry = dict(
+      key=key,
+      cache=cache,
+      mtp_cache=mtp_cache,
+      out=out_BxN1,
+      count=count_B,
+      pos=lengths_B.astype(jnp.int32),
+      last=first_B,
+      draft=draft_B,
+      q=q_BxV,
+      done=done_B,
+      steps=zero,
+      drafted=zero,
+      accepted=zero,
+    )
     c = jax.lax.while_loop(cond, body, carry)
     return c["out"][:, :n], c["count"], c["steps"], c["drafted"], c["accepted"]
 
   # ---------------------------------------------------------------- driver
-  def plain_generate(self, prompts: Sequence[Sequence[int]],
-                     sampling: SamplingConfig = SamplingConfig()) -> Generation:
+  def plain_generate(
+    self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig()
+  ) -> Generation:
     """Plain one-token-per-forward decoding of the same model (`Generator.generate`)."""
     return super().generate(prompts, sampling)
 
-  def generate(self, prompts: Sequence[Sequence[int]],
-               sampling: SamplingConfig = SamplingConfig()) -> SpeculativeGeneration:
+  def generate(
+    self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig()
+  ) -> SpeculativeGeneration:
     sampling.validate()
     self.validate_prompts(prompts, sampling.max_new_tokens)
     n = sampling.max_new_tokens
@@ -228,7 +293,7 @@ class SpeculativeGenerator(Generator):
     width = min(_bucket(int(lengths.max())), self.cfg.max_position_embeddings)
     tokens = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
-      tokens[i, :len(p)] = p
+      tokens[i, : len(p)] = p
     # A draft is verified one position past the last emitted token: 2 spare positions.
     total = _bucket(width + n + 2)
     model = nnx.merge(self.graphdef, self.state)
@@ -239,26 +304,50 @@ class SpeculativeGenerator(Generator):
     eos = -1 if sampling.eos_id is None else sampling.eos_id
     t0 = time.perf_counter()
     first, draft, q, cache, mtp_cache = self._spec_prefill(
-        self.state, jnp.asarray(tokens), jnp.asarray(lengths), cache, mtp_cache, key_prefill,
-        filters=filters)
+      self.state,
+      jnp.asarray(tokens),
+      jnp.asarray(lengths),
+      cache,
+      mtp_cache,
+      key_prefill,
+      filters=filters,
+    )
     first.block_until_ready()
     t1 = time.perf_counter()
     out, _, steps, drafted, accepted = self._spec_decode(
-        self.state, cache, mtp_cache, first, draft, q, jnp.asarray(lengths), key_decode,
-        jnp.int32(eos), filters=filters, max_new_tokens=n)
+      self.state,
+      cache,
+      mtp_cache,
+      first,
+      draft,
+      q,
+      jnp.asarray(lengths),
+      key_decode,
+      jnp.int32(eos),
+      filters=filters,
+      max_new_tokens=n,
+    )
     out = np.asarray(out)
     t2 = time.perf_counter()
     seqs, finished, emitted = [], [], 0
     for row in out.tolist():
       if sampling.eos_id is not None and sampling.eos_id in row:
-        seqs.append(row[:row.index(sampling.eos_id)])
+        seqs.append(row[: row.index(sampling.eos_id)])
         finished.append(True)
       else:
         seqs.append(row)
         finished.append(False)
       emitted += len(seqs[-1]) + finished[-1]
-    return SpeculativeGeneration(seqs, finished, t1 - t0, t2 - t1, emitted, steps=int(steps),
-                                 drafted=int(drafted), accepted=int(accepted))
+    return SpeculativeGeneration(
+      seqs,
+      finished,
+      t1 - t0,
+      t2 - t1,
+      emitted,
+      steps=int(steps),
+      drafted=int(drafted),
+      accepted=int(accepted),
+    )
 
 
 def _best_of(fn, reps: int):
@@ -267,9 +356,16 @@ def _best_of(fn, reps: int):
   return min(runs, key=lambda r: r.decode_seconds)
 
 
-def measure(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
-            sampling: Optional[SamplingConfig] = None, reps: int = 2,
-            cache_dtype=jnp.bfloat16, vocab_limit: Optional[int] = None) -> dict:
+def measure(
+  model,
+  prompts: Sequence[Sequence[int]],
+  max_new_tokens: int = 32,
+  *,
+  sampling: Optional[SamplingConfig] = None,
+  reps: int = 2,
+  cache_dtype=jnp.bfloat16,
+  vocab_limit: Optional[int] = None,
+) -> dict:
   """Speculative vs plain decoding of `prompts` on `model` (best of `reps` timed runs each,
   after one compiling run): acceptance rate, tokens per main-model forward, decode tokens/s
   of both (the prefill and the prefill's token excluded), their ratio (`speedup`), and
@@ -289,15 +385,21 @@ def measure(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *
   plain_steps = plain.new_tokens // len(prompts) - 1  # loop iterations after the prefill
   # What one speculative step (2-token main forward + the MTP layer) costs in plain steps:
   # the speedup at acceptance rate a is (1 + a) / step_cost.
-  step_cost = ((spec.decode_seconds / max(spec.steps, 1))
-               / max(plain.decode_seconds / max(plain_steps, 1), 1e-9))
-  result = {"batch": len(prompts), "max_new_tokens": max_new_tokens,
-            "acceptance_rate": spec.acceptance_rate,
-            "tokens_per_forward": spec.tokens_per_forward,
-            "main_forwards": spec.steps + 1,  # the prefill emits the first token
-            "plain_main_forwards": plain_steps + 1,
-            "speculative_tokens_per_s": spec_tps, "plain_tokens_per_s": plain_tps,
-            "speedup": spec_tps / max(plain_tps, 1e-9), "step_cost": step_cost}
+  step_cost = (spec.decode_seconds / max(spec.steps, 1)) / max(
+    plain.decode_seconds / max(plain_steps, 1), 1e-9
+  )
+  result = {
+    "batch": len(prompts),
+    "max_new_tokens": max_new_tokens,
+    "acceptance_rate": spec.acceptance_rate,
+    "tokens_per_forward": spec.tokens_per_forward,
+    "main_forwards": spec.steps + 1,  # the prefill emits the first token
+    "plain_main_forwards": plain_steps + 1,
+    "speculative_tokens_per_s": spec_tps,
+    "plain_tokens_per_s": plain_tps,
+    "speedup": spec_tps / max(plain_tps, 1e-9),
+    "step_cost": step_cost,
+  }
   if sampling.temperature == 0.0:
     result["identical_to_plain"] = spec.tokens == plain.tokens
   return result

@@ -55,8 +55,10 @@ class SpeculativeProgram(DecodeProgram):
 
   def __init__(self, model, *args, **kwargs):
     if len(getattr(model, "mtp", ())) == 0:
-      raise ValueError("speculative decoding drafts with the MTP module, and this model has "
-                       "none (num_nextn_predict_layers=0; load HF checkpoints with mtp=True)")
+      raise ValueError(
+        "speculative decoding drafts with the MTP module, and this model has "
+        "none (num_nextn_predict_layers=0; load HF checkpoints with mtp=True)"
+      )
     super().__init__(model, *args, **kwargs)
 
   def _laws(self, logits_SxV, s: SlotState):
@@ -79,28 +81,42 @@ class SpeculativeProgram(DecodeProgram):
     key_prefill, key_decode = jax.random.split(jax.random.key(seed))
     key_first, key_draft = jax.random.split(key_prefill)
     one = SlotState(None, None, None, temperature[None], top_k[None], top_p[None], None)
-    first = sample_rows(self._limit(last_1xV), key_first[None], temperature[None], top_k[None],
-                        top_p[None])
+    first = sample_rows(
+      self._limit(last_1xV), key_first[None], temperature[None], top_k[None], top_p[None]
+    )
     # The MTP input at position i is t_{i+1}: the prompt shifted left, the first token after it.
     nxt = jnp.concatenate([tokens_1xL[:, 1:], tokens_1xL[:, -1:]], axis=1)
     nxt = jax.lax.dynamic_update_slice(nxt, first[:, None], (0, length - 1))
     positions = jnp.arange(width, dtype=jnp.int32)[None]
     mtp_cache = init_latent_cache(self.cfg, 1, width, self.cache_dtype)
-    h_mtp, mtp_cache = mtp_hidden(model, out.hidden_BxLxD, nxt, positions, mtp_cache,
-                                  absorb=False)
+    h_mtp, mtp_cache = mtp_hidden(model, out.hidden_BxLxD, nxt, positions, mtp_cache, absorb=False)
     h_1xD = jax.lax.dynamic_index_in_dim(h_mtp[0], length - 1, keepdims=True)
     draft, q = self._draft(model, h_1xD, key_draft[None], one)
     return first[0], key_decode, out.cache, mtp_cache, draft[0], q[0]
 
-  def _insert_fn(self, carry, slot, length, temperature, top_k, top_p, first, key, cache_1,
-                 mtp_cache_1, draft, q_V):
-    cache = jax.tree.map(lambda pool, one: self._write_slot(pool, one, slot), carry.cache,
-                         cache_1)
-    mtp_cache = jax.tree.map(lambda pool, one: self._write_slot(pool, one, slot),
-                             carry.mtp_cache, mtp_cache_1)
+  def _insert_fn(
+    self,
+    carry,
+    slot,
+    length,
+    temperature,
+    top_k,
+    top_p,
+    first,
+    key,
+    cache_1,
+    mtp_cache_1,
+    draft,
+    q_V,
+  ):
+    cache = jax.tree.map(lambda pool, one: self._write_slot(pool, one, slot), carry.cache, cache_1)
+    mtp_cache = jax.tree.map(
+      lambda pool, one: self._write_slot(pool, one, slot), carry.mtp_cache, mtp_cache_1
+    )
     slots = self._set_slot(carry.slots, slot, first, key, length, temperature, top_k, top_p)
-    return SpeculativeCarry(cache, mtp_cache, slots, carry.draft_S.at[slot].set(draft),
-                            carry.q_SxV.at[slot].set(q_V))
+    return SpeculativeCarry(
+      cache, mtp_cache, slots, carry.draft_S.at[slot].set(draft), carry.q_SxV.at[slot].set(q_V)
+    )
 
   def _step_fn(self, state, carry):
     spec = _speculative()
@@ -110,38 +126,58 @@ class SpeculativeProgram(DecodeProgram):
     new_keys, k_verify, k_bonus, k_draft = (keys_Sx4[:, i] for i in range(4))
     pos, last, draft = s.positions_S, s.tokens_S, carry.draft_S
     positions_Sx2 = jnp.stack([pos, pos + 1], axis=1)
-    res = model.forward(jnp.stack([last, draft], axis=1), positions_BxL=positions_Sx2,
-                        cache=carry.cache, absorb=True)
+    res = model.forward(
+      jnp.stack([last, draft], axis=1), positions_BxL=positions_Sx2, cache=carry.cache, absorb=True
+    )
     logits0 = self._limit(res.logits_BxLxV[:, 0])
     logits1 = self._limit(res.logits_BxLxV[:, 1])
     # Greedy slots: plain greedy's token; sampled slots: the speculative-sampling rule.
     greedy_t1 = jnp.argmax(logits0, axis=-1).astype(jnp.int32)
     accept_one = lambda p, q, d, k: jax.tree.map(
-        lambda x: x[0], spec.speculative_accept(p[None], q[None], d[None], k))
-    sampled_t1, sampled_acc = jax.vmap(accept_one)(self._laws(logits0, s), carry.q_SxV, draft,
-                                                   k_verify)
+      lambda x: x[0], spec.speculative_accept(p[None], q[None], d[None], k)
+    )
+    sampled_t1, sampled_acc = jax.vmap(accept_one)(
+      self._laws(logits0, s), carry.q_SxV, draft, k_verify
+    )
     greedy = s.temperature_S == 0.0
     t1 = jnp.where(greedy, greedy_t1, sampled_t1)
     accepted = jnp.where(greedy, greedy_t1 == draft, sampled_acc)
     t2 = sample_rows(logits1, k_bonus, s.temperature_S, s.top_k_S, s.top_p_S)
-    h_mtp, mtp_cache = spec.mtp_hidden(model, res.hidden_BxLxD, jnp.stack([t1, t2], axis=1),
-                                       positions_Sx2, carry.mtp_cache, absorb=True)
+    h_mtp, mtp_cache = spec.mtp_hidden(
+      model,
+      res.hidden_BxLxD,
+      jnp.stack([t1, t2], axis=1),
+      positions_Sx2,
+      carry.mtp_cache,
+      absorb=True,
+    )
     h_SxD = jnp.take_along_axis(h_mtp, accepted.astype(jnp.int32)[:, None, None], axis=1)[:, 0]
     new_draft, new_q = self._draft(model, h_SxD, k_draft, s)
     active = s.active_S
     counts = jnp.where(active, 1 + accepted.astype(jnp.int32), 0)
-    slots = s._replace(tokens_S=jnp.where(active, jnp.where(accepted, t2, t1), last),
-                       positions_S=pos + counts,
-                       keys_S=jnp.where(active, new_keys, s.keys_S))
+    slots = s._replace(
+      tokens_S=jnp.where(active, jnp.where(accepted, t2, t1), last),
+      positions_S=pos + counts,
+      keys_S=jnp.where(active, new_keys, s.keys_S),
+    )
     out = StepOutput(jnp.stack([t1, t2], axis=1), counts, res.load_LxE)
-    return SpeculativeCarry(res.cache, mtp_cache, slots,
-                            jnp.where(active, new_draft, draft),
-                            jnp.where(active[:, None], new_q, carry.q_SxV)), out
+    return SpeculativeCarry(
+      res.cache,
+      mtp_cache,
+      slots,
+      jnp.where(active, new_draft, draft),
+      jnp.where(active[:, None], new_q, carry.q_SxV),
+    ), out
 
   # ------------------------------------------------------------------ what the engine calls
   def init(self) -> SpeculativeCarry:
     base: Carry = super().init()
     s = self.n_slots
     mtp_cache = init_latent_cache(self.cfg, s, self.max_len, self.cache_dtype)
-    return SpeculativeCarry(base.cache, mtp_cache, base.slots, jnp.zeros((s,), jnp.int32),
-                            jnp.zeros((s, self.cfg.vocab_size), jnp.float32))
+    return SpeculativeCarry(
+      base.cache,
+      mtp_cache,
+      base.slots,
+      jnp.zeros((s,), jnp.int32),
+      jnp.zeros((s, self.cfg.vocab_size), jnp.float32),
+    )

@@ -47,15 +47,19 @@ class Corpus:
 def load_corpus(cfg: config_lib.Config) -> Corpus:
   tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer or None)
   if tokenizer.vocab_size > cfg.model.vocab_size:
-    raise ValueError(f"invalid config field `model.vocab_size` = {cfg.model.vocab_size}: the "
-                     f"tokenizer has {tokenizer.vocab_size} ids")
+    raise ValueError(
+      f"invalid config field `model.vocab_size` = {cfg.model.vocab_size}: the "
+      f"tokenizer has {tokenizer.vocab_size} ids"
+    )
   files = data_lib.resolve_files(cfg.data.path or None)
-  train_files, heldout_files = data_lib.split_files(files, cfg.data.heldout_fraction,
-                                                    seed=cfg.train.seed)
+  train_files, heldout_files = data_lib.split_files(
+    files, cfg.data.heldout_fraction, seed=cfg.train.seed
+  )
   cap = cfg.data.max_bytes or None
   train = data_lib.load_tokens(train_files, tokenizer, max_bytes=cap)
-  heldout = data_lib.load_tokens(heldout_files, tokenizer,
-                                 max_bytes=None if cap is None else max(cap // 10, 1 << 16))
+  heldout = data_lib.load_tokens(
+    heldout_files, tokenizer, max_bytes=None if cap is None else max(cap // 10, 1 << 16)
+  )
   entropy = data_lib.unigram_entropy(heldout, tokenizer.vocab_size)
   return Corpus(tokenizer, train, heldout, entropy)
 
@@ -75,19 +79,21 @@ def _raise_if_non_finite(first_bad, last_saved: Optional[int], ckpt: Checkpointe
     return
   if last_saved is None:
     raise FloatingPointError(
-        f"loss is non-finite or the weights overflowed at step {bad}, before any checkpoint "
-        f"was saved in {ckpt.directory}; stopping. A rerun starts from step 0: lower the "
-        "learning rate (train.lr_scale=0.5, --config.train.lr_scale=0.5) or skip the batch "
-        f"(train.skip_batches=\"{bad}\", --config.train.skip_batches={bad})")
+      f"loss is non-finite or the weights overflowed at step {bad}, before any checkpoint "
+      f"was saved in {ckpt.directory}; stopping. A rerun starts from step 0: lower the "
+      "learning rate (train.lr_scale=0.5, --config.train.lr_scale=0.5) or skip the batch "
+      f'(train.skip_batches="{bad}", --config.train.skip_batches={bad})'
+    )
   raise FloatingPointError(
-      f"loss is non-finite or the weights overflowed at step {bad}; stopping without saving "
-      f"(the last good checkpoint, step {last_saved} in {ckpt.directory}, is kept and a rerun "
-      f"in the same workdir resumes from it). To get past step {bad}, rerun with "
-      f"train.skip_batches=\"{bad}\" (--config.train.skip_batches={bad}: steps from {bad} on "
-      f"train on later batches; a window \"{bad}-{bad + 9}\" drops more) or with a lower "
-      "learning rate, train.lr_scale=0.5 (--config.train.lr_scale=0.5); if the weights of "
-      f"step {last_saved} are already off, also roll back with train.resume_step=<step> "
-      f"(--config.train.resume_step=<step>; checkpoints: {ckpt.all_steps()})")
+    f"loss is non-finite or the weights overflowed at step {bad}; stopping without saving "
+    f"(the last good checkpoint, step {last_saved} in {ckpt.directory}, is kept and a rerun "
+    f"in the same workdir resumes from it). To get past step {bad}, rerun with "
+    f'train.skip_batches="{bad}" (--config.train.skip_batches={bad}: steps from {bad} on '
+    f'train on later batches; a window "{bad}-{bad + 9}" drops more) or with a lower '
+    "learning rate, train.lr_scale=0.5 (--config.train.lr_scale=0.5); if the weights of "
+    f"step {last_saved} are already off, also roll back with train.resume_step=<step> "
+    f"(--config.train.resume_step=<step>; checkpoints: {ckpt.all_steps()})"
+  )
 
 
 def _resume(ckpt: Checkpointer, trainer, data_iter, tcfg: config_lib.TrainConfig):
@@ -100,8 +106,9 @@ def _resume(ckpt: Checkpointer, trainer, data_iter, tcfg: config_lib.TrainConfig
   want = tcfg.resume_step
   if resumed is None:
     if want:
-      raise ValueError(f"invalid config field `train.resume_step` = {want}: {ckpt.directory} "
-                       "holds no checkpoint")
+      raise ValueError(
+        f"invalid config field `train.resume_step` = {want}: {ckpt.directory} holds no checkpoint"
+      )
     return trainer.init(), 0, None
   step, state, meta = resumed
   rolled = list(meta.get("rolled_back_to", []))
@@ -109,13 +116,16 @@ def _resume(ckpt: Checkpointer, trainer, data_iter, tcfg: config_lib.TrainConfig
     if want != step:
       steps = ckpt.all_steps()
       if want not in steps:
-        raise ValueError(f"invalid config field `train.resume_step` = {want}: no such "
-                         f"checkpoint in {ckpt.directory} (steps {steps})")
+        raise ValueError(
+          f"invalid config field `train.resume_step` = {want}: no such "
+          f"checkpoint in {ckpt.directory} (steps {steps})"
+        )
       del state
       state, meta = ckpt.restore(want, target, data_iter)
       ckpt.set_aside([s for s in steps if s > want], "rolled_back", "rolled-back")
-      logging.warning("train.resume_step: rolled back from step %d to checkpoint step %d",
-                      step, want)
+      logging.warning(
+        "train.resume_step: rolled back from step %d to checkpoint step %d", step, want
+      )
       step, rolled = want, list(meta.get("rolled_back_to", []))
     meta = dict(meta, rolled_back_to=rolled + [want])
   return state, step, meta
@@ -130,9 +140,11 @@ def _skip_batches(windows, applied: list, start_step: int) -> dict:
     if [first, last] in applied:
       continue
     if first <= start_step:
-      raise ValueError(f"invalid config field `train.skip_batches` window {first}-{last}: the "
-                       f"run resumes after step {start_step}, so the batches of steps from "
-                       f"{first} on were consumed already; choose steps after {start_step}")
+      raise ValueError(
+        f"invalid config field `train.skip_batches` window {first}-{last}: the "
+        f"run resumes after step {start_step}, so the batches of steps from "
+        f"{first} on were consumed already; choose steps after {start_step}"
+      )
     todo[first] = (last, last - first + 1)
   return todo
 
@@ -157,8 +169,9 @@ def _drop_metrics_after(workdir: str, step: int) -> int:
     with open(path + ".tmp", "w") as f:
       f.writelines(keep)
     os.replace(path + ".tmp", path)
-    logging.info("dropped %d metric records past step %d from %s", len(lines) - len(keep),
-                 step, path)
+    logging.info(
+      "dropped %d metric records past step %d from %s", len(lines) - len(keep), step, path
+    )
   return len(lines) - len(keep)
 
 
@@ -167,8 +180,9 @@ def evaluate(trainer: Trainer, state, batches, sharding) -> float:
   return float(np.mean(losses))
 
 
-def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
-                       progress: bool = True) -> dict:
+def train_and_evaluate(
+  config, workdir: str, *, max_steps: Optional[int] = None, progress: bool = True
+) -> dict:
   """Trains `config` (a ConfigDict or `Config`) in `workdir`; returns a summary dict.
 
   `max_steps` stops early after that many steps of this call (the schedule still spans
@@ -180,30 +194,42 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
   mesh = mesh_lib.make_mesh(cfg.parallel)
   n_batch_shards = mesh_lib.batch_size_per_step(mesh)
   if tcfg.global_batch % n_batch_shards:
-    raise ValueError(f"invalid config field `train.global_batch` = {tcfg.global_batch}: must "
-                     f"be divisible by the data x expert mesh size {n_batch_shards}")
+    raise ValueError(
+      f"invalid config field `train.global_batch` = {tcfg.global_batch}: must "
+      f"be divisible by the data x expert mesh size {n_batch_shards}"
+    )
   is_main = jax.process_index() == 0
-  logging.info("process %d/%d, mesh %s, %s", jax.process_index(), jax.process_count(),
-               dict(mesh.shape), counts.describe(cfg.model))
+  logging.info(
+    "process %d/%d, mesh %s, %s",
+    jax.process_index(),
+    jax.process_count(),
+    dict(mesh.shape),
+    counts.describe(cfg.model),
+  )
 
   corpus = load_corpus(cfg)
   shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-  data_iter = data_lib.make_train_iterator(corpus.train_tokens, tcfg.seq_len, tcfg.global_batch,
-                                           seed=tcfg.seed, **shard)
-  heldout = data_lib.eval_batches(corpus.heldout_tokens, tcfg.seq_len, tcfg.global_batch,
-                                  tcfg.eval_batches, **shard)
+  data_iter = data_lib.make_train_iterator(
+    corpus.train_tokens, tcfg.seq_len, tcfg.global_batch, seed=tcfg.seed, **shard
+  )
+  heldout = data_lib.eval_batches(
+    corpus.heldout_tokens, tcfg.seq_len, tcfg.global_batch, tcfg.eval_batches, **shard
+  )
 
   if cfg.parallel.pipeline == "none":
     trainer = Trainer(cfg, mesh)
   else:  # the model cut into stages over the `pipe` mesh axis (1F1B or DualPipe)
     from dsv3_jax.train.pipeline_step import PipelineTrainer
+
     trainer = PipelineTrainer(cfg, mesh)
   memory = trainer.memory_per_device()
   if is_main:
     mb = {k: v / 2**20 for k, v in memory.items()}
-    line = (f"train state per device: {mb['total']:.2f} MiB (params {mb['params']:.2f}, "
-            f"optimizer {mb['opt_state']:.2f} with ZeRO-1 vs {mb['opt_state_without_zero1']:.2f}"
-            f" without) on mesh {dict(mesh.shape)}")
+    line = (
+      f"train state per device: {mb['total']:.2f} MiB (params {mb['params']:.2f}, "
+      f"optimizer {mb['opt_state']:.2f} with ZeRO-1 vs {mb['opt_state_without_zero1']:.2f}"
+      f" without) on mesh {dict(mesh.shape)}"
+    )
     logging.info(line)
     print(line, flush=True)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
@@ -232,6 +258,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
   bar = None
   if progress and is_main:
     from tqdm import tqdm
+
     bar = tqdm(total=end_step, initial=start_step, desc="train", unit="step")
   t_start = time.time()
   t_window, window_steps = time.time(), 0
@@ -241,8 +268,13 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
     while step < end_step:
       if step + 1 in to_skip:
         last, n = to_skip.pop(step + 1)
-        logging.warning("train.skip_batches: dropping the %d batch(es) of steps %d-%d; they "
-                        "train on the batches after", n, step + 1, last)
+        logging.warning(
+          "train.skip_batches: dropping the %d batch(es) of steps %d-%d; they "
+          "train on the batches after",
+          n,
+          step + 1,
+          last,
+        )
         for _ in range(n):
           next(data_iter)
         applied.append([step + 1, last])
@@ -274,10 +306,17 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
         writer.write(step, {"heldout_loss": eval_loss})
         eval_history.append({"step": step, "heldout_loss": eval_loss})
       if step % tcfg.checkpoint_every == 0 or step == end_step:
-        ckpt.save(step, state, data_iter, {
-            "step": step, "config": config_lib.to_dict(cfg),
+        ckpt.save(
+          step,
+          state,
+          data_iter,
+          {
+            "step": step,
+            "config": config_lib.to_dict(cfg),
             "skipped_batches": [list(w) for w in applied],
-            "rolled_back_to": list((meta or {}).get("rolled_back_to", []))})
+            "rolled_back_to": list((meta or {}).get("rolled_back_to", [])),
+          },
+        )
         last_saved = step
   finally:
     if bar is not None:
@@ -286,13 +325,15 @@ def train_and_evaluate(config, workdir: str, *, max_steps: Optional[int] = None,
     writer.close()
 
   summary = {
-      "steps": step, "start_step": start_step,
-      "final_loss": history[-1]["loss"] if history else None,
-      "heldout_loss": eval_history[-1]["heldout_loss"] if eval_history else None,
-      "unigram_entropy": corpus.unigram_entropy,
-      "wall_time_s": time.time() - t_start,
-      "memory_per_device": memory,
-      "history": history, "eval_history": eval_history,
+    "steps": step,
+    "start_step": start_step,
+    "final_loss": history[-1]["loss"] if history else None,
+    "heldout_loss": eval_history[-1]["heldout_loss"] if eval_history else None,
+    "unigram_entropy": corpus.unigram_entropy,
+    "wall_time_s": time.time() - t_start,
+    "memory_per_device": memory,
+    "history": history,
+    "eval_history": eval_history,
   }
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:

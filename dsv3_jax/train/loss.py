@@ -16,8 +16,9 @@ import jax.numpy as jnp
 from dsv3_jax.config import TrainConfig
 
 
-def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
-                  mask_BxL: jax.Array | None = None) -> jax.Array:
+def cross_entropy(
+  logits_BxLxV: jax.Array, targets_BxL: jax.Array, mask_BxL: jax.Array | None = None
+) -> jax.Array:
   """Mean token cross-entropy in nats (float32), over the positions where mask is true."""
   logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
@@ -35,8 +36,14 @@ class Readout(NamedTuple):
   mtp_balance: jax.Array
 
 
-def readout_losses(model, h_BxLxD: jax.Array, logits_BxLxV: jax.Array, tokens_BxL1: jax.Array,
-                   cfg: TrainConfig, routed=None) -> Readout:
+def readout_losses(
+  model,
+  h_BxLxD: jax.Array,
+  logits_BxLxV: jax.Array,
+  tokens_BxL1: jax.Array,
+  cfg: TrainConfig,
+  routed=None,
+) -> Readout:
   """Everything after the main model's readout (`model.readout`: final norm `h` and logits)."""
   targets = tokens_BxL1[:, 1:]
   b, l = targets.shape
@@ -52,7 +59,7 @@ def readout_losses(model, h_BxLxD: jax.Array, logits_BxLxV: jax.Array, tokens_Bx
   for k, lg in enumerate(mtp_logits, start=1):
     # Depth k at position i predicts t_{i+k+1}; the last k positions have no target.
     mask = jnp.broadcast_to(jnp.arange(l) < l - k, (b, l))
-    mtp_ce.append(cross_entropy(lg, padded[:, k + 1:k + 1 + l], mask))
+    mtp_ce.append(cross_entropy(lg, padded[:, k + 1 : k + 1 + l], mask))
   mtp_ce = jnp.stack(mtp_ce)
   loss = ce + cfg.mtp_lambda / depth * jnp.sum(mtp_ce) + cfg.balance_alpha * mtp_balance
   return Readout(loss, ce, jnp.mean(mtp_ce), mtp_load.astype(jnp.float32), mtp_balance)
@@ -63,8 +70,12 @@ def model_losses(model, tokens_BxL1: jax.Array, cfg: TrainConfig, routed=None):
   out = model.forward(tokens_BxL1[:, :-1], routed=routed)
   r = readout_losses(model, out.hidden_BxLxD, out.logits_BxLxV, tokens_BxL1, cfg, routed)
   loss = r.loss + cfg.balance_alpha * out.balance_loss
-  metrics = {"ce": r.ce, **(out.stats or {}), "loss": loss,
-             "balance_loss": out.balance_loss + r.mtp_balance}
+  metrics = {
+    "ce": r.ce,
+    **(out.stats or {}),
+    "loss": loss,
+    "balance_loss": out.balance_loss + r.mtp_balance,
+  }
   if r.mtp_ce is not None:
     metrics["mtp_ce"] = r.mtp_ce
   return loss, metrics, jnp.concatenate([out.load_LxE, r.mtp_load_DxE], axis=0)

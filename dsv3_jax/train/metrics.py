@@ -21,7 +21,6 @@ def _scalarize(metrics: Mapping[str, Any]) -> dict:
 
 
 class MetricWriter:
-
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     self._tb = None
@@ -29,6 +28,7 @@ class MetricWriter:
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter
+
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
@@ -50,8 +50,9 @@ class MetricWriter:
       self._tb.add_histogram(name, arr.reshape(-1), step)
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
-    logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()
-                                               if "/" not in k))
+    logging.info(
+      "step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items() if "/" not in k)
+    )
     return scalars
 
   def close(self):

@@ -20,12 +20,14 @@ class LowPrecisionAdamState(NamedTuple):
   nu: optax.Updates
 
 
-def scale_by_adam_lowp(b1: float, b2: float, eps: float = 1e-8,
-                       moment_dtype=jnp.bfloat16) -> optax.GradientTransformation:
+def scale_by_adam_lowp(
+  b1: float, b2: float, eps: float = 1e-8, moment_dtype=jnp.bfloat16
+) -> optax.GradientTransformation:
   def init(params):
     zeros = lambda p: jnp.zeros(p.shape, moment_dtype)
-    return LowPrecisionAdamState(jnp.zeros((), jnp.int32), jax.tree.map(zeros, params),
-                                 jax.tree.map(zeros, params))
+    return LowPrecisionAdamState(
+      jnp.zeros((), jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params)
+    )
 
   def update(grads, state, params=None):
     del params
@@ -35,8 +37,9 @@ def scale_by_adam_lowp(b1: float, b2: float, eps: float = 1e-8,
     nu = jax.tree.map(lambda v, g: b2 * f32(v) + (1 - b2) * jnp.square(f32(g)), state.nu, grads)
     c1 = 1 - b1 ** count.astype(jnp.float32)
     c2 = 1 - b2 ** count.astype(jnp.float32)
-    updates = jax.tree.map(lambda m, v, g: ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype),
-                           mu, nu, grads)
+    updates = jax.tree.map(
+      lambda m, v, g: ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype), mu, nu, grads
+    )
     cast = lambda t: t.astype(moment_dtype)
     return updates, LowPrecisionAdamState(count, jax.tree.map(cast, mu), jax.tree.map(cast, nu))
 
@@ -48,8 +51,12 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
   times `lr_scale` (a restart option past a non-finite step)."""
   peak = cfg.learning_rate * cfg.lr_scale
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=cfg.warmup_steps,
-      decay_steps=max(cfg.steps, cfg.warmup_steps + 1), end_value=peak * cfg.min_lr_ratio)
+    init_value=0.0,
+    peak_value=peak,
+    warmup_steps=cfg.warmup_steps,
+    decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
+    end_value=peak * cfg.min_lr_ratio,
+  )
 
 
 # Parameter leaves that are not weight matrices, whatever their rank: RMSNorm scales (one
@@ -75,8 +82,8 @@ def _decay_mask(params):
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   return optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip),
-      scale_by_adam_lowp(cfg.b1, cfg.b2, moment_dtype=jnp.dtype(cfg.moment_dtype)),
-      optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask),
-      optax.scale_by_learning_rate(learning_rate_schedule(cfg)),
+    optax.clip_by_global_norm(cfg.grad_clip),
+    scale_by_adam_lowp(cfg.b1, cfg.b2, moment_dtype=jnp.dtype(cfg.moment_dtype)),
+    optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask),
+    optax.scale_by_learning_rate(learning_rate_schedule(cfg)),
   )

@@ -37,13 +37,17 @@ from dsv3_jax.train.step import Trainer, TrainState
 def make_schedule(name: str, pp: int, n_mb: int) -> schedules.Schedule:
   """The schedule ``name`` (`schedules.SCHEDULES`) with errors naming the config fields."""
   if name not in schedules.SCHEDULES:
-    raise ValueError(f"invalid config field `parallel.pipeline` = {name!r}: must be one of "
-                     f"{sorted(schedules.SCHEDULES)} (or 'none')")
+    raise ValueError(
+      f"invalid config field `parallel.pipeline` = {name!r}: must be one of "
+      f"{sorted(schedules.SCHEDULES)} (or 'none')"
+    )
   try:
     return schedules.SCHEDULES[name](pp, n_mb)
   except ValueError as e:
-    raise ValueError(f"invalid config fields `parallel.pipe` = {pp} / "
-                     f"`parallel.microbatches` = {n_mb} for pipeline {name!r}: {e}") from e
+    raise ValueError(
+      f"invalid config fields `parallel.pipe` = {pp} / "
+      f"`parallel.microbatches` = {n_mb} for pipeline {name!r}: {e}"
+    ) from e
 
 
 def split_params(tree: dict, n_stages: int, specs: bool = False) -> tuple[dict, dict]:
@@ -78,8 +82,9 @@ def make_stage_fn(graphdef, cfg: Config, n_stages: int, scale: float, routed=Non
   per, n_exp = n_moe // n_stages, max(mcfg.n_routed_experts, 1)
 
   def stage_fn(chunk_p, shared_p, x_BxLxD, chunk_b, shared_b, tokens_BxL1, stage):
-    model = nnx.merge(graphdef, dict(shared_p, **{STAGED: chunk_p}),
-                      dict(shared_b, **{STAGED: chunk_b}))
+    model = nnx.merge(
+      graphdef, dict(shared_p, **{STAGED: chunk_p}), dict(shared_b, **{STAGED: chunk_b})
+    )
     inputs = tokens_BxL1[:, :-1]
     b, l = inputs.shape
     ctx = model.context(jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l)), routed=routed)
@@ -93,8 +98,11 @@ def make_stage_fn(graphdef, cfg: Config, n_stages: int, scale: float, routed=Non
     h = jax.lax.cond(stage == 0, embed, lambda: x_BxLxD)
     res = model.run_moe(h, ctx)  # this stage's slice of the MoE stack
     h = res.x_BxLxD
-    load = jax.lax.dynamic_update_slice(jnp.zeros((n_moe + depth, n_exp), jnp.float32),
-                                        res.load_LxE.astype(jnp.float32), (stage * per, 0))
+    load = jax.lax.dynamic_update_slice(
+      jnp.zeros((n_moe + depth, n_exp), jnp.float32),
+      res.load_LxE.astype(jnp.float32),
+      (stage * per, 0),
+    )
 
     def readout():  # the walk's last piece and the objective's readout part
       hn, logits = model.readout(h)
@@ -106,12 +114,17 @@ def make_stage_fn(graphdef, cfg: Config, n_stages: int, scale: float, routed=Non
       z = jnp.zeros((), jnp.float32)
       return z, z, z, z, jnp.zeros((depth, n_exp), jnp.float32)
 
-    head_loss, ce, mtp_ce, mtp_balance, mtp_load = jax.lax.cond(stage == n_stages - 1, readout,
-                                                                no_readout)
+    head_loss, ce, mtp_ce, mtp_balance, mtp_load = jax.lax.cond(
+      stage == n_stages - 1, readout, no_readout
+    )
     load = load.at[n_moe:].add(mtp_load)
     loss = (head_loss + tcfg.balance_alpha * res.balance_loss) * scale
-    aux = {"load": load, "ce": ce, "balance_loss": res.balance_loss + mtp_balance,
-           **res.stats}  # expert-parallel dispatch statistics, per shard: summed by Pipeline
+    aux = {
+      "load": load,
+      "ce": ce,
+      "balance_loss": res.balance_loss + mtp_balance,
+      **res.stats,
+    }  # expert-parallel dispatch statistics, per shard: summed by Pipeline
     if depth:
       aux["mtp_ce"] = mtp_ce
     return (h, loss), aux
@@ -128,56 +141,76 @@ class PipelineTrainer(Trainer):
   `Trainer`; each shard runs its own pipeline over ``pipe``.
   """
 
-  def __init__(self, cfg: Config, mesh: Mesh, *, schedule_name: str | None = None,
-               granularity: str = "unit"):
+  def __init__(
+    self, cfg: Config, mesh: Mesh, *, schedule_name: str | None = None, granularity: str = "unit"
+  ):
     pcfg, mcfg, tcfg = cfg.parallel, cfg.model, cfg.train
     name = schedule_name or pcfg.pipeline
     pp = mesh.shape["pipe"]
     if pp < 2:
-      raise ValueError(f"invalid config field `parallel.pipe` = {pp}: pipeline {name!r} "
-                       "needs at least 2 pipe ranks")
+      raise ValueError(
+        f"invalid config field `parallel.pipe` = {pp}: pipeline {name!r} "
+        "needs at least 2 pipe ranks"
+      )
     self.schedule = make_schedule(name, pp, pcfg.microbatches)
     n_stages = self.schedule.n_stages
     if mcfg.n_moe_layers == 0 or mcfg.n_moe_layers % n_stages:
-      raise ValueError(f"invalid config field `model.num_hidden_layers` = "
-                       f"{mcfg.num_hidden_layers}: its {mcfg.n_moe_layers} MoE layers must "
-                       f"split evenly into {n_stages} pipeline stages ({name})")
+      raise ValueError(
+        f"invalid config field `model.num_hidden_layers` = "
+        f"{mcfg.num_hidden_layers}: its {mcfg.n_moe_layers} MoE layers must "
+        f"split evenly into {n_stages} pipeline stages ({name})"
+      )
     shards = mesh_lib.batch_size_per_step(mesh)
     if tcfg.global_batch % (shards * pcfg.microbatches):
-      raise ValueError(f"invalid config field `train.global_batch` = {tcfg.global_batch}: "
-                       f"must be divisible by data x expert ({shards}) x "
-                       f"parallel.microbatches ({pcfg.microbatches})")
+      raise ValueError(
+        f"invalid config field `train.global_batch` = {tcfg.global_batch}: "
+        f"must be divisible by data x expert ({shards}) x "
+        f"parallel.microbatches ({pcfg.microbatches})"
+      )
     super().__init__(cfg, mesh)
     self.n_stages, self.n_shards = n_stages, shards
     self.mb_size = tcfg.global_batch // (shards * pcfg.microbatches)
     scale = 1.0 / (shards * pcfg.microbatches)
     # Stages own their layers (params, gradients, moments split over `pipe`) and the MoE
     # layers stay expert-parallel inside: both placements come from the sharding plan.
-    self.stage_fn = make_stage_fn(self.graphdef, cfg, n_stages, scale,
-                                  routed=self.plan.routed_in_shard_map)
+    self.stage_fn = make_stage_fn(
+      self.graphdef, cfg, n_stages, scale, routed=self.plan.routed_in_shard_map
+    )
     stage_specs, shared_specs = split_params(self.param_specs, n_stages, specs=True)
-    self.pipeline = Pipeline(self.stage_fn, self.schedule, mesh, pipe_axis="pipe",
-                             batch_axes=mesh_lib.BATCH, granularity=granularity,
-                             stage_specs=stage_specs, shared_specs=shared_specs)
+    self.pipeline = Pipeline(
+      self.stage_fn,
+      self.schedule,
+      mesh,
+      pipe_axis="pipe",
+      batch_axes=mesh_lib.BATCH,
+      granularity=granularity,
+      stage_specs=stage_specs,
+      shared_specs=shared_specs,
+    )
 
   def act_spec(self) -> jax.ShapeDtypeStruct:
     m = self.cfg.model
-    return jax.ShapeDtypeStruct((self.mb_size, self.cfg.train.seq_len, m.hidden_size),
-                                jnp.dtype(m.dtype))
+    return jax.ShapeDtypeStruct(
+      (self.mb_size, self.cfg.train.seq_len, m.hidden_size), jnp.dtype(m.dtype)
+    )
 
-  def loss_and_grads(self, params: dict, biases: dict, tokens_BxL1: jax.Array, *,
-                     probe=None):
+  def loss_and_grads(self, params: dict, biases: dict, tokens_BxL1: jax.Array, *, probe=None):
     """``(loss, metrics, loads, grads)`` of one batch, computed by the pipeline.
 
     ``probe`` is passed to `Pipeline.__call__` (per-op instrumentation, e.g. timestamps)."""
     sp, shp = split_params(params, self.n_stages)
     sb, shb = split_params(biases, self.n_stages)
-    loss, aux, g_stage, g_shared = self.pipeline(sp, shp, sb, shb, tokens_BxL1,
-                                                 self.act_spec(), probe=probe)
+    loss, aux, g_stage, g_shared = self.pipeline(
+      sp, shp, sb, shb, tokens_BxL1, self.act_spec(), probe=probe
+    )
     grads = join_params(g_stage, g_shared)
     n = self.n_shards * self.cfg.parallel.microbatches
-    metrics = {"ce": aux["ce"] / n, "loss": loss, "balance_loss": aux["balance_loss"] / n,
-               **{k: aux[k] for k in STATS if k in aux}}
+    metrics = {
+      "ce": aux["ce"] / n,
+      "loss": loss,
+      "balance_loss": aux["balance_loss"] / n,
+      **{k: aux[k] for k in STATS if k in aux},
+    }
     if "mtp_ce" in aux:
       metrics["mtp_ce"] = aux["mtp_ce"] / n
     return loss, metrics, aux["load"], grads

@@ -59,23 +59,28 @@ class Trainer:
     bias_sh = self.plan.bias_shardings(nnx.to_pure_dict(abs_biases))
     opt_sh = self.plan.optimizer_shardings(self.optimizer, abs_params)
     self._opt_sharding_like_params = self.plan.optimizer_shardings(  # memory report only
-        self.optimizer, abs_params, zero1=False)
+      self.optimizer, abs_params, zero1=False
+    )
     self.state_sharding = TrainState(param_sh, bias_sh, opt_sh, repl)
     self.batch_sharding = self.plan.batch
     # Created already sharded: nothing is materialised on one device first.
     self._init = jax.jit(self._init_fn, out_shardings=self.state_sharding)
     # The state is donated: the step updates it in place.
-    self.train_step = jax.jit(self._train_fn, donate_argnums=0,
-                              in_shardings=(self.state_sharding, self.batch_sharding),
-                              out_shardings=(self.state_sharding, repl))
-    self.eval_step = jax.jit(self._eval_fn,
-                             in_shardings=(self.state_sharding, self.batch_sharding),
-                             out_shardings=repl)
+    self.train_step = jax.jit(
+      self._train_fn,
+      donate_argnums=0,
+      in_shardings=(self.state_sharding, self.batch_sharding),
+      out_shardings=(self.state_sharding, repl),
+    )
+    self.eval_step = jax.jit(
+      self._eval_fn, in_shardings=(self.state_sharding, self.batch_sharding), out_shardings=repl
+    )
 
   def abstract_state(self) -> TrainState:
     shapes = jax.eval_shape(self._init_fn)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, self.state_sharding)
+    return jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding
+    )
 
   def init(self) -> TrainState:
     return self._init()
@@ -83,9 +88,11 @@ class Trainer:
   def memory_per_device(self) -> dict:
     """Bytes of the train state on the busiest device, by part (from shapes: no allocation)."""
     state = self.abstract_state()
-    opt_like_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                                      sharding=sh),
-                                   state.opt_state, self._opt_sharding_like_params)
+    opt_like_params = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      state.opt_state,
+      self._opt_sharding_like_params,
+    )
     parts = {"params": state.params, "biases": state.biases, "opt_state": state.opt_state}
     out = {name: sharding.bytes_per_device(tree) for name, tree in parts.items()}
     out["total"] = sharding.bytes_per_device(state)
@@ -104,8 +111,9 @@ class Trainer:
     tcfg = self.cfg.train
 
     def loss_fn(params):
-      loss, metrics, loads = model_losses(self.merge(params, state.biases), batch["tokens"], tcfg,
-                                          routed=self.plan.routed)
+      loss, metrics, loads = model_losses(
+        self.merge(params, state.biases), batch["tokens"], tcfg, routed=self.plan.routed
+      )
       return loss, (metrics, loads)
 
     (_, (metrics, loads)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -121,11 +129,17 @@ class Trainer:
     params = optax.apply_updates(state.params, updates)
     biases = routing.update_biases(state.biases, loads_LxE, tcfg.bias_update_gamma)
     # A finite loss can still leave overflowed weights behind: check the new state too.
-    finite = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.stack(
-        [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
-    metrics = dict(metrics, finite=finite, grad_norm=optax.global_norm(grads),
-                   learning_rate=self.lr(state.step),
-                   max_vio=routing.max_violation(loads_LxE), load=loads_LxE)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.all(
+      jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
+    )
+    metrics = dict(
+      metrics,
+      finite=finite,
+      grad_norm=optax.global_norm(grads),
+      learning_rate=self.lr(state.step),
+      max_vio=routing.max_violation(loads_LxE),
+      load=loads_LxE,
+    )
     return TrainState(params, biases, opt_state, state.step + 1), metrics
 
   def _eval_fn(self, state: TrainState, batch: dict):

@@ -24,13 +24,31 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import rope
 from dsv3_jax.quant import fp8 as fp8_lib
 
-TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-            num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=24,
-            kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-            n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
-            num_nextn_predict_layers=1, rope_scaling="yarn", rope_factor=4.0,
-            rope_original_max_position_embeddings=32,
-            max_position_embeddings=256, init_std=0.05, expert_block_size=8)
+TINY = dict(
+  vocab_size=96,
+  hidden_size=64,
+  intermediate_size=96,
+  moe_intermediate_size=32,
+  num_hidden_layers=3,
+  first_k_dense_replace=1,
+  num_attention_heads=2,
+  q_lora_rank=24,
+  kv_lora_rank=32,
+  qk_nope_head_dim=16,
+  qk_rope_head_dim=8,
+  v_head_dim=16,
+  n_routed_experts=8,
+  num_experts_per_tok=2,
+  n_group=4,
+  topk_group=2,
+  num_nextn_predict_layers=1,
+  rope_scaling="yarn",
+  rope_factor=4.0,
+  rope_original_max_position_embeddings=32,
+  max_position_embeddings=256,
+  init_std=0.05,
+  expert_block_size=8,
+)
 
 
 def _cfg(**kw) -> ModelConfig:
@@ -106,11 +124,11 @@ def _rewrite(src, dst, tensors=None, config_edit=None):
 def test_safetensors_roundtrip_every_dtype(tmp_path):
   rng = np.random.RandomState(0)
   tensors = {
-      "a.f32": rng.randn(3, 5).astype(np.float32),
-      "b.bf16": rng.randn(7).astype(ml_dtypes.bfloat16),
-      "c.f8": np.clip(rng.randn(4, 129) * 100, -448, 448).astype(ml_dtypes.float8_e4m3fn),
-      "d.i32": rng.randint(-5, 5, (2, 2)).astype(np.int32),
-      "e.empty": np.zeros((0, 4), np.float32),
+    "a.f32": rng.randn(3, 5).astype(np.float32),
+    "b.bf16": rng.randn(7).astype(ml_dtypes.bfloat16),
+    "c.f8": np.clip(rng.randn(4, 129) * 100, -448, 448).astype(ml_dtypes.float8_e4m3fn),
+    "d.i32": rng.randint(-5, 5, (2, 2)).astype(np.int32),
+    "e.empty": np.zeros((0, 4), np.float32),
   }
   path = str(tmp_path / "x.safetensors")
   hf.save_tensors(path, tensors)
@@ -126,9 +144,15 @@ def test_safetensors_roundtrip_every_dtype(tmp_path):
 
 
 # ----------------------------------------------------------------------------- mapping
-@pytest.mark.parametrize("kw", [dict(), dict(q_lora_rank=0, first_k_dense_replace=2),
-                                dict(num_nextn_predict_layers=0, n_shared_experts=0),
-                                dict(first_k_dense_replace=3, num_nextn_predict_layers=2)])
+@pytest.mark.parametrize(
+  "kw",
+  [
+    dict(),
+    dict(q_lora_rank=0, first_k_dense_replace=2),
+    dict(num_nextn_predict_layers=0, n_shared_experts=0),
+    dict(first_k_dense_replace=3, num_nextn_predict_layers=2),
+  ],
+)
 def test_entries_cover_every_parameter_exactly_once(kw):
   cfg = _cfg(**kw)
   state = hf.abstract_state(cfg)
@@ -139,12 +163,14 @@ def test_entries_cover_every_parameter_exactly_once(kw):
     if e.kind in ("shared_embed", "shared_head"):
       continue
     leaf = hf._get(state, e.path)
-    ours_shape = leaf.shape[len(e.index):]
+    ours_shape = leaf.shape[len(e.index) :]
     hf_shape = e.shape[::-1] if e.kind in ("linear", "gate", "head") else e.shape
     assert tuple(ours_shape) == tuple(hf_shape), e.hf
     seen.setdefault(e.path, set()).add(e.index)
-  leaves = {tuple(getattr(k, "key", getattr(k, "idx", None)) for k in p)
-            for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
+  leaves = {
+    tuple(getattr(k, "key", getattr(k, "idx", None)) for k in p)
+    for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]
+  }
   assert leaves == set(seen)
   for path, idx in seen.items():
     leaf = hf._get(state, path)
@@ -169,8 +195,7 @@ def test_bf16_roundtrip_hf_to_ours_to_hf_is_byte_exact(tiny, tmp_path):
   first, second = str(tmp_path / "a"), str(tmp_path / "b")
   hf.save_hf(model, first, dtype="bfloat16", max_shard_bytes=100_000)
   assert os.path.exists(os.path.join(first, hf.INDEX_FILE))  # sharded
-  hf.save_hf(pretrained.from_pretrained(first), second, dtype="bfloat16",
-             max_shard_bytes=100_000)
+  hf.save_hf(pretrained.from_pretrained(first), second, dtype="bfloat16", max_shard_bytes=100_000)
   a, b = _all_tensors(first), _all_tensors(second)
   assert a.keys() == b.keys()
   for name in a:
@@ -187,8 +212,13 @@ def test_fp8_export_import(tiny, tmp_path):
   name = "model.layers.1.self_attn.q_b_proj.weight"
   assert ck.tensors[name].dtype == "F8_E4M3"
   assert ck.tensors[hf.scale_name(name)].shape == (1, 1)
-  for high in ("model.layers.1.mlp.gate.weight", "model.embed_tokens.weight", "lm_head.weight",
-               "model.layers.3.eh_proj.weight", "model.norm.weight"):
+  for high in (
+    "model.layers.1.mlp.gate.weight",
+    "model.embed_tokens.weight",
+    "lm_head.weight",
+    "model.layers.3.eh_proj.weight",
+    "model.norm.weight",
+  ):
     assert ck.tensors[high].dtype == "BF16", high
   with open(os.path.join(path, "config.json")) as f:
     assert json.load(f)["quantization_config"]["weight_block_size"] == [128, 128]
@@ -200,8 +230,9 @@ def test_fp8_export_import(tiny, tmp_path):
   np.testing.assert_array_equal(got, fp8_lib.dequantize_hf(q, s).T)
   # The FP8 dot re-derives the checkpoint's own blocks from the dequantized masters.
   q2, s2 = fp8_lib.quantize_weight(jnp.asarray(got))
-  np.testing.assert_array_equal(np.asarray(q2)[:w.shape[0], :w.shape[1]].T.view(np.uint8),
-                                np.asarray(q).view(np.uint8))
+  np.testing.assert_array_equal(
+    np.asarray(q2)[: w.shape[0], : w.shape[1]].T.view(np.uint8), np.asarray(q).view(np.uint8)
+  )
   np.testing.assert_allclose(np.asarray(s2).T, s, rtol=2e-7)
   assert np.isfinite(logits(back, _tokens())).all()
   # FP8 -> ours -> FP8: identical FP8 values, scales within a float32 ulp.
@@ -224,10 +255,11 @@ def test_fp8_dequantization_uses_128_blocks_for_ragged_shapes():
     ref = np.empty(shape, np.float32)
     for i in range(0, shape[0], 128):
       for j in range(0, shape[1], 128):
-        ref[i:i + 128, j:j + 128] = (q[i:i + 128, j:j + 128].astype(np.float32)
-                                     * s[i // 128, j // 128])
+        ref[i : i + 128, j : j + 128] = (
+          q[i : i + 128, j : j + 128].astype(np.float32) * s[i // 128, j // 128]
+        )
     np.testing.assert_array_equal(fp8_lib.dequantize_hf(q, s), ref)
-    s_full = np.repeat(np.repeat(s, 128, 0), 128, 1)[:shape[0], :shape[1]]
+    s_full = np.repeat(np.repeat(s, 128, 0), 128, 1)[: shape[0], : shape[1]]
     # E4M3: half an ulp is 2^-4 relative for normals, 2^-10 x scale in the subnormal range.
     assert (np.abs(ref - w) <= np.maximum(np.abs(w) / 16, s_full / 1024) * 1.0001).all()
     # The peer's CPU rule (block = rows // scale_rows) gives other blocks or fails here.
@@ -243,17 +275,20 @@ def test_missing_unexpected_and_misshaped_raise_one_error(tiny, tmp_path):
   del tensors["model.layers.2.mlp.experts.5.down_proj.weight"]
   tensors["model.layers.1.mlp.experts.8.up_proj.weight"] = np.zeros((32, 64), np.float32)
   tensors["model.layers.1.self_attn.kv_b_proj.weight"] = np.zeros((64, 31), np.float32)
-  tensors["model.layers.1.self_attn.q_a_proj.weight"] = (
-      tensors["model.layers.1.self_attn.q_a_proj.weight"].astype(ml_dtypes.float8_e4m3fn))
+  tensors["model.layers.1.self_attn.q_a_proj.weight"] = tensors[
+    "model.layers.1.self_attn.q_a_proj.weight"
+  ].astype(ml_dtypes.float8_e4m3fn)
   bad = _rewrite(path, str(tmp_path / "bad"), tensors)
   with pytest.raises(ValueError) as err:
     pretrained.from_pretrained(bad)
   msg = str(err.value)
-  for name in ("model.layers.0.self_attn.o_proj.weight",
-               "model.layers.2.mlp.experts.5.down_proj.weight",
-               "model.layers.1.mlp.experts.8.up_proj.weight",
-               "model.layers.1.self_attn.kv_b_proj.weight: [64, 31], expected [64, 32]",
-               "model.layers.1.self_attn.q_a_proj.weight_scale_inv"):
+  for name in (
+    "model.layers.0.self_attn.o_proj.weight",
+    "model.layers.2.mlp.experts.5.down_proj.weight",
+    "model.layers.1.mlp.experts.8.up_proj.weight",
+    "model.layers.1.self_attn.kv_b_proj.weight: [64, 31], expected [64, 32]",
+    "model.layers.1.self_attn.q_a_proj.weight_scale_inv",
+  ):
     assert name in msg
   assert "3 missing" in msg and "1 unexpected" in msg and "1 mis-shaped" in msg
 
@@ -290,7 +325,7 @@ def test_tied_head_and_half_split_rope_layout(tiny, tmp_path):
   for name in list(tensors):
     if name.endswith(("q_b_proj.weight", "q_proj.weight")):
       t = tensors[name].reshape(cfg.num_attention_heads, cfg.qk_head_dim, -1)
-      t = np.concatenate([t[:, :cfg.qk_nope_head_dim], t[:, cfg.qk_nope_head_dim:][:, half]], 1)
+      t = np.concatenate([t[:, : cfg.qk_nope_head_dim], t[:, cfg.qk_nope_head_dim :][:, half]], 1)
       tensors[name] = t.reshape(-1, t.shape[-1])
     elif name.endswith("kv_a_proj_with_mqa.weight"):
       k = cfg.kv_lora_rank
@@ -309,10 +344,14 @@ def test_tied_head_and_half_split_rope_layout(tiny, tmp_path):
   _, a = hf.model_state(model)
   _, b = hf.model_state(loaded)
   for key in ("moe", "dense"):
-    np.testing.assert_array_equal(np.asarray(a["params"][key]["attn"]["wkv_a"]["kernel"]),
-                                  np.asarray(b["params"][key]["attn"]["wkv_a"]["kernel"]))
-    np.testing.assert_array_equal(np.asarray(a["params"][key]["attn"]["wq_b"]["kernel"]),
-                                  np.asarray(b["params"][key]["attn"]["wq_b"]["kernel"]))
+    np.testing.assert_array_equal(
+      np.asarray(a["params"][key]["attn"]["wkv_a"]["kernel"]),
+      np.asarray(b["params"][key]["attn"]["wkv_a"]["kernel"]),
+    )
+    np.testing.assert_array_equal(
+      np.asarray(a["params"][key]["attn"]["wq_b"]["kernel"]),
+      np.asarray(b["params"][key]["attn"]["wq_b"]["kernel"]),
+    )
 
 
 # ----------------------------------------------------------------------------- config
@@ -327,59 +366,109 @@ def _hf_yarn_reference(scaling: dict, qk_head_dim: int) -> tuple[float, float]:
     af = g(f, m) / g(f, a)
   else:
     af = g(f)
-  scale = qk_head_dim ** -0.5 * (g(f, a) ** 2 if a else 1.0)
+  scale = qk_head_dim**-0.5 * (g(f, a) ** 2 if a else 1.0)
   return af, scale
 
 
-PUBLISHED = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432,
-                 moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=3,
-                 num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536,
-                 kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                 n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8,
-                 topk_group=4, routed_scaling_factor=2.5, scoring_func="sigmoid",
-                 topk_method="noaux_tc", norm_topk_prob=True, num_nextn_predict_layers=1,
-                 rms_norm_eps=1e-6, rope_theta=10000, max_position_embeddings=163840,
-                 tie_word_embeddings=False, moe_layer_freq=1, hidden_act="silu",
-                 rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings":
-                               4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
-                               "mscale_all_dim": 1.0})
+PUBLISHED = dict(
+  vocab_size=129280,
+  hidden_size=7168,
+  intermediate_size=18432,
+  moe_intermediate_size=2048,
+  num_hidden_layers=61,
+  first_k_dense_replace=3,
+  num_attention_heads=128,
+  num_key_value_heads=128,
+  q_lora_rank=1536,
+  kv_lora_rank=512,
+  qk_nope_head_dim=128,
+  qk_rope_head_dim=64,
+  v_head_dim=128,
+  n_routed_experts=256,
+  n_shared_experts=1,
+  num_experts_per_tok=8,
+  n_group=8,
+  topk_group=4,
+  routed_scaling_factor=2.5,
+  scoring_func="sigmoid",
+  topk_method="noaux_tc",
+  norm_topk_prob=True,
+  num_nextn_predict_layers=1,
+  rms_norm_eps=1e-6,
+  rope_theta=10000,
+  max_position_embeddings=163840,
+  tie_word_embeddings=False,
+  moe_layer_freq=1,
+  hidden_act="silu",
+  rope_scaling={
+    "type": "yarn",
+    "factor": 40,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+  },
+)
 
 
 def test_from_hf_config_published_and_newer_layouts():
   cfg = from_hf_config(PUBLISHED)
   assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_theta, cfg.num_nextn_predict_layers) == (
-      "yarn", 40.0, 1e4, 1)
+    "yarn",
+    40.0,
+    1e4,
+    1,
+  )
   assert abs(rope.softmax_scale(cfg) - 0.1352338) < 1e-6  # YaRN's sqrt(t) (report §4.3)
   newer = {k: v for k, v in PUBLISHED.items() if k not in ("rope_scaling", "rope_theta")}
   newer["rope_parameters"] = dict(PUBLISHED["rope_scaling"], rope_type="yarn", rope_theta=1e4)
   assert from_hf_config(newer) == cfg
-  plain = dict(PUBLISHED, rope_scaling=None, q_lora_rank=None, n_group=1, topk_group=1,
-               num_nextn_predict_layers=0)
+  plain = dict(
+    PUBLISHED,
+    rope_scaling=None,
+    q_lora_rank=None,
+    n_group=1,
+    topk_group=1,
+    num_nextn_predict_layers=0,
+  )
   cfg = from_hf_config(plain)
-  assert (cfg.rope_scaling, cfg.rope_factor, cfg.q_lora_rank, cfg.n_group,
-          cfg.num_nextn_predict_layers) == ("none", 1.0, 0, 1, 0)
+  assert (
+    cfg.rope_scaling,
+    cfg.rope_factor,
+    cfg.q_lora_rank,
+    cfg.n_group,
+    cfg.num_nextn_predict_layers,
+  ) == ("none", 1.0, 0, 1, 0)
 
 
 def test_671b_preset_is_the_published_config():
   """`configs/dsv3.py:671b` lists only what differs from the defaults; it must stay V3's."""
   preset = config_lib.from_dict(dsv3.get_config("671b")).model
-  published = from_hf_config(PUBLISHED, dtype=preset.dtype,
-                             matmul_precision=preset.matmul_precision,
-                             expert_block_size=preset.expert_block_size)
+  published = from_hf_config(
+    PUBLISHED,
+    dtype=preset.dtype,
+    matmul_precision=preset.matmul_precision,
+    expert_block_size=preset.expert_block_size,
+  )
   assert preset == published
 
 
-@pytest.mark.parametrize("scaling", [
+@pytest.mark.parametrize(
+  "scaling",
+  [
     {"factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0},
     {"factor": 8, "mscale": 0.8, "mscale_all_dim": 0.7},
     {"factor": 8, "mscale_all_dim": 0.7},
     {"factor": 8, "mscale": 0.8},
     {"factor": 4},
     {"factor": 4, "mscale": 1.0, "mscale_all_dim": 1.0, "attention_factor": 1.3},
-])
+  ],
+)
 def test_yarn_mscale_follows_transformers(scaling):
-  hf_cfg = dict(PUBLISHED, rope_scaling=dict(scaling, type="yarn",
-                                             original_max_position_embeddings=4096))
+  hf_cfg = dict(
+    PUBLISHED, rope_scaling=dict(scaling, type="yarn", original_max_position_embeddings=4096)
+  )
   cfg = from_hf_config(hf_cfg)
   af, scale = _hf_yarn_reference(scaling, cfg.qk_head_dim)
   assert rope.attention_factor(cfg) == pytest.approx(af, rel=1e-12)
@@ -389,13 +478,16 @@ def test_yarn_mscale_follows_transformers(scaling):
   assert rope.softmax_scale(again) == pytest.approx(scale, rel=1e-12)
 
 
-@pytest.mark.parametrize("change, match", [
+@pytest.mark.parametrize(
+  "change, match",
+  [
     (dict(scoring_func="softmax"), "scoring_func"),
     (dict(topk_method="group_limited_greedy"), "topk_method"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(hidden_size=None), "hidden_size"),
     (dict(rope_scaling={"type": "linear", "factor": 2}), "rope_scaling type"),
-])
+  ],
+)
 def test_from_hf_config_rejects_what_it_cannot_honour(change, match):
   with pytest.raises(ValueError, match=match):
     from_hf_config(dict(PUBLISHED, **change))
@@ -450,6 +542,7 @@ def test_orbax_roundtrip_and_checkpoint_kinds(tiny, tmp_path):
 
 def test_convert_hf_to_orbax_and_back(tiny, tmp_path):
   from dsv3_jax.checkpoint.convert import convert
+
   model, path = tiny
   orb, back = str(tmp_path / "orb"), str(tmp_path / "back")
   assert convert(path, orb, "orbax")["mtp_depth"] == 1
@@ -464,12 +557,14 @@ def test_hidden_states_end_at_the_models_output(tiny):
   tok = _tokens()
   hs = pretrained.hidden_states(model, tok)
   assert len(hs) == model.cfg.num_hidden_layers + 1
-  np.testing.assert_allclose(np.asarray(model.logits(model.norm(hs[-1]))), logits(model, tok),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(model.logits(model.norm(hs[-1]))), logits(model, tok), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_evaluate_scores_every_token_once(tiny, tmp_path):
   from dsv3_jax.inference.score import read_tokens, score
+
   model, _ = tiny
   tokens = np.asarray(_tokens(1, 30, seed=5)).reshape(-1)
   dump = np.zeros((3, 12, model.cfg.vocab_size), np.float32)

@@ -26,31 +26,70 @@ from dsv3_jax.layers import routing as routing_lib  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
-BASE = dict(vocab_size=80, hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
-            num_attention_heads=3, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8,
-            v_head_dim=12, n_routed_experts=8, num_experts_per_tok=3, max_position_embeddings=128,
-            initializer_range=0.1)
+BASE = dict(
+  vocab_size=80,
+  hidden_size=48,
+  intermediate_size=64,
+  moe_intermediate_size=24,
+  num_attention_heads=3,
+  kv_lora_rank=24,
+  qk_nope_head_dim=8,
+  qk_rope_head_dim=8,
+  v_head_dim=12,
+  n_routed_experts=8,
+  num_experts_per_tok=3,
+  max_position_embeddings=128,
+  initializer_range=0.1,
+)
 
 
 def _yarn(**kw):
-  return dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32, beta_fast=32,
-              beta_slow=1, rope_theta=10000.0, **kw)
+  return dict(
+    rope_type="yarn",
+    factor=4.0,
+    original_max_position_embeddings=32,
+    beta_fast=32,
+    beta_slow=1,
+    rope_theta=10000.0,
+    **kw,
+  )
 
 
 CASES = {
-    # YaRN with distinct mscale / mscale_all_dim, low-rank query, group-limited routing, MTP.
-    "yarn_qlora_groups_mtp": dict(
-        num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=16, n_group=4, topk_group=2,
-        num_mtp_layers=1, rope_parameters=_yarn(mscale=0.8, mscale_all_dim=0.7)),
-    # Plain RoPE, full-rank query (q_lora_rank null), one expert group, 2 dense layers.
-    "plain_qnull_nogroups_2dense": dict(
-        num_hidden_layers=3, first_k_dense_replace=2, q_lora_rank=None, n_group=1, topk_group=1,
-        num_mtp_layers=0, rope_parameters={"rope_type": "default", "rope_theta": 5000.0}),
-    # YaRN (V3's mscale 1/1), half-split rope layout, unnormalised weights, 2 shared experts.
-    "yarn_halfsplit_unnormed": dict(
-        num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=20, n_group=2, topk_group=1,
-        num_mtp_layers=0, norm_topk_prob=False, n_shared_experts=2, rope_interleave=False,
-        routed_scaling_factor=1.5, rope_parameters=_yarn(mscale=1.0, mscale_all_dim=1.0)),
+  # YaRN with distinct mscale / mscale_all_dim, low-rank query, group-limited routing, MTP.
+  "yarn_qlora_groups_mtp": dict(
+    num_hidden_layers=3,
+    first_k_dense_replace=1,
+    q_lora_rank=16,
+    n_group=4,
+    topk_group=2,
+    num_mtp_layers=1,
+    rope_parameters=_yarn(mscale=0.8, mscale_all_dim=0.7),
+  ),
+  # Plain RoPE, full-rank query (q_lora_rank null), one expert group, 2 dense layers.
+  "plain_qnull_nogroups_2dense": dict(
+    num_hidden_layers=3,
+    first_k_dense_replace=2,
+    q_lora_rank=None,
+    n_group=1,
+    topk_group=1,
+    num_mtp_layers=0,
+    rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+  ),
+  # YaRN (V3's mscale 1/1), half-split rope layout, unnormalised weights, 2 shared experts.
+  "yarn_halfsplit_unnormed": dict(
+    num_hidden_layers=3,
+    first_k_dense_replace=1,
+    q_lora_rank=20,
+    n_group=2,
+    topk_group=1,
+    num_mtp_layers=0,
+    norm_topk_prob=False,
+    n_shared_experts=2,
+    rope_interleave=False,
+    routed_scaling_factor=1.5,
+    rope_parameters=_yarn(mscale=1.0, mscale_all_dim=1.0),
+  ),
 }
 
 
@@ -70,6 +109,7 @@ def _randomize(model, seed):
 def _mtp_tensors(model, cfg, seed) -> dict:
   """A random MTP layer in the published layout: `model.layers.{N}.*`, experts per expert."""
   from transformers.modeling_layers import MtpModel
+
   torch.manual_seed(seed)
   mtp = MtpModel(model, 1)
   _randomize(mtp, seed)
@@ -78,7 +118,7 @@ def _mtp_tensors(model, cfg, seed) -> dict:
   for k, v in mtp.state_dict().items():
     if not k.startswith("layers.0."):
       continue
-    k, v = k[len("layers.0."):], v.detach().float().numpy()
+    k, v = k[len("layers.0.") :], v.detach().float().numpy()
     if k == "mtp_block.mlp.experts.gate_up_proj":  # fused in memory only: [E, 2F, D]
       for j in range(v.shape[0]):
         out[f"{p}mlp.experts.{j}.gate_proj.weight"] = v[j, :f]
@@ -136,12 +176,14 @@ def test_logits_and_hidden_states_match_transformers(case, tmp_path):
   n = len(hs) - 1
   assert len(out.hidden_states) == n + 1
   for i in range(n):
-    np.testing.assert_allclose(np.asarray(hs[i]), out.hidden_states[i].numpy(), **TOL,
-                               err_msg=f"{case}: hidden state {i}")
+    np.testing.assert_allclose(
+      np.asarray(hs[i]), out.hidden_states[i].numpy(), **TOL, err_msg=f"{case}: hidden state {i}"
+    )
   np.testing.assert_allclose(np.asarray(ours.norm(hs[n])), out.hidden_states[n].numpy(), **TOL)
 
   if kw["num_mtp_layers"]:
     from transformers.modeling_layers import MtpModel
+
     # transformers finds MTP tensors by a pattern hard-wired to layer 61; point it at ours.
     main = DeepseekV3ForCausalLM.from_pretrained(str(tmp_path)).eval()
     main._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{n}\..*"]
@@ -150,8 +192,13 @@ def test_logits_and_hidden_states_match_transformers(case, tmp_path):
     hidden = out.hidden_states[n][:, :l]  # any [B, L, D] works: the same goes to both
     with torch.no_grad():
       # transformers positions the MTP inputs at i+1, we at i: RoPE attention is relative.
-      h = mtp.forward_layer(0, hidden, torch.arange(1, l + 1)[None].expand(2, l), None,
-                            input_ids=torch.tensor(tok[:, 1:]))
+      h = mtp.forward_layer(
+        0,
+        hidden,
+        torch.arange(1, l + 1)[None].expand(2, l),
+        None,
+        input_ids=torch.tensor(tok[:, 1:]),
+      )
       want = mtp._project_to_logits(h).numpy()
     got, _, _ = jax.jit(ours.mtp_forward)(jnp.asarray(hidden.numpy()), jnp.asarray(tok))
     np.testing.assert_allclose(np.asarray(got[0]), want, **TOL)
@@ -191,11 +238,21 @@ def test_group_masking_neg_inf_vs_zero():
   5.x) agrees while >= k positive `s + b` remain in the kept groups; with negative biases it
   picks experts of dropped groups. transformers 5.x masks with -inf too."""
   from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
   e, g, tg, k, d, n = 16, 4, 2, 4, 32, 64
-  hf_cfg = DeepseekV3Config(**{**BASE, "hidden_size": d, "n_routed_experts": e, "n_group": g,
-                               "topk_group": tg, "num_experts_per_tok": k})
-  cfg = ModelConfig(hidden_size=d, n_routed_experts=e, n_group=g, topk_group=tg,
-                    num_experts_per_tok=k).validate()
+  hf_cfg = DeepseekV3Config(
+    **{
+      **BASE,
+      "hidden_size": d,
+      "n_routed_experts": e,
+      "n_group": g,
+      "topk_group": tg,
+      "num_experts_per_tok": k,
+    }
+  )
+  cfg = ModelConfig(
+    hidden_size=d, n_routed_experts=e, n_group=g, topk_group=tg, num_experts_per_tok=k
+  ).validate()
   rng = np.random.RandomState(0)
   x = rng.randn(n, d).astype(np.float32)
   gate = (rng.randn(e, d) * 0.3).astype(np.float32)
@@ -220,5 +277,4 @@ def test_group_masking_neg_inf_vs_zero():
       order_hf = np.argsort(idx_hf.numpy(), axis=-1)
       order_ours = np.argsort(np.asarray(routing.experts_Nxk), axis=-1)
       w_ours = np.take_along_axis(np.asarray(routing.weights_Nxk), order_ours, -1)
-      np.testing.assert_allclose(w_ours, np.take_along_axis(w_hf.numpy(), order_hf, -1),
-                                 rtol=1e-5)
+      np.testing.assert_allclose(w_ours, np.take_along_axis(w_hf.numpy(), order_hf, -1), rtol=1e-5)

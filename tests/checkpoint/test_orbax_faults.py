@@ -43,8 +43,7 @@ def _split(model):
 
 def _corrupt(step_dir: str):
   """Truncates every file of a finished step to half its length."""
-  files = [f for f in glob.glob(os.path.join(step_dir, "**"), recursive=True)
-           if os.path.isfile(f)]
+  files = [f for f in glob.glob(os.path.join(step_dir, "**"), recursive=True) if os.path.isfile(f)]
   assert files
   for f in files:
     with open(f, "r+b") as fh:
@@ -66,12 +65,12 @@ def test_export_is_the_training_layout(tiny, tmp_path):
   assert pretrained.checkpoint_kind(out) == "orbax"
   back = pretrained.from_pretrained(out)
   tok = _tokens(cfg)
-  np.testing.assert_array_equal(np.asarray(pretrained.logits(back, tok)),
-                                np.asarray(pretrained.logits(model, tok)))
+  np.testing.assert_array_equal(
+    np.asarray(pretrained.logits(back, tok)), np.asarray(pretrained.logits(model, tok))
+  )
 
 
-def test_load_model_reads_a_train_state_without_building_a_trainer(tiny, tmp_path,
-                                                                   monkeypatch):
+def test_load_model_reads_a_train_state_without_building_a_trainer(tiny, tmp_path, monkeypatch):
   cfg, model = tiny
   params, biases = _split(model)
   opt = jax.tree.map(lambda p: jnp.full(p.shape, 7.0, jnp.bfloat16), params)
@@ -187,8 +186,10 @@ def test_orphaned_tmp_directories_are_removed(tmp_path, caplog):
   with caplog.at_level(py_logging.WARNING):
     assert ckpt.remove_orphaned_tmp() == ["2.orbax-checkpoint-tmp"]
   assert not os.path.exists(orphan)
-  assert any("orphaned temporary checkpoint directory 2.orbax-checkpoint-tmp" in r.getMessage()
-             for r in caplog.records)
+  assert any(
+    "orphaned temporary checkpoint directory 2.orbax-checkpoint-tmp" in r.getMessage()
+    for r in caplog.records
+  )
   ckpt.save(2, _small_state(2.0))
   ckpt.close()
   assert Checkpointer(directory).all_steps() == [1, 2]

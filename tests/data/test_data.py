@@ -1,20 +1,21 @@
 """Tests for dsv3_jax.data: tokenizers, corpus handling and grain pipelines."""
+
 import json
 
 import numpy as np
 import pytest
 
 from dsv3_jax.data import (
-    ByteTokenizer,
-    HFTokenizer,
-    default_corpus_files,
-    eval_batches,
-    load_tokenizer,
-    load_tokens,
-    make_train_iterator,
-    resolve_files,
-    split_files,
-    unigram_entropy,
+  ByteTokenizer,
+  HFTokenizer,
+  default_corpus_files,
+  eval_batches,
+  load_tokenizer,
+  load_tokens,
+  make_train_iterator,
+  resolve_files,
+  split_files,
+  unigram_entropy,
 )
 
 
@@ -72,9 +73,7 @@ def test_hf_tokenizer(tmp_path):
   hf = tokenizers.Tokenizer(model)
   hf.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
   hf.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
-  trainer = tokenizers.trainers.WordLevelTrainer(
-      special_tokens=["<unk>", "<s>", "</s>", "<pad>"]
-  )
+  trainer = tokenizers.trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
   hf.train_from_iterator(["the cat sat", "the dog sat on the mat"], trainer=trainer)
   path = tmp_path / "tokenizer.json"
   hf.save(str(path))
@@ -120,8 +119,8 @@ def test_resolve_files(tmp_path):
   found = resolve_files(str(tmp_path))
   assert [f.relative_to(tmp_path).as_posix() for f in found] == ["a.txt", "b.md", "sub/c.py"]
   assert resolve_files(f"{tmp_path / 'sub' / 'c.py'},{tmp_path}/*.txt") == [
-      tmp_path / "sub" / "c.py",
-      tmp_path / "a.txt",
+    tmp_path / "sub" / "c.py",
+    tmp_path / "a.txt",
   ]
   with pytest.raises(FileNotFoundError):
     resolve_files(str(tmp_path / "nope"))
@@ -202,7 +201,9 @@ def test_train_iterator_epochs_cover_all_windows_reshuffled():
   it = make_train_iterator(tokens, seq_len, global_batch=6, seed=0)
   rows = np.concatenate(_take(it, 8))  # two epochs of 24 windows
   starts = rows[:, 0] // (seq_len + 1)
-  np.testing.assert_array_equal(rows, tokens[starts[:, None] * (seq_len + 1) + np.arange(seq_len + 1)])
+  np.testing.assert_array_equal(
+    rows, tokens[starts[:, None] * (seq_len + 1) + np.arange(seq_len + 1)]
+  )
   epoch0, epoch1 = starts[:num_windows], starts[num_windows:]
   assert sorted(epoch0) == list(range(num_windows)) == sorted(epoch1)
   assert not np.array_equal(epoch0, epoch1)
@@ -243,8 +244,8 @@ def test_sharded_batches_concatenate_to_unsharded(shard_count):
   tokens = _toy_tokens()
   full = _take(make_train_iterator(tokens, 15, 8, seed=5), 7)
   shards = [
-      _take(make_train_iterator(tokens, 15, 8, seed=5, shard_index=s, shard_count=shard_count), 7)
-      for s in range(shard_count)
+    _take(make_train_iterator(tokens, 15, 8, seed=5, shard_index=s, shard_count=shard_count), 7)
+    for s in range(shard_count)
   ]
   for step in range(7):
     parts = [shards[s][step] for s in range(shard_count)]
@@ -263,8 +264,8 @@ def test_eval_batches_deterministic():
   assert len(eval_batches(tokens, 4, 3, max_batches=2)) == 2
   halves = [eval_batches(tokens, 4, 4, shard_index=s, shard_count=2) for s in range(2)]
   np.testing.assert_array_equal(
-      np.concatenate([halves[0][1]["tokens"], halves[1][1]["tokens"]]),
-      eval_batches(tokens, 4, 4)[1]["tokens"],
+    np.concatenate([halves[0][1]["tokens"], halves[1][1]["tokens"]]),
+    eval_batches(tokens, 4, 4)[1]["tokens"],
   )
   with pytest.raises(ValueError, match="too short"):
     eval_batches(np.arange(4), seq_len=4, batch=1)
@@ -273,16 +274,16 @@ def test_eval_batches_deterministic():
 
 
 @pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        (dict(seq_len=0), "seq_len"),
-        (dict(global_batch=0), "global_batch"),
-        (dict(global_batch=6, shard_count=4), "global_batch"),
-        (dict(shard_count=0), "shard_count"),
-        (dict(shard_count=2, shard_index=2), "shard_index"),
-        (dict(seq_len=100, global_batch=64), "tokens"),
-        (dict(seed=-1), "seed"),
-    ],
+  "kwargs, name",
+  [
+    (dict(seq_len=0), "seq_len"),
+    (dict(global_batch=0), "global_batch"),
+    (dict(global_batch=6, shard_count=4), "global_batch"),
+    (dict(shard_count=0), "shard_count"),
+    (dict(shard_count=2, shard_index=2), "shard_index"),
+    (dict(seq_len=100, global_batch=64), "tokens"),
+    (dict(seed=-1), "seed"),
+  ],
 )
 def test_train_iterator_bad_arguments(kwargs, name):
   args = dict(tokens=_toy_tokens(1000), seq_len=15, global_batch=8, seed=0) | kwargs

@@ -34,7 +34,7 @@ def test_greedy_matches_full_forward(model, gen):
     assert len(new) == 6
     seq = np.array([prompt + new], np.int32)
     logits = np.asarray(model(seq))[0]
-    want = logits[len(prompt) - 1:-1].argmax(-1)
+    want = logits[len(prompt) - 1 : -1].argmax(-1)
     np.testing.assert_array_equal(want, new)
 
 
@@ -47,8 +47,10 @@ def test_batch_equals_single(gen):
 
 def test_bf16_cache_close_to_f32(model, gen):
   bf16 = Generator(model)  # default cache dtype
-  assert bf16.cache_bytes_per_token() == model.cfg.num_hidden_layers * (
-      model.cfg.kv_lora_rank + model.cfg.qk_rope_head_dim) * 2
+  assert (
+    bf16.cache_bytes_per_token()
+    == model.cfg.num_hidden_layers * (model.cfg.kv_lora_rank + model.cfg.qk_rope_head_dim) * 2
+  )
   a = bf16.generate(PROMPTS[:1], SamplingConfig(max_new_tokens=4)).tokens[0]
   b = gen.generate(PROMPTS[:1], SamplingConfig(max_new_tokens=4)).tokens[0]
   assert a[:2] == b[:2]
@@ -67,6 +69,7 @@ def test_sampling_filters():
   logits = jnp.array([[0.0, 3.0, 1.0, 2.0]])
   key = jnp.zeros((2,), jnp.uint32)
   import jax
+
   key = jax.random.key(0)
   assert int(sample(logits, key, 0.0, 0, 1.0)[0]) == 1
   # top_k=1 and a tiny nucleus both collapse to the argmax, whatever the temperature.
@@ -84,7 +87,9 @@ def test_seeded_sampling_reproducible(gen):
   assert gen.generate(PROMPTS, cfg).tokens == gen.generate(PROMPTS, cfg).tokens
 
 
-@pytest.mark.parametrize("prompts, kwargs, match", [
+@pytest.mark.parametrize(
+  "prompts, kwargs, match",
+  [
     ([[1, 2, 99999]], {}, "outside the vocabulary"),
     ([[1, -1]], {}, "outside the vocabulary"),
     ([[]], {}, "empty"),
@@ -93,7 +98,8 @@ def test_seeded_sampling_reproducible(gen):
     ([[1]], {"max_new_tokens": 0}, "max_new_tokens"),
     ([[1]], {"top_p": 0.0}, "top_p"),
     ([[1]], {"temperature": -1.0}, "temperature"),
-])
+  ],
+)
 def test_bad_input_errors(gen, prompts, kwargs, match):
   with pytest.raises(ValueError, match=match):
     gen.generate(prompts, SamplingConfig(**kwargs))

@@ -5,6 +5,7 @@ inputs (checked through gradients), the absorbed decode path must equal the naiv
 the same cache, and decoding token by token through `model.forward` with the cache must
 reproduce the full-sequence forward.
 """
+
 import dataclasses
 import functools
 
@@ -52,7 +53,6 @@ def _make_mla(cfg, seed=0, std=0.3):
 
 
 class ShapeTest(parameterized.TestCase):
-
   @parameterized.named_parameters(("q_lora", 32), ("no_q_lora", 0))
   def test_shapes(self, q_lora_rank):
     cfg = _model_cfg(q_lora_rank=q_lora_rank)
@@ -78,7 +78,6 @@ class ShapeTest(parameterized.TestCase):
 
 
 class CausalityTest(parameterized.TestCase):
-
   @parameterized.named_parameters(("naive", False), ("absorbed", True))
   def test_no_gradient_from_the_future(self, absorb):
     cfg = _model_cfg()
@@ -100,7 +99,6 @@ class CausalityTest(parameterized.TestCase):
 
 
 class AbsorbTest(parameterized.TestCase):
-
   @parameterized.named_parameters(("q_lora", 32), ("no_q_lora", 0))
   def test_absorbed_equals_naive_over_cache(self, q_lora_rank):
     cfg = _model_cfg(q_lora_rank=q_lora_rank)
@@ -131,7 +129,6 @@ class AbsorbTest(parameterized.TestCase):
 
 
 class DecodeTest(absltest.TestCase):
-
   def test_cached_decode_equals_full_forward(self):
     cfg = _model_cfg(init_std=0.1)
     self.assertEqual(cfg.dtype, "float32")
@@ -152,7 +149,7 @@ class DecodeTest(absltest.TestCase):
     logits, cache = forward(state, tokens[:, :prompt], pos(0, prompt), cache)
     steps = [logits]
     for t in range(prompt, l):
-      logits, cache = forward(state, tokens[:, t:t + 1], pos(t, t + 1), cache)
+      logits, cache = forward(state, tokens[:, t : t + 1], pos(t, t + 1), cache)
       steps.append(logits)
     decoded = jnp.concatenate(steps, axis=1)
     chex.assert_trees_all_close(decoded, full, atol=1e-4, rtol=1e-4)
@@ -165,8 +162,10 @@ class DecodeTest(absltest.TestCase):
   def test_cache_bytes_per_token(self):
     tiny = _model_cfg()
     for dtype in (jnp.bfloat16, jnp.float32):
-      self.assertEqual(mla_lib.cache_bytes_per_token(tiny, dtype),
-                       (tiny.kv_lora_rank + tiny.qk_rope_head_dim) * jnp.dtype(dtype).itemsize)
+      self.assertEqual(
+        mla_lib.cache_bytes_per_token(tiny, dtype),
+        (tiny.kv_lora_rank + tiny.qk_rope_head_dim) * jnp.dtype(dtype).itemsize,
+      )
     big = _model_cfg("671b")
     self.assertEqual(mla_lib.cache_bytes_per_token(big, jnp.bfloat16), 1152)
     self.assertEqual(mla_lib.cache_bytes_per_token(big) * big.num_hidden_layers, 70272)

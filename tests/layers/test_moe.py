@@ -7,6 +7,7 @@ experts, the report's sequence-wise balance loss), and against properties that m
 any input: exactly k distinct experts within at most topk_group groups, weights summing to
 the routed scaling factor, a block layout that never overflows.
 """
+
 import dataclasses
 import functools
 
@@ -22,22 +23,28 @@ from configs.dsv3 import get_config
 from dsv3_jax import config as config_lib
 from dsv3_jax.layers import experts as experts_lib, routing as routing_lib
 
-_FEW = hypothesis.settings(max_examples=12, deadline=None, derandomize=True, database=None,
-                           suppress_health_check=[hypothesis.HealthCheck.too_slow])
+_FEW = hypothesis.settings(
+  max_examples=12,
+  deadline=None,
+  derandomize=True,
+  database=None,
+  suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
 
 # Routing set-ups: (n_routed_experts, n_group, topk_group, num_experts_per_tok).
 _ROUTERS = {
-    "tiny": (8, 4, 2, 2),
-    "v3_shape": (256, 8, 4, 8),  # the 671B router's shape
-    "ungrouped": (16, 1, 1, 4),
-    "all_groups": (12, 3, 3, 3),
+  "tiny": (8, 4, 2, 2),
+  "v3_shape": (256, 8, 4, 8),  # the 671B router's shape
+  "ungrouped": (16, 1, 1, 4),
+  "all_groups": (12, 3, 3, 3),
 }
 
 
 def _cfg(e, g, m, k, **overrides) -> config_lib.ModelConfig:
   base = config_lib.from_dict(get_config("tiny")).model
-  return dataclasses.replace(base, n_routed_experts=e, n_group=g, topk_group=m,
-                             num_experts_per_tok=k, **overrides).validate()
+  return dataclasses.replace(
+    base, n_routed_experts=e, n_group=g, topk_group=m, num_experts_per_tok=k, **overrides
+  ).validate()
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
@@ -69,8 +76,10 @@ def _ref_route(x, gate, bias, cfg):
 
 def _sorted_by_expert(experts, weights):
   order = np.argsort(np.asarray(experts), axis=-1)
-  return (np.take_along_axis(np.asarray(experts), order, -1),
-          np.take_along_axis(np.asarray(weights), order, -1))
+  return (
+    np.take_along_axis(np.asarray(experts), order, -1),
+    np.take_along_axis(np.asarray(weights), order, -1),
+  )
 
 
 def _silu(v):
@@ -117,13 +126,13 @@ def _check_invariants(test, routing, cfg):
   for row in experts:
     test.assertLen(set(row.tolist()), k)  # k distinct experts
     test.assertLessEqual(len(set((row // (e // g)).tolist())), m)  # within <= M groups
-  np.testing.assert_allclose(np.asarray(routing.weights_Nxk).sum(-1),
-                             cfg.routed_scaling_factor, rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(routing.weights_Nxk).sum(-1), cfg.routed_scaling_factor, rtol=1e-5
+  )
   test.assertTrue(np.all(np.asarray(routing.weights_Nxk) > 0))
 
 
 class RouterTest(parameterized.TestCase):
-
   @parameterized.product(setup=list(_ROUTERS), bias_scale=[0.0, 0.3])
   def test_matches_numpy_reference(self, setup, bias_scale):
     cfg = _cfg(*_ROUTERS[setup])
@@ -181,13 +190,16 @@ class RouterTest(parameterized.TestCase):
     routing = _route(x, gate, bias, cfg)
     s = np.asarray(routing.scores_NxE)
     np.testing.assert_allclose(
-        routing.weights_Nxk,
-        np.take_along_axis(s, np.asarray(routing.experts_Nxk), -1) * cfg.routed_scaling_factor,
-        rtol=1e-6)
+      routing.weights_Nxk,
+      np.take_along_axis(s, np.asarray(routing.experts_Nxk), -1) * cfg.routed_scaling_factor,
+      rtol=1e-6,
+    )
 
-  @hypothesis.given(seed=st.integers(0, 2**31 - 1),
-                    bias_scale=st.sampled_from([0.0, 0.05, 1.0, 20.0]),
-                    setup=st.sampled_from(sorted(_ROUTERS)))
+  @hypothesis.given(
+    seed=st.integers(0, 2**31 - 1),
+    bias_scale=st.sampled_from([0.0, 0.05, 1.0, 20.0]),
+    setup=st.sampled_from(sorted(_ROUTERS)),
+  )
   @_FEW
   def test_invariants_hold_for_any_input(self, seed, bias_scale, setup):
     cfg = _cfg(*_ROUTERS[setup])
@@ -196,10 +208,10 @@ class RouterTest(parameterized.TestCase):
 
 
 class BlockLayoutTest(parameterized.TestCase):
-
   def _check_layout(self, experts_C, n_experts, block):
-    lay = jax.jit(experts_lib.block_layout, static_argnums=(1, 2))(jnp.asarray(experts_C, jnp.int32),
-                                                           n_experts, block)
+    lay = jax.jit(experts_lib.block_layout, static_argnums=(1, 2))(
+      jnp.asarray(experts_C, jnp.int32), n_experts, block
+    )
     c = len(experts_C)
     order, dest = np.asarray(lay.order_R), np.asarray(lay.dest_R)
     block_expert, n_used = np.asarray(lay.block_expert_NB), int(lay.n_used)
@@ -222,14 +234,18 @@ class BlockLayoutTest(parameterized.TestCase):
       np.testing.assert_array_equal(rows, rows[0] + np.arange(len(rows)))
 
   @parameterized.named_parameters(
-      ("one_expert", [3] * 20, 8, 4), ("one_expert_ragged", [3] * 21, 8, 4),
-      ("every_expert_once", list(range(8)), 8, 4), ("block_1", [0, 5, 5, 2, 7], 8, 1),
-      ("block_larger_than_all", [1, 1, 6, 2], 8, 64))
+    ("one_expert", [3] * 20, 8, 4),
+    ("one_expert_ragged", [3] * 21, 8, 4),
+    ("every_expert_once", list(range(8)), 8, 4),
+    ("block_1", [0, 5, 5, 2, 7], 8, 1),
+    ("block_larger_than_all", [1, 1, 6, 2], 8, 64),
+  )
   def test_extremes(self, experts, n_experts, block):
     self._check_layout(np.asarray(experts), n_experts, block)
 
-  @hypothesis.given(data=st.data(), block=st.sampled_from([1, 3, 4, 16]),
-                    n_experts=st.sampled_from([4, 16]))
+  @hypothesis.given(
+    data=st.data(), block=st.sampled_from([1, 3, 4, 16]), n_experts=st.sampled_from([4, 16])
+  )
   @_FEW
   def test_never_overflows(self, data, block, n_experts):
     hot = data.draw(st.integers(0, n_experts - 1))
@@ -241,7 +257,6 @@ class BlockLayoutTest(parameterized.TestCase):
 
 
 class GroupedFfnTest(parameterized.TestCase):
-
   n, d, f, e, k = 16, 8, 6, 8, 2
 
   def _weights(self, seed=0):
@@ -263,16 +278,19 @@ class GroupedFfnTest(parameterized.TestCase):
     else:  # "mostly_one": all to expert 0 plus one random other
       experts = np.stack([np.array([0, rng.integers(1, e)]) for _ in range(n)])
     weights = rng.uniform(0.1, 1.5, size=(n, k)).astype(np.float32)
-    return routing_lib.Routing(jnp.asarray(experts, jnp.int32), jnp.asarray(weights),
-                       jnp.zeros((n, e), jnp.float32))
+    return routing_lib.Routing(
+      jnp.asarray(experts, jnp.int32), jnp.asarray(weights), jnp.zeros((n, e), jnp.float32)
+    )
 
-  @parameterized.product(kind=["random", "all_same", "mostly_one"], block=[1, 4, 5, 16, 64],
-                         path=["block", "bucket"])
+  @parameterized.product(
+    kind=["random", "all_same", "mostly_one"], block=[1, 4, 5, 16, 64], path=["block", "bucket"]
+  )
   def test_matches_references(self, kind, block, path):
     x, w1, w3, w2 = self._weights()
     routing = self._routing(kind)
-    got = jax.jit(functools.partial(experts_lib.routed_ffn, path=path),
-                  static_argnums=(5, 6))(x, routing, w1, w3, w2, block, "fp32")
+    got = jax.jit(functools.partial(experts_lib.routed_ffn, path=path), static_argnums=(5, 6))(
+      x, routing, w1, w3, w2, block, "fp32"
+    )
     dense = experts_lib.dense_reference(x, routing, w1, w3, w2)
     loop = _ref_experts(x, routing.experts_Nxk, np.asarray(routing.weights_Nxk), w1, w3, w2)
     chex.assert_trees_all_close(got, dense, atol=1e-5, rtol=1e-5)
@@ -291,17 +309,16 @@ class GroupedFfnTest(parameterized.TestCase):
 
     args = (x, w1, w3, w2, routing.weights_Nxk)
     grouped = functools.partial(experts_lib.routed_ffn, block=block, precision="fp32", path=path)
-    g_grouped = jax.jit(jax.grad(functools.partial(loss, grouped), argnums=(0, 1, 2, 3, 4)))(
-        *args)
-    g_dense = jax.grad(functools.partial(loss, experts_lib.dense_reference),
-                       argnums=(0, 1, 2, 3, 4))(*args)
+    g_grouped = jax.jit(jax.grad(functools.partial(loss, grouped), argnums=(0, 1, 2, 3, 4)))(*args)
+    g_dense = jax.grad(
+      functools.partial(loss, experts_lib.dense_reference), argnums=(0, 1, 2, 3, 4)
+    )(*args)
     for got, want in zip(g_grouped, g_dense):
       chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
     # Experts nobody routes to get exactly zero weight gradients.
     unused = sorted(set(range(self.e)) - set(np.asarray(routing.experts_Nxk).ravel().tolist()))
     for dw in g_grouped[1:4]:
       self.assertEqual(float(jnp.abs(dw[np.asarray(unused, int)]).max(initial=0.0)), 0.0)
-
 
   @parameterized.product(factor=[1.25, 8.0], kind=["random", "all_same", "mostly_one"])
   def test_bucket_overflow_is_exact(self, factor, kind):
@@ -320,15 +337,19 @@ class GroupedFfnTest(parameterized.TestCase):
     counts = np.bincount(np.asarray(routing.experts_Nxk).ravel(), minlength=self.e)
     overflows = bool((counts > cap).any())
     self.assertEqual(overflows, kind != "random" and factor < 8.0)
-    fn = functools.partial(experts_lib.routed_ffn, block=4, precision="fp32",
-                           capacity_factor=factor, path="bucket")
+    fn = functools.partial(
+      experts_lib.routed_ffn, block=4, precision="fp32", capacity_factor=factor, path="bucket"
+    )
     got = jax.jit(fn)(x, routing, w1, w3, w2)
     want = experts_lib.dense_reference(x, routing, w1, w3, w2)
     chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
     g_got = jax.grad(lambda *a: jnp.sum(fn(a[0], routing, *a[1:]) ** 2), argnums=(0, 1, 2, 3))(
-        x, w1, w3, w2)
-    g_want = jax.grad(lambda *a: jnp.sum(experts_lib.dense_reference(a[0], routing, *a[1:]) ** 2),
-                      argnums=(0, 1, 2, 3))(x, w1, w3, w2)
+      x, w1, w3, w2
+    )
+    g_want = jax.grad(
+      lambda *a: jnp.sum(experts_lib.dense_reference(a[0], routing, *a[1:]) ** 2),
+      argnums=(0, 1, 2, 3),
+    )(x, w1, w3, w2)
     for a, b in zip(g_got, g_want):  # float32 sums of 64 copies: relative to the largest
       chex.assert_trees_all_close(a, b, atol=1e-5 * float(jnp.abs(b).max()), rtol=1e-4)
 
@@ -343,14 +364,14 @@ class GroupedFfnTest(parameterized.TestCase):
     x, w1, w3, w2 = map(jnp.asarray, self._weights())
     ids = jnp.asarray(np.r_[np.arange(8) % self.e, [self.e] * 8], jnp.int32)
     for path in experts_lib.PATHS:
-      y = experts_lib.expert_rows(jnp.asarray(x), ids, w1, w3, w2, block=4, precision="fp32",
-                                  path=path)
+      y = experts_lib.expert_rows(
+        jnp.asarray(x), ids, w1, w3, w2, block=4, precision="fp32", path=path
+      )
       np.testing.assert_array_equal(np.asarray(y[8:]), 0.0)
       self.assertGreater(float(jnp.abs(y[:8]).min()), 0.0)
 
 
 class BalanceLossTest(parameterized.TestCase):
-
   @parameterized.named_parameters(("tiny", "tiny", 3, 10), ("v3_shape", "v3_shape", 2, 16))
   def test_matches_report_formula(self, setup, batch, t):
     cfg = _cfg(*_ROUTERS[setup])
@@ -358,8 +379,10 @@ class BalanceLossTest(parameterized.TestCase):
     routing = _route(x, gate, bias, cfg)
     got = routing_lib.sequence_balance_loss(routing, batch, cfg)
     k, e = cfg.num_experts_per_tok, cfg.n_routed_experts
-    ref = _ref_balance_loss(np.asarray(routing.experts_Nxk).reshape(batch, t, k),
-                            np.asarray(routing.scores_NxE, np.float64).reshape(batch, t, e))
+    ref = _ref_balance_loss(
+      np.asarray(routing.experts_Nxk).reshape(batch, t, k),
+      np.asarray(routing.scores_NxE, np.float64).reshape(batch, t, e),
+    )
     np.testing.assert_allclose(got, ref, rtol=1e-5)
 
   def test_perfectly_balanced_is_one(self):
@@ -367,8 +390,9 @@ class BalanceLossTest(parameterized.TestCase):
     cfg = _cfg(*_ROUTERS["tiny"])
     e, k, t = cfg.n_routed_experts, cfg.num_experts_per_tok, 8
     experts = np.arange(t * k).reshape(t, k) % e
-    routing = routing_lib.Routing(jnp.asarray(experts, jnp.int32), jnp.ones((t, k)),
-                          jnp.full((t, e), 0.3, jnp.float32))
+    routing = routing_lib.Routing(
+      jnp.asarray(experts, jnp.int32), jnp.ones((t, k)), jnp.full((t, e), 0.3, jnp.float32)
+    )
     np.testing.assert_allclose(routing_lib.sequence_balance_loss(routing, 1, cfg), 1.0, rtol=1e-6)
 
 
@@ -387,9 +411,22 @@ def test_gathered_path_equals_block_path():
   routing = routing_lib.Routing(experts, jax.random.uniform(keys[4], (n, k)), jnp.zeros((n, e)))
   assert n * k <= e  # routed_ffn chooses the gather path by itself
   gathered = experts_lib.routed_ffn(x, routing, w1, w3, w2, 4, "fp32")
-  lay_path = experts_lib.routed_ffn(jnp.tile(x, (8, 1)), routing._replace(
-      experts_Nxk=jnp.tile(experts, (8, 1)), weights_Nxk=jnp.tile(routing.weights_Nxk, (8, 1))),
-      w1, w3, w2, 4, "fp32", path="block")[:n]
+  lay_path = experts_lib.routed_ffn(
+    jnp.tile(x, (8, 1)),
+    routing._replace(
+      experts_Nxk=jnp.tile(experts, (8, 1)), weights_Nxk=jnp.tile(routing.weights_Nxk, (8, 1))
+    ),
+    w1,
+    w3,
+    w2,
+    4,
+    "fp32",
+    path="block",
+  )[:n]
   np.testing.assert_allclose(np.asarray(gathered), np.asarray(lay_path), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(gathered), np.asarray(
-      experts_lib.dense_reference(x, routing, w1, w3, w2)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(gathered),
+    np.asarray(experts_lib.dense_reference(x, routing, w1, w3, w2)),
+    rtol=1e-5,
+    atol=1e-5,
+  )

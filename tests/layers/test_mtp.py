@@ -7,6 +7,7 @@ the embedding of any later token, and a non-zero one for token i+k. The gradient
 with respect to the embedding table, with all tokens distinct, so that each table row is
 the input embedding of exactly one position.
 """
+
 import dataclasses
 
 import chex
@@ -41,14 +42,13 @@ def _ref_cross_entropy(logits, targets, mask):
 
 
 class MTPCausalityTest(absltest.TestCase):
-
   def test_depth_k_sees_tokens_up_to_i_plus_k(self):
     depth, l = 2, 6
     cfg = _config(num_nextn_predict_layers=depth, init_std=0.1).model
     model = model_lib.create(cfg, seed=0)
     is_embed = lambda path, _: tuple(path) == ("embed",)
     graphdef, embed_state, rest = nnx.split(model, is_embed, ...)
-    tokens_1xLpD = jax.random.permutation(jax.random.key(1), cfg.vocab_size)[:l + depth][None]
+    tokens_1xLpD = jax.random.permutation(jax.random.key(1), cfg.vocab_size)[: l + depth][None]
     r_V = jax.random.normal(jax.random.key(2), (cfg.vocab_size,))
 
     def per_position(embed_VxD):
@@ -71,7 +71,6 @@ class MTPCausalityTest(absltest.TestCase):
 
 
 class MTPLossTest(absltest.TestCase):
-
   def test_model_losses_masks_last_k_positions(self):
     depth, b, l = 2, 2, 7
     cfg = _config(num_nextn_predict_layers=depth, init_std=0.1)
@@ -97,11 +96,12 @@ class MTPLossTest(absltest.TestCase):
       # Depth k at position i predicts t_{i+k+1}: only i < l - k have a target.
       valid = np.broadcast_to(np.arange(l) < l - k, (b, l)).astype(np.float64)
       targets = np.zeros((b, l), np.int64)
-      targets[:, :l - k] = tok[:, k + 1:]
+      targets[:, : l - k] = tok[:, k + 1 :]
       mtp_ce.append(_ref_cross_entropy(mtp_logits[k - 1], targets, valid))
       # Whatever fills the positions past the end, the kept positions are the same.
-      np.testing.assert_allclose(_ref_cross_entropy(mtp_logits_pad9[k - 1], targets, valid),
-                                 mtp_ce[-1], rtol=1e-6)
+      np.testing.assert_allclose(
+        _ref_cross_entropy(mtp_logits_pad9[k - 1], targets, valid), mtp_ce[-1], rtol=1e-6
+      )
       unmasked.append(_ref_cross_entropy(mtp_logits[k - 1], targets, np.ones((b, l))))
     np.testing.assert_allclose(metrics["ce"], ce, rtol=1e-5)
     np.testing.assert_allclose(metrics["mtp_ce"], np.mean(mtp_ce), rtol=1e-5)
@@ -113,12 +113,10 @@ class MTPLossTest(absltest.TestCase):
     np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
     # Loads: the main model's MoE layers, then one row per MTP depth; every copy counted.
     chex.assert_shape(loads, (cfg.model.n_moe_layers + depth, cfg.model.n_routed_experts))
-    np.testing.assert_allclose(np.asarray(loads).sum(-1),
-                               b * l * cfg.model.num_experts_per_tok)
+    np.testing.assert_allclose(np.asarray(loads).sum(-1), b * l * cfg.model.num_experts_per_tok)
 
 
 class ParamCountTest(parameterized.TestCase):
-
   def test_671b_analytic(self):
     counts = counts_lib.param_counts(_config("671b").model)
     self.assertLess(abs(counts["total"] - 671e9) / 671e9, 1e-3)
@@ -127,9 +125,11 @@ class ParamCountTest(parameterized.TestCase):
     self.assertLess(counts["activated"], counts["total"] / 15)
 
   @parameterized.named_parameters(
-      ("tiny", "tiny", {}), ("tiny_no_q_lora_depth2", "tiny", {"q_lora_rank": 0,
-                                                              "num_nextn_predict_layers": 2}),
-      ("bench", "bench", {}), ("671b", "671b", {}))
+    ("tiny", "tiny", {}),
+    ("tiny_no_q_lora_depth2", "tiny", {"q_lora_rank": 0, "num_nextn_predict_layers": 2}),
+    ("bench", "bench", {}),
+    ("671b", "671b", {}),
+  )
   def test_analytic_equals_real(self, variant, overrides):
     cfg = _config(variant, **overrides).model
     model = model_lib.abstract(cfg)  # ShapeDtypeStructs: nothing is allocated

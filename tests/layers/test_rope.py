@@ -4,6 +4,7 @@ The references are written here from the formulas (DeepSeek-V3 report, arXiv 241
 §2.1.1 and §4.3): YaRN in float64 numpy and the rotation as complex multiplication of adjacent
 pairs, as DeepSeek's own code does.
 """
+
 import dataclasses
 import math
 
@@ -57,7 +58,6 @@ def _rotate(cfg, x_BxLxHxR, positions_BxL):
 
 
 class YarnTest(parameterized.TestCase):
-
   def setUp(self):
     super().setUp()
     self.cfg = _model_cfg("671b")
@@ -82,17 +82,17 @@ class YarnTest(parameterized.TestCase):
     np.testing.assert_allclose(rope.yarn_mscale(40.0, 1.0), 1.368888, rtol=1e-6)
     np.testing.assert_allclose(rope.softmax_scale(self.cfg), 0.1352338, rtol=1e-6)
     ref_m = 0.1 * math.log(40.0) + 1.0
-    np.testing.assert_allclose(rope.softmax_scale(self.cfg), 192 ** -0.5 * ref_m ** 2,
-                               rtol=1e-12)
+    np.testing.assert_allclose(rope.softmax_scale(self.cfg), 192**-0.5 * ref_m**2, rtol=1e-12)
     self.assertEqual(rope.attention_factor(self.cfg), 1.0)  # mscale == mscale_all_dim
 
   def test_no_yarn_is_plain_rope(self):
     cfg = _model_cfg("small")
     self.assertEqual((cfg.rope_scaling, cfg.rope_factor), ("none", 1.0))
     r = cfg.qk_rope_head_dim
-    np.testing.assert_allclose(rope.inv_frequencies(cfg),
-                               1e4 ** -(np.arange(0, r, 2, dtype=np.float64) / r), rtol=1e-12)
-    np.testing.assert_allclose(rope.softmax_scale(cfg), cfg.qk_head_dim ** -0.5, rtol=1e-12)
+    np.testing.assert_allclose(
+      rope.inv_frequencies(cfg), 1e4 ** -(np.arange(0, r, 2, dtype=np.float64) / r), rtol=1e-12
+    )
+    np.testing.assert_allclose(rope.softmax_scale(cfg), cfg.qk_head_dim**-0.5, rtol=1e-12)
     self.assertEqual(rope.attention_factor(cfg), 1.0)
 
   def test_scaling_follows_config_intent(self):
@@ -103,7 +103,7 @@ class YarnTest(parameterized.TestCase):
     r = plain.qk_rope_head_dim
     base = 1e4 ** -(np.arange(0, r, 2, dtype=np.float64) / r)
     np.testing.assert_allclose(rope.inv_frequencies(plain), base, rtol=1e-12)
-    np.testing.assert_allclose(rope.softmax_scale(plain), plain.qk_head_dim ** -0.5, rtol=1e-12)
+    np.testing.assert_allclose(rope.softmax_scale(plain), plain.qk_head_dim**-0.5, rtol=1e-12)
     self.assertEqual(rope.attention_factor(plain), 1.0)
     # YaRN changes the low frequencies and the softmax scale; plain RoPE leaves both alone.
     self.assertFalse(np.allclose(rope.inv_frequencies(yarn), base))
@@ -116,25 +116,34 @@ class YarnTest(parameterized.TestCase):
     cfg = _model_cfg("671b_pretrain")
     self.assertEqual((cfg.rope_scaling, cfg.max_position_embeddings), ("none", 4096))
     r = cfg.qk_rope_head_dim
-    np.testing.assert_allclose(rope.inv_frequencies(cfg),
-                               1e4 ** -(np.arange(0, r, 2, dtype=np.float64) / r), rtol=1e-12)
-    self.assertEqual(rope.softmax_scale(cfg), 192 ** -0.5)
+    np.testing.assert_allclose(
+      rope.inv_frequencies(cfg), 1e4 ** -(np.arange(0, r, 2, dtype=np.float64) / r), rtol=1e-12
+    )
+    self.assertEqual(rope.softmax_scale(cfg), 192**-0.5)
     # ... and it is the 671b network otherwise.
     published = _model_cfg("671b")
-    self.assertEqual(dataclasses.replace(cfg, rope_scaling="yarn", rope_factor=40.0,
-                                         max_position_embeddings=163840), published)
+    self.assertEqual(
+      dataclasses.replace(
+        cfg, rope_scaling="yarn", rope_factor=40.0, max_position_embeddings=163840
+      ),
+      published,
+    )
 
   @parameterized.named_parameters(("tiny", "tiny"), ("bench", "bench"), ("671b", "671b"))
   def test_frequencies_match_reference(self, variant):
     cfg = _model_cfg(variant)
-    ref = _ref_yarn_freqs(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_factor,
-                          cfg.rope_original_max_position_embeddings, cfg.rope_beta_fast,
-                          cfg.rope_beta_slow)
+    ref = _ref_yarn_freqs(
+      cfg.qk_rope_head_dim,
+      cfg.rope_theta,
+      cfg.rope_factor,
+      cfg.rope_original_max_position_embeddings,
+      cfg.rope_beta_fast,
+      cfg.rope_beta_slow,
+    )
     np.testing.assert_allclose(rope.inv_frequencies(cfg), ref, rtol=1e-12)
 
 
 class RotationTest(parameterized.TestCase):
-
   @parameterized.named_parameters(("tiny", "tiny"), ("671b", "671b"), ("small", "small"))
   def test_matches_complex_reference(self, variant):
     cfg = _model_cfg(variant)
@@ -142,12 +151,18 @@ class RotationTest(parameterized.TestCase):
     b, l, h, r = 2, 5, 3, cfg.qk_rope_head_dim
     x = rng.standard_normal((b, l, h, r)).astype(np.float32)
     positions = rng.integers(0, 200, size=(b, l))
-    freqs = _ref_yarn_freqs(r, cfg.rope_theta, cfg.rope_factor,
-                            cfg.rope_original_max_position_embeddings, cfg.rope_beta_fast,
-                            cfg.rope_beta_slow)
+    freqs = _ref_yarn_freqs(
+      r,
+      cfg.rope_theta,
+      cfg.rope_factor,
+      cfg.rope_original_max_position_embeddings,
+      cfg.rope_beta_fast,
+      cfg.rope_beta_slow,
+    )
     got = _rotate(cfg, x, positions)
-    chex.assert_trees_all_close(got, _ref_rotate(x, positions, freqs).astype(np.float32),
-                                atol=2e-5, rtol=2e-5)
+    chex.assert_trees_all_close(
+      got, _ref_rotate(x, positions, freqs).astype(np.float32), atol=2e-5, rtol=2e-5
+    )
 
   def test_position_zero_is_identity(self):
     cfg = _model_cfg("tiny")
@@ -163,8 +178,7 @@ class RotationTest(parameterized.TestCase):
     y = _rotate(cfg, x, rng.integers(0, 5000, size=(2, 6)))
     pair_norm = lambda t: np.hypot(t[..., 0::2], t[..., 1::2])
     np.testing.assert_allclose(pair_norm(y), pair_norm(x), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1),
-                               rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
 
   @parameterized.named_parameters(("tiny", "tiny"), ("671b", "671b"))
   def test_score_depends_only_on_offset(self, variant):

@@ -26,10 +26,11 @@ from dsv3_jax.train.step import Trainer
 def _cfg(name="1f1b", pp=2, n_mb=2, data=2, expert=2, moe_layers=4):
   cfg = config_lib.from_dict(get_config("tiny"))
   return config_lib.replace(
-      cfg, model={"num_hidden_layers": cfg.model.n_dense_layers + moe_layers},
-      train={"global_batch": n_mb * data * expert, "seq_len": 16},
-      parallel={"data": data, "expert": expert, "pipe": pp, "pipeline": name,
-                "microbatches": n_mb})
+    cfg,
+    model={"num_hidden_layers": cfg.model.n_dense_layers + moe_layers},
+    train={"global_batch": n_mb * data * expert, "seq_len": 16},
+    parallel={"data": data, "expert": expert, "pipe": pp, "pipeline": name, "microbatches": n_mb},
+  )
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +41,15 @@ def piped():
 
 def _staged_bytes(trainer, state):
   """Per-device bytes of the staged stack's parameters and AdamW moments (live arrays)."""
-  opt = [o for o in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
-         if hasattr(o, "mu")][0]
+  opt = [
+    o
+    for o in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+    if hasattr(o, "mu")
+  ][0]
   parts = (state.params[STAGED], opt.mu[STAGED], opt.nu[STAGED])
   return sharding.bytes_per_device(parts), sharding.bytes_per_device(
-      (state.params, state.opt_state))
+    (state.params, state.opt_state)
+  )
 
 
 def test_stages_own_their_state(piped):
@@ -60,8 +65,9 @@ def test_stages_own_their_state(piped):
 
 def test_experts_stay_expert_parallel_inside_the_pipeline(piped):
   state = piped.init()
-  tokens = jax.ShapeDtypeStruct((piped.cfg.train.global_batch, 17), np.int32,
-                                sharding=piped.batch_sharding)
+  tokens = jax.ShapeDtypeStruct(
+    (piped.cfg.train.global_batch, 17), np.int32, sharding=piped.batch_sharding
+  )
   hlo = jax.jit(piped.loss_and_grads).lower(state.params, state.biases, tokens).compile()
   text = hlo.as_text()
   assert "all-to-all" in text
@@ -77,20 +83,22 @@ def test_pipelined_ep_step_equals_the_unpipelined_model(piped):
   state = piped.init()
   tokens = jax.random.randint(jax.random.key(2), (piped.cfg.train.global_batch, 17), 0, 259)
   tokens = jax.device_put(tokens, piped.batch_sharding)
-  loss, metrics, loads, grads = jax.jit(piped.loss_and_grads)(state.params, state.biases,
-                                                              tokens)
+  loss, metrics, loads, grads = jax.jit(piped.loss_and_grads)(state.params, state.biases, tokens)
 
   def loss_fn(params):
-    loss, metrics, loads = model_losses(piped.merge(params, jax.device_get(state.biases)),
-                                        jax.device_get(tokens), piped.cfg.train)
+    loss, metrics, loads = model_losses(
+      piped.merge(params, jax.device_get(state.biases)), jax.device_get(tokens), piped.cfg.train
+    )
     return loss, (metrics, loads)
 
   (ref_loss, (_, ref_loads)), ref_grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-      jax.device_get(state.params))
+    jax.device_get(state.params)
+  )
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   np.testing.assert_array_equal(loads, ref_loads)
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
-                          jax.tree.leaves(ref_grads)):
+  for (path, a), b in zip(
+    jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads)
+  ):
     scale = float(np.abs(b).max()) + 1e-12
     err = float(np.abs(np.asarray(a) - np.asarray(b)).max()) / scale
     assert err < 2e-4, f"{jax.tree_util.keystr(path)}: relative error {err:.2e}"

@@ -30,8 +30,15 @@ MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]  # (data, expert)
 
 
 def _cfg(**overrides) -> ModelConfig:
-  base = dict(hidden_size=32, moe_intermediate_size=16, n_routed_experts=16,
-              num_experts_per_tok=4, n_group=4, topk_group=2, expert_block_size=8)
+  base = dict(
+    hidden_size=32,
+    moe_intermediate_size=16,
+    n_routed_experts=16,
+    num_experts_per_tok=4,
+    n_group=4,
+    topk_group=2,
+    expert_block_size=8,
+  )
   base.update(overrides)
   return ModelConfig(**base).validate()
 
@@ -58,18 +65,22 @@ def _reference(graphdef, state, x):
   def f(state, x):
     y, aux = nnx.merge(graphdef, state)(x)
     return _objective(y, aux), (y, aux)
+
   return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(state, x)
 
 
 def _sharded(graphdef, state, x, ep):
   """The MoE layer with its routed experts expert-parallel (any expert-axis size)."""
+
   def f(state, x):
     m = nnx.merge(graphdef, state)
-    y, aux = expert.routed_experts(x, m.gate[...], m.bias[...], m.w1[...], m.w3[...],
-                                   m.w2[...], m.cfg, ep)
+    y, aux = expert.routed_experts(
+      x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], m.cfg, ep
+    )
     b, l, d = x.shape
     y = y + m.shared(x.reshape(b * l, d)).reshape(b, l, d)
     return _objective(y, aux), (y, aux)
+
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(state, x)
 
 
@@ -100,8 +111,10 @@ def test_ep_forward_and_gradients_equal_unsharded(layer, data, exp):
 def test_moe_runs_the_routed_experts_the_sharding_plan_gives_it(layer):
   cfg, graphdef, state, x, ((_, (ref_y, ref_aux)), _) = layer
   full = config_lib.from_dict({"model": dataclasses.asdict(cfg)})
-  plan = sharding.plan(config_lib.replace(full, parallel={"data": 2, "expert": 4}),
-                       mesh_lib.make_mesh(ParallelConfig(data=2, expert=4)))
+  plan = sharding.plan(
+    config_lib.replace(full, parallel={"data": 2, "expert": 4}),
+    mesh_lib.make_mesh(ParallelConfig(data=2, expert=4)),
+  )
   assert plan.routed is not None
 
   @jax.jit
@@ -112,8 +125,10 @@ def test_moe_runs_the_routed_experts_the_sharding_plan_gives_it(layer):
   assert set(expert.STATS) <= set(aux)  # the EP path ran (the one-device path has no stats)
   chex.assert_trees_all_close(y, ref_y, rtol=1e-5, atol=1e-6)
   # With an expert axis of 1 the plan has no routed function: the one-device path runs.
-  one = sharding.plan(config_lib.replace(full, parallel={"data": 8, "expert": 1}),
-                      mesh_lib.make_mesh(ParallelConfig(data=8, expert=1)))
+  one = sharding.plan(
+    config_lib.replace(full, parallel={"data": 8, "expert": 1}),
+    mesh_lib.make_mesh(ParallelConfig(data=8, expert=1)),
+  )
   assert one.routed is None
   _, aux1 = jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x, one.routed), state, x)
   assert set(aux1) == {"load", "balance_loss"}
@@ -123,7 +138,7 @@ def _all_to_first_experts(cfg):
   """A layer on which every token picks experts 0..k-1 (all on EP rank 0 when k <= E / R)."""
   m = nnx.merge(*_layer(cfg))
   bias = np.zeros((cfg.n_routed_experts,), np.float32)
-  bias[:cfg.num_experts_per_tok] = 10.0
+  bias[: cfg.num_experts_per_tok] = 10.0
   m.bias[...] = jnp.asarray(bias)
   return m
 
@@ -134,15 +149,20 @@ def test_dropless_when_every_token_picks_the_same_experts():
   ep = _ep(2, 4)  # 4 experts per rank: all k=4 copies of every token go to rank 0
   x = jax.random.normal(jax.random.key(2), (8, 6, cfg.hidden_size), jnp.float32)
   routing = routing_lib.route(x.reshape(-1, cfg.hidden_size), m.gate[...], m.bias[...], cfg)
-  np.testing.assert_array_equal(np.sort(routing.experts_Nxk, axis=1),
-                                np.tile(np.arange(4), (48, 1)))
+  np.testing.assert_array_equal(
+    np.sort(routing.experts_Nxk, axis=1), np.tile(np.arange(4), (48, 1))
+  )
   n_local = 8 * 6 // ep.n_shards
   # The buffer is exactly full: each source sends N_local * k copies to rank 0.
   assert expert.slots_per_rank(n_local, cfg, ep) == n_local * cfg.num_experts_per_tok
-  y, aux = jax.jit(lambda x: expert.routed_experts(
-      x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], cfg, ep))(x)
-  ref = experts_lib.dense_reference(x.reshape(-1, cfg.hidden_size), routing, m.w1[...],
-                                    m.w3[...], m.w2[...])
+  y, aux = jax.jit(
+    lambda x: expert.routed_experts(
+      x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], cfg, ep
+    )
+  )(x)
+  ref = experts_lib.dense_reference(
+    x.reshape(-1, cfg.hidden_size), routing, m.w1[...], m.w3[...], m.w2[...]
+  )
   assert float(aux["dropped_copies"]) == 0.0
   chex.assert_trees_all_close(y.reshape(-1, cfg.hidden_size), ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(aux["load"][:4], np.full(4, 48.0))
@@ -163,10 +183,14 @@ def test_bounded_dispatch_falls_back_exactly(layer, skewed):
   if skewed:
     m = _all_to_first_experts(cfg)
     routing = routing_lib.route(x.reshape(-1, cfg.hidden_size), m.gate[...], m.bias[...], cfg)
-    y, aux = jax.jit(lambda x: expert.routed_experts(
-        x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], cfg, ep))(x)
-    ref = experts_lib.dense_reference(x.reshape(-1, cfg.hidden_size), routing, m.w1[...],
-                                      m.w3[...], m.w2[...])
+    y, aux = jax.jit(
+      lambda x: expert.routed_experts(
+        x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], cfg, ep
+      )
+    )(x)
+    ref = experts_lib.dense_reference(
+      x.reshape(-1, cfg.hidden_size), routing, m.w1[...], m.w3[...], m.w2[...]
+    )
     chex.assert_trees_all_close(y.reshape(ref.shape), ref, rtol=1e-5, atol=1e-6)
     assert float(aux["dispatch_fallbacks"]) == 1.0  # 24 copies to rank 0 > fast slots
   else:
@@ -187,9 +211,11 @@ def test_bounded_dispatch_keeps_no_worst_case_buffers_for_backward():
   def temp_bytes(ep):
     def f(state, x):
       m = nnx.merge(graphdef, state)
-      y, aux = expert.routed_experts(x, m.gate[...], m.bias[...], m.w1[...], m.w3[...],
-                                     m.w2[...], m.cfg, ep)
+      y, aux = expert.routed_experts(
+        x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], m.cfg, ep
+      )
       return jnp.sum(y * y) + aux["balance_loss"]
+
     lowered = jax.jit(jax.grad(f, argnums=(0, 1))).lower(state, x)
     return lowered.compile().memory_analysis().temp_size_in_bytes
 
@@ -212,15 +238,17 @@ def test_capacity_factor_drops_and_counts_exactly():
   assert 0 < kept_Nxk.sum() < kept_Nxk.size
 
   def sharded(x):
-    y, aux = expert.routed_experts(x, m.gate[...], m.bias[...], m.w1[...], m.w3[...],
-                                   m.w2[...], cfg, ep)
+    y, aux = expert.routed_experts(
+      x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], cfg, ep
+    )
     return jnp.sum(y * jnp.sin(y)), (y, aux)
 
   def reference(x):  # dropped copies = zero combine weight
     routing = routing_lib.route(x.reshape(-1, d), m.gate[...], m.bias[...], cfg)
     routing = routing._replace(weights_Nxk=routing.weights_Nxk * kept_Nxk)
-    y = experts_lib.dense_reference(x.reshape(-1, d), routing, m.w1[...], m.w3[...],
-                                    m.w2[...]).reshape(b, l, d)
+    y = experts_lib.dense_reference(
+      x.reshape(-1, d), routing, m.w1[...], m.w3[...], m.w2[...]
+    ).reshape(b, l, d)
     return jnp.sum(y * jnp.sin(y)), y
 
   (_, (y, aux)), dx = jax.jit(jax.value_and_grad(sharded, has_aux=True))(x)
@@ -238,8 +266,11 @@ def test_cross_node_statistics_match_a_count_from_the_routing():
   ep = _ep(1, 8, ranks_per_node=2)  # 8 EP ranks, 4 nodes of 2: one expert group per node
   b, l, d = 8, 4, cfg.hidden_size
   x = jax.random.normal(jax.random.key(4), (b, l, d), jnp.float32)
-  _, aux = jax.jit(lambda x: expert.routed_experts(
-      x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], cfg, ep))(x)
+  _, aux = jax.jit(
+    lambda x: expert.routed_experts(
+      x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], cfg, ep
+    )
+  )(x)
   routing = routing_lib.route(x.reshape(-1, d), m.gate[...], m.bias[...], cfg)
   experts_Nxk = np.asarray(routing.experts_Nxk)
   node_Nxk = np.asarray(expert.node_of_expert(experts_Nxk, cfg.n_routed_experts, ep.n_nodes))
@@ -255,16 +286,20 @@ def test_cross_node_statistics_match_a_count_from_the_routing():
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**16), n_group=st.sampled_from([2, 4, 8]),
-       per_group=st.sampled_from([2, 4]), data=st.data())
+@given(
+  seed=st.integers(0, 2**16),
+  n_group=st.sampled_from([2, 4, 8]),
+  per_group=st.sampled_from([2, 4]),
+  data=st.data(),
+)
 def test_every_token_stays_within_topk_group_groups_and_nodes(seed, n_group, per_group, data):
   topk_group = data.draw(st.integers(1, n_group), label="topk_group")
   k = data.draw(st.integers(1, min(topk_group * per_group, 8)), label="k")
-  n_nodes = data.draw(st.sampled_from([n for n in (1, 2, 4, 8) if n_group % n == 0]),
-                      label="n_nodes")
+  n_nodes = data.draw(
+    st.sampled_from([n for n in (1, 2, 4, 8) if n_group % n == 0]), label="n_nodes"
+  )
   e = n_group * per_group
-  cfg = _cfg(n_routed_experts=e, n_group=n_group, topk_group=topk_group,
-             num_experts_per_tok=k)
+  cfg = _cfg(n_routed_experts=e, n_group=n_group, topk_group=topk_group, num_experts_per_tok=k)
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(24, cfg.hidden_size)), jnp.float32)
   gate = jnp.asarray(rng.normal(size=(cfg.hidden_size, e)) * 0.3, jnp.float32)
@@ -288,8 +323,9 @@ def test_buffer_bound_and_memory():
   assert sizes["buffer_rows"] == 8 * 96
   assert sizes["overhead_vs_real"] == pytest.approx(8 * 2 / 4)
   assert sizes["send_buffer_bytes"] == 8 * 96 * cfg.hidden_size * 4
-  capped = expert.buffer_bytes(48, cfg, expert.ExpertParallel(ep.mesh, capacity_factor=1.25),
-                               itemsize=4)
+  capped = expert.buffer_bytes(
+    48, cfg, expert.ExpertParallel(ep.mesh, capacity_factor=1.25), itemsize=4
+  )
   assert capped["slots_per_rank"] == math.ceil(1.25 * 48 * 4 / 8)
 
 
@@ -306,8 +342,9 @@ def test_invalid_settings_name_the_field():
   graphdef, state = _layer(cfg)
   m = nnx.merge(graphdef, state)
   with pytest.raises(ValueError, match="not divisible"):
-    expert.routed_experts(x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], cfg,
-                          expert.ExpertParallel(mesh))
+    expert.routed_experts(
+      x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], cfg, expert.ExpertParallel(mesh)
+    )
 
 
 def test_mesh_shapes_rules_and_errors():
@@ -322,7 +359,8 @@ def test_mesh_shapes_rules_and_errors():
   # Routed experts are split over `expert` (after the stacked-layer axis); the rest replicate.
   P = jax.sharding.PartitionSpec
   assert sharding.logical_to_mesh(("expert", "embed", "expert_mlp"), 4) == P(
-      None, "expert", None, None)
+    None, "expert", None, None
+  )
   assert sharding.logical_to_mesh(("embed", "mlp"), 2) == P(None, None)
   with pytest.raises(ValueError, match="no sharding rule"):
     sharding.logical_to_mesh(("nonsense",), 1)

@@ -21,9 +21,14 @@ import pytest
 from dsv3_jax.parallel import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = ["--config=configs/dsv3.py:tiny", "--config.parallel.data=2",
-        "--config.parallel.expert=4", "--config.data.max_bytes=300000",
-        "--config.train.eval_batches=1", "--config.train.eval_every=1000"]
+TINY = [
+  "--config=configs/dsv3.py:tiny",
+  "--config.parallel.data=2",
+  "--config.parallel.expert=4",
+  "--config.data.max_bytes=300000",
+  "--config.train.eval_batches=1",
+  "--config.train.eval_every=1000",
+]
 
 
 def _free_port() -> int:
@@ -33,15 +38,23 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("XLA_FLAGS",) and not k.startswith("DSV3_")}
+  env = {
+    k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",) and not k.startswith("DSV3_")
+  }
   env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   return env
 
 
 def _launch(workdir: str, devices: int, extra: list, log: str) -> subprocess.Popen:
-  cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}",
-         f"--devices={devices}", *TINY, *extra]
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.train",
+    f"--workdir={workdir}",
+    f"--devices={devices}",
+    *TINY,
+    *extra,
+  ]
   out = open(log, "w")
   return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
 
@@ -75,10 +88,21 @@ def _multi(tmp_path, name: str, steps: int, heartbeat: int = 30, step_timeout: i
   for pid in range(2):
     log = str(tmp_path / f"{name}_{pid}.log")
     logs.append(log)
-    procs.append(_launch(workdir, 4, [f"--config.train.steps={steps}",
-                                      f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-                                      f"--process_id={pid}", f"--heartbeat_timeout={heartbeat}",
-                                      f"--step_timeout={step_timeout}"], log))
+    procs.append(
+      _launch(
+        workdir,
+        4,
+        [
+          f"--config.train.steps={steps}",
+          f"--coordinator=127.0.0.1:{port}",
+          "--num_processes=2",
+          f"--process_id={pid}",
+          f"--heartbeat_timeout={heartbeat}",
+          f"--step_timeout={step_timeout}",
+        ],
+        log,
+      )
+    )
   return workdir, procs, logs
 
 
@@ -123,15 +147,17 @@ def test_dead_peer_fails_the_other_in_bounded_time(tmp_path):
   print(f"survivor exited with {procs[0].returncode} {elapsed:.1f}s after its peer was killed")
   assert procs[0].returncode != 0
   text = _tail(logs[0], 20000)
-  assert ("another task died" in text or "stopped sending heartbeats" in text
-          or "watchdog" in text), text
+  assert (
+    "another task died" in text or "stopped sending heartbeats" in text or "watchdog" in text
+  ), text
   assert elapsed < heartbeat * 6
 
 
 def test_resolve_reads_flags_then_environment():
   assert distributed.resolve(env={}) is None
-  spec = distributed.resolve(env={"DSV3_COORDINATOR": "127.0.0.1:1234",
-                                  "DSV3_NUM_PROCESSES": "2", "DSV3_PROCESS_ID": "1"})
+  spec = distributed.resolve(
+    env={"DSV3_COORDINATOR": "127.0.0.1:1234", "DSV3_NUM_PROCESSES": "2", "DSV3_PROCESS_ID": "1"}
+  )
   assert (spec.coordinator, spec.num_processes, spec.process_id) == ("127.0.0.1:1234", 2, 1)
   spec = distributed.resolve("10.0.0.1:99", 4, 3, env={"DSV3_PROCESS_ID": "0"})
   assert (spec.coordinator, spec.num_processes, spec.process_id) == ("10.0.0.1:99", 4, 3)
@@ -148,13 +174,16 @@ def test_resolve_reads_flags_then_environment():
 
 
 def test_watchdog_exits_a_stalled_process(tmp_path):
-  code = ("import time\nfrom dsv3_jax.parallel import distributed\n"
-          "distributed.start_watchdog(1.0)\n"
-          "for _ in range(3):\n  time.sleep(0.3)\n  distributed.kick()\n"
-          "time.sleep(30)\n")
+  code = (
+    "import time\nfrom dsv3_jax.parallel import distributed\n"
+    "distributed.start_watchdog(1.0)\n"
+    "for _ in range(3):\n  time.sleep(0.3)\n  distributed.kick()\n"
+    "time.sleep(30)\n"
+  )
   t0 = time.time()
-  p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True,
-                     text=True, timeout=60)
+  p = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60
+  )
   assert p.returncode == distributed.WATCHDOG_EXIT_CODE
   assert "watchdog: no training step finished" in p.stderr
   assert time.time() - t0 < 20

@@ -27,9 +27,15 @@ B, L = 8, 6
 
 
 def _cfg(n_nodes: int, **overrides) -> ModelConfig:
-  base = {"hidden_size": 32, "moe_intermediate_size": 16, "n_routed_experts": 16,
-          "num_experts_per_tok": 4, "n_group": n_nodes, "topk_group": 2,
-          "expert_block_size": 8}
+  base = {
+    "hidden_size": 32,
+    "moe_intermediate_size": 16,
+    "n_routed_experts": 16,
+    "num_experts_per_tok": 4,
+    "n_group": n_nodes,
+    "topk_group": 2,
+    "expert_block_size": 8,
+  }
   base.update(overrides)
   return ModelConfig(**base).validate()
 
@@ -42,11 +48,13 @@ def _ep(data: int, exp: int, per_node: int, **kw) -> expert.ExpertParallel:
 def _params(cfg: ModelConfig, seed: int = 0) -> dict:
   d, e, f = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
   ks = jax.random.split(jax.random.key(seed), 5)
-  return {"gate": jax.random.normal(ks[0], (d, e)) * d ** -0.5,
-          "bias": jax.random.normal(ks[1], (e,)) * 0.02,
-          "w1": jax.random.normal(ks[2], (e, d, f)) * d ** -0.5,
-          "w3": jax.random.normal(ks[3], (e, d, f)) * d ** -0.5,
-          "w2": jax.random.normal(ks[4], (e, f, d)) * f ** -0.5}
+  return {
+    "gate": jax.random.normal(ks[0], (d, e)) * d**-0.5,
+    "bias": jax.random.normal(ks[1], (e,)) * 0.02,
+    "w1": jax.random.normal(ks[2], (e, d, f)) * d**-0.5,
+    "w3": jax.random.normal(ks[3], (e, d, f)) * d**-0.5,
+    "w2": jax.random.normal(ks[4], (e, f, d)) * f**-0.5,
+  }
 
 
 def _objective(y, balance):
@@ -57,11 +65,21 @@ def _single(cfg):
   def f(p, x):
     b, l, d = x.shape
     routing = routing_lib.route(x.reshape(-1, d), p["gate"], p["bias"], cfg)
-    y = experts_lib.routed_ffn(x.reshape(-1, d), routing, p["w1"], p["w3"], p["w2"],
-                               cfg.expert_block_size, cfg.matmul_precision).reshape(b, l, d)
-    aux = {"load": routing_lib.expert_load(routing.experts_Nxk, cfg.n_routed_experts),
-           "balance_loss": routing_lib.sequence_balance_loss(routing, b, cfg)}
+    y = experts_lib.routed_ffn(
+      x.reshape(-1, d),
+      routing,
+      p["w1"],
+      p["w3"],
+      p["w2"],
+      cfg.expert_block_size,
+      cfg.matmul_precision,
+    ).reshape(b, l, d)
+    aux = {
+      "load": routing_lib.expert_load(routing.experts_Nxk, cfg.n_routed_experts),
+      "balance_loss": routing_lib.sequence_balance_loss(routing, b, cfg),
+    }
     return _objective(y, aux["balance_loss"]), (y, aux)
+
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
 
 
@@ -69,6 +87,7 @@ def _parallel(layer_fn, cfg, ep):
   def f(p, x):
     y, aux = layer_fn(x, p["gate"], p["bias"], p["w1"], p["w3"], p["w2"], cfg, ep)
     return _objective(y, aux["balance_loss"]), (y, aux)
+
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
 
 
@@ -85,7 +104,7 @@ def _buffer_loads(experts_Nxk, cfg, ep):
   e_loc = cfg.n_routed_experts // r
   stage1, stage2 = 0, 0
   for shard in range(ep.n_shards):  # shards are (data, expert)-major: rank = shard % R
-    rows = experts_Nxk[shard * n_local:(shard + 1) * n_local]
+    rows = experts_Nxk[shard * n_local : (shard + 1) * n_local]
     nodes = rows // (e_loc * g)
     for node in range(j):
       stage1 = max(stage1, int(np.any(nodes == node, axis=1).sum()))
@@ -93,7 +112,7 @@ def _buffer_loads(experts_Nxk, cfg, ep):
     fwd = np.zeros((j, g, r), int)  # [forwarder node, forwarder local rank, destination]
     for rank in range(r):
       shard = data * r + rank
-      rows = experts_Nxk[shard * n_local:(shard + 1) * n_local]
+      rows = experts_Nxk[shard * n_local : (shard + 1) * n_local]
       for dst in (rows // e_loc).reshape(-1):
         fwd[dst // g, rank % g, dst] += 1
     stage2 = max(stage2, int(fwd.max()))
@@ -115,8 +134,9 @@ def test_two_stage_equals_single_device_and_flat(data, exp, per_node):
   assert float(jnp.abs(grads[0]["w1"]).max()) > 0 and float(jnp.abs(grads[1]).max()) > 0
   assert float(jnp.abs(grads[0]["gate"]).max()) > 0  # the routing weights' path is live
   # The flat dispatch: same outputs and the same traffic statistics.
-  flat_y, flat_aux = jax.jit(lambda p, x: expert.routed_experts(
-      x, p["gate"], p["bias"], p["w1"], p["w3"], p["w2"], cfg, ep))(p, x)
+  flat_y, flat_aux = jax.jit(
+    lambda p, x: expert.routed_experts(x, p["gate"], p["bias"], p["w1"], p["w3"], p["w2"], cfg, ep)
+  )(p, x)
   chex.assert_trees_all_close(y, flat_y, rtol=1e-5, atol=1e-6)
   for name in ("cross_node_copies", "remote_node_sends", "dropped_copies"):
     assert float(aux[name]) == float(flat_aux[name]), name
@@ -139,13 +159,17 @@ def test_skewed_routing_fills_the_worst_case_buffers_exactly_and_drops_nothing(d
   cfg = _cfg(4)
   ep = _ep(1, 8, 2, dispatch_factor=dispatch_factor)
   p, x = _params(cfg, seed=2), _x(cfg, seed=3)
-  p["bias"] = p["bias"].at[:cfg.num_experts_per_tok].add(10.0)
+  p["bias"] = p["bias"].at[: cfg.num_experts_per_tok].add(10.0)
   routing = routing_lib.route(x.reshape(-1, cfg.hidden_size), p["gate"], p["bias"], cfg)
-  np.testing.assert_array_equal(np.sort(routing.experts_Nxk, axis=1),
-                                np.tile(np.arange(4), (B * L, 1)))
+  np.testing.assert_array_equal(
+    np.sort(routing.experts_Nxk, axis=1), np.tile(np.arange(4), (B * L, 1))
+  )
   n_local = B * L // ep.n_shards
-  assert _buffer_loads(routing.experts_Nxk, cfg, ep) == node_dispatch.two_stage_slots(
-      n_local, cfg, ep) == (n_local, ep.n_nodes * n_local * 2)
+  assert (
+    _buffer_loads(routing.experts_Nxk, cfg, ep)
+    == node_dispatch.two_stage_slots(n_local, cfg, ep)
+    == (n_local, ep.n_nodes * n_local * 2)
+  )
   (_, (y, aux)), grads = _parallel(node_dispatch.routed_experts, cfg, ep)(p, x)
   (_, (ref_y, _)), ref_grads = _single(cfg)(p, x)
   chex.assert_trees_all_close(y, ref_y, rtol=1e-5, atol=1e-6)
@@ -159,13 +183,18 @@ def test_cross_node_traffic_counts_sends_like_the_layer_and_a_loop():
   ep = _ep(1, 8, 2)
   p, x = _params(cfg, seed=4), _x(cfg, seed=5)
   n = B * L
-  _, aux = jax.jit(lambda p, x: node_dispatch.routed_experts(
-      x, p["gate"], p["bias"], p["w1"], p["w3"], p["w2"], cfg, ep))(p, x)
-  experts_Nxk = np.asarray(routing_lib.route(x.reshape(n, -1), p["gate"], p["bias"],
-                                             cfg).experts_Nxk)
+  _, aux = jax.jit(
+    lambda p, x: node_dispatch.routed_experts(
+      x, p["gate"], p["bias"], p["w1"], p["w3"], p["w2"], cfg, ep
+    )
+  )(p, x)
+  experts_Nxk = np.asarray(
+    routing_lib.route(x.reshape(n, -1), p["gate"], p["bias"], cfg).experts_Nxk
+  )
   src_node_N = (np.arange(n) // (n // ep.size)) // ep.ranks_per_node
-  t = node_dispatch.cross_node_traffic(experts_Nxk, src_node_N, cfg.n_routed_experts,
-                                       ep.n_nodes, hidden_size=cfg.hidden_size)
+  t = node_dispatch.cross_node_traffic(
+    experts_Nxk, src_node_N, cfg.n_routed_experts, ep.n_nodes, hidden_size=cfg.hidden_size
+  )
   nodes_Nxk = experts_Nxk // (cfg.n_routed_experts // ep.n_nodes)
   flat = sum(int(e != s) for row, s in zip(nodes_Nxk, src_node_N) for e in row)
   sends = sum(len(set(row) - {s}) for row, s in zip(nodes_Nxk, src_node_N))

@@ -3,6 +3,7 @@
 Fast tests use a toy stage (embedding -> tanh layer -> head) so that compiling the executor
 takes seconds; the DeepSeek-V3 tests (`PipelineTrainer` against `Trainer`) are marked slow.
 """
+
 import functools
 
 import jax
@@ -26,8 +27,10 @@ def _toy_block(p, x, c):
   def scale(h, s):
     return h * s[None]
 
-  scale.defvjp(lambda h, s: (h * s[None], (h, s)),
-               lambda res, g: (g * res[1][None], jnp.sum(g * res[0], axis=0)))
+  scale.defvjp(
+    lambda h, s: (h * s[None], (h, s)),
+    lambda res, g: (g * res[1][None], jnp.sum(g * res[0], axis=0)),
+  )
 
   def body(h, w):
     h = jnp.tanh(h @ w["a"]) + h
@@ -40,8 +43,10 @@ def _toy_block(p, x, c):
 
 def _toy_args(seed=0):
   k = jax.random.split(jax.random.key(seed), 3)
-  p = {"a": jax.random.normal(k[0], (3, 4, 4)) * 0.5,
-       "s": 1.0 + 0.1 * jax.random.normal(k[1], (3, 4))}
+  p = {
+    "a": jax.random.normal(k[0], (3, 4, 4)) * 0.5,
+    "s": 1.0 + 0.1 * jax.random.normal(k[1], (3, 4)),
+  }
   x = jax.random.normal(k[2], (5, 4))
   c = {"first": jnp.bool_(True), "tok": jnp.arange(5, dtype=jnp.float32)}
   return p, x, c
@@ -79,9 +84,18 @@ def test_stage_vjp_stores_activations_not_weights():
 
 
 # ------------------------------------------------------------------------------- plans
-@pytest.mark.parametrize("name,pp,n", [("1f1b", 4, 8), ("gpipe", 2, 3), ("zb1p", 4, 6),
-                                       ("dualpipe", 4, 8), ("dualpipe", 6, 12),
-                                       ("dualpipe", 2, 4), ("dualpipev", 2, 4)])
+@pytest.mark.parametrize(
+  "name,pp,n",
+  [
+    ("1f1b", 4, 8),
+    ("gpipe", 2, 3),
+    ("zb1p", 4, 6),
+    ("dualpipe", 4, 8),
+    ("dualpipe", 6, 12),
+    ("dualpipe", 2, 4),
+    ("dualpipev", 2, 4),
+  ],
+)
 def test_plan_ticks_follow_the_schedule(name, pp, n):
   """`op`: one tick per generated op; `unit`: the schedule's simulated clock, F = B = W = 1."""
   sched = S.SCHEDULES[name](pp, n)
@@ -92,8 +106,11 @@ def test_plan_ticks_follow_the_schedule(name, pp, n):
   for plan in (op_plan, unit_plan):
     for r, placed in enumerate(plan.placed):
       ops = [p.op for p in placed]
-      expect = (list(sched.ops[r]) if plan is op_plan
-                else [u for op in sched.ops[r] for u in P.unit_ops(op)])
+      expect = (
+        list(sched.ops[r])
+        if plan is op_plan
+        else [u for op in sched.ops[r] for u in P.unit_ops(op)]
+      )
       assert ops == expect
       assert [p.tick for p in placed] == sorted({p.tick for p in placed})
 
@@ -111,8 +128,10 @@ def test_plan_buffers_match_schedule_memory(name, pp, n, granularity):
   assert plan.sizes["act"] <= plan.sizes["r1"] and plan.sizes["grad"] <= plan.sizes["r1"]
   # Every rank reads each received value exactly once, from where it was written.
   f = plan.fields
-  for b, writes, reads in (("act", ("arr_act_r", "arr_act_l", "arr_act_s"), ("f_act",)),
-                           ("grad", ("arr_grad_r", "arr_grad_l", "arr_grad_s"), ("b_grad",))):
+  for b, writes, reads in (
+    ("act", ("arr_act_r", "arr_act_l", "arr_act_s"), ("f_act",)),
+    ("grad", ("arr_grad_r", "arr_grad_l", "arr_grad_s"), ("b_grad",)),
+  ):
     n_writes = sum(int((f[P.FI[w]] < plan.sizes[b]).sum()) for w in writes)
     n_reads = sum(int((f[P.FI[r]] < plan.sizes[b]).sum()) for r in reads)
     assert n_writes == n_reads == n * (sched.n_stages - 1)
@@ -144,7 +163,7 @@ def _toy_stage(n_stages, scale):
       return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
 
     ce = jax.lax.cond(stage == n_stages - 1, head, lambda: jnp.zeros((), jnp.float32))
-    loss = (ce + 1e-2 * jnp.mean(h ** 2)) * scale
+    loss = (ce + 1e-2 * jnp.mean(h**2)) * scale
     return (h, loss), {"ce": ce, "visits": jnp.ones((n_stages,)) * (jnp.arange(n_stages) == stage)}
 
   return stage_fn
@@ -152,8 +171,10 @@ def _toy_stage(n_stages, scale):
 
 def _toy_params(n_stages, batch, seed=0):
   k = jax.random.split(jax.random.key(seed), 5)
-  sp = {"w": jax.random.normal(k[0], (n_stages, D, D)) * 0.4,
-        "b": jax.random.normal(k[1], (n_stages, D)) * 0.1}
+  sp = {
+    "w": jax.random.normal(k[0], (n_stages, D, D)) * 0.4,
+    "b": jax.random.normal(k[1], (n_stages, D)) * 0.1,
+  }
   shp = {"emb": jax.random.normal(k[2], (V, D)), "head": jax.random.normal(k[3], (D, V)) * 0.3}
   sc = {"gain": 1.0 + 0.1 * jnp.arange(n_stages, dtype=jnp.float32)}
   shc = {"bias": jnp.linspace(-0.1, 0.1, V)}
@@ -169,8 +190,15 @@ def _toy_reference(n_stages, n_mb, sp, shp, sc, shc, tokens):
     for mb in jnp.split(tokens, n_mb):
       x = jnp.zeros((mb.shape[0], L, D))
       for s in range(n_stages):
-        (x, l), _ = fn(jax.tree.map(lambda a: a[s], sp), shp, x,
-                       jax.tree.map(lambda a: a[s], sc), shc, mb, jnp.int32(s))
+        (x, l), _ = fn(
+          jax.tree.map(lambda a: a[s], sp),
+          shp,
+          x,
+          jax.tree.map(lambda a: a[s], sc),
+          shc,
+          mb,
+          jnp.int32(s),
+        )
         loss = loss + l
     return loss
 
@@ -180,12 +208,17 @@ def _toy_reference(n_stages, n_mb, sp, shp, sc, shc, tokens):
 def _run_toy(name, pp, n_mb, granularity, *, data=1, probe=None):
   sched = S.SCHEDULES[name](pp, n_mb)
   n_st = sched.n_stages
-  devices = np.asarray(jax.devices()[:pp * data]).reshape(data, 1, pp)
+  devices = np.asarray(jax.devices()[: pp * data]).reshape(data, 1, pp)
   mesh = Mesh(devices, ("data", "expert", "pipe"), axis_types=(AxisType.Auto,) * 3)
   mb = 2  # sequences per micro-batch
   sp, shp, sc, shc, tokens = _toy_params(n_st, mb * n_mb * data)
-  pipe = P.Pipeline(_toy_stage(n_st, 1.0 / (n_mb * data)), sched, mesh,
-                    batch_axes=("data", "expert"), granularity=granularity)
+  pipe = P.Pipeline(
+    _toy_stage(n_st, 1.0 / (n_mb * data)),
+    sched,
+    mesh,
+    batch_axes=("data", "expert"),
+    granularity=granularity,
+  )
   act = jax.ShapeDtypeStruct((mb, L, D), jnp.float32)
   run = jax.jit(functools.partial(pipe, act=act, probe=probe))
   loss, aux, g_stage, g_shared = run(sp, shp, sc, shc, tokens)
@@ -199,17 +232,28 @@ def _run_toy(name, pp, n_mb, granularity, *, data=1, probe=None):
   return pipe
 
 
-@pytest.mark.parametrize("name,pp,n_mb,granularity", [
-    ("1f1b", 2, 4, "unit"), ("dualpipe", 4, 8, "unit"), ("dualpipe", 2, 4, "op")])
+@pytest.mark.parametrize(
+  "name,pp,n_mb,granularity",
+  [("1f1b", 2, 4, "unit"), ("dualpipe", 4, 8, "unit"), ("dualpipe", 2, 4, "op")],
+)
 def test_toy_pipeline_grads_equal_unpipelined(name, pp, n_mb, granularity):
   _run_toy(name, pp, n_mb, granularity)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,pp,n_mb,granularity", [
-    ("1f1b", 4, 4, "op"), ("1f1b", 4, 6, "unit"), ("zb1p", 4, 5, "op"), ("gpipe", 2, 3, "op"),
+@pytest.mark.parametrize(
+  "name,pp,n_mb,granularity",
+  [
+    ("1f1b", 4, 4, "op"),
+    ("1f1b", 4, 6, "unit"),
+    ("zb1p", 4, 5, "op"),
+    ("gpipe", 2, 3, "op"),
     ("dualpipe", 2, 4, "unit"),
-    ("dualpipev", 2, 4, "unit"), ("dualpipev", 2, 5, "op"), ("dualpipe", 4, 10, "op")])
+    ("dualpipev", 2, 4, "unit"),
+    ("dualpipev", 2, 5, "op"),
+    ("dualpipe", 4, 10, "op"),
+  ],
+)
 def test_toy_pipeline_other_schedules(name, pp, n_mb, granularity):
   _run_toy(name, pp, n_mb, granularity)
 
@@ -220,6 +264,7 @@ def test_toy_pipeline_with_data_parallel_axis():
 
 def test_measured_timeline_has_every_op_once():
   from benchmarks import pipeline_timeline as PT
+
   clock = PT.TickClock()
   pipe = _run_toy("dualpipe", 2, 4, "unit", probe=clock)
   rows = PT.measured_timeline(pipe.plan, clock.stamps)
@@ -241,10 +286,11 @@ def _ds_config(pp: int, n_mb: int, *, data: int = 1, expert: int = 1, name: str 
 
   cfg = config_lib.from_dict(get_config("tiny"))
   return config_lib.replace(
-      cfg, model={"num_hidden_layers": cfg.model.n_dense_layers + pp},
-      train={"global_batch": n_mb * data * expert, "seq_len": 16},
-      parallel={"data": data, "expert": expert, "pipe": pp, "pipeline": name,
-                "microbatches": n_mb})
+    cfg,
+    model={"num_hidden_layers": cfg.model.n_dense_layers + pp},
+    train={"global_batch": n_mb * data * expert, "seq_len": 16},
+    parallel={"data": data, "expert": expert, "pipe": pp, "pipeline": name, "microbatches": n_mb},
+  )
 
 
 def _ds_reference(trainer, state, tokens):
@@ -252,12 +298,14 @@ def _ds_reference(trainer, state, tokens):
   from dsv3_jax.train.loss import model_losses
 
   def loss_fn(params):
-    loss, metrics, loads = model_losses(trainer.merge(params, state.biases), tokens,
-                                        trainer.cfg.train)
+    loss, metrics, loads = model_losses(
+      trainer.merge(params, state.biases), tokens, trainer.cfg.train
+    )
     return loss, (metrics, loads)
 
   (loss, (metrics, loads)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-      jax.device_get(state.params))
+    jax.device_get(state.params)
+  )
   return loss, metrics, loads, grads
 
 
@@ -268,8 +316,9 @@ def _assert_trees_close(got, want, rtol=2e-4):
     assert err < rtol, f"{jax.tree_util.keystr(path)}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("name,pp,n_mb", [("1f1b", 2, 2), ("dualpipe", 2, 4), ("1f1b", 4, 4),
-                                          ("dualpipe", 4, 8)])
+@pytest.mark.parametrize(
+  "name,pp,n_mb", [("1f1b", 2, 2), ("dualpipe", 2, 4), ("1f1b", 4, 4), ("dualpipe", 4, 8)]
+)
 def test_deepseek_pipelined_grads_equal_unpipelined(name, pp, n_mb):
   """Loss, loads and every gradient of the DeepSeek-V3 step (MTP, balance loss) match."""
   from dsv3_jax.parallel import mesh as mesh_lib
@@ -279,8 +328,7 @@ def test_deepseek_pipelined_grads_equal_unpipelined(name, pp, n_mb):
   trainer = PipelineTrainer(cfg, mesh_lib.make_mesh(cfg.parallel, jax.devices()[:pp]))
   state = trainer.init()
   tokens = jax.random.randint(jax.random.key(1), (cfg.train.global_batch, 17), 0, 259)
-  loss, metrics, loads, grads = jax.jit(trainer.loss_and_grads)(state.params, state.biases,
-                                                                tokens)
+  loss, metrics, loads, grads = jax.jit(trainer.loss_and_grads)(state.params, state.biases, tokens)
   ref_loss, ref_metrics, ref_loads, ref_grads = _ds_reference(trainer, state, tokens)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   np.testing.assert_array_equal(loads, ref_loads)
@@ -300,8 +348,7 @@ def test_deepseek_pipe_by_expert_mesh():
   state = trainer.init()
   tokens = jax.random.randint(jax.random.key(2), (cfg.train.global_batch, 17), 0, 259)
   tokens = jax.device_put(tokens, trainer.batch_sharding)
-  loss, metrics, loads, grads = jax.jit(trainer.loss_and_grads)(state.params, state.biases,
-                                                                tokens)
+  loss, metrics, loads, grads = jax.jit(trainer.loss_and_grads)(state.params, state.biases, tokens)
   ref_loss, _, ref_loads, ref_grads = _ds_reference(trainer, state, jax.device_get(tokens))
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   np.testing.assert_array_equal(loads, ref_loads)
@@ -320,8 +367,7 @@ def test_dualpipe_training_follows_the_unpipelined_run():
   plain, piped = Trainer(cfg, mesh), PipelineTrainer(cfg, mesh)
   s_plain, s_piped = plain.init(), piped.init()
   for step in range(3):
-    tokens = jax.random.randint(jax.random.key(10 + step), (cfg.train.global_batch, 17), 0,
-                                259)
+    tokens = jax.random.randint(jax.random.key(10 + step), (cfg.train.global_batch, 17), 0, 259)
     batch = {"tokens": jax.device_put(tokens, plain.batch_sharding)}
     s_plain, m_plain = plain.train_step(s_plain, batch)
     s_piped, m_piped = piped.train_step(s_piped, batch)

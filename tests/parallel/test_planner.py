@@ -31,22 +31,27 @@ def _tiny(**model) -> config_lib.Config:
 def _xla_memory(trainer, global_batch: int):
   """(argument bytes, temp bytes) of the compiled train step, per device."""
   state = trainer.abstract_state()
-  batch = {"tokens": jax.ShapeDtypeStruct((global_batch, SEQ + 1), jnp.int32,
-                                          sharding=trainer.batch_sharding)}
+  batch = {
+    "tokens": jax.ShapeDtypeStruct(
+      (global_batch, SEQ + 1), jnp.int32, sharding=trainer.batch_sharding
+    )
+  }
   ma = trainer.train_step.lower(state, batch).compile().memory_analysis()
   return ma.argument_size_in_bytes, ma.temp_size_in_bytes
 
 
 def _compare(plan: dict, arg: int, temp: int) -> dict:
   mem = plan["memory"]
-  state = (mem["params"] + mem["optimizer"] + mem["router_biases"] + mem["step"]
-           + mem["batch"])
+  state = mem["params"] + mem["optimizer"] + mem["router_biases"] + mem["step"] + mem["batch"]
   # Temp: gradients, the pipeline's accumulators, the updated state, activations.
   planned_temp = mem["total_traced"] - state
   others = mem["grads"] + mem["pipeline_accumulators"] + mem["update_copy"]
-  report = {"argument": (state, arg), "temp": (planned_temp, temp),
-            "total": (mem["total_traced"], arg + temp),
-            "activations": (mem["activations_traced"], temp - others)}
+  report = {
+    "argument": (state, arg),
+    "temp": (planned_temp, temp),
+    "total": (mem["total_traced"], arg + temp),
+    "activations": (mem["activations_traced"], temp - others),
+  }
   print({k: (p, x, f"{p / x - 1:+.1%}") for k, (p, x) in report.items()})
   return report
 
@@ -58,12 +63,19 @@ def test_shard_shape_and_mesh_parsing():
   with pytest.raises(ValueError, match="tensor:2"):
     planner.parse_mesh("tensor:2")
   assert planner.shard_shape((58, 256, 7168, 2048), P("pipe", "expert"), sizes) == (
-      4, 4, 7168, 2048)  # 58 layers over 16 stages: the busiest holds 4
+    4,
+    4,
+    7168,
+    2048,
+  )  # 58 layers over 16 stages: the busiest holds 4
   assert planner.shard_shape((7168, 24), P(None, ("data", "expert")), sizes) == (7168, 1)
   assert planner.abstract_mesh(sizes).size == 2048
   assert planner.node_extents(sizes, 8) == {"expert": 8, "data": 1, "pipe": 1}
   assert planner.node_extents({"data": 2, "expert": 2, "pipe": 2}, 8) == {
-      "expert": 2, "data": 2, "pipe": 2}
+    "expert": 2,
+    "data": 2,
+    "pipe": 2,
+  }
 
 
 def test_plain_step_memory_matches_xla():
@@ -73,10 +85,12 @@ def test_plain_step_memory_matches_xla():
 
   cfg = _tiny()
   gb = 32
-  plan = planner.plan_training(cfg, "data:2,expert:4", node_size=1, global_batch=gb,
-                               hardware_name="h800")
-  run_cfg = config_lib.replace(cfg, train={"global_batch": gb},
-                               parallel={"data": 2, "expert": 4, "ep_ranks_per_node": 1})
+  plan = planner.plan_training(
+    cfg, "data:2,expert:4", node_size=1, global_batch=gb, hardware_name="h800"
+  )
+  run_cfg = config_lib.replace(
+    cfg, train={"global_batch": gb}, parallel={"data": 2, "expert": 4, "ep_ranks_per_node": 1}
+  )
   trainer = Trainer(run_cfg, mesh_lib.make_mesh(run_cfg.parallel, jax.devices()[:8]))
   mem = trainer.memory_per_device()
   assert plan["memory"]["params"] == mem["params"]
@@ -98,12 +112,28 @@ def test_pipelined_step_memory_matches_xla():
 
   cfg = _tiny(num_hidden_layers=5)
   gb = 16
-  plan = planner.plan_training(cfg, "data:2,expert:2,pipe:2", node_size=1, global_batch=gb,
-                               schedule="1f1b", microbatches=2, hardware_name="h800")
+  plan = planner.plan_training(
+    cfg,
+    "data:2,expert:2,pipe:2",
+    node_size=1,
+    global_batch=gb,
+    schedule="1f1b",
+    microbatches=2,
+    hardware_name="h800",
+  )
   assert plan["in_flight"] == 2  # 1F1B: rank 0 holds PP micro-batches
-  run_cfg = config_lib.replace(cfg, train={"global_batch": gb}, parallel={
-      "data": 2, "expert": 2, "pipe": 2, "pipeline": "1f1b", "microbatches": 2,
-      "ep_ranks_per_node": 1})
+  run_cfg = config_lib.replace(
+    cfg,
+    train={"global_batch": gb},
+    parallel={
+      "data": 2,
+      "expert": 2,
+      "pipe": 2,
+      "pipeline": "1f1b",
+      "microbatches": 2,
+      "ep_ranks_per_node": 1,
+    },
+  )
   trainer = PipelineTrainer(run_cfg, mesh_lib.make_mesh(run_cfg.parallel, jax.devices()[:8]))
   mem = trainer.memory_per_device()
   assert plan["memory"]["params"] == mem["params"]
@@ -118,9 +148,15 @@ def test_pipelined_step_memory_matches_xla():
 
 def _plan_671b():
   cfg = config_lib.from_dict(get_config("671b"))
-  return planner.plan_training(cfg, "data:2,expert:64,pipe:16", node_size=8,
-                               hardware_name="h800", schedule="dualpipe", uneven_stages=True,
-                               trace=False)
+  return planner.plan_training(
+    cfg,
+    "data:2,expert:64,pipe:16",
+    node_size=8,
+    hardware_name="h800",
+    schedule="dualpipe",
+    uneven_stages=True,
+    trace=False,
+  )
 
 
 def test_671b_dualpipe_plan():
@@ -145,11 +181,15 @@ def test_671b_dualpipe_plan():
   assert 0 < r["time"]["mfu"] < 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(
+  strict=True,
+  reason=(
     "the sharding plan keeps fp32 master weights (and their fp32 gradients) replicated over "
     "data x expert and replicates the embedding, head, dense layers and MTP module on every "
     "pipe rank: ~46 GB of parameters and gradients per device before activations, so the "
-    "report's <80 GB per H800 does not hold for this plan (see the printed breakdown)"))
+    "report's <80 GB per H800 does not hold for this plan (see the printed breakdown)"
+  ),
+)
 def test_671b_fits_in_80gb():
   r = _plan_671b()
   print("\n" + planner.format_table(r))
@@ -166,8 +206,9 @@ def test_misfit_meshes_fail_before_tracing(monkeypatch):
   with pytest.raises(ValueError, match=r"8 routed experts.*`expert` mesh axis of 3"):
     planner.plan_training(cfg, "data:1,expert:3", node_size=1)
   with pytest.raises(ValueError, match=r"2 MoE layers .* 4 pipeline stages"):
-    planner.plan_training(cfg, "data:1,expert:2,pipe:4", node_size=1, schedule="1f1b",
-                          global_batch=8, microbatches=4)
+    planner.plan_training(
+      cfg, "data:1,expert:2,pipe:4", node_size=1, schedule="1f1b", global_batch=8, microbatches=4
+    )
   odd = _tiny(n_routed_experts=12, n_group=6)  # 6 groups over 4 nodes
   with pytest.raises(ValueError, match=r"6 expert groups .* 4 nodes"):
     planner.plan_training(odd, "data:2,expert:4", node_size=1)
@@ -177,5 +218,4 @@ def test_misfit_meshes_fail_before_tracing(monkeypatch):
   with pytest.raises(ValueError, match=r"58 MoE layers .* 16 pipeline stages"):
     planner.plan_training(big, "data:2,expert:64,pipe:16", schedule="dualpipe")
   with pytest.raises(ValueError, match=r"256 routed experts.*`expert` mesh axis of 48"):
-    planner.plan_training(big, "data:2,expert:48,pipe:16", schedule="dualpipe",
-                          uneven_stages=True)
+    planner.plan_training(big, "data:2,expert:48,pipe:16", schedule="dualpipe", uneven_stages=True)

@@ -19,22 +19,42 @@ from dsv3_jax.parallel import mesh as mesh_lib
 from dsv3_jax.parallel import sharding
 from dsv3_jax.train.step import Trainer
 
-MODEL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-             num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2,
-             q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-             v_head_dim=8, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
-             expert_block_size=8, num_nextn_predict_layers=1, max_position_embeddings=64)
+MODEL = dict(
+  vocab_size=64,
+  hidden_size=32,
+  intermediate_size=64,
+  moe_intermediate_size=16,
+  num_hidden_layers=2,
+  first_k_dense_replace=1,
+  num_attention_heads=2,
+  q_lora_rank=0,
+  kv_lora_rank=16,
+  qk_nope_head_dim=8,
+  qk_rope_head_dim=4,
+  v_head_dim=8,
+  n_routed_experts=8,
+  num_experts_per_tok=2,
+  n_group=4,
+  topk_group=2,
+  expert_block_size=8,
+  num_nextn_predict_layers=1,
+  max_position_embeddings=64,
+)
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 
 
 def _cfg(data: int, exp: int) -> config_lib.Config:
-  return config_lib.from_dict(dict(
-      model=MODEL, train=dict(global_batch=8, seq_len=8, warmup_steps=0, learning_rate=1e-2),
-      parallel=dict(data=data, expert=exp)))
+  return config_lib.from_dict(
+    dict(
+      model=MODEL,
+      train=dict(global_batch=8, seq_len=8, warmup_steps=0, learning_rate=1e-2),
+      parallel=dict(data=data, expert=exp),
+    )
+  )
 
 
 def _trainer(data: int, exp: int) -> Trainer:
-  devices = jax.devices()[:data * exp]
+  devices = jax.devices()[: data * exp]
   return Trainer(_cfg(data, exp), mesh_lib.make_mesh(_cfg(data, exp).parallel, devices))
 
 
@@ -44,8 +64,9 @@ def _batch(trainer: Trainer, seed: int) -> dict:
 
 
 def _flat_specs(tree) -> dict:
-  flat = traverse_util.flatten_dict(jax.tree.map(lambda s: s.sharding.spec, tree,
-                                                 is_leaf=lambda x: hasattr(x, "sharding")))
+  flat = traverse_util.flatten_dict(
+    jax.tree.map(lambda s: s.sharding.spec, tree, is_leaf=lambda x: hasattr(x, "sharding"))
+  )
   return {"/".join(map(str, k)): v for k, v in flat.items()}
 
 
@@ -67,7 +88,8 @@ def test_zero1_spec_splits_over_the_free_data_parallel_axes():
   assert sharding.zero1_spec(P(), (32, 64), mesh) == P(None, ("data", "expert"))
   # An expert shard is already split over `expert`; its replicas are the `data` ranks.
   assert sharding.zero1_spec(P(None, "expert", None, None), (1, 8, 32, 16), mesh) == P(
-      None, "expert", "data", None)
+    None, "expert", "data", None
+  )
   # 6 is not a multiple of 8: fall back to `data` alone; 5 fits neither: stay replicated.
   assert sharding.zero1_spec(P(), (6,), mesh) == P("data")
   assert sharding.zero1_spec(P(), (5,), mesh) == P(None)
@@ -92,8 +114,9 @@ def test_zero1_state_shardings_as_claimed(trainer_2x4):
       assert spec[-3] == "expert", path
     else:  # dense parameters are replicated
       assert _axes(spec) == set(), (path, spec)
-  shapes = traverse_util.flatten_dict(jax.tree.map(lambda s: s.shape, state.params,
-                                                   is_leaf=lambda x: hasattr(x, "shape")))
+  shapes = traverse_util.flatten_dict(
+    jax.tree.map(lambda s: s.shape, state.params, is_leaf=lambda x: hasattr(x, "shape"))
+  )
   shapes = {"/".join(map(str, k)): v for k, v in shapes.items()}
   for flat in moments:
     assert flat.keys() == params.keys()
@@ -131,15 +154,20 @@ def test_zero1_expert_parallel_step_equals_one_device(trainer_2x4):
   # Adam's first step is lr * g / (|g| + eps): an element whose gradient is within a few eps
   # of zero moves by a visibly different fraction of lr (1e-2) under another summation
   # order. So: every element within 2% of lr, and almost all of them to float precision.
-  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)),
-                                       state_a.params, state_b.params))
+  diffs = jax.tree.leaves(
+    jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)), state_a.params, state_b.params)
+  )
   diffs = np.concatenate([d.reshape(-1) for d in diffs])
   assert diffs.max() < 2e-4
   assert np.mean(diffs < 1e-6) > 0.999
   jax.tree.map(np.testing.assert_array_equal, state_a.biases, state_b.biases)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=1e-6),
-      state_a.opt_state, state_b.opt_state)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=1e-6
+    ),
+    state_a.opt_state,
+    state_b.opt_state,
+  )
 
 
 def test_resume_checkpoint_from_2x4_onto_4x2(trainer_2x4, tmp_path):
@@ -151,8 +179,9 @@ def test_resume_checkpoint_from_2x4_onto_4x2(trainer_2x4, tmp_path):
   restored, meta = ckpt.restore(1, other.abstract_state())
   ckpt.close()
   assert meta == {"mesh": "2x4"}
-  for a, b, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(restored),
-                            jax.tree.leaves(other.state_sharding)):
+  for a, b, sharding in zip(
+    jax.tree.leaves(state), jax.tree.leaves(restored), jax.tree.leaves(other.state_sharding)
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert b.sharding == sharding
   # Training continues identically on the new mesh.

@@ -34,10 +34,13 @@ def reference(model):
   """prompt -> Generator's tokens, greedy and sampled (bfloat16 cache, as the engine)."""
   gen = Generator(model)
   greedy = gen.generate(PROMPTS, SamplingConfig(max_new_tokens=NEW)).tokens
-  sampled = [gen.generate([p], SamplingConfig(max_new_tokens=NEW, **SAMPLED)).tokens[0]
-             for p in PROMPTS[:2]]
-  return {"greedy": dict(zip(map(tuple, PROMPTS), greedy)),
-          "sampled": dict(zip(map(tuple, PROMPTS[:2]), sampled))}
+  sampled = [
+    gen.generate([p], SamplingConfig(max_new_tokens=NEW, **SAMPLED)).tokens[0] for p in PROMPTS[:2]
+  ]
+  return {
+    "greedy": dict(zip(map(tuple, PROMPTS), greedy)),
+    "sampled": dict(zip(map(tuple, PROMPTS[:2]), sampled)),
+  }
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +60,10 @@ def _wait_tokens(stream, n, timeout=120):
 def test_greedy_matches_generator_while_others_decode(engine, reference):
   # Long sampled requests occupy two slots; greedy ones join mid-flight, and more of them
   # than free slots, so slots are reused while the long ones keep decoding.
-  busy = [engine.submit(Request([3, 1, 4, 1, 5], max_tokens=40, temperature=1.0, seed=s,
-                                ignore_eos=True)) for s in (1, 2)]
+  busy = [
+    engine.submit(Request([3, 1, 4, 1, 5], max_tokens=40, temperature=1.0, seed=s, ignore_eos=True))
+    for s in (1, 2)
+  ]
   _wait_tokens(busy[0], 3)
   greedy = [engine.submit(Request(p, max_tokens=NEW)) for p in PROMPTS]
   for p, stream in zip(PROMPTS, greedy):
@@ -78,7 +83,9 @@ def test_sampled_matches_generator_per_seed(engine, reference):
   assert streams[2].result(timeout=300) == reference["greedy"][tuple(PROMPTS[2])]
 
 
-@pytest.mark.parametrize("fields, param, match", [
+@pytest.mark.parametrize(
+  "fields, param, match",
+  [
     (dict(prompt=[1, 2, 99999]), "prompt", "outside the vocabulary"),
     (dict(prompt=[1, -1]), "prompt", "outside the vocabulary"),
     (dict(prompt=[]), "prompt", "empty"),
@@ -91,7 +98,8 @@ def test_sampled_matches_generator_per_seed(engine, reference):
     (dict(prompt=[1], top_p=1.5), "top_p", "top_p"),
     (dict(prompt=[1], top_k=-1), "top_k", "top_k"),
     (dict(prompt=[1], seed=-3), "seed", "seed"),
-])
+  ],
+)
 def test_bad_request_rejected_at_submit(engine, reference, fields, param, match):
   good = engine.submit(Request(PROMPTS[0], max_tokens=NEW))
   with pytest.raises(RequestError, match=match) as err:
@@ -107,7 +115,7 @@ def test_eos_stops_and_is_not_streamed(engine, reference):
   try:
     stopped = engine.submit(Request(PROMPTS[0], max_tokens=NEW))
     ignoring = engine.submit(Request(PROMPTS[0], max_tokens=NEW, ignore_eos=True))
-    assert stopped.result(timeout=300) == free[:free.index(eos)]
+    assert stopped.result(timeout=300) == free[: free.index(eos)]
     assert stopped.finish_reason == "stop"
     assert ignoring.result(timeout=300) == free
   finally:
@@ -158,8 +166,9 @@ def test_expert_loads_monitor(engine, model):
 
 def test_run_until_idle_and_stop(model, reference):
   eng = Engine(model, n_slots=3, max_len=64, pipeline=False)  # the module engine's programs
-  assert eng.generate(PROMPTS[:3], max_tokens=NEW) == [reference["greedy"][tuple(p)]
-                                                       for p in PROMPTS[:3]]
+  assert eng.generate(PROMPTS[:3], max_tokens=NEW) == [
+    reference["greedy"][tuple(p)] for p in PROMPTS[:3]
+  ]
   queued = eng.submit(Request([1], max_tokens=4))
   eng.stop()
   with pytest.raises(StreamError, match="stopped"):
@@ -197,15 +206,19 @@ class _CountingProgram:
     return carry
 
   def step(self, carry):
-    out = StepOutput(np.stack([carry, carry + 1], axis=1), np.full(self.n_slots, 2),
-                     np.zeros((1, 1)))
+    out = StepOutput(
+      np.stack([carry, carry + 1], axis=1), np.full(self.n_slots, 2), np.zeros((1, 1))
+    )
     return carry + 2, out
 
 
 def test_pluggable_program_multi_token_steps(model):
   eng = Engine(model, n_slots=2, max_len=64, program=_CountingProgram(2), eos_id=17)
-  streams = [eng.submit(Request([10], max_tokens=5)), eng.submit(Request([12], max_tokens=9)),
-             eng.submit(Request([30], max_tokens=4))]
+  streams = [
+    eng.submit(Request([10], max_tokens=5)),
+    eng.submit(Request([12], max_tokens=9)),
+    eng.submit(Request([30], max_tokens=4)),
+  ]
   eng.run_until_idle()
   assert streams[0].result() == [11, 12, 13, 14, 15]  # cut mid-step at max_tokens
   assert streams[0].finish_reason == "length"
@@ -218,8 +231,9 @@ def test_pluggable_program_multi_token_steps(model):
 def test_speculative_greedy_matches_generator(model, reference):
   pytest.importorskip("dsv3_jax.serving.speculative")
   with Engine(model, n_slots=3, max_len=64, speculative=True) as eng:
-    busy = eng.submit(Request([3, 1, 4], max_tokens=30, temperature=1.0, top_p=0.9, seed=1,
-                              ignore_eos=True))
+    busy = eng.submit(
+      Request([3, 1, 4], max_tokens=30, temperature=1.0, top_p=0.9, seed=1, ignore_eos=True)
+    )
     _wait_tokens(busy, 3)
     greedy = [eng.submit(Request(p, max_tokens=NEW)) for p in PROMPTS]
     for p, stream in zip(PROMPTS, greedy):

@@ -12,10 +12,14 @@ from dsv3_jax.serving import eplb
 
 # The worked example published with DeepSeek's EPLB release: 2 layers of 12 experts in 4 groups,
 # 16 slots on 2 nodes of 4 GPUs.
-EXAMPLE_LxE = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
-               [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
-EXAMPLE_PHY2LOG = [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
-                   [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
+EXAMPLE_LxE = [
+  [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+  [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
+]
+EXAMPLE_PHY2LOG = [
+  [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+  [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
+]
 
 
 def _check_tables(phy2log_LxR, log2phy_LxExM, logcnt_LxE, num_replicas):
@@ -25,8 +29,7 @@ def _check_tables(phy2log_LxR, log2phy_LxExM, logcnt_LxE, num_replicas):
   np.testing.assert_array_equal(logcnt_LxE.sum(-1), num_replicas)
   assert log2phy_LxExM.shape == (num_layers, num_experts, logcnt_LxE.max())
   for l in range(num_layers):
-    np.testing.assert_array_equal(np.bincount(phy2log_LxR[l], minlength=num_experts),
-                                  logcnt_LxE[l])
+    np.testing.assert_array_equal(np.bincount(phy2log_LxR[l], minlength=num_experts), logcnt_LxE[l])
     for e in range(num_experts):
       slots = log2phy_LxExM[l, e]
       n = logcnt_LxE[l, e]
@@ -38,18 +41,28 @@ def _check_tables(phy2log_LxR, log2phy_LxExM, logcnt_LxE, num_replicas):
 def test_readme_example():
   phy2log, log2phy, logcnt = eplb.rebalance_experts(EXAMPLE_LxE, 16, 4, 2, 8)
   np.testing.assert_array_equal(phy2log, EXAMPLE_PHY2LOG)
-  np.testing.assert_array_equal(logcnt, [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1],
-                                         [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]])
+  np.testing.assert_array_equal(
+    logcnt, [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1], [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]]
+  )
   _check_tables(phy2log, log2phy, logcnt, 16)
   # Replica rank 0 is the slot that kept the expert, later ranks the redundant copies.
   np.testing.assert_array_equal(log2phy[0, 5], [0, 2])
   np.testing.assert_array_equal(log2phy[1, 1], [15, 11])
 
 
-@pytest.mark.parametrize("E,groups,nodes,gpus,R", [
-    (16, 4, 2, 4, 20), (16, 4, 1, 4, 16), (32, 8, 4, 8, 40), (16, 4, 2, 8, 24),
-    (8, 4, 2, 8, 8), (16, 4, 4, 4, 24),
-    (24, 6, 4, 4, 28), (16, 4, 3, 6, 18)])  # the last two: global policy
+@pytest.mark.parametrize(
+  "E,groups,nodes,gpus,R",
+  [
+    (16, 4, 2, 4, 20),
+    (16, 4, 1, 4, 16),
+    (32, 8, 4, 8, 40),
+    (16, 4, 2, 8, 24),
+    (8, 4, 2, 8, 8),
+    (16, 4, 4, 4, 24),
+    (24, 6, 4, 4, 28),
+    (16, 4, 3, 6, 18),
+  ],
+)  # the last two: global policy
 def test_invariants_and_node_locality(E, groups, nodes, gpus, R):
   rng = np.random.default_rng(E + R)
   load_LxE = rng.integers(0, 100, size=(3, E)).astype(float)
@@ -80,7 +93,9 @@ def test_replicas_go_to_the_hottest_experts():
   np.testing.assert_array_equal(logcnt, [[5, 1, 1, 1, 1, 1, 1, 1]])
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(num_replicas=15), "num_replicas"),  # not a multiple of num_gpus
     (dict(num_replicas=8, num_gpus=8), "num_replicas"),  # fewer slots than experts
     (dict(num_gpus=7), "num_gpus"),  # not a multiple of num_nodes
@@ -90,7 +105,8 @@ def test_replicas_go_to_the_hottest_experts():
     (dict(weight_LxE=[1.0, 2.0]), "weight_LxE"),
     (dict(weight_LxE=[[1.0, -2.0]]), "weight_LxE"),
     (dict(weight_LxE=[[1.0, np.nan]]), "weight_LxE"),
-])
+  ],
+)
 def test_rebalance_rejects_bad_arguments(kwargs, match):
   args = dict(weight_LxE=EXAMPLE_LxE, num_replicas=16, num_groups=4, num_nodes=2, num_gpus=8)
   args.update(kwargs)
@@ -100,6 +116,7 @@ def test_rebalance_rejects_bad_arguments(kwargs, match):
 
 # ---------------------------------------------------------------------------------------------
 # Replica routing.
+
 
 def _example_layer():
   phy2log, log2phy, logcnt = eplb.rebalance_experts(EXAMPLE_LxE, 16, 4, 2, 8)
@@ -128,18 +145,22 @@ def test_static_mode_by_token_index_or_rank():
   want = [[log2phy_ExM[e, n % logcnt_E[e]] for e in row] for n, row in enumerate(experts_Nxk)]
   np.testing.assert_array_equal(by_token, want)
   by_rank = eplb.physical_experts(experts_Nxk, log2phy_ExM, logcnt_E, rank=3)
-  np.testing.assert_array_equal(by_rank, [[log2phy_ExM[e, 3 % logcnt_E[e]] for e in row]
-                                          for row in experts_Nxk])
+  np.testing.assert_array_equal(
+    by_rank, [[log2phy_ExM[e, 3 % logcnt_E[e]] for e in row] for row in experts_Nxk]
+  )
   per_token = eplb.physical_experts(experts_Nxk, log2phy_ExM, logcnt_E, rank=np.arange(4) + 1)
-  np.testing.assert_array_equal(per_token, [[log2phy_ExM[e, (n + 1) % logcnt_E[e]] for e in row]
-                                            for n, row in enumerate(experts_Nxk)])
+  np.testing.assert_array_equal(
+    per_token,
+    [[log2phy_ExM[e, (n + 1) % logcnt_E[e]] for e in row] for n, row in enumerate(experts_Nxk)],
+  )
 
 
 def test_random_mode_uses_every_replica_uniformly():
   _, log2phy_ExM, logcnt_E = _example_layer()
   experts_Nxk = np.full((4000, 1), 8)  # expert 8 has 2 replicas in layer 1
-  phys = np.asarray(eplb.physical_experts(experts_Nxk, log2phy_ExM, logcnt_E, mode="random",
-                                          key=jax.random.key(1)))
+  phys = np.asarray(
+    eplb.physical_experts(experts_Nxk, log2phy_ExM, logcnt_E, mode="random", key=jax.random.key(1))
+  )
   counts = [np.sum(phys == s) for s in log2phy_ExM[8, :2]]
   assert sum(counts) == 4000 and min(counts) > 1800
 
@@ -147,10 +168,9 @@ def test_random_mode_uses_every_replica_uniformly():
 def test_round_robin_splits_evenly():
   _, log2phy_ExM, logcnt_E = _example_layer()
   experts_Nxk = _routes(101, 4, 12, seed=3)
-  phys = np.asarray(eplb.physical_experts(experts_Nxk, log2phy_ExM, logcnt_E,
-                                          mode="round_robin"))
+  phys = np.asarray(eplb.physical_experts(experts_Nxk, log2phy_ExM, logcnt_E, mode="round_robin"))
   for e in range(12):
-    counts = [np.sum(phys == s) for s in log2phy_ExM[e, :logcnt_E[e]]]
+    counts = [np.sum(phys == s) for s in log2phy_ExM[e, : logcnt_E[e]]]
     assert sum(counts) == np.sum(experts_Nxk == e) and max(counts) - min(counts) <= 1
 
 
@@ -174,8 +194,9 @@ def test_physical_experts_rejects_bad_arguments():
 def _swiglu(w, x_NxD):
   """A reference SwiGLU expert stack applied to every token: w[gate|up] [J, D, F], w[down]
   [J, F, D] -> [J, N, D]."""
-  h_JxNxF = (jax.nn.silu(jnp.einsum("nd,jdf->jnf", x_NxD, w["gate"]))
-             * jnp.einsum("nd,jdf->jnf", x_NxD, w["up"]))
+  h_JxNxF = jax.nn.silu(jnp.einsum("nd,jdf->jnf", x_NxD, w["gate"])) * jnp.einsum(
+    "nd,jdf->jnf", x_NxD, w["up"]
+  )
   return jnp.einsum("jnf,jfd->jnd", h_JxNxF, w["down"])
 
 
@@ -190,7 +211,8 @@ def _moe_gathered(w, x_NxD, ids_Nxk, gates_Nxk):
   """Gather form: each (token, choice) multiplies by its own expert's weights."""
   g = {name: v[ids_Nxk] for name, v in w.items()}
   h = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", x_NxD, g["gate"])) * jnp.einsum(
-      "nd,nkdf->nkf", x_NxD, g["up"])
+    "nd,nkdf->nkf", x_NxD, g["up"]
+  )
   return jnp.einsum("nk,nkd->nd", gates_Nxk, jnp.einsum("nkf,nkfd->nkd", h, g["down"]))
 
 
@@ -199,17 +221,20 @@ def test_physical_model_matches_logical_model(mode):
   phy2log_R, log2phy_ExM, logcnt_E = _example_layer()
   num_experts, dim, ffn, num_tokens, k = 12, 8, 16, 48, 3
   keys = jax.random.split(jax.random.key(0), 5)
-  w = {"gate": jax.random.normal(keys[0], (num_experts, dim, ffn)) / dim ** 0.5,
-       "up": jax.random.normal(keys[1], (num_experts, dim, ffn)) / dim ** 0.5,
-       "down": jax.random.normal(keys[2], (num_experts, ffn, dim)) / ffn ** 0.5}
+  w = {
+    "gate": jax.random.normal(keys[0], (num_experts, dim, ffn)) / dim**0.5,
+    "up": jax.random.normal(keys[1], (num_experts, dim, ffn)) / dim**0.5,
+    "down": jax.random.normal(keys[2], (num_experts, ffn, dim)) / ffn**0.5,
+  }
   x_NxD = jax.random.normal(keys[3], (num_tokens, dim))
   experts_Nxk = jnp.asarray(_routes(num_tokens, k, num_experts, seed=7))
   gates_Nxk = jax.nn.softmax(jax.random.normal(keys[4], (num_tokens, k)), axis=-1)
 
   w_phys = eplb.replicate_weights(w, phy2log_R)
   assert w_phys["gate"].shape == (16, dim, ffn) and w_phys["down"].shape == (16, ffn, dim)
-  phys_Nxk = eplb.physical_experts(experts_Nxk, log2phy_ExM, logcnt_E, mode=mode,
-                                   key=jax.random.key(5))
+  phys_Nxk = eplb.physical_experts(
+    experts_Nxk, log2phy_ExM, logcnt_E, mode=mode, key=jax.random.key(5)
+  )
   assert len(np.unique(np.asarray(phys_Nxk))) > num_experts  # redundant slots really used
   for moe in (_moe, _moe_gathered):
     logical = moe(w, x_NxD, experts_Nxk, gates_Nxk)
@@ -219,6 +244,7 @@ def test_physical_model_matches_logical_model(mode):
 
 # ---------------------------------------------------------------------------------------------
 # Load statistics.
+
 
 def test_load_window_slides_and_schedules():
   window = eplb.LoadWindow(num_layers=2, num_experts=3, capacity=3, rebalance_every=4)
@@ -245,8 +271,9 @@ def test_loads_from_metrics(tmp_path):
       f.write(json.dumps({"step": step, "loss": 1.0, "load": [[value, 0.0], [0.0, value]]}) + "\n")
     f.write(json.dumps({"step": 3, "heldout_loss": 2.0}) + "\n")
   np.testing.assert_array_equal(eplb.loads_from_metrics(str(tmp_path)), [[7, 0], [0, 7]])
-  np.testing.assert_array_equal(eplb.loads_from_metrics(str(tmp_path / "metrics.jsonl"), last=2),
-                                [[6, 0], [0, 6]])
+  np.testing.assert_array_equal(
+    eplb.loads_from_metrics(str(tmp_path / "metrics.jsonl"), last=2), [[6, 0], [0, 6]]
+  )
   (tmp_path / "empty").mkdir()
   (tmp_path / "empty" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
   with pytest.raises(ValueError, match="load"):
@@ -255,6 +282,7 @@ def test_loads_from_metrics(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Measurement.
+
 
 def test_device_loads_and_imbalance():
   load_LxE = np.array([[8.0, 2, 1, 1]])
@@ -273,8 +301,9 @@ def test_device_loads_and_imbalance():
 def test_device_loads_conserve_total_load():
   load_LxE = eplb.zipf_load(4, 64, 10_000, seed=1)
   phy2log, _, logcnt = eplb.rebalance_experts(load_LxE, 80, 8, 2, 8)
-  np.testing.assert_allclose(eplb.device_loads(load_LxE, phy2log, logcnt, 8).sum(-1),
-                             load_LxE.sum(-1))
+  np.testing.assert_allclose(
+    eplb.device_loads(load_LxE, phy2log, logcnt, 8).sum(-1), load_LxE.sum(-1)
+  )
 
 
 @pytest.mark.parametrize("groups,nodes", [(8, 4), (8, 1), (2, 4)])  # the last: global policy
@@ -294,8 +323,9 @@ def test_benchmark_report_on_a_workdir(tmp_path):
   with open(tmp_path / "metrics.jsonl", "w") as f:
     for step in range(1, 4):
       f.write(json.dumps({"step": step, "load": (load_LxE / 3).tolist()}) + "\n")
-  result = bench.report(str(tmp_path), gpus=4, nodes=2, redundant=4, zipf_layers=2,
-                        zipf_tokens=20_000)
+  result = bench.report(
+    str(tmp_path), gpus=4, nodes=2, redundant=4, zipf_layers=2, zipf_tokens=20_000
+  )
   assert result["example"]["phy2log"] == EXAMPLE_PHY2LOG
   row = result["rows"]["workdir"]
   assert (row["layers"], row["experts"], row["replicas"], row["groups"]) == (3, 16, 20, 4)

@@ -31,10 +31,14 @@ def _env():
   env = dict(os.environ, PYTHONIOENCODING="utf-8", JAX_PLATFORMS="cpu")
   # Identical programs compile once across the test process and its subprocesses.
   import jax
+
   cache = jax.config.jax_compilation_cache_dir
   if cache:
-    env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=cache,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
   return env
 
 
@@ -52,10 +56,24 @@ class _Server:
   """`python -m experiments.serve` on a free port; `rss()` reads its resident memory."""
 
   def __init__(self, workdir: str):
-    cmd = [sys.executable, "-m", "experiments.serve", f"--workdir={workdir}", "--port=0",
-           "--host=127.0.0.1", f"--slots={SLOTS}"]
-    self.proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, encoding="utf-8")
+    cmd = [
+      sys.executable,
+      "-m",
+      "experiments.serve",
+      f"--workdir={workdir}",
+      "--port=0",
+      "--host=127.0.0.1",
+      f"--slots={SLOTS}",
+    ]
+    self.proc = subprocess.Popen(
+      cmd,
+      cwd=ROOT,
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      encoding="utf-8",
+    )
     self.lines: queue.Queue = queue.Queue()
     self.log: list = []
     threading.Thread(target=self._pump, daemon=True).start()
@@ -101,10 +119,15 @@ class _Server:
 @pytest.fixture(scope="module")
 def decoded(export):
   """decode.py's greedy continuation of each prompt, started before the server."""
-  cmd = [sys.executable, "-m", "experiments.decode", f"--workdir={export}", "--temperature=0",
-         f"--max_new_tokens={NEW}"] + [f"--prompt={p}" for p in PROMPTS]
-  return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE)
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.decode",
+    f"--workdir={export}",
+    "--temperature=0",
+    f"--max_new_tokens={NEW}",
+  ] + [f"--prompt={p}" for p in PROMPTS]
+  return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +141,7 @@ def reference(decoded):
   texts = {}
   for prompt, sample in zip(PROMPTS, samples):
     assert sample.startswith(prompt) and sample.endswith("\n")
-    texts[prompt] = sample[len(prompt):-1]
+    texts[prompt] = sample[len(prompt) : -1]
   return texts
 
 
@@ -134,8 +157,7 @@ def server(export, decoded):
 def _post(server, body, raw=None):
   conn = http.client.HTTPConnection(server.host, server.port, timeout=600)
   data = raw if raw is not None else json.dumps(body).encode()
-  conn.request("POST", "/v1/completions", body=data,
-               headers={"Content-Type": "application/json"})
+  conn.request("POST", "/v1/completions", body=data, headers={"Content-Type": "application/json"})
   resp = conn.getresponse()
   payload = resp.read()
   conn.close()
@@ -151,8 +173,12 @@ def _complete(server, **body):
 def _stream(server, **body):
   """(chunks, saw [DONE]) of a streaming completion, read line by line as it arrives."""
   conn = http.client.HTTPConnection(server.host, server.port, timeout=600)
-  conn.request("POST", "/v1/completions", body=json.dumps(dict(body, stream=True)),
-               headers={"Content-Type": "application/json"})
+  conn.request(
+    "POST",
+    "/v1/completions",
+    body=json.dumps(dict(body, stream=True)),
+    headers={"Content-Type": "application/json"},
+  )
   resp = conn.getresponse()
   assert resp.status == 200, resp.read()
   assert resp.getheader("Content-Type") == "text/event-stream"
@@ -162,7 +188,7 @@ def _stream(server, **body):
     if not line:
       continue
     assert line.startswith("data: "), line
-    data = line[len("data: "):]
+    data = line[len("data: ") :]
     assert not done, "data after [DONE]"
     if data == "[DONE]":
       done = True
@@ -202,15 +228,19 @@ def test_stream_equals_decode_binary_concurrently(server, reference):
   results = {}
 
   def run(i, prompt):
-    results[i] = _stream(server, prompt=prompt, max_tokens=NEW, temperature=0,
-                         stream_options={"include_usage": True})
+    results[i] = _stream(
+      server, prompt=prompt, max_tokens=NEW, temperature=0, stream_options={"include_usage": True}
+    )
 
   # Each prompt twice at once (with sampled requests beside them): 9 requests, 8 slots.
   jobs = list(enumerate(PROMPTS * 2))
   threads = [threading.Thread(target=run, args=job) for job in jobs]
-  threads += [threading.Thread(target=_complete, args=(server,),
-                               kwargs=dict(prompt="x = ", max_tokens=30, temperature=1.0))
-              for _ in range(3)]
+  threads += [
+    threading.Thread(
+      target=_complete, args=(server,), kwargs=dict(prompt="x = ", max_tokens=30, temperature=1.0)
+    )
+    for _ in range(3)
+  ]
   for t in threads:
     t.start()
   for t in threads:
@@ -221,13 +251,16 @@ def test_stream_equals_decode_binary_concurrently(server, reference):
     *text_chunks, usage_chunk = chunks
     assert "".join(c["choices"][0]["text"] for c in text_chunks) == reference[prompt]
     assert [c["choices"][0]["finish_reason"] for c in text_chunks[:-1]] == [None] * (
-        len(text_chunks) - 1)
+      len(text_chunks) - 1
+    )
     assert text_chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] <= NEW
     assert len({c["id"] for c in chunks}) == 1
 
 
-@pytest.mark.parametrize("body, param, match", [
+@pytest.mark.parametrize(
+  "body, param, match",
+  [
     (dict(prompt=""), "prompt", "empty"),
     (dict(max_tokens=4), "prompt", "required"),
     (dict(prompt=5), "prompt", "must be a string"),
@@ -244,7 +277,8 @@ def test_stream_equals_decode_binary_concurrently(server, reference):
     (dict(prompt="a", stop=["\n"]), "stop", "not supported"),
     (dict(prompt="a", n=2), "n", "n must be 1"),
     (dict(prompt="a", model="gpt-9"), "model", "not served"),
-])
+  ],
+)
 def test_bad_request_400(server, body, param, match):
   resp, payload = _post(server, body)
   assert resp.status == 400, payload
@@ -265,9 +299,14 @@ def test_client_disconnect_frees_slot(server, reference):
   conns = []
   for _ in range(SLOTS):
     conn = http.client.HTTPConnection(server.host, server.port, timeout=600)
-    conn.request("POST", "/v1/completions", body=json.dumps(
-        dict(prompt="a", max_tokens=200, temperature=1.0, ignore_eos=True, stream=True)),
-        headers={"Content-Type": "application/json"})
+    conn.request(
+      "POST",
+      "/v1/completions",
+      body=json.dumps(
+        dict(prompt="a", max_tokens=200, temperature=1.0, ignore_eos=True, stream=True)
+      ),
+      headers={"Content-Type": "application/json"},
+    )
     conns.append((conn, conn.getresponse()))
   for conn, resp in conns:
     resp.fp.readline()
@@ -304,9 +343,14 @@ def test_soak_32_streaming_clients(server, reference):
       prompt = rng.choice(PROMPTS) if greedy else "q%d " % rng.randrange(1000)
       max_tokens = NEW if greedy else rng.randrange(4, 32)
       try:
-        chunks, done = _stream(server, prompt=prompt, max_tokens=max_tokens,
-                               temperature=0 if greedy else 1.0, ignore_eos=not greedy,
-                               stream_options={"include_usage": True})
+        chunks, done = _stream(
+          server,
+          prompt=prompt,
+          max_tokens=max_tokens,
+          temperature=0 if greedy else 1.0,
+          ignore_eos=not greedy,
+          stream_options={"include_usage": True},
+        )
       except Exception as e:  # noqa: BLE001
         with lock:
           problems.append(f"client {i}: {type(e).__name__}: {e}")
@@ -339,7 +383,10 @@ def test_soak_32_streaming_clients(server, reference):
   after = [m for t, m in rss if t >= warmup]
   early = max(after[:3])
   late = max(after[-3:])
-  print(f"soak: {counts['ok']} streams, {counts['bad']} bad requests refused in {duration:.0f} s; "
-        f"RSS {early / 2**20:.0f} MiB after warm-up, {late / 2**20:.0f} MiB at the end")
+  print(
+    f"soak: {counts['ok']} streams, {counts['bad']} bad requests refused in {duration:.0f} s; "
+    f"RSS {early / 2**20:.0f} MiB after warm-up, {late / 2**20:.0f} MiB at the end"
+  )
   assert late <= early * 1.05 + (32 << 20), (
-      f"RSS grew from {early / 2**20:.0f} MiB to {late / 2**20:.0f} MiB after warm-up")
+    f"RSS grew from {early / 2**20:.0f} MiB to {late / 2**20:.0f} MiB after warm-up"
+  )

@@ -64,18 +64,22 @@ def _jit(fn, model):
 
 
 # ----------------------------------------------------------------------------- the rule
-@pytest.mark.parametrize("p, q", [
+@pytest.mark.parametrize(
+  "p, q",
+  [
     ([0.5, 0.2, 0.1, 0.1, 0.05, 0.05], [0.1, 0.1, 0.1, 0.1, 0.1, 0.5]),
     ([0.0, 0.3, 0.0, 0.7, 0.0, 0.0], [0.4, 0.1, 0.2, 0.1, 0.1, 0.1]),  # q covers more than p
     ([0.2, 0.2, 0.2, 0.2, 0.1, 0.1], [0.0, 0.0, 0.9, 0.1, 0.0, 0.0]),  # q misses most of p
-])
+  ],
+)
 def test_accept_rule_emits_the_target_law(p, q):
   n = 200_000
   p_V, q_V = jnp.array(p), jnp.array(q)
   key_d, key_a = jax.random.split(jax.random.key(0))
   draft_N = jax.random.categorical(key_d, jnp.log(jnp.broadcast_to(q_V, (n, 6))), axis=-1)
-  token_N, accepted_N = speculative_accept(jnp.broadcast_to(p_V, (n, 6)),
-                                           jnp.broadcast_to(q_V, (n, 6)), draft_N, key_a)
+  token_N, accepted_N = speculative_accept(
+    jnp.broadcast_to(p_V, (n, 6)), jnp.broadcast_to(q_V, (n, 6)), draft_N, key_a
+  )
   freq = np.bincount(np.asarray(token_N), minlength=6) / n
   p_np = np.array(p)
   assert freq[p_np == 0].sum() == 0  # never a token the target excludes
@@ -96,26 +100,28 @@ def test_accept_rule_keeps_every_draft_when_q_equals_p():
 
 def test_accept_rule_checks_shapes():
   with pytest.raises(ValueError, match="must both be"):
-    speculative_accept(jnp.ones((2, 3)) / 3, jnp.ones((2, 4)) / 4, jnp.zeros((2,), jnp.int32),
-                       jax.random.key(0))
+    speculative_accept(
+      jnp.ones((2, 3)) / 3, jnp.ones((2, 4)) / 4, jnp.zeros((2,), jnp.int32), jax.random.key(0)
+    )
 
 
 # ----------------------------------------------------------------------------- greedy
 def test_mtp_hidden_is_the_mtp_module(model):
   """The decoder's MTP call composes the module exactly as `MTPModule.__call__` does."""
   from dsv3_jax.layers.mla import init_latent_cache
+
   b, l = 2, 6
 
   def both(m, tokens):
     out = m.forward(tokens[:, :l])
     pos = jnp.broadcast_to(jnp.arange(l), (b, l))
     ctx = m.context(pos)
-    _, want, _, _ = m.mtp[0](out.hidden_BxLxD, m.embed_tokens(tokens[:, 1:]), pos, ctx.cos,
-                             ctx.sin)
+    _, want, _, _ = m.mtp[0](out.hidden_BxLxD, m.embed_tokens(tokens[:, 1:]), pos, ctx.cos, ctx.sin)
     got, _ = speculative.mtp_hidden(m, out.hidden_BxLxD, tokens[:, 1:], pos, None)
     cache = init_latent_cache(m.cfg, b, 16, jnp.float32)
-    absorbed, _ = speculative.mtp_hidden(m, out.hidden_BxLxD, tokens[:, 1:], pos, cache,
-                                         absorb=True)
+    absorbed, _ = speculative.mtp_hidden(
+      m, out.hidden_BxLxD, tokens[:, 1:], pos, cache, absorb=True
+    )
     return want, got, absorbed
 
   tokens = jax.random.randint(jax.random.key(0), (b, l + 1), 0, model.cfg.vocab_size)
@@ -159,6 +165,7 @@ def test_eos_stops_like_plain(spec3, plain3):
 def test_hf_round_trip_greedy_equals_plain(spec3, tmp_path):
   """A random model exported in the HF layout and reloaded with its MTP layer."""
   from dsv3_jax import pretrained
+
   model = nnx.merge(spec3.graphdef, spec3.state)
   pretrained.save_pretrained(model, str(tmp_path), format="hf", dtype="float32")
   loaded = pretrained.from_pretrained(str(tmp_path), mtp=True)
@@ -179,6 +186,7 @@ def trained(tmp_path_factory):
   back from its workdir."""
   from dsv3_jax import pretrained
   from dsv3_jax.train.loop import train_and_evaluate
+
   workdir = str(tmp_path_factory.mktemp("trained"))
   cfg = dsv3.get_config("tiny")
   cfg.train.update(steps=3, eval_every=3, checkpoint_every=3)
@@ -277,11 +285,12 @@ def test_baseline_drafters():
 def test_teacher_forced_acceptance(model):
   tokens = jax.random.randint(jax.random.key(4), (3, 12), 0, 3)
   bigram = drafters.BigramDrafter.fit(np.asarray(tokens).ravel(), model.cfg.vocab_size)
-  res = drafters.teacher_forced_acceptance(model, tokens, bigram=bigram, vocab_limit=3,
-                                           batch_size=3)
+  res = drafters.teacher_forced_acceptance(
+    model, tokens, bigram=bigram, vocab_limit=3, batch_size=3
+  )
   assert res["positions"] == 3 * 10
-  assert set(res) == {"positions", "main_vs_text", "mtp", "mtp_untrained", "copy_last",
-                      "bigram"}
+  assert set(res) == {"positions", "main_vs_text", "mtp", "mtp_untrained", "copy_last", "bigram"}
+
   # `mtp` is exactly the model's own MTP head (`mtp_forward`), argmax over the allowed ids.
   def reference(m, tokens):
     logits, _, _ = m.mtp_forward(m.forward(tokens[:, :-1]).hidden_BxLxD, tokens)

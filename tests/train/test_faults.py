@@ -64,8 +64,9 @@ def test_resume_skips_a_corrupted_latest_step_and_removes_orphans(tmp_path, capl
 def test_skip_batches_gets_past_a_poisoned_batch(tmp_path, monkeypatch):
   cfg = config_lib.from_dict(_tiny())
   corpus = loop.load_corpus(cfg)
-  it = data_lib.make_train_iterator(corpus.train_tokens, cfg.train.seq_len,
-                                    cfg.train.global_batch, seed=cfg.train.seed)
+  it = data_lib.make_train_iterator(
+    corpus.train_tokens, cfg.train.seq_len, cfg.train.global_batch, seed=cfg.train.seed
+  )
   batches = [next(it)["tokens"] for _ in range(4)]
   seen = []
   to_global = loop._to_global
@@ -86,8 +87,7 @@ def test_skip_batches_gets_past_a_poisoned_batch(tmp_path, monkeypatch):
   assert "--config.train.skip_batches=3" in msg and "lr_scale" in msg
 
   seen.clear()
-  summary = train_and_evaluate(_tiny(checkpoint_every=1, skip_batches="3"), workdir,
-                               progress=False)
+  summary = train_and_evaluate(_tiny(checkpoint_every=1, skip_batches="3"), workdir, progress=False)
   assert summary["start_step"] == 2 and summary["steps"] == 4
   assert all(math.isfinite(h["loss"]) for h in summary["history"])
   assert not any(np.array_equal(s, batches[2]) for s in seen)

@@ -17,17 +17,28 @@ STEPS = 12
 
 
 def _command(workdir):
-  return [sys.executable, "-m", "experiments.train", "--config=configs/dsv3.py:tiny",
-          f"--workdir={workdir}", f"--config.train.steps={STEPS}",
-          "--config.train.checkpoint_every=1", "--config.train.log_every=1",
-          "--config.train.eval_every=100", "--config.train.keep_checkpoints=2"]
+  return [
+    sys.executable,
+    "-m",
+    "experiments.train",
+    "--config=configs/dsv3.py:tiny",
+    f"--workdir={workdir}",
+    f"--config.train.steps={STEPS}",
+    "--config.train.checkpoint_every=1",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=100",
+    "--config.train.keep_checkpoints=2",
+  ]
 
 
 def _env(cache_dir):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_COMPILATION_CACHE_DIR=cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    JAX_COMPILATION_CACHE_DIR=cache_dir,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
   return env
 
 
@@ -57,16 +68,18 @@ def _in_flight(directory, min_step):
 def test_sigkill_during_async_save_then_restart_matches_uninterrupted(tmp_path):
   env = _env(str(tmp_path / "jax_cache"))
   full = str(tmp_path / "full")
-  done = subprocess.run(_command(full), cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=900)
+  done = subprocess.run(
+    _command(full), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   want = _losses(full)
   assert sorted(want) == list(range(1, STEPS + 1))
 
   workdir = str(tmp_path / "killed")
   checkpoints = os.path.join(workdir, "checkpoints")
-  proc = subprocess.Popen(_command(workdir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    _command(workdir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   killed_during = None
   try:
     deadline = time.time() + 900
@@ -86,8 +99,9 @@ def test_sigkill_during_async_save_then_restart_matches_uninterrupted(tmp_path):
   orphans = _in_flight(checkpoints, min_step=0)
   print(f"killed while {killed_during} was being written; left behind: {orphans}")
 
-  again = subprocess.run(_command(workdir), cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
+  again = subprocess.run(
+    _command(workdir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+  )
   assert again.returncode == 0, again.stderr[-3000:]
   assert f'"steps": {STEPS}' in again.stdout
   if orphans:  # the save was still unfinished when the process died
@@ -95,5 +109,6 @@ def test_sigkill_during_async_save_then_restart_matches_uninterrupted(tmp_path):
   assert not _in_flight(checkpoints, min_step=0)
   got = _losses(workdir)
   assert sorted(got) == list(range(1, STEPS + 1))
-  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    [got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-5
+  )

@@ -59,22 +59,27 @@ def test_load_model_matches_trained_params(full_run):
   assert step == 4
   tokens = np.arange(16, dtype=np.int32)[None] % cfg.model.vocab_size
   from flax import nnx
-  trained = nnx.merge(summary["trainer"].graphdef, summary["state"].params,
-                      summary["state"].biases)
-  np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(trained(tokens)), rtol=1e-5,
-                             atol=1e-5)
+
+  trained = nnx.merge(summary["trainer"].graphdef, summary["state"].params, summary["state"].biases)
+  np.testing.assert_allclose(
+    np.asarray(model(tokens)), np.asarray(trained(tokens)), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_nan_stops_without_overwriting_checkpoint(tmp_path):
   workdir = str(tmp_path / "nan")
   # Warmup starts at lr 0, so step 1 is sound; a few steps later the weights overflow.
   with pytest.raises(FloatingPointError, match="loss is") as err:
-    train_and_evaluate(_tiny(learning_rate=1e38, warmup_steps=2, checkpoint_every=1, steps=6),
-                       workdir, progress=False)
+    train_and_evaluate(
+      _tiny(learning_rate=1e38, warmup_steps=2, checkpoint_every=1, steps=6),
+      workdir,
+      progress=False,
+    )
   bad_step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
   assert Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == bad_step - 1
   model, _, _ = load_model(workdir)
   from flax import nnx
+
   params = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert all(bool(jax.numpy.isfinite(p).all()) for p in params)
 

@@ -1,6 +1,7 @@
 """Tests for dsv3_jax.train.loss (cross-entropy) and dsv3_jax.train.balance (the
 aux-loss-free bias update and MaxVio), against NumPy formulas written here.
 """
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,6 @@ def _ref_max_violation(load):
 
 
 class CrossEntropyTest(parameterized.TestCase):
-
   def _batch(self, seed=0, b=3, l=5, v=11, offset=0.0):
     rng = np.random.default_rng(seed)
     logits = (rng.standard_normal((b, l, v)) * 3 + offset).astype(np.float32)
@@ -49,17 +49,24 @@ class CrossEntropyTest(parameterized.TestCase):
     # Masked positions do not matter, whatever their logits hold.
     scrambled = np.where(mask[..., None], logits, np.float32(1e3))
     np.testing.assert_allclose(
-        loss_lib.cross_entropy(jnp.asarray(scrambled), jnp.asarray(targets), jnp.asarray(mask)),
-        got, rtol=1e-6)
+      loss_lib.cross_entropy(jnp.asarray(scrambled), jnp.asarray(targets), jnp.asarray(mask)),
+      got,
+      rtol=1e-6,
+    )
     # An all-true mask is the plain mean.
     np.testing.assert_allclose(
-        loss_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
-                               jnp.ones(targets.shape, bool)), nll.mean(), rtol=1e-5)
+      loss_lib.cross_entropy(
+        jnp.asarray(logits), jnp.asarray(targets), jnp.ones(targets.shape, bool)
+      ),
+      nll.mean(),
+      rtol=1e-5,
+    )
 
   def test_empty_mask_is_zero(self):
     logits, targets = self._batch(seed=3)
-    got = loss_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
-                                 jnp.zeros(targets.shape, bool))
+    got = loss_lib.cross_entropy(
+      jnp.asarray(logits), jnp.asarray(targets), jnp.zeros(targets.shape, bool)
+    )
     self.assertEqual(float(got), 0.0)
 
   def test_bfloat16_logits_computed_in_float32(self):
@@ -67,8 +74,7 @@ class CrossEntropyTest(parameterized.TestCase):
     lb = jnp.asarray(logits, jnp.bfloat16)
     got = loss_lib.cross_entropy(lb, jnp.asarray(targets))
     self.assertEqual(got.dtype, jnp.float32)
-    np.testing.assert_allclose(got, _ref_nll(np.asarray(lb, np.float32), targets).mean(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(got, _ref_nll(np.asarray(lb, np.float32), targets).mean(), rtol=1e-5)
 
   def test_gradient_is_softmax_minus_onehot(self):
     logits, targets = self._batch(seed=5, b=2, l=3, v=7)
@@ -80,7 +86,6 @@ class CrossEntropyTest(parameterized.TestCase):
 
 
 class BiasUpdateTest(parameterized.TestCase):
-
   def test_sign_of_the_update(self):
     load = jnp.array([4.0, 1.0, 2.0, 1.0], jnp.float32)  # mean 2
     bias = jnp.array([0.5, 0.0, -0.25, 1.0], jnp.float32)
@@ -100,8 +105,9 @@ class BiasUpdateTest(parameterized.TestCase):
     want = bias + gamma * np.sign(mean - load)
     np.testing.assert_allclose(new, want, atol=1e-7)
     np.testing.assert_array_equal(new[1], bias[1])
-    np.testing.assert_array_equal(np.asarray(balance.bias_update(jnp.asarray(bias),
-                                                                 jnp.asarray(load), 0.0)), bias)
+    np.testing.assert_array_equal(
+      np.asarray(balance.bias_update(jnp.asarray(bias), jnp.asarray(load), 0.0)), bias
+    )
 
   def test_update_moves_towards_balance(self):
     # Repeated updates on a fixed preference push the biased choice towards uniform load.
@@ -122,7 +128,6 @@ class BiasUpdateTest(parameterized.TestCase):
 
 
 class MaxViolationTest(parameterized.TestCase):
-
   @parameterized.named_parameters(("vector", (16,)), ("per_layer", (4, 16)))
   def test_matches_numpy(self, shape):
     load = np.random.default_rng(0).integers(1, 50, size=shape).astype(np.float32)

@@ -28,18 +28,39 @@ def test_decay_mask_of_the_tiny_model():
   mask = opt_lib._decay_mask(params)
   kept = _names(mask, False)
   assert kept == {
-      "norm/scale", "dense/attn_norm/scale", "dense/ffn_norm/scale", "dense/attn/q_norm/scale",
-      "dense/attn/kv_norm/scale", "moe/attn_norm/scale", "moe/ffn_norm/scale",
-      "moe/attn/q_norm/scale", "moe/attn/kv_norm/scale", "mtp/0/enorm/scale",
-      "mtp/0/hnorm/scale", "mtp/0/norm/scale", "mtp/0/block/attn_norm/scale",
-      "mtp/0/block/ffn_norm/scale", "mtp/0/block/attn/q_norm/scale",
-      "mtp/0/block/attn/kv_norm/scale"}
+    "norm/scale",
+    "dense/attn_norm/scale",
+    "dense/ffn_norm/scale",
+    "dense/attn/q_norm/scale",
+    "dense/attn/kv_norm/scale",
+    "moe/attn_norm/scale",
+    "moe/ffn_norm/scale",
+    "moe/attn/q_norm/scale",
+    "moe/attn/kv_norm/scale",
+    "mtp/0/enorm/scale",
+    "mtp/0/hnorm/scale",
+    "mtp/0/norm/scale",
+    "mtp/0/block/attn_norm/scale",
+    "mtp/0/block/ffn_norm/scale",
+    "mtp/0/block/attn/q_norm/scale",
+    "mtp/0/block/attn/kv_norm/scale",
+  }
   # The stacked layers' scales are [n_layers, D] (rank 2), and still not decayed.
   assert params["moe"]["attn_norm"]["scale"].shape == (2, cfg.model.hidden_size)
   decayed = _names(mask, True)
-  for name in ("embed", "head/kernel", "dense/attn/wq_a/kernel", "dense/ffn/w1/kernel",
-               "moe/ffn/gate", "moe/ffn/w1", "moe/ffn/w2", "moe/ffn/w3",
-               "moe/ffn/shared/w2/kernel", "mtp/0/eh_proj/kernel", "mtp/0/block/ffn/w3"):
+  for name in (
+    "embed",
+    "head/kernel",
+    "dense/attn/wq_a/kernel",
+    "dense/ffn/w1/kernel",
+    "moe/ffn/gate",
+    "moe/ffn/w1",
+    "moe/ffn/w2",
+    "moe/ffn/w3",
+    "moe/ffn/shared/w2/kernel",
+    "mtp/0/eh_proj/kernel",
+    "mtp/0/block/ffn/w3",
+  ):
     assert name in decayed
   assert all(n.endswith(("kernel", "embed", "gate", "w1", "w2", "w3")) for n in decayed)
 
@@ -59,5 +80,8 @@ def test_lr_scale_multiplies_the_schedule():
   base = config_lib.TrainConfig(learning_rate=1e-3, warmup_steps=2, steps=10)
   scaled = config_lib.TrainConfig(learning_rate=1e-3, warmup_steps=2, steps=10, lr_scale=0.25)
   for step in (1, 2, 5, 10):
-    np.testing.assert_allclose(opt_lib.learning_rate_schedule(scaled)(step),
-                               0.25 * opt_lib.learning_rate_schedule(base)(step), rtol=1e-6)
+    np.testing.assert_allclose(
+      opt_lib.learning_rate_schedule(scaled)(step),
+      0.25 * opt_lib.learning_rate_schedule(base)(step),
+      rtol=1e-6,
+    )
