@@ -6,6 +6,7 @@ The `experiments/` binaries parse flags and call one function here; notebooks an
 import these modules too. Nothing in `dsv3_jax/` imports this package.
 
   fp8_parity         FP8-vs-BF16 training from one init on one data order (§3.3, Appendix B.1)
+  fp8_gemm           the FP8 GEMM vs BF16 / FP32: time, error, compiled memory (§3.3)
   pipeline_timeline  pipeline bubbles, simulated and measured with per-tick timestamps (§3.2.1)
   moe_ep             expert-parallel MoE: node-limited routing's traffic, buffers, time (§2.1.2)
   train_step         the train step's throughput against HF transformers

@@ -3,6 +3,7 @@
 The grouped-GEMM references below are NumPy + ml_dtypes, written independently of
 `dsv3_jax.quant`. Slow tests (real training runs) are marked `slow`.
 """
+
 import collections
 import functools
 
@@ -49,9 +50,10 @@ def _np_dequant_last(q, s, c):
   return (q.astype(np.float32).reshape(r, cp // 128, 128) * s[..., None]).reshape(r, cp)[:, :c]
 
 
-def _np_grouped_wgrad(x, g, block_expert, n_used, n_experts):
+def _np_grouped_wgrad(x, g, block_expert, n_used, n_experts, operand_dtype=np.float32):
   """wgrad of the grouped FP8 GEMM: x cached as FP8 (1x128 along K), then x and g re-tiled
-  128x1 along the rows of the sorted buffer; one scaled partial per (block, tile)."""
+  128x1 along the rows of the sorted buffer; each (block, tile) dequantized as the GEMM
+  operand (q * s in float32, cast to `operand_dtype`) and multiplied exactly (float64)."""
   nb, s, k = x.shape
   f = g.shape[2]
   used = np.arange(nb) < n_used
@@ -65,8 +67,9 @@ def _np_grouped_wgrad(x, g, block_expert, n_used, n_experts):
   for b in range(int(n_used)):
     for r0 in range(b * s, (b + 1) * s, step):
       sl, t = slice(r0, r0 + step), r0 // 128
-      part = xtq[:, sl].astype(np.float64) @ gtq[:, sl].astype(np.float64).T
-      dw[block_expert[b]] += part * xts[:, t][:, None] * gts[:, t][None, :]
+      xd_t = (xtq[:, sl].astype(np.float32) * xts[:, t][:, None]).astype(operand_dtype)
+      gd_t = (gtq[:, sl].astype(np.float32) * gts[:, t][:, None]).astype(operand_dtype)
+      dw[block_expert[b]] += xd_t.astype(np.float64) @ gd_t.astype(np.float64).T
   return dw
 
 
@@ -85,12 +88,17 @@ def _grouped_problem(seed, nb=6, s=32, k=96, f=200, e=3, n_used=5):
   return x, w, g, block_expert, np.int32(n_used)
 
 
-def _grouped_vjp(x, w, g, block_expert, n_used, pow2=False):
+def _grouped_vjp(x, w, g, block_expert, n_used, pow2=False, operand_dtype=jnp.bfloat16):
   block_expert, n_used = jnp.asarray(block_expert), jnp.asarray(n_used)
 
   def f(x, w, g):
-    y, vjp = jax.vjp(lambda a, b: fp8_grouped.grouped_matmul_fp8(a, b, block_expert, n_used,
-                                                                 pow2), x, w)
+    y, vjp = jax.vjp(
+      lambda a, b: fp8_grouped.grouped_matmul_fp8(
+        a, b, block_expert, n_used, pow2, operand_dtype=operand_dtype
+      ),
+      x,
+      w,
+    )
     return (y, *vjp(g.astype(y.dtype)))
 
   return jax.jit(f)(x, w, g)
@@ -100,7 +108,6 @@ def _grouped_vjp(x, w, g, block_expert, n_used, pow2=False):
 
 
 class GroupedFp8Test(parameterized.TestCase):
-
   @parameterized.parameters(16, 256)
   def test_forward_and_dgrad_equal_per_block_fp8_matmul(self, s):
     x, w, g, be, nu = _grouped_problem(1, nb=4, s=s, n_used=3)
@@ -120,12 +127,16 @@ class GroupedFp8Test(parameterized.TestCase):
         self.assertEqual(float(jnp.abs(y[b]).max()), 0.0)
         self.assertEqual(float(jnp.abs(dx[b]).max()), 0.0)
 
-  @parameterized.parameters(16, 32, 128, 256)
-  def test_wgrad_matches_numpy_reference(self, s):
+  @parameterized.product(s=[16, 32, 128, 256], operand=["bfloat16", "float32"])
+  def test_wgrad_matches_numpy_reference(self, s, operand):
+    # The reference rounds each dequantized operand as the GEMM does (bf16: q * s rounded
+    # to f32 then bf16, exact for power-of-two scales only; f32: one f32 rounding) and sums
+    # exactly, so the tolerance only has to cover the FP32 accumulation order.
     nb = 6 if s <= 128 else 3
     x, w, g, be, nu = _grouped_problem(2, nb=nb, s=s, n_used=nb - 1)
-    _, _, dw = _grouped_vjp(x, w, g, be, nu)
-    ref = _np_grouped_wgrad(x, g, be, nu, w.shape[0])
+    _, _, dw = _grouped_vjp(x, w, g, be, nu, operand_dtype=jnp.dtype(operand))
+    np_operand = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[operand]
+    ref = _np_grouped_wgrad(x, g, be, nu, w.shape[0], np_operand)
     self.assertEqual(dw.dtype, jnp.float32)
     np.testing.assert_allclose(np.asarray(dw), ref, rtol=2e-5, atol=1e-5 * np.abs(ref).max())
 
@@ -145,7 +156,9 @@ class GroupedFp8Test(parameterized.TestCase):
     self.assertEqual((y8.dtype, dx8.dtype, dw8.dtype), (jnp.bfloat16, jnp.bfloat16, jnp.float32))
     x32 = xb.astype(jnp.float32)
     be, nu = jnp.asarray(be), jnp.asarray(nu)
-    y, vjp = jax.vjp(lambda a, b: experts_lib.grouped_matmul(a, b, be, nu, "fp32"), x32, jnp.asarray(w))
+    y, vjp = jax.vjp(
+      lambda a, b: experts_lib.grouped_matmul(a, b, be, nu, "fp32"), x32, jnp.asarray(w)
+    )
     dx, dw = vjp(jnp.asarray(g, jnp.bfloat16).astype(jnp.float32))
     # e4m3 has 3 mantissa bits: ~4% relative error per GEMM on Gaussian data.
     self.assertLess(_rel_fro(y8, y), 0.05)
@@ -169,8 +182,9 @@ class GroupedFp8Test(parameterized.TestCase):
     self.assertIn(("float8_e4m3fn", (4, 16, 256)), shapes)  # the cached activation
     self.assertIn(("float8_e4m3fn", (3, 256, 128)), shapes)  # the experts' weight blocks
     self.assertNotIn(x.shape, [l.shape for l in floats])  # x itself is not kept
-    self.assertEqual(sum(l.size for l in floats if l.dtype == jnp.float32),
-                     4 * 16 * 2 + 3 * 2 * 1)  # only the scales are float32
+    self.assertEqual(
+      sum(l.size for l in floats if l.dtype == jnp.float32), 4 * 16 * 2 + 3 * 2 * 1
+    )  # only the scales are float32
 
   @parameterized.parameters(False, True)
   def test_outliers_finite(self, pow2):
@@ -187,16 +201,18 @@ class GroupedFp8Test(parameterized.TestCase):
     w1, w3 = (jnp.asarray(r.standard_normal((e, d, f)) * 0.1, jnp.float32) for _ in range(2))
     w2 = jnp.asarray(r.standard_normal((e, f, d)) * 0.1, jnp.float32)
     routing = routing_lib.route(x, gate, jnp.zeros((e,), jnp.float32), cfg)
-    y8 = jax.jit(lambda x: experts_lib.routed_ffn(x, routing, w1, w3, w2, cfg.expert_block_size,
-                                           "fp8"))(x)
+    y8 = jax.jit(
+      lambda x: experts_lib.routed_ffn(x, routing, w1, w3, w2, cfg.expert_block_size, "fp8")
+    )(x)
     ref = experts_lib.dense_reference(x, routing, w1, w3, w2)
     self.assertLess(_rel_fro(y8, ref), 0.08)
 
   @parameterized.parameters(48, 96, 200)
   def test_block_size_must_nest_with_128(self, s):
     with self.assertRaisesRegex(ValueError, "expert_block_size"):
-      fp8_grouped.grouped_matmul_fp8(jnp.zeros((2, s, 8)), jnp.zeros((1, 8, 8)),
-                                     jnp.zeros((2,), jnp.int32), 1)
+      fp8_grouped.grouped_matmul_fp8(
+        jnp.zeros((2, s, 8)), jnp.zeros((1, 8, 8)), jnp.zeros((2,), jnp.int32), 1
+      )
 
 
 # ---------------------------------------------------------------- the model-wide switch
@@ -236,7 +252,7 @@ def _trace_model(cfg, record=None):
   def f(state, tokens):
     m = nnx.merge(graphdef, state)
     out = m.forward(tokens)
-    padded = jnp.concatenate([tokens, tokens[:, :cfg.model.num_nextn_predict_layers]], axis=1)
+    padded = jnp.concatenate([tokens, tokens[:, : cfg.model.num_nextn_predict_layers]], axis=1)
     return out.logits_BxLxV, m.mtp_forward(out.hidden_BxLxD, padded)[0]
 
   tokens = jnp.zeros((2, 16), jnp.int32)
@@ -273,17 +289,26 @@ def _expected_fp8_calls(model):
 
 
 def _f8_casts(eqns):
-  return sum(e.primitive.name == "convert_element_type"
-             and e.params["new_dtype"] == jnp.float8_e4m3fn for e in eqns)
+  return sum(
+    e.primitive.name == "convert_element_type" and e.params["new_dtype"] == jnp.float8_e4m3fn
+    for e in eqns
+  )
+
+
+def _f8_dequants(eqns):
+  return sum(
+    e.primitive.name == "convert_element_type" and e.invars[0].aval.dtype == jnp.float8_e4m3fn
+    for e in eqns
+  )
 
 
 def _dots(eqns):
-  return collections.Counter(tuple(str(v.aval.dtype) for v in e.invars)
-                             for e in eqns if e.primitive.name == "dot_general")
+  return collections.Counter(
+    tuple(str(v.aval.dtype) for v in e.invars) for e in eqns if e.primitive.name == "dot_general"
+  )
 
 
 class PrecisionSwitchTest(absltest.TestCase):
-
   def test_every_projection_and_nothing_else_runs_in_fp8(self):
     record = []
     jaxpr8, model = _trace_model(_tiny("fp8"), record)
@@ -298,8 +323,13 @@ class PrecisionSwitchTest(absltest.TestCase):
     # nothing else (embedding, head, router, norms, attention core) is ever cast.
     self.assertEqual(_f8_casts(eqns8), 2 * n_calls)
     self.assertEqual(_f8_casts(eqns32), 0)
+    # ... and dequantizes exactly those two operands for its one GEMM (fp8.fp8_dot: bf16
+    # operands, FP32 accumulation); no FP8 value reaches a dot directly.
+    self.assertEqual(_f8_dequants(eqns8), 2 * n_calls)
     dots8, dots32 = _dots(eqns8), _dots(eqns32)
-    self.assertEqual(dots8[("float8_e4m3fn", "float8_e4m3fn")], n_calls)
+    self.assertEqual(dots8[("bfloat16", "bfloat16")], n_calls)
+    self.assertEqual(dots32[("bfloat16", "bfloat16")], 0)
+    self.assertEqual(dots8[("float8_e4m3fn", "float8_e4m3fn")], 0)
     # The high-precision dots of the fp8 model are exactly the fp32 model's non-projection
     # dots: output head (main + MTP), router gates, the three attention-core einsums per MLA.
     self.assertEqual(dots8[("float32", "float32")], dots32[("float32", "float32")] - n_calls)
@@ -316,7 +346,6 @@ class PrecisionSwitchTest(absltest.TestCase):
 
 @pytest.mark.slow  # two whole-model gradient compilations (~40 s of CPU)
 class WholeModelGradTest(absltest.TestCase):
-
   def test_fp8_grads_within_bound_of_fp32(self):
     tokens = jnp.asarray(np.random.default_rng(9).integers(0, 259, (2, 17)), jnp.int32)
     results = {}
@@ -349,14 +378,16 @@ class WholeModelGradTest(absltest.TestCase):
 
 
 class ParityMathTest(absltest.TestCase):
-
   def test_relative_loss_error_uses_the_tail(self):
     ref = [10.0] * 90 + [2.0] * 10
     other = [1.0] * 90 + [2.01] * 10
     self.assertAlmostEqual(parity.relative_loss_error(ref, other), 0.005, places=12)
     self.assertAlmostEqual(parity.mean_stepwise_error(ref, other), 0.005, places=12)
-    self.assertAlmostEqual(parity.relative_loss_error(ref, other, tail=1.0),
-                           abs(np.mean(other) - np.mean(ref)) / np.mean(ref), places=12)
+    self.assertAlmostEqual(
+      parity.relative_loss_error(ref, other, tail=1.0),
+      abs(np.mean(other) - np.mean(ref)) / np.mean(ref),
+      places=12,
+    )
     with self.assertRaises(ValueError):
       parity.relative_loss_error(ref, other[:-1])
     with self.assertRaises(ValueError):
@@ -431,8 +462,7 @@ def test_tiny_model_trains_in_fp8_exports_and_decodes(tmp_path):
   # decoded sequence must reproduce every cached step (1x128 tiles are per token, so FP8
   # quantizes each token the same way in both).
   full_x = logits_fn(params_x, seq)
-  np.testing.assert_allclose(steps, np.asarray(full_x[0, n_prompt - 1:-1]), rtol=1e-3,
-                             atol=1e-3)
+  np.testing.assert_allclose(steps, np.asarray(full_x[0, n_prompt - 1 : -1]), rtol=1e-3, atol=1e-3)
   # Absorbed MLA (the default at decode) folds W_UK / W_UV into high-precision einsums instead
   # of FP8 GEMMs: equal up to FP8 rounding of the latent-side projection.
   absorbed = greedy(params_x, prompt, n_new, absorb=True, forced=tokens)
