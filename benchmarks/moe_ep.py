@@ -121,11 +121,14 @@ def v3_dispatch_buffers(
   from dsv3_jax import config as config_lib
   from dsv3_jax.layers.routing import route
   from dsv3_jax.parallel import expert
+  from dsv3_jax.parallel.planner import abstract_mesh
 
   base = config_lib.from_dict({"model": dsv3.get_config("671b").model.to_dict()}).model
   cfg = config_lib.replace(config_lib.Config(model=base), model={"topk_group": limit}).model
   e, k, d = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
-  setting = expert.ExpertParallel(_SizedMesh(ep), dispatch_factor=dispatch_factor)
+  setting = expert.ExpertParallel(
+    abstract_mesh({"data": 1, "expert": ep, "pipe": 1}), dispatch_factor=dispatch_factor
+  )
   sizes = expert.buffer_bytes(tokens_per_device, cfg, setting, itemsize=1)  # FP8 dispatch
   route_fn = jax.jit(
     lambda lg: (
@@ -159,13 +162,6 @@ def v3_dispatch_buffers(
     "fallback_rate": fallbacks / layers,
     "dropped_copies": 0,
   }
-
-
-class _SizedMesh:
-  """Just the axis sizes of a mesh, for buffer arithmetic at a size no machine here has."""
-
-  def __init__(self, ep: int):
-    self.shape = {"data": 1, "expert": ep, "pipe": 1}
 
 
 def layer_benchmark(

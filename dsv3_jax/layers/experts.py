@@ -89,7 +89,7 @@ def capacity(rows: int, n_experts: int, factor: float = CAPACITY_FACTOR) -> int:
   return c if c <= 8 else -(-c // 8) * 8
 
 
-def _bucket_rows(x_RxD, expert_R, w1, w3, w2, precision, factor, expected_rows):
+def _bucket_rows(x_RxD, expert_R, w1, w3, w2, block, precision, factor, expected_rows):
   e = w1.shape[0]
   r, d = x_RxD.shape
   c = min(capacity(expected_rows, e, factor), r)
@@ -109,7 +109,7 @@ def _bucket_rows(x_RxD, expert_R, w1, w3, w2, precision, factor, expected_rows):
   overflow_R = jnp.zeros((r,), bool).at[order_R].set((pos >= c) & (sorted_e < e))
 
   def overflow():
-    return _block_rows(x_RxD, jnp.where(overflow_R, expert_R, e), w1, w3, w2, 64, precision)
+    return _block_rows(x_RxD, jnp.where(overflow_R, expert_R, e), w1, w3, w2, block, precision)
 
   extra = jax.lax.cond(jnp.any(overflow_R), overflow, lambda: jnp.zeros_like(y_RxD))
   return y_RxD + extra
@@ -295,6 +295,7 @@ def expert_rows(
     w1_ExDxF,
     w3_ExDxF,
     w2_ExFxD,
+    block,
     precision,
     capacity_factor,
     r if expected_rows is None else expected_rows,
