@@ -561,12 +561,14 @@ def traced_activations(cfg: Config, mesh, state: _State, layout: Layout) -> dict
       return jnp.zeros(())
 
   jax.eval_shape(jax.shard_map(body, mesh=mesh, in_specs=(), out_specs=P(), check_vma=False))
+  working = dispatch_working_set(cfg, plan, layout.tokens_per_mb)
   if layout.schedule is None:
     per_mb = cell["bytes"]
     return {
       "per_microbatch_stage": per_mb,
       "in_flight": 1,
-      "activations": per_mb,
+      "dispatch_working_set": working,
+      "activations": per_mb + working,
       "largest_residuals": cell["largest"],
     }
   # The executor's buffers: entries sized by its free-list over the schedule, plus an
@@ -587,9 +589,38 @@ def traced_activations(cfg: Config, mesh, state: _State, layout: Layout) -> dict
     "buffer_entries": dict(sizes_),
     "buffers": buffers,
     "in_flight": sizes_["r1"],
-    "activations": sum(buffers.values()),
+    "dispatch_working_set": working,
+    "activations": sum(buffers.values()) + working,
     "largest_residuals": cell["largest"],
   }
+
+
+def dispatch_working_set(cfg: Config, plan, n_local_tokens: int) -> int:
+  """Bytes of one MoE layer's expert-parallel working set, live while that layer runs.
+
+  The bounded dropless dispatch (`parallel/expert.flat_dispatch`) keeps no per-layer buffers
+  between the forward and the backward (its rounds are recomputed), but while a layer runs it
+  holds one round's buffers -- the sent copies, the received copies, the expert outputs and the
+  returned outputs, `R x fast_slots x D` each -- and the expert kernel's capacity buckets for
+  the received rows (`layers/experts.py`: inputs [E_local, C, D], the fused w1|w3 output
+  [E_local, C, 2F] and the SwiGLU [E_local, C, F]). One layer at a time: counted once.
+  Zero without expert parallelism (the single-device kernel's buckets are residuals there).
+  """
+  from dsv3_jax.layers import experts as experts_lib
+  from dsv3_jax.parallel import expert as expert_lib
+
+  ep = plan.expert_parallel
+  m = cfg.model
+  if ep is None or m.n_moe_layers == 0:
+    return 0
+  itemsize = jnp.dtype(m.dtype).itemsize
+  rows = ep.size * expert_lib.fast_slots_per_rank(n_local_tokens, m, ep)
+  local_experts = m.n_routed_experts // ep.size
+  c = experts_lib.capacity(rows, local_experts)
+  f = m.moe_intermediate_size
+  buffers = 4 * rows * m.hidden_size
+  buckets = local_experts * c * (m.hidden_size + 3 * f)
+  return (buffers + buckets) * itemsize
 
 
 def recipe_layer_bytes(cfg: Config, n: int) -> dict:
