@@ -13,7 +13,7 @@ logits / T, optionally restricted to the top-k and to the top-p nucleus, sampled
 
 import dataclasses
 import time
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -88,11 +88,16 @@ def _bucket(n: int, multiple: int = 16) -> int:
 class Generator:
   """Holds the split model and caches compiled prefill/decode functions per shape."""
 
-  def __init__(self, model, cache_dtype=jnp.bfloat16, vocab_limit: Optional[int] = None):
+  def __init__(
+    self, model, cache_dtype=jnp.bfloat16, vocab_limit: Optional[int] = None, routed=None
+  ):
     """`vocab_limit`: only ids below it are ever generated (the tokenizer's real vocabulary
-    when the model's embedding table is padded beyond it)."""
+    when the model's embedding table is padded beyond it). `routed`: the MoE layers'
+    routed-expert function (a sharding plan's `routed` for expert parallelism; None = every
+    expert on one device)."""
     self.cfg = model.cfg
     self.vocab_limit = vocab_limit
+    self.routed = routed
     self.graphdef, self.state = nnx.split(model)
     self.cache_dtype = jnp.dtype(cache_dtype)
     # Only what shapes the program is static (filters, length); seed and EOS are traced, so a
@@ -112,7 +117,7 @@ class Generator:
 
   def _prefill_fn(self, state, tokens_BxL, lengths_B, cache, key, filters):
     model = nnx.merge(self.graphdef, state)
-    out = model.forward(tokens_BxL, cache=cache, absorb=False)
+    out = model.forward(tokens_BxL, cache=cache, absorb=False, routed=self.routed)
     last_BxV = jnp.take_along_axis(out.logits_BxLxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     first = sample(self._limit(last_BxV), key, *filters)
     return first, out.cache
@@ -132,7 +137,9 @@ class Generator:
       i, cache, out, pos, done, key = carry
       key, sub = jax.random.split(key)
       prev = out[:, i - 1]
-      res = model.forward(prev[:, None], positions_BxL=pos[:, None], cache=cache, absorb=True)
+      res = model.forward(
+        prev[:, None], positions_BxL=pos[:, None], cache=cache, absorb=True, routed=self.routed
+      )
       nxt = sample(self._limit(res.logits_BxLxV[:, 0]), sub, *filters)
       nxt = jnp.where(done, jnp.maximum(eos, 0), nxt)
       return (i + 1, res.cache, out.at[:, i].set(nxt), pos + 1, done | (nxt == eos), key)
@@ -158,49 +165,92 @@ class Generator:
           f"exceeds the model's context of {self.cfg.max_position_embeddings}"
         )
 
-  def generate(
-    self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig()
-  ) -> Generation:
+  def prepare(
+    self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, batch_multiple: int = 1
+  ) -> "Prepared":
+    """Validated, right-padded prompts and the run's keys and filters. `batch_multiple`: the
+    batch is padded (with copies of the first prompt, dropped afterwards) to a multiple of it,
+    e.g. the batch shards of an expert-parallel mesh."""
     sampling.validate()
     self.validate_prompts(prompts, sampling.max_new_tokens)
-    lengths = np.array([len(p) for p in prompts], np.int32)
+    n = len(prompts)
+    rows = list(prompts) + [prompts[0]] * (-n % batch_multiple)
+    lengths = np.array([len(p) for p in rows], np.int32)
     width = min(_bucket(int(lengths.max())), self.cfg.max_position_embeddings)
-    tokens = np.zeros((len(prompts), width), np.int32)
-    for i, p in enumerate(prompts):
+    tokens = np.zeros((len(rows), width), np.int32)
+    for i, p in enumerate(rows):
       tokens[i, : len(p)] = p
     total = min(_bucket(width + sampling.max_new_tokens), self.cfg.max_position_embeddings)
-    model = nnx.merge(self.graphdef, self.state)
-    cache = model.init_cache(len(prompts), total, self.cache_dtype)
     key_prefill, key_decode = jax.random.split(jax.random.key(sampling.seed))
     filters = (sampling.temperature, sampling.top_k, sampling.top_p)
-    t0 = time.perf_counter()
-    first, cache = self._prefill(
-      self.state, jnp.asarray(tokens), jnp.asarray(lengths), cache, key_prefill, filters=filters
+    return Prepared(tokens, lengths, total, key_prefill, key_decode, filters, n, sampling)
+
+  def prefill(self, prep: "Prepared", cache):
+    """(first new token per row, the filled latent cache)."""
+    return self._prefill(
+      self.state,
+      jnp.asarray(prep.tokens),
+      jnp.asarray(prep.lengths),
+      cache,
+      prep.key_prefill,
+      filters=prep.filters,
     )
-    first.block_until_ready()
-    t1 = time.perf_counter()
-    out, steps = self._decode(
+
+  def decode(self, prep: "Prepared", cache, first):
+    """(generated ids [rows, max_new_tokens], the number of steps taken)."""
+    eos = prep.sampling.eos_id
+    return self._decode(
       self.state,
       cache,
       first,
-      jnp.asarray(lengths),
-      key_decode,
-      jnp.int32(-1 if sampling.eos_id is None else sampling.eos_id),
-      filters=filters,
-      max_new_tokens=sampling.max_new_tokens,
+      jnp.asarray(prep.lengths),
+      prep.key_decode,
+      jnp.int32(-1 if eos is None else eos),
+      filters=prep.filters,
+      max_new_tokens=prep.sampling.max_new_tokens,
     )
-    out = np.asarray(out)
-    t2 = time.perf_counter()
+
+  @staticmethod
+  def collect(prep: "Prepared", out, steps) -> tuple[list, list]:
+    """Per prompt: the generated ids up to EOS (excluded), and whether EOS came."""
+    eos_id = prep.sampling.eos_id
     seqs, finished = [], []
-    for row in out[:, : int(steps)]:
+    for row in np.asarray(out)[: prep.n, : int(steps)]:
       row = row.tolist()
-      if sampling.eos_id is not None and sampling.eos_id in row:
-        seqs.append(row[: row.index(sampling.eos_id)])
+      if eos_id is not None and eos_id in row:
+        seqs.append(row[: row.index(eos_id)])
         finished.append(True)
       else:
         seqs.append(row)
         finished.append(False)
+    return seqs, finished
+
+  def generate(
+    self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig()
+  ) -> Generation:
+    prep = self.prepare(prompts, sampling)
+    model = nnx.merge(self.graphdef, self.state)
+    cache = model.init_cache(len(prep.tokens), prep.total, self.cache_dtype)
+    t0 = time.perf_counter()
+    first, cache = self.prefill(prep, cache)
+    first.block_until_ready()
+    t1 = time.perf_counter()
+    out, steps = self.decode(prep, cache, first)
+    out = np.asarray(out)
+    t2 = time.perf_counter()
+    seqs, finished = self.collect(prep, out, steps)
     return Generation(seqs, finished, t1 - t0, t2 - t1, int(steps) * len(prompts))
+
+
+class Prepared(NamedTuple):
+  tokens: np.ndarray  # int32 [rows, width], right-padded prompts
+  lengths: np.ndarray  # int32 [rows]
+  total: int  # cache positions: the padded width plus max_new_tokens, rounded up
+  key_prefill: jax.Array
+  key_decode: jax.Array
+  filters: tuple  # (temperature, top_k, top_p)
+  n: int  # the caller's prompts (rows beyond are padding)
+  sampling: SamplingConfig
 
 
 def generate_text(
