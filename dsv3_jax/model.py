@@ -51,6 +51,27 @@ class Context(NamedTuple):
   sin: jax.Array
   absorb: Optional[bool] = None  # absorbed MLA (decode) vs naive; None = by cache presence
   routed: Optional[RoutedExperts] = None  # where routed experts run; None = this device
+  # Two-micro-batch overlap (arXiv 2412.19437 §3.4): 2 = every block runs the two halves of
+  # the batch separately, so one half's attention and MLP do not wait for the other half's
+  # expert dispatch/combine. `batch_shards`: how many shards the batch is split over (the
+  # halves are taken inside each shard's rows, so no row changes device).
+  microbatches: int = 1
+  batch_shards: int = 1
+
+
+def _halves(t, shards: int):
+  """[B, ...] -> two [B/2, ...]: in each of `shards` contiguous row blocks, its first half of
+  rows goes to the first micro-batch and its second half to the second."""
+  b = t.shape[0]
+  r = t.reshape((shards, 2, b // (2 * shards)) + t.shape[1:])
+  return r[:, 0].reshape((b // 2,) + t.shape[1:]), r[:, 1].reshape((b // 2,) + t.shape[1:])
+
+
+def _join(a, b, shards: int):
+  """The inverse of `_halves`."""
+  per = a.shape[0] // shards
+  r = jnp.stack([a.reshape((shards, per) + a.shape[1:]), b.reshape((shards, per) + b.shape[1:])], 1)
+  return r.reshape((2 * a.shape[0],) + a.shape[1:])
 
 
 class StackResult(NamedTuple):
@@ -78,9 +99,25 @@ def run_stack(
 
   def body(x, xs):
     layer_state, layer_cache = xs
-    x, aux, layer_cache = nnx.merge(graphdef, layer_state)(
-      x, ctx.positions_BxL, ctx.cos, ctx.sin, layer_cache, ctx.absorb, ctx.routed
-    )
+    block = nnx.merge(graphdef, layer_state)
+    if ctx.microbatches == 1:
+      x, aux, layer_cache = block(
+        x, ctx.positions_BxL, ctx.cos, ctx.sin, layer_cache, ctx.absorb, ctx.routed
+      )
+      return x, (aux, layer_cache, x if collect else None)
+    # Two independent halves through the same block: nothing of one waits for the other.
+    inputs = (x, ctx.positions_BxL, ctx.cos, ctx.sin, layer_cache)
+    outs = [
+      block(
+        *jax.tree.map(lambda t: _halves(t, ctx.batch_shards)[i], inputs), ctx.absorb, ctx.routed
+      )
+      for i in (0, 1)
+    ]
+    (x0, aux0, c0), (x1, aux1, c1) = outs
+    x = _join(x0, x1, ctx.batch_shards)
+    layer_cache = jax.tree.map(lambda a, b: _join(a, b, ctx.batch_shards), c0, c1)
+    # Loads and statistics are counts (sum); the balance loss is a mean over sequences.
+    aux = {k: (v + aux1[k]) / 2 if k == "balance_loss" else v + aux1[k] for k, v in aux0.items()}
     return x, (aux, layer_cache, x if collect else None)
 
   x, (aux, cache, hidden) = jax.lax.scan(body, x_BxLxD, (state, cache))
@@ -113,9 +150,19 @@ class Transformer(nnx.Module):
     positions_BxL: jax.Array,
     absorb: Optional[bool] = None,
     routed: Optional[RoutedExperts] = None,
+    microbatches: int = 1,
+    batch_shards: int = 1,
   ) -> Context:
+    if microbatches not in (1, 2):
+      raise ValueError(f"microbatches must be 1 or 2 (two-micro-batch overlap), got {microbatches}")
+    b = positions_BxL.shape[0]
+    if microbatches == 2 and b % (2 * batch_shards):
+      raise ValueError(
+        f"two micro-batches split each of the {batch_shards} batch shard(s) in two: the batch "
+        f"({b}) must be a multiple of {2 * batch_shards}"
+      )
     cos, sin = rope.rope_angles(self.cfg, positions_BxL)
-    return Context(positions_BxL, cos, sin, absorb, routed)
+    return Context(positions_BxL, cos, sin, absorb, routed, microbatches, batch_shards)
 
   def embed_tokens(self, tokens_BxL: jax.Array) -> jax.Array:
     return jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.dtype)
@@ -146,12 +193,14 @@ class Transformer(nnx.Module):
     absorb: Optional[bool] = None,
     routed: Optional[RoutedExperts] = None,
     hidden_states: bool = False,
+    microbatches: int = 1,
+    batch_shards: int = 1,
   ) -> Output:
     cfg = self.cfg
     b, l = tokens_BxL.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    ctx = self.context(positions_BxL, absorb, routed)
+    ctx = self.context(positions_BxL, absorb, routed, microbatches, batch_shards)
     x = self.embed_tokens(tokens_BxL)
     hiddens = [x]
     dense_cache = moe_cache = None

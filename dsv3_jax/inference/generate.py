@@ -12,6 +12,7 @@ logits / T, optionally restricted to the top-k and to the top-p nucleus, sampled
 """
 
 import dataclasses
+import math
 import time
 from typing import NamedTuple, Optional, Sequence
 
@@ -89,15 +90,26 @@ class Generator:
   """Holds the split model and caches compiled prefill/decode functions per shape."""
 
   def __init__(
-    self, model, cache_dtype=jnp.bfloat16, vocab_limit: Optional[int] = None, routed=None
+    self,
+    model,
+    cache_dtype=jnp.bfloat16,
+    vocab_limit: Optional[int] = None,
+    routed=None,
+    microbatches: int = 1,
+    batch_shards: int = 1,
   ):
     """`vocab_limit`: only ids below it are ever generated (the tokenizer's real vocabulary
     when the model's embedding table is padded beyond it). `routed`: the MoE layers'
     routed-expert function (a sharding plan's `routed` for expert parallelism; None = every
-    expert on one device)."""
+    expert on one device). `microbatches=2`: prefill and decode run every block on two
+    halves of the batch that do not wait for each other (two-micro-batch overlap, report
+    §3.4), each of `batch_shards` batch shards split in two; the batch is padded to a
+    multiple of 2 x batch_shards."""
     self.cfg = model.cfg
     self.vocab_limit = vocab_limit
     self.routed = routed
+    self.microbatches, self.batch_shards = microbatches, batch_shards
+    self._run = dict(routed=routed, microbatches=microbatches, batch_shards=batch_shards)
     self.graphdef, self.state = nnx.split(model)
     self.cache_dtype = jnp.dtype(cache_dtype)
     # Only what shapes the program is static (filters, length); seed and EOS are traced, so a
@@ -117,7 +129,7 @@ class Generator:
 
   def _prefill_fn(self, state, tokens_BxL, lengths_B, cache, key, filters):
     model = nnx.merge(self.graphdef, state)
-    out = model.forward(tokens_BxL, cache=cache, absorb=False, routed=self.routed)
+    out = model.forward(tokens_BxL, cache=cache, absorb=False, **self._run)
     last_BxV = jnp.take_along_axis(out.logits_BxLxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     first = sample(self._limit(last_BxV), key, *filters)
     return first, out.cache
@@ -138,7 +150,7 @@ class Generator:
       key, sub = jax.random.split(key)
       prev = out[:, i - 1]
       res = model.forward(
-        prev[:, None], positions_BxL=pos[:, None], cache=cache, absorb=True, routed=self.routed
+        prev[:, None], positions_BxL=pos[:, None], cache=cache, absorb=True, **self._run
       )
       nxt = sample(self._limit(res.logits_BxLxV[:, 0]), sub, *filters)
       nxt = jnp.where(done, jnp.maximum(eos, 0), nxt)
@@ -174,6 +186,8 @@ class Generator:
     sampling.validate()
     self.validate_prompts(prompts, sampling.max_new_tokens)
     n = len(prompts)
+    if self.microbatches > 1:
+      batch_multiple = math.lcm(batch_multiple, self.microbatches * self.batch_shards)
     rows = list(prompts) + [prompts[0]] * (-n % batch_multiple)
     lengths = np.array([len(p) for p in rows], np.int32)
     width = min(_bucket(int(lengths.max())), self.cfg.max_position_embeddings)
@@ -228,7 +242,7 @@ class Generator:
   def generate(
     self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig()
   ) -> Generation:
-    prep = self.prepare(prompts, sampling)
+    prep = self.prepare(prompts, sampling, self.batch_shards)
     model = nnx.merge(self.graphdef, self.state)
     cache = model.init_cache(len(prep.tokens), prep.total, self.cache_dtype)
     t0 = time.perf_counter()

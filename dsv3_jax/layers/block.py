@@ -45,11 +45,15 @@ class Block(nnx.Module):
     routed: Optional[RoutedExperts] = None,
   ):
     """`routed`: where the MoE's routed experts run (`layers/moe.py`; None = this device)."""
-    a, cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL, cos, sin, cache, absorb)
+    # Named scopes label the compiled ops (profiles, and the two-micro-batch overlap test
+    # reads them from the HLO).
+    with jax.named_scope("attention"):
+      a, cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL, cos, sin, cache, absorb)
     x_BxLxD = x_BxLxD + a
-    h = self.ffn_norm(x_BxLxD)
-    if self.is_moe:
-      f, aux = self.ffn(h, routed)
-    else:
-      f, aux = self.ffn(h), empty_aux(self.cfg)
+    with jax.named_scope("moe" if self.is_moe else "mlp"):
+      h = self.ffn_norm(x_BxLxD)
+      if self.is_moe:
+        f, aux = self.ffn(h, routed)
+      else:
+        f, aux = self.ffn(h), empty_aux(self.cfg)
     return x_BxLxD + f, aux, cache

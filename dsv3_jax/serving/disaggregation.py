@@ -85,7 +85,7 @@ def split_devices(devices: Sequence, n_prefill: int) -> tuple[list, list]:
   return devices[:n_prefill], devices[n_prefill:]
 
 
-def _side(name, model, devices, expert: int, cache_dtype, vocab_limit) -> Side:
+def _side(name, model, devices, expert: int, cache_dtype, vocab_limit, microbatches) -> Side:
   cfg = model.cfg
   n = len(devices)
   if expert < 1 or n % expert:
@@ -98,7 +98,14 @@ def _side(name, model, devices, expert: int, cache_dtype, vocab_limit) -> Side:
   nnx.replace_by_pure_dict(params, placed)
   rest = jax.device_put(rest, plan.replicated)
   placed = nnx.merge(graphdef, params, rest)
-  gen = Generator(placed, cache_dtype=cache_dtype, vocab_limit=vocab_limit, routed=plan.routed)
+  gen = Generator(
+    placed,
+    cache_dtype=cache_dtype,
+    vocab_limit=vocab_limit,
+    routed=plan.routed,
+    microbatches=microbatches,
+    batch_shards=mesh_lib.batch_size_per_step(mesh),
+  )
   return Side(name, mesh, plan, gen)
 
 
@@ -120,7 +127,8 @@ class DisaggregatedGenerator:
     prefill_devices, decode_devices: the two device sets.
     prefill_expert, decode_expert: the `expert` axis of each mesh (the rest is `data`);
       default: the most devices that divide the routed experts.
-    cache_dtype, vocab_limit: as `Generator`.
+    cache_dtype, vocab_limit, microbatches: as `Generator` (microbatches=2: the two-micro-
+      batch overlap on both meshes).
   """
 
   def __init__(
@@ -133,6 +141,7 @@ class DisaggregatedGenerator:
     decode_expert: Optional[int] = None,
     cache_dtype=jnp.bfloat16,
     vocab_limit: Optional[int] = None,
+    microbatches: int = 1,
   ):
     overlap = set(prefill_devices) & set(decode_devices)
     if overlap:
@@ -143,8 +152,9 @@ class DisaggregatedGenerator:
     self.cfg = cfg
     pe = prefill_expert or _default_expert(cfg, len(prefill_devices))
     de = decode_expert or _default_expert(cfg, len(decode_devices))
-    self.prefill_side = _side("prefill", model, prefill_devices, pe, cache_dtype, vocab_limit)
-    self.decode_side = _side("decode", model, decode_devices, de, cache_dtype, vocab_limit)
+    args = (cache_dtype, vocab_limit, microbatches)
+    self.prefill_side = _side("prefill", model, prefill_devices, pe, *args)
+    self.decode_side = _side("decode", model, decode_devices, de, *args)
     self.cache_dtype = jnp.dtype(cache_dtype)
     p = self.prefill_side
     self._init_cache = jax.jit(
@@ -172,7 +182,7 @@ class DisaggregatedGenerator:
     self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig()
   ) -> DisaggregatedGeneration:
     p, d = self.prefill_side, self.decode_side
-    multiple = math.lcm(p.batch_shards, d.batch_shards)
+    multiple = math.lcm(p.batch_shards, d.batch_shards) * p.generator.microbatches
     prep = p.generator.prepare(prompts, sampling, batch_multiple=multiple)
     cache = self._init_cache(len(prep.tokens), prep.total)
     cache = jax.device_put(cache, p.cache_sharding(cache))

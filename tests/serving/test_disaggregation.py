@@ -43,8 +43,10 @@ def test_pd_equals_single_mesh_and_moves_only_the_latent_cache(setup):
   per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 * cfg.num_hidden_layers
   assert out.transfer.cache_bytes == rows * positions * per_token
   assert out.transfer.other_bytes == rows * 4
-  full_kv = 2 * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
-  assert out.transfer.cache_bytes < rows * positions * full_kv * 2 * cfg.num_hidden_layers
+  # Full keys and values would be H x (nope + rope) + H x v per token and layer: 80 vs 40.
+  h = cfg.num_attention_heads
+  full_kv = h * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) + h * cfg.v_head_dim
+  assert per_token / (2 * cfg.num_hidden_layers) == full_kv / 2
 
 
 def test_transfer_lands_on_the_decode_mesh(setup):
