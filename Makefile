@@ -8,7 +8,7 @@ DEVICES ?= 8
 RUN_FLAGS ?=
 export XLA_FLAGS := --xla_force_host_platform_device_count=$(DEVICES)
 
-.PHONY: run test test-slow format bench clean
+.PHONY: run test test-slow format bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ format: $(VENV)/.test
 
 test-slow: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m slow tests
+
+# On a GPU machine (with jax[cuda12] installed in .venv): benchmarks + numerics, < 8 minutes.
+gpu-check: $(VENV)/.test
+	PYTHON=$(BIN)/python experiments/gpu_check.sh runs/gpu_check
 
 clean:
 	rm -rf $(VENV) runs

@@ -25,7 +25,7 @@ _PREFILL_BATCH = flags.DEFINE_integer("prefill_batch", 4, "Prefill batch.")
 _PREFILL_LEN = flags.DEFINE_integer("prefill_len", 512, "Prefill tokens per sequence.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Decode prompt length.")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "Greedy tokens per sequence.")
-_BATCHES = flags.DEFINE_list("decode_batches", ["1", "8"], "Decode batch sizes.")
+_BATCHES = flags.DEFINE_list("decode_batches", ["1", "8", "32"], "Decode batch sizes.")
 _PEER = flags.DEFINE_bool("peer", True, "Also time HF transformers (needs the `hf` extra).")
 _SPECULATIVE = flags.DEFINE_bool(
   "speculative",
