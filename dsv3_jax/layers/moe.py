@@ -22,19 +22,33 @@ from dsv3_jax.layers import experts, routing
 from dsv3_jax.layers.mlp import MLP
 from dsv3_jax.layers.routing import RouterBias
 
-# (x [B, L, D], gate [D, E], bias [E], w1 [E, D, F], w3 [E, D, F], w2 [E, F, D], cfg)
+# (x [B, L, D], gate [D, E], bias [E], w1 [E, D, F], w3 [E, D, F], w2 [E, F, D], cfg,
+#  [replicas=(slots [E, M], counts [E])])
 #   -> (y [B, L, D] without the shared experts, aux {load [E], balance_loss, ...stats})
+# With `replicas` (redundant experts), w1/w3/w2 hold R >= E physical experts.
 RoutedExperts = Callable[..., tuple]
 
 
-def local_routed_experts(x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD, cfg: ModelConfig):
+class ExpertReplicas(nnx.Variable):
+  """Redundant experts (EPLB, §3.4): a logical expert's physical slots, or their count.
+
+  Serving only (`serving/eplb.with_redundant_experts` sets them, with physical expert
+  weights); never trained."""
+
+
+def local_routed_experts(
+  x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD, cfg: ModelConfig, replicas=None
+):
   """The routed half of DeepSeekMoE with every expert on this device."""
   b, l, d = x_BxLxD.shape
   x_NxD = x_BxLxD.reshape(b * l, d)
   r = routing.route(x_NxD, gate_DxE, bias_E, cfg)
+  physical = r
+  if replicas is not None:
+    physical = r._replace(experts_Nxk=routing.to_replicas(r.experts_Nxk, *replicas))
   y = experts.routed_ffn(
     x_NxD,
-    r,
+    physical,
     w1_ExDxF,
     w3_ExDxF,
     w2_ExFxD,
@@ -66,8 +80,18 @@ class MoE(nnx.Module):
   def __call__(self, x_BxLxD: jax.Array, routed: Optional[RoutedExperts] = None):
     b, l, d = x_BxLxD.shape
     routed = routed or local_routed_experts
+    # Redundant experts, when a deployment set them (`ExpertReplicas`): w1/w3/w2 are physical.
+    slots = getattr(self, "replica_slots", None)
+    extra = {} if slots is None else {"replicas": (slots[...], self.replica_counts[...])}
     y, aux = routed(
-      x_BxLxD, self.gate[...], self.bias[...], self.w1[...], self.w3[...], self.w2[...], self.cfg
+      x_BxLxD,
+      self.gate[...],
+      self.bias[...],
+      self.w1[...],
+      self.w3[...],
+      self.w2[...],
+      self.cfg,
+      **extra,
     )
     if self.shared is not None:
       y = y + self.shared(x_BxLxD.reshape(b * l, d)).reshape(b, l, d)

@@ -105,6 +105,20 @@ def update_biases(biases, loads_LxE: jax.Array, gamma: float):
   return jax.tree.unflatten(treedef, new)
 
 
+def to_replicas(
+  experts_Nxk: jax.Array, slots_ExM: jax.Array, count_E: jax.Array, offset=0
+) -> jax.Array:
+  """Redundant experts (EPLB, §3.4): each routed copy goes to one replica of its expert.
+
+  `slots_ExM` lists each logical expert's physical slots (padded with -1), `count_E` how many
+  it has; copy j of token n takes replica (n + offset) mod count, so an expert's tokens spread
+  evenly over its replicas. Returns physical slot ids [N, k], indices into the physical expert
+  weights [R, ...]."""
+  n = experts_Nxk.shape[0]
+  replica_Nxk = (jnp.arange(n, dtype=jnp.int32)[:, None] + offset) % count_E[experts_Nxk]
+  return slots_ExM[experts_Nxk, replica_Nxk].astype(jnp.int32)
+
+
 def max_violation(load_xE: jax.Array) -> jax.Array:
   """MaxVio = (max_i load_i - mean load) / mean load, per row (§4.5.2)."""
   mean = jnp.mean(load_xE, axis=-1)

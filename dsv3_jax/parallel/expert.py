@@ -50,7 +50,13 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig, ParallelConfig
 from dsv3_jax.layers.experts import combine, expert_rows
-from dsv3_jax.layers.routing import Routing, expert_load, route, sequence_balance_loss
+from dsv3_jax.layers.routing import (
+  Routing,
+  expert_load,
+  route,
+  sequence_balance_loss,
+  to_replicas,
+)
 from dsv3_jax.parallel.mesh import BATCH
 
 EXPERT = "expert"
@@ -238,18 +244,26 @@ def shard_routed_experts(
   ep: ExpertParallel,
   reduce_stats: bool = True,
   dispatch: Callable = flat_dispatch,
+  replicas=None,
 ):
   """One mesh shard (inside a shard_map over the whole mesh): route, dispatch (flat, or the
   two-stage node-then-GPU one of `parallel/node_dispatch.py`), local experts, combine.
   Statistics are psum'ed over the mesh (`reduce_stats`), or left per shard for a caller that
-  sums them itself (the pipeline sums its micro-batches and shards)."""
+  sums them itself (the pipeline sums its micro-batches and shards). `replicas` (redundant
+  experts): each copy goes to one replica of its expert, w1/w3/w2 being the physical
+  experts (R / ranks per rank); loads and the balance loss stay per logical expert."""
   b, l, d = x_bxLxD.shape
   n, k = b * l, cfg.num_experts_per_tok
-  e_loc = cfg.n_routed_experts // ep.size
   x_NxD = x_bxLxD.reshape(n, d)
   routing: Routing = route(x_NxD, gate_DxE, bias_E, cfg)
-  y_NxD, keep_C, fallback = dispatch(x_NxD, routing, w1, w3, w2, cfg=cfg, ep=ep)
-  dst_C = routing.experts_Nxk.reshape(-1) // e_loc
+  sent, run_cfg = routing, cfg
+  if replicas is not None:
+    offset = jax.lax.axis_index(EXPERT)
+    sent = routing._replace(experts_Nxk=to_replicas(routing.experts_Nxk, *replicas, offset))
+    run_cfg = dataclasses.replace(cfg, n_routed_experts=w1.shape[0] * ep.size)
+  e_loc = run_cfg.n_routed_experts // ep.size
+  y_NxD, keep_C, fallback = dispatch(x_NxD, sent, w1, w3, w2, cfg=run_cfg, ep=ep)
+  dst_C = sent.experts_Nxk.reshape(-1) // e_loc
   psum = functools.partial(jax.lax.psum, axis_name=BATCH)
 
   # Global statistics: sums over every shard of the mesh (or this shard's share).
@@ -285,13 +299,23 @@ def routed_experts(
   cfg: ModelConfig,
   ep: ExpertParallel,
   dispatch: Callable = flat_dispatch,
+  replicas=None,
 ):
   """The routed-expert half of DeepSeekMoE, expert-parallel over `ep.mesh`.
 
   Returns (y [B, L, D] without the shared experts, aux) with aux = {load [E], balance_loss,
   dropped_copies, cross_node_copies, remote_node_sends}, every entry a global value.
+  `replicas` = (slots [E, M], counts [E]): redundant experts, w1/w3/w2 holding R physical
+  experts split over `expert` (`layers/routing.to_replicas`).
   """
   ep.validate(cfg)
+  if replicas is not None:
+    if dispatch is not flat_dispatch:
+      raise ValueError("redundant experts run with the flat dispatch (ep_two_stage=False)")
+    if w1_ExDxF.shape[0] % ep.size:
+      raise ValueError(
+        f"{w1_ExDxF.shape[0]} physical experts do not split over the `expert` axis of {ep.size}"
+      )
   b = x_BxLxD.shape[0]
   if b % ep.n_shards:
     raise ValueError(
@@ -301,17 +325,23 @@ def routed_experts(
   batch_spec = P(BATCH, None, None)
   expert_spec = P(EXPERT, None, None)
   aux_specs = {"load": P(), "balance_loss": P(), **{name: P() for name in STATS}}
+
   # check_vma=False: grouped_matmul's skip branches (cond / scan carries) build
   # mesh-invariant zeros next to per-shard blocks, which the VMA checker rejects. The
   # sharded-vs-unsharded tests check values and gradients instead.
+  def shard(x, gate, bias, w1, w3, w2, replicas):
+    return shard_routed_experts(
+      x, gate, bias, w1, w3, w2, cfg=cfg, ep=ep, dispatch=dispatch, replicas=replicas
+    )
+
   fn = jax.shard_map(
-    functools.partial(shard_routed_experts, cfg=cfg, ep=ep, dispatch=dispatch),
+    shard,
     mesh=ep.mesh,
-    in_specs=(batch_spec, P(), P(), expert_spec, expert_spec, expert_spec),
+    in_specs=(batch_spec, P(), P(), expert_spec, expert_spec, expert_spec, P()),
     out_specs=(batch_spec, aux_specs),
     check_vma=False,
   )
-  return fn(x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD)
+  return fn(x_BxLxD, gate_DxE, bias_E, w1_ExDxF, w3_ExDxF, w2_ExFxD, replicas)
 
 
 def buffer_bytes(n_local_tokens: int, cfg: ModelConfig, ep: ExpertParallel, itemsize: int) -> dict:

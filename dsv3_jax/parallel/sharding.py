@@ -248,13 +248,25 @@ class ShardingPlan:
     )
 
 
-def _routed_ep(x_BxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, *, ep, dispatch):
-  return expert_lib.routed_experts(x_BxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, ep, dispatch)
+def _routed_ep(x_BxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, replicas=None, *, ep, dispatch):
+  return expert_lib.routed_experts(
+    x_BxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, ep, dispatch, replicas=replicas
+  )
 
 
-def _routed_ep_local(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, *, ep, dispatch):
+def _routed_ep_local(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, replicas=None, *, ep, dispatch):
   return expert_lib.shard_routed_experts(
-    x_bxLxD, gate_DxE, bias_E, w1, w3, w2, cfg=cfg, ep=ep, reduce_stats=False, dispatch=dispatch
+    x_bxLxD,
+    gate_DxE,
+    bias_E,
+    w1,
+    w3,
+    w2,
+    cfg=cfg,
+    ep=ep,
+    reduce_stats=False,
+    dispatch=dispatch,
+    replicas=replicas,
   )
 
 

@@ -18,7 +18,9 @@ emulated CPU devices):
                  the decode mesh's layout with `jax.device_put` — nothing else: `transfer`
                  counts the bytes and checks that the cache holds only c_kv and k_pe;
   decode mesh    the same on the decode devices, decoding every sequence with absorbed MLA
-                 over the moved cache (the `inference/generate.py` loop).
+                 over the moved cache (the `inference/generate.py` loop); optionally with
+                 redundant experts (an EPLB placement: hot experts replicated, replicas packed
+                 over the decode mesh's expert axis), as the report's decoding deployment.
 
 The tokens equal single-mesh generation's (same keys, same sampling).
 """
@@ -129,6 +131,10 @@ class DisaggregatedGenerator:
       default: the most devices that divide the routed experts.
     cache_dtype, vocab_limit, microbatches: as `Generator` (microbatches=2: the two-micro-
       batch overlap on both meshes).
+    decode_placement: redundant experts on the decode mesh, as the report deploys them
+      (§3.4.2): an EPLB placement (phy2log, log2phy, logcnt) from `eplb.rebalance_experts`
+      with `num_gpus` = the decode mesh's expert axis; its physical experts are split over
+      that axis.
   """
 
   def __init__(
@@ -142,6 +148,7 @@ class DisaggregatedGenerator:
     cache_dtype=jnp.bfloat16,
     vocab_limit: Optional[int] = None,
     microbatches: int = 1,
+    decode_placement=None,
   ):
     overlap = set(prefill_devices) & set(decode_devices)
     if overlap:
@@ -154,7 +161,12 @@ class DisaggregatedGenerator:
     de = decode_expert or _default_expert(cfg, len(decode_devices))
     args = (cache_dtype, vocab_limit, microbatches)
     self.prefill_side = _side("prefill", model, prefill_devices, pe, *args)
-    self.decode_side = _side("decode", model, decode_devices, de, *args)
+    decode_model = model
+    if decode_placement is not None:
+      from dsv3_jax.serving.eplb import with_redundant_experts
+
+      decode_model = with_redundant_experts(model, decode_placement)
+    self.decode_side = _side("decode", decode_model, decode_devices, de, *args)
     self.cache_dtype = jnp.dtype(cache_dtype)
     p = self.prefill_side
     self._init_cache = jax.jit(

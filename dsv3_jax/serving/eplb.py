@@ -278,6 +278,42 @@ def replicate_weights(w_ExDxF, phy2log_R):
   return jax.tree.map(lambda w: jnp.take(jnp.asarray(w), phy2log_R, axis=0), w_ExDxF)
 
 
+def with_redundant_experts(model, placement):
+  """A copy of `model` whose MoE layers run redundant experts: `placement` = (phy2log [L, R],
+  log2phy [L, E, M], logcnt [L, E]) from `rebalance_experts` over the model's MoE layers.
+
+  Each layer's routed-expert weights become its R physical experts (replica r holds logical
+  expert phy2log[r]'s weights; laid out so that GPU g owns slots g*R/G .. (g+1)*R/G - 1, the
+  expert-parallel split), and the router sends each copy to one replica of its expert
+  (`layers/routing.to_replicas`). Routing, loads and outputs are the original model's. The
+  MTP module is left as it is (it drafts; the main model serves)."""
+  from flax import nnx
+
+  from dsv3_jax.layers.moe import ExpertReplicas
+
+  phy2log_LxR, log2phy_LxExM, logcnt_LxE = (np.asarray(a) for a in placement)
+  cfg = model.cfg
+  if model.moe is None:
+    raise ValueError("redundant experts need MoE layers; this model has none")
+  want = (cfg.n_moe_layers, cfg.n_routed_experts)
+  if phy2log_LxR.ndim != 2 or logcnt_LxE.shape != want or log2phy_LxExM.shape[:2] != want:
+    raise ValueError(
+      f"placement for {want[0]} MoE layers x {want[1]} experts expected; got phy2log "
+      f"{phy2log_LxR.shape}, log2phy {log2phy_LxExM.shape}, logcnt {logcnt_LxE.shape}"
+    )
+  if not ((phy2log_LxR >= 0) & (phy2log_LxR < cfg.n_routed_experts)).all():
+    raise ValueError(f"phy2log holds ids outside [0, {cfg.n_routed_experts})")
+  copy = nnx.merge(*nnx.split(model))
+  ffn = copy.moe.ffn
+  index = jnp.asarray(phy2log_LxR, jnp.int32)
+  for name in ("w1", "w3", "w2"):
+    w = getattr(ffn, name)
+    setattr(ffn, name, w.replace(jax.vmap(replicate_weights)(w[...], index)))
+  ffn.replica_slots = ExpertReplicas(jnp.asarray(log2phy_LxExM, jnp.int32))
+  ffn.replica_counts = ExpertReplicas(jnp.asarray(logcnt_LxE, jnp.int32))
+  return copy
+
+
 # ---------------------------------------------------------------------------------------------
 # Load statistics.
 

@@ -8,8 +8,10 @@ step's per-layer routed-token counts go into a sliding `eplb.LoadWindow`; every
 (`placement`: phy2log, log2phy, logcnt) and `report` holds max / mean load per GPU before
 (contiguous experts) and after (`eplb.compare_placements`).
 
-On one device there is no expert-parallel layout to apply the placement to, so the engine's
-outputs do not change; the tables are what an expert-parallel deployment would load. The
+The engine runs on one device, where there is no expert-parallel layout to apply the
+placement to, so its outputs do not change; `eplb.with_redundant_experts(model,
+monitor.placement)` builds the model an expert-parallel deployment serves with it (the
+decode mesh of `serving/disaggregation.py` takes it as `decode_placement`). The
 decode step routes every slot's token, idle slots' placeholders included, so with few busy
 slots the statistics carry some of that noise.
 """

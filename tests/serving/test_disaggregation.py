@@ -49,6 +49,25 @@ def test_pd_equals_single_mesh_and_moves_only_the_latent_cache(setup):
   assert per_token / (2 * cfg.num_hidden_layers) == full_kv / 2
 
 
+def test_decode_mesh_with_redundant_experts(setup):
+  """The decode mesh holds 12 physical experts (8 logical + 4 replicas of the hottest, from an
+  EPLB placement of a skewed load), 3 per device; the tokens do not change."""
+  from dsv3_jax.serving import eplb
+
+  model, _, prefill, decode = setup
+  cfg = model.cfg
+  load = eplb.zipf_load(cfg.n_moe_layers, cfg.n_routed_experts, 4000, exponent=1.2, seed=1)
+  placement = eplb.rebalance_experts(load, cfg.n_routed_experts + 4, cfg.n_group, 1, 4)
+  gen = pd.DisaggregatedGenerator(model, prefill, decode, decode_placement=placement)
+  w1 = gen.decode_side.generator.state["moe"]["ffn"]["w1"][...]
+  assert w1.shape[1] == 12 and w1.addressable_shards[0].data.shape[1] == 3
+  assert gen.prefill_side.generator.state["moe"]["ffn"]["w1"][...].shape[1] == 8
+  s = SamplingConfig(max_new_tokens=8)
+  assert gen.generate(PROMPTS, s).tokens == Generator(model).generate(PROMPTS, s).tokens
+  r = eplb.compare_placements(load, 12, cfg.n_group, 1, 4)
+  assert r["after_worst"] < r["before_worst"]  # max / mean load per device
+
+
 def test_transfer_lands_on_the_decode_mesh(setup):
   model, gen, _, decode = setup
   p = gen.prefill_side

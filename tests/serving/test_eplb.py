@@ -333,3 +333,48 @@ def test_benchmark_report_on_a_workdir(tmp_path):
     assert row["after_mean"] < row["before_mean"], name
   table = bench.format_table(result)
   assert "workdir" in table and "zipf s=1" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# A model serving redundant experts.
+
+
+def test_model_with_redundant_experts_equals_the_model():
+  """Physical experts (8 logical + 4 replicas, from a skewed load) on one device and split
+  over a 4-device expert axis: the same logits and logical loads; bad placements fail."""
+  from flax import nnx
+
+  from configs.dsv3 import get_config
+  from dsv3_jax import config as config_lib
+  from dsv3_jax import model as model_lib
+  from dsv3_jax.parallel import mesh as mesh_lib
+  from dsv3_jax.parallel import sharding
+
+  cfg = config_lib.from_dict(get_config("tiny"))
+  m = cfg.model
+  model = model_lib.create(m, seed=3)
+  load = eplb.zipf_load(m.n_moe_layers, m.n_routed_experts, 2000, exponent=1.2)
+  placement = eplb.rebalance_experts(load, m.n_routed_experts + 4, m.n_group, 1, 4)
+  served = eplb.with_redundant_experts(model, placement)
+  assert served.moe.ffn.w1[...].shape[1] == 12 and model.moe.ffn.w1[...].shape[1] == 8
+  tokens = jax.random.randint(jax.random.key(0), (8, 16), 0, m.vocab_size)
+  ref = model.forward(tokens)
+  one = served.forward(tokens)
+  np.testing.assert_allclose(one.logits_BxLxV, ref.logits_BxLxV, atol=1e-5)
+  np.testing.assert_array_equal(one.load_LxE, ref.load_LxE)
+  run = config_lib.replace(cfg, parallel={"data": 1, "expert": 4})
+  plan = sharding.plan(run, mesh_lib.make_mesh(run.parallel, jax.devices()[:4]))
+  graphdef, state = nnx.split(served)
+  ep = jax.jit(lambda s, t: nnx.merge(graphdef, s).forward(t, routed=plan.routed))(state, tokens)
+  np.testing.assert_allclose(ep.logits_BxLxV, ref.logits_BxLxV, atol=1e-5)
+  np.testing.assert_array_equal(ep.load_LxE, ref.load_LxE)
+  phy2log, log2phy, logcnt = placement
+  with pytest.raises(ValueError, match="placement for 2 MoE layers x 8 experts"):
+    eplb.with_redundant_experts(model, (phy2log[:1], log2phy[:1], logcnt[:1]))
+  with pytest.raises(ValueError, match=r"phy2log holds ids outside \[0, 8\)"):
+    eplb.with_redundant_experts(model, (phy2log + 8, log2phy, logcnt))
+  odd = eplb.with_redundant_experts(
+    model, eplb.rebalance_experts(load, m.n_routed_experts + 2, m.n_group, 1, 2)
+  )  # 10 physical experts cannot split over 4 ranks
+  with pytest.raises(ValueError, match="10 physical experts do not split"):
+    nnx.merge(*nnx.split(odd)).forward(tokens, routed=plan.routed)

@@ -134,6 +134,9 @@ def test_fp8_ablation_end_to_end_and_resume(tmp_path, corpus):
   assert again["comparisons"]["fp8"]["rel_gap"] == r["comparisons"]["fp8"]["rel_gap"]
   _, logs = _run("fp8", out, corpus, arms=["noise_floor"], data_seed=5)
   assert len(logs) == 1 and "noise_floor: held-out" in logs[0]
+  # Another ablation's identical arm (the shared baseline) is copied, not retrained.
+  _, logs = _run("mtp", out, corpus, arms=["mtp1"])
+  assert logs == ["mtp/mtp1: the same run as fp8/bf16"]
   pytest.importorskip("matplotlib")
   ablations.plot(r, os.path.join(out, "fp8.png"))
   assert os.path.getsize(os.path.join(out, "fp8.png")) > 0
