@@ -19,7 +19,8 @@ line reads "gap vs floor" (`versus_floor`).
 
 An arm's results are saved as soon as it finishes (`<out>/<ablation>/arms/<arm>.json`, with a
 fingerprint of its config, data seed and schedule); a rerun skips arms whose fingerprint
-matches, so a long ablation can be finished over several sessions. `summarize` turns the arm
+matches, so a long ablation can be finished over several sessions, and an arm that another
+ablation already ran (the shared baseline and its noise floor) is copied, not retrained. `summarize` turns the arm
 files into one `results.json`; `plot` draws it; `readme_table` renders every ablation's
 headline numbers as the Markdown table in the README.
 
@@ -403,6 +404,18 @@ def _load_done(path: str, fingerprint: str) -> Optional[dict]:
   return rec if rec.get("fingerprint") == fingerprint else None
 
 
+def _same_run_elsewhere(out: str, fingerprint: str, needs_gradients: bool):
+  """An arm of another ablation with the same config, data order and schedule (the
+  ablations share their baseline): (its record, 'ablation/arm'), or None."""
+  import glob
+
+  for path in sorted(glob.glob(os.path.join(out, "*", "arms", "*.json"))):
+    rec = _load_done(path, fingerprint)
+    if rec is not None and (not needs_gradients or "gradient_agreement" in rec):
+      return rec, f"{rec.get('ablation')}/{rec.get('arm')}"
+  return None
+
+
 def _write_json(path: str, obj) -> None:
   """Writes atomically: a run killed mid-write leaves the previous file (or none), never half."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -452,6 +465,13 @@ def run(
     path = _arm_path(out, name, arm.name)
     if _load_done(path, fp) is not None:
       log(f"{name}/{arm.name}: done earlier ({path})")
+      continue
+    same = _same_run_elsewhere(out, fp, needs_gradients=name == "fp8" and arm.name == "bf16")
+    if same is not None:  # e.g. the shared baseline and its noise floor: trained once
+      rec, where = same
+      rec.update(ablation=name, arm=arm.name)
+      _write_json(path, rec)
+      log(f"{name}/{arm.name}: the same run as {where}")
       continue
     it = data_lib.make_train_iterator(corpus.train_tokens, tcfg.seq_len, tcfg.global_batch, seed)
     batches = [next(it) for _ in range(cfg.train.steps)]
