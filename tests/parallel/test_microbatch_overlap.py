@@ -2,8 +2,6 @@
 batch separately, so one half's attention does not wait for the other half's expert
 dispatch/combine. Same results as one batch; the independence read from the compiled HLO."""
 
-import re
-
 import jax
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from dsv3_jax import model as model_lib
 from dsv3_jax.inference.generate import Generator, SamplingConfig
 from dsv3_jax.parallel import mesh as mesh_lib
 from dsv3_jax.parallel import sharding
+from tests import hlo
 
 EP = 4
 
@@ -53,50 +52,11 @@ def test_two_halves_equal_one_batch_on_one_device(setup):
     model.forward(tokens, microbatches=3)
 
 
-# ------------------------------------------------------------------ reading the compiled HLO
-def _computations(text: str) -> dict:
-  comps, cur = {}, None
-  for line in text.splitlines():
-    m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
-    if m:
-      cur = comps.setdefault(m.group(1), [])
-    elif line.startswith("}"):
-      cur = None
-    elif cur is not None and " = " in line:
-      cur.append(line.strip())
-  return comps
-
-
-_INSTR = re.compile(r"^(?:ROOT )?%([\w.\-]+) = .*?\b([a-z][\w\-]*)\((.*?)\)(?:, |$)")
-
-
 def _independent_pairs(lines: list) -> tuple[int, int, int]:
   """(all-to-alls, attention GEMM ops, pairs of the two with no path between them)."""
-  ops, deps, scope = {}, {}, {}
-  for line in lines:
-    m = _INSTR.match(line)
-    if m:
-      name, op, args = m.groups()
-      ops[name], deps[name] = op, re.findall(r"%([\w.\-]+)", args)
-      found = re.search(r'op_name="([^"]*)"', line)
-      scope[name] = found.group(1) if found else ""
-  memo: dict = {}
-
-  def ancestors(n):
-    if n not in memo:
-      seen, stack = set(), list(deps.get(n, ()))
-      while stack:
-        x = stack.pop()
-        if x not in seen:
-          seen.add(x)
-          stack.extend(deps.get(x, ()))
-      memo[n] = seen
-    return memo[n]
-
-  a2a = [n for n, op in ops.items() if op.startswith("all-to-all")]
-  attn = [n for n, op in ops.items() if "/attention/" in scope[n] and op in ("fusion", "dot")]
-  free = [(a, m) for a in a2a for m in attn if m not in ancestors(a) and a not in ancestors(m)]
-  return len(a2a), len(attn), len(free)
+  g = hlo.Graph(lines)
+  a2a, attn = g.all_to_alls(), g.gemms("/attention/")
+  return len(a2a), len(attn), sum(g.independent(a, m) for a in a2a for m in attn)
 
 
 def test_expert_parallel_halves_equal_and_independent_in_hlo(setup):
@@ -114,7 +74,9 @@ def test_expert_parallel_halves_equal_and_independent_in_hlo(setup):
     text = fn.lower(state, tokens).compile().as_text()
     # The MoE stack's loop body: the computation holding the dispatch/combine all-to-alls
     # next to the attention GEMMs.
-    found[mb] = [r for r in map(_independent_pairs, _computations(text).values()) if r[0] and r[1]]
+    found[mb] = [
+      r for r in map(_independent_pairs, hlo.computations(text).values()) if r[0] and r[1]
+    ]
     assert len(found[mb]) == 1, found[mb]
   (a1, _, free1), (a2, attn2, free2) = found[1][0], found[2][0]
   # One batch: every attention op of the layer comes before its dispatch (a chain).
