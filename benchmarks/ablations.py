@@ -12,10 +12,11 @@ DeepSeek-V3 backs four design choices with ablations (arXiv 2412.19437):
               (§2.1.2, §3.2.2) at no worse loss
 
 Every arm of an ablation trains the same small model from the same initial parameters on the
-same batches (one data order), evaluating the held-out loss at fixed steps. One more arm, the
-*noise floor*, reruns the baseline with another data order: the spread that two runs of one
-recipe show at this scale. A difference means something only next to it, so every report
-line reads "gap vs floor" (`versus_floor`).
+same batches (one data order), evaluating the held-out loss at fixed steps. Two more arms,
+the *noise floor*, rerun the baseline with two other data orders: the floor is the largest
+distance of a rerun from the baseline, the spread that runs of one recipe show at this scale
+(the JSON's `baseline_runs` adds the three runs' standard deviation). A difference means
+something only next to it, so every report line reads "gap vs floor" (`versus_floor`).
 
 An arm's results are saved as soon as it finishes (`<out>/<ablation>/arms/<arm>.json`, with a
 fingerprint of its config, data seed and schedule); a rerun skips arms whose fingerprint
@@ -64,7 +65,8 @@ __all__ = [
   "versus_floor",
 ]
 
-NOISE = "noise_floor"  # the baseline's rerun with another data order
+NOISE = "noise_floor"  # the baseline's reruns with other data orders: noise_floor, noise_floor_2
+NOISE_RUNS = 2
 README_BEGIN = "<!-- ablations:begin (written by `python -m experiments.ablate --readme`) -->"
 README_END = "<!-- ablations:end -->"
 
@@ -75,6 +77,14 @@ class Arm:
   model: dict = dataclasses.field(default_factory=dict)  # ModelConfig overrides
   train: dict = dataclasses.field(default_factory=dict)  # TrainConfig overrides
   data_seed: int = 0  # added to the ablation's data seed: the noise floor changes it
+
+
+def _noise_name(i: int) -> str:
+  return NOISE if i == 1 else f"{NOISE}_{i}"
+
+
+def is_noise(arm: str) -> bool:
+  return arm.startswith(NOISE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +102,9 @@ class Ablation:
   def all_arms(self) -> tuple:
     """The arms plus the noise floor (the baseline with the next data order)."""
     b = self.baseline
-    return self.arms + (Arm(NOISE, b.model, b.train, b.data_seed + 1),)
+    return self.arms + tuple(
+      Arm(_noise_name(i), b.model, b.train, b.data_seed + i) for i in range(1, NOISE_RUNS + 1)
+    )
 
 
 ABLATIONS = {
@@ -524,16 +536,17 @@ def _fp8_gradient_check(cfg, trained, batches, heldout) -> dict:
 # Reading the results.
 
 
-def versus_floor(baseline: float, other: float, noise: float) -> dict:
+def versus_floor(baseline: float, other: float, noise) -> dict:
   """The relative gap `(other - baseline) / baseline` next to the noise floor
-  `|noise - baseline| / baseline` (the same recipe with another data order).
+  `max |noise_i - baseline| / baseline` over the baseline's reruns with other data orders
+  (`noise`: one value or several).
 
   `resolved` is whether the gap exceeds the floor: a gap inside it cannot be told from
   run-to-run spread at this scale, whatever its sign."""
   if baseline <= 0:
     raise ValueError(f"baseline loss must be positive, got {baseline}")
   gap = (other - baseline) / baseline
-  floor = abs(noise - baseline) / baseline
+  floor = max(abs(n - baseline) for n in np.atleast_1d(noise)) / baseline
   return {
     "rel_gap": gap,
     "noise_floor": floor,
@@ -592,26 +605,42 @@ def summarize(name: str, out: str) -> dict:
     if "gradient_agreement" in rec:
       entry["gradient_agreement"] = rec["gradient_agreement"]
     result["arms"][arm_name] = entry
-  if base_name in arms and NOISE in arms:
-    base, noise = result["arms"][base_name], result["arms"][NOISE]
+  noise_names = [a.name for a in ablation.all_arms() if is_noise(a.name)]
+  if base_name in arms and all(n in arms for n in noise_names):
+    base = result["arms"][base_name]
+    noise = [result["arms"][n] for n in noise_names]
+    finals = [base["final_heldout_loss"]] + [n["final_heldout_loss"] for n in noise]
+    # The baseline recipe's runs side by side: their spread is what every gap must beat.
+    result["baseline_runs"] = {
+      "final_heldout_losses": finals,
+      "mean": float(np.mean(finals)),
+      "std": float(np.std(finals, ddof=1)),
+      "rel_std": float(np.std(finals, ddof=1) / np.mean(finals)),
+    }
     for arm_name, entry in result["arms"].items():
-      if arm_name in (base_name, NOISE):
+      if arm_name == base_name or is_noise(arm_name):
         continue
       comp = versus_floor(
-        base["final_heldout_loss"], entry["final_heldout_loss"], noise["final_heldout_loss"]
+        base["final_heldout_loss"],
+        entry["final_heldout_loss"],
+        [n["final_heldout_loss"] for n in noise],
       )
-      # The same comparison at every evaluation step both runs reached.
-      comp["per_step"] = {
-        s: versus_floor(base["heldout"][s], entry["heldout"][s], noise["heldout"][s])["rel_gap"]
+      # The same comparison at every evaluation step all runs reached.
+      steps = [
+        s
         for s in entry["heldout"]
-        if s in base["heldout"] and s in noise["heldout"] and s != "0"
+        if s != "0" and s in base["heldout"] and all(s in n["heldout"] for n in noise)
+      ]
+      per = {
+        s: versus_floor(base["heldout"][s], entry["heldout"][s], [n["heldout"][s] for n in noise])
+        for s in steps
       }
-      comp["per_step_floor"] = {
-        s: abs(noise["heldout"][s] - base["heldout"][s]) / base["heldout"][s]
-        for s in comp["per_step"]
-      }
+      comp["per_step"] = {s: v["rel_gap"] for s, v in per.items()}
+      comp["per_step_floor"] = {s: v["noise_floor"] for s, v in per.items()}
       comp["max_vio_train_tail"] = (base["max_vio_train_tail"], entry["max_vio_train_tail"])
-      comp["max_vio_noise_floor"] = abs(noise["max_vio_train_tail"] - base["max_vio_train_tail"])
+      comp["max_vio_noise_floor"] = max(
+        abs(n["max_vio_train_tail"] - base["max_vio_train_tail"]) for n in noise
+      )
       if "heldout_cross_node_copies_per_token" in entry:
         for key in ("heldout_nodes_per_token", "heldout_cross_node_copies_per_token"):
           comp[key] = (base[key], entry[key])
@@ -677,7 +706,7 @@ def plot(result: dict, path: Optional[str] = None):
   axes = axes[0]
   for arm, e in arms.items():
     steps = sorted(int(s) for s in e["heldout"] if s != "0")
-    ls = "--" if arm == NOISE else "-"
+    ls = "--" if is_noise(arm) else "-"
     axes[0].plot(steps, [e["heldout"][str(s)] for s in steps], ls, marker="o", ms=3, label=arm)
   axes[0].set_xlabel("step")
   axes[0].set_ylabel("held-out loss (nats/token)")
@@ -689,7 +718,7 @@ def plot(result: dict, path: Optional[str] = None):
       v = np.asarray(e["max_vio_train"])
       if v.size >= window:
         v = np.convolve(v, np.ones(window) / window, mode="valid")
-      axes[1].plot(np.arange(1, v.size + 1), v, "--" if arm == NOISE else "-", label=arm)
+      axes[1].plot(np.arange(1, v.size + 1), v, "--" if is_noise(arm) else "-", label=arm)
     axes[1].set_xlabel("step")
     axes[1].set_ylabel(f"MaxVio_batch ({window}-step mean over layers)")
     axes[1].legend()
@@ -804,6 +833,13 @@ def report(result: dict) -> str:
     lines.append(
       f"  {arm} vs {result['baseline']}: {_pct(c['rel_gap'])} held-out loss, noise floor "
       f"{100 * c['noise_floor']:.2f}% ({'beyond' if c['resolved'] else 'within'} the floor)"
+    )
+  if "baseline_runs" in result:
+    b = result["baseline_runs"]
+    losses = ", ".join(f"{x:.4f}" for x in b["final_heldout_losses"])
+    lines.append(
+      f"  the baseline recipe's {len(b['final_heldout_losses'])} runs: {losses} "
+      f"(std {100 * b['rel_std']:.2f}% of the mean)"
     )
   lines.append(f"  verdict: {result['verdict']}")
   return "\n".join(lines)
