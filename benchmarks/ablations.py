@@ -546,12 +546,12 @@ def versus_floor(baseline: float, other: float, noise) -> dict:
   if baseline <= 0:
     raise ValueError(f"baseline loss must be positive, got {baseline}")
   gap = (other - baseline) / baseline
-  floor = max(abs(n - baseline) for n in np.atleast_1d(noise)) / baseline
+  floor = float(max(abs(float(n) - baseline) for n in np.atleast_1d(noise)) / baseline)
   return {
     "rel_gap": gap,
     "noise_floor": floor,
     "gap_over_floor": abs(gap) / floor if floor > 0 else math.inf,
-    "resolved": abs(gap) > floor,
+    "resolved": bool(abs(gap) > floor),
   }
 
 
