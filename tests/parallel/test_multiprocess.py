@@ -106,6 +106,7 @@ def _multi(tmp_path, name: str, steps: int, heartbeat: int = 30, step_timeout: i
   return workdir, procs, logs
 
 
+@pytest.mark.slow  # two processes each compile the train step (2-3 minutes on 2 cores)
 def test_two_processes_equal_one_process(tmp_path):
   single_dir = str(tmp_path / "single")
   single_log = str(tmp_path / "single.log")
