@@ -17,10 +17,10 @@ Three formulations behind it, chosen at trace time from static shapes:
 * padded blocks (FP8, and the overflow pass): rows sorted by expert, each expert's group
   padded to a multiple of S rows, a loop over blocks multiplies each block by its expert's
   weights (`grouped_matmul`; the FP8 variant is `quant/fp8_grouped.py`).
-* padded blocks are also the default for few rows (decode: rows <= 4 x experts), where they
-  read only the experts that got rows, in place.
-* gathered weights (forced only, `path="gather"`): each row gathers its expert's weights, one
-  batched product, no padding; the copies make it slower than the blocks on CPU.
+* gathered weights (decode at batch 1: rows <= experts / 4): each row gathers its expert's
+  weights, one batched product, no padding. Above that, decode takes the buckets too: each
+  expert's weights are streamed once, in place, by the batched GEMM (`capacity` sizes the
+  buckets by the Poisson spread of a few rows per expert).
 
 DeepSeek-V3's experts are SwiGLU FFNs `W2(silu(W1 x) * W3 x)` (arXiv 2412.19437 §2.1.2).
 
@@ -280,13 +280,9 @@ def expert_rows(
   e = w1_ExDxF.shape[0]
   r = x_RxD.shape[0]
   if path is None:
-    # Few rows per expert (decode): the block loop reads only the experts that got rows, in
-    # place, and skips the rest; buckets read every expert's weights (measured on 2 CPU
-    # cores, 64 experts of 512 x 256: 48 rows 6.5 ms vs 10 ms, 192 rows 12 vs 14 ms; 768
-    # rows 20 vs 11 ms, where the buckets' large GEMMs win). Gathering copies each row's
-    # expert weights and is slower than both (30 ms at 48 rows): forced only.
-    rows = expected_rows if expected_rows is not None else r
-    path = "block" if precision == "fp8" or rows <= 4 * e else "bucket"
+    # Gathering copies each row's expert weights (~3x their bytes per row); buckets read every
+    # expert's weights once, in place: gather only while rows are a small fraction of experts.
+    path = "block" if precision == "fp8" else "gather" if 4 * r <= e else "bucket"
   if path not in PATHS:
     raise ValueError(f"unknown expert kernel path {path!r}: must be one of {PATHS}")
   if path == "block" or precision == "fp8":
