@@ -165,28 +165,14 @@ def ablation_config(quick: bool = False) -> config_lib.Config:
   decay to 10% over the run so that the loss has flattened by the last evaluation.
   `quick=True`: a one-MoE-block model and a few steps (tests and notebooks).
   """
+  from benchmarks import fp8_parity  # the same small model family as the FP8 harness
+
   model = dict(
-    vocab_size=272,
-    hidden_size=128,
-    intermediate_size=256,
     moe_intermediate_size=32,
-    num_hidden_layers=3,
-    first_k_dense_replace=1,
-    num_attention_heads=4,
-    q_lora_rank=64,
-    kv_lora_rank=64,
-    qk_nope_head_dim=32,
-    qk_rope_head_dim=16,
-    v_head_dim=32,
     n_routed_experts=16,
-    n_shared_experts=1,
     num_experts_per_tok=4,
     n_group=8,
     topk_group=4,
-    num_nextn_predict_layers=1,
-    max_position_embeddings=256,
-    init_std=0.02,
-    expert_block_size=32,
     matmul_precision="bf16",
   )
   train = dict(
@@ -216,11 +202,8 @@ def ablation_config(quick: bool = False) -> config_lib.Config:
     )
     train.update(steps=8, seq_len=32, warmup_steps=2, eval_batches=2, eval_every=4, log_every=2)
     data.update(max_bytes=300_000)
-  return config_lib.Config(
-    model=config_lib.ModelConfig(**model),
-    train=config_lib.TrainConfig(**train),
-    data=config_lib.DataConfig(**data),
-  ).validate()
+  base = fp8_parity.experiment_config()
+  return config_lib.replace(base, model=model, train=train, data=data).validate()
 
 
 def arm_config(base: config_lib.Config, ablation: Ablation, arm: Arm) -> config_lib.Config:
@@ -319,18 +302,20 @@ def train_arm(
   for i, batch in enumerate(batches, start=1):
     t0 = time.perf_counter()
     state, m = trainer.train_step(state, jax.device_put(batch, trainer.batch_sharding))
-    loss = float(m["loss"])  # blocks on the step
+    # One transfer of the step's metrics (it also waits for the step).
+    want = ("loss", "ce", "balance_loss", "max_vio") + (("mtp_ce",) if "mtp_ce" in m else ())
+    want += ("load",) if i > tail_from else ()
+    host = jax.device_get({k: m[k] for k in want})
+    loss = float(host["loss"])
     times.append(time.perf_counter() - t0)
     if not math.isfinite(loss):
       raise FloatingPointError(f"loss is {loss} at step {i}")
-    curves["loss"].append(loss)
-    curves["ce"].append(float(m["ce"]))
-    curves["balance_loss"].append(float(m["balance_loss"]))
-    if "mtp_ce" in m:
-      curves["mtp_ce"].append(float(m["mtp_ce"]))
-    curves["max_vio"].append([float(v) for v in np.asarray(m["max_vio"])])
+    for k in ("loss", "ce", "balance_loss", "mtp_ce"):
+      if k in host:
+        curves[k].append(float(host[k]))
+    curves["max_vio"].append([float(v) for v in host["max_vio"]])
     if i > tail_from:
-      load = np.asarray(m["load"], np.float64)
+      load = np.asarray(host["load"], np.float64)
       tail_load = load if tail_load is None else tail_load + load
     if i % cfg.train.eval_every == 0 or i == steps:
       evals[i] = _evaluate(eval_fn, state, heldout)
@@ -350,8 +335,28 @@ def train_arm(
   return rec, state
 
 
+def _gradient_fns(cfg: config_lib.Config, precisions) -> dict:
+  """precision -> jitted (params, biases, tokens) -> gradient of the training loss."""
+  from flax import nnx
+
+  from dsv3_jax import model as model_lib
+  from dsv3_jax.layers.routing import RouterBias
+  from dsv3_jax.train.loss import model_losses
+
+  fns = {}
+  for precision in precisions:
+    c = config_lib.replace(cfg, model={"matmul_precision": precision})
+    graphdef = nnx.split(model_lib.abstract(c.model), nnx.Param, RouterBias)[0]
+
+    def loss_fn(p, b, tokens, graphdef=graphdef, c=c):
+      return model_losses(nnx.merge(graphdef, p, b), tokens, c.train)[0]
+
+    fns[precision] = jax.jit(jax.grad(loss_fn))
+  return fns
+
+
 def gradient_agreement(
-  cfg: config_lib.Config, params, biases, batch: dict, precisions=("bf16", "fp8")
+  cfg: config_lib.Config, params, biases, batch: dict, precisions=("bf16", "fp8"), fns=None
 ) -> dict:
   """How far each precision's gradient is from the FP32 one, at the same weights and batch.
 
@@ -359,21 +364,10 @@ def gradient_agreement(
   percent spread over every parameter; a different computation somewhere (a missing term, a
   wrong transpose) shows as one parameter far off the others. Returns the global relative
   error, the worst parameters, and the cosine of the flattened gradients, per precision.
+  `fns` (from `_gradient_fns`) reuses compiled gradients across calls.
   """
-  from flax import nnx
-
-  from dsv3_jax import model as model_lib
-  from dsv3_jax.layers.routing import RouterBias
-  from dsv3_jax.train.loss import model_losses
-
-  def grads(precision):
-    c = config_lib.replace(cfg, model={"matmul_precision": precision})
-    graphdef = nnx.split(model_lib.abstract(c.model), nnx.Param, RouterBias)[0]
-
-    def loss_fn(p):
-      return model_losses(nnx.merge(graphdef, p, biases), batch["tokens"], c.train)[0]
-
-    return jax.jit(jax.grad(loss_fn))(params)
+  fns = fns or _gradient_fns(cfg, ("fp32", *precisions))
+  grads = lambda precision: fns[precision](params, biases, batch["tokens"])
 
   ref = grads("fp32")
   ref_flat = jax.tree_util.tree_flatten_with_path(ref)[0]
@@ -526,9 +520,12 @@ def _fp8_gradient_check(cfg, trained, batches, heldout) -> dict:
   from dsv3_jax.train.step import Trainer
 
   init = Trainer(cfg, mesh_lib.make_mesh(cfg.parallel)).init()
+  fns = _gradient_fns(cfg, ("fp32", "bf16", "fp8"))  # compiled once, used at both points
   return {
-    "train_batch": gradient_agreement(cfg, init.params, init.biases, batches[0]),
-    "trained_heldout_batch": gradient_agreement(cfg, trained.params, trained.biases, heldout[0]),
+    "train_batch": gradient_agreement(cfg, init.params, init.biases, batches[0], fns=fns),
+    "trained_heldout_batch": gradient_agreement(
+      cfg, trained.params, trained.biases, heldout[0], fns=fns
+    ),
   }
 
 

@@ -239,12 +239,12 @@ def shard_routed_experts(
   w1,
   w3,
   w2,
-  *,
   cfg: ModelConfig,
+  replicas=None,
+  *,
   ep: ExpertParallel,
   reduce_stats: bool = True,
   dispatch: Callable = flat_dispatch,
-  replicas=None,
 ):
   """One mesh shard (inside a shard_map over the whole mesh): route, dispatch (flat, or the
   two-stage node-then-GPU one of `parallel/node_dispatch.py`), local experts, combine.
@@ -330,9 +330,7 @@ def routed_experts(
   # mesh-invariant zeros next to per-shard blocks, which the VMA checker rejects. The
   # sharded-vs-unsharded tests check values and gradients instead.
   def shard(x, gate, bias, w1, w3, w2, replicas):
-    return shard_routed_experts(
-      x, gate, bias, w1, w3, w2, cfg=cfg, ep=ep, dispatch=dispatch, replicas=replicas
-    )
+    return shard_routed_experts(x, gate, bias, w1, w3, w2, cfg, replicas, ep=ep, dispatch=dispatch)
 
   fn = jax.shard_map(
     shard,

@@ -614,13 +614,12 @@ def dispatch_working_set(cfg: Config, plan, n_local_tokens: int) -> int:
   if ep is None or m.n_moe_layers == 0:
     return 0
   itemsize = jnp.dtype(m.dtype).itemsize
-  rows = ep.size * expert_lib.fast_slots_per_rank(n_local_tokens, m, ep)
+  sizes = expert_lib.buffer_bytes(n_local_tokens, m, ep, itemsize)
+  rows = ep.size * sizes["fast_slots_per_rank"]
   local_experts = m.n_routed_experts // ep.size
   c = experts_lib.capacity(rows, local_experts)
-  f = m.moe_intermediate_size
-  buffers = 4 * rows * m.hidden_size
-  buckets = local_experts * c * (m.hidden_size + 3 * f)
-  return (buffers + buckets) * itemsize
+  buckets = local_experts * c * (m.hidden_size + 3 * m.moe_intermediate_size) * itemsize
+  return 4 * sizes["fast_send_buffer_bytes"] + buckets
 
 
 def recipe_layer_bytes(cfg: Config, n: int) -> dict:

@@ -176,7 +176,9 @@ class ShardingPlan:
     """The MoE layers' routed-expert function (None = the single-device kernel)."""
     if self.expert_parallel is None:
       return None
-    return functools.partial(_routed_ep, ep=self.expert_parallel, dispatch=self.dispatch)
+    return functools.partial(
+      expert_lib.routed_experts, ep=self.expert_parallel, dispatch=self.dispatch
+    )
 
   @property
   def dispatch(self):
@@ -209,7 +211,12 @@ class ShardingPlan:
     per shard (the caller sums them), or None without expert parallelism."""
     if self.expert_parallel is None:
       return None
-    return functools.partial(_routed_ep_local, ep=self.expert_parallel, dispatch=self.dispatch)
+    return functools.partial(
+      expert_lib.shard_routed_experts,
+      ep=self.expert_parallel,
+      reduce_stats=False,
+      dispatch=self.dispatch,
+    )
 
   def param_shardings(self, abstract_params_state) -> dict:
     return shardings(self.mesh, self.param_specs(abstract_params_state))
@@ -246,28 +253,6 @@ class ShardingPlan:
       f"{expert_lib.max_nodes_per_token(m, ep.n_nodes)} nodes, capacity factor "
       f"{ep.capacity_factor or '0 (dropless)'}"
     )
-
-
-def _routed_ep(x_BxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, replicas=None, *, ep, dispatch):
-  return expert_lib.routed_experts(
-    x_BxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, ep, dispatch, replicas=replicas
-  )
-
-
-def _routed_ep_local(x_bxLxD, gate_DxE, bias_E, w1, w3, w2, cfg, replicas=None, *, ep, dispatch):
-  return expert_lib.shard_routed_experts(
-    x_bxLxD,
-    gate_DxE,
-    bias_E,
-    w1,
-    w3,
-    w2,
-    cfg=cfg,
-    ep=ep,
-    reduce_stats=False,
-    dispatch=dispatch,
-    replicas=replicas,
-  )
 
 
 def _pure(state) -> dict:
