@@ -92,14 +92,12 @@ def _stack(cfg: ModelConfig, moe: bool, n: int, key: jax.Array) -> Block:
 
 
 def run_stack(
-  stack: Block, x_BxLxD: jax.Array, ctx: Context, cache=None, collect: bool = False
+  stack: Block | nnx.List, x_BxLxD: jax.Array, ctx: Context, cache=None, collect: bool = False
 ) -> StackResult:
-  """Scans the stacked blocks (all of them, or the slice a pipeline stage holds)."""
-  graphdef, state = nnx.split(stack)
+  """Scans the stacked blocks (all of them, or the slice a pipeline stage holds); a stack
+  unstacked by `unstack_layers` (a list of blocks) runs as a loop over its layers."""
 
-  def body(x, xs):
-    layer_state, layer_cache = xs
-    block = nnx.merge(graphdef, layer_state)
+  def step(block, x, layer_cache):
     if ctx.microbatches == 1:
       x, aux, layer_cache = block(
         x, ctx.positions_BxL, ctx.cos, ctx.sin, layer_cache, ctx.absorb, ctx.routed
@@ -120,9 +118,44 @@ def run_stack(
     aux = {k: (v + aux1[k]) / 2 if k == "balance_loss" else v + aux1[k] for k, v in aux0.items()}
     return x, (aux, layer_cache, x if collect else None)
 
-  x, (aux, cache, hidden) = jax.lax.scan(body, x_BxLxD, (state, cache))
+  if isinstance(stack, nnx.List):
+    x, outs = x_BxLxD, []
+    for i, block in enumerate(stack):
+      x, out = step(block, x, None if cache is None else jax.tree.map(lambda c: c[i], cache))
+      outs.append(out)
+    aux, cache, hidden = jax.tree.map(lambda *layers: jnp.stack(layers), *outs)
+  else:
+    graphdef, state = nnx.split(stack)
+
+    def body(x, xs):
+      layer_state, layer_cache = xs
+      return step(nnx.merge(graphdef, layer_state), x, layer_cache)
+
+    x, (aux, cache, hidden) = jax.lax.scan(body, x_BxLxD, (state, cache))
   stats = {k: v.sum() for k, v in aux.items() if k not in ("load", "balance_loss")}
   return StackResult(x, aux["load"], aux["balance_loss"].sum(), stats, cache, hidden)
+
+
+def unstack_layers(model: "Transformer") -> "Transformer":
+  """`model` with its dense and MoE stacks as lists of per-layer blocks (new arrays, one per
+  layer and weight); the other modules are shared with `model`. For decoding.
+
+  A scanned stack hands each layer its weights as a slice of the stacked arrays, and XLA
+  copies that slice before its GEMMs: a decode step, bound by reading the weights, then
+  reads and writes them all once more. With one array per layer, `run_stack` loops over
+  the layers and every GEMM reads its weights in place. Compile time grows with depth.
+  """
+  graphdef, state = nnx.split(model)
+  out = nnx.merge(graphdef, state)
+  for name in ("dense", "moe"):
+    stack = getattr(out, name)
+    if stack is None or isinstance(stack, nnx.List):
+      continue
+    g, s = nnx.split(stack)
+    n = jax.tree.leaves(s)[0].shape[0]
+    layers = [nnx.merge(g, jax.tree.map(lambda a: a[i], s)) for i in range(n)]
+    setattr(out, name, nnx.List(layers))
+  return out
 
 
 class Transformer(nnx.Module):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsv3_jax import model as model_lib
 from dsv3_jax.layers.mla import cache_bytes_per_token
 
 
@@ -97,6 +98,7 @@ class Generator:
     routed=None,
     microbatches: int = 1,
     batch_shards: int = 1,
+    unstack: bool = True,
   ):
     """`vocab_limit`: only ids below it are ever generated (the tokenizer's real vocabulary
     when the model's embedding table is padded beyond it). `routed`: the MoE layers'
@@ -104,13 +106,16 @@ class Generator:
     expert on one device). `microbatches=2`: prefill and decode run every block on two
     halves of the batch that do not wait for each other (two-micro-batch overlap, report
     §3.4), each of `batch_shards` batch shards split in two; the batch is padded to a
-    multiple of 2 x batch_shards."""
+    multiple of 2 x batch_shards. `unstack`: run on per-layer copies of the stacked weights
+    (`model.unstack_layers`), so each decode step reads the weights once instead of copying
+    every layer's slice first; False keeps the scanned stacks (one more copy of the weights
+    is not affordable, or compile time matters more)."""
     self.cfg = model.cfg
     self.vocab_limit = vocab_limit
     self.routed = routed
     self.microbatches, self.batch_shards = microbatches, batch_shards
     self._run = dict(routed=routed, microbatches=microbatches, batch_shards=batch_shards)
-    self.graphdef, self.state = nnx.split(model)
+    self.graphdef, self.state = nnx.split(model_lib.unstack_layers(model) if unstack else model)
     self.cache_dtype = jnp.dtype(cache_dtype)
     # Only what shapes the program is static (filters, length); seed and EOS are traced, so a
     # new seed or EOS id reuses the compiled functions.

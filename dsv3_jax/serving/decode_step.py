@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsv3_jax import model as model_lib
 from dsv3_jax.serving.sampling import sample_rows
 
 
@@ -116,7 +117,8 @@ class DecodeProgram:
       raise ValueError(
         f"buckets {self.buckets} must reach max_len - 1 = {max_len - 1} (the longest prompt)"
       )
-    self.graphdef, self.state = nnx.split(model)
+    # Per-layer weights: each decode step reads them in place (see `model.unstack_layers`).
+    self.graphdef, self.state = nnx.split(model_lib.unstack_layers(model))
     self._prefill = jax.jit(self._prefill_fn)
     self._insert = jax.jit(self._insert_fn, donate_argnums=0)
     self._release = jax.jit(self._release_fn, donate_argnums=0)

@@ -109,3 +109,24 @@ def test_vocab_limit_respected(model):
   limited = Generator(model, cache_dtype=jnp.float32, vocab_limit=50)
   out = limited.generate(PROMPTS, SamplingConfig(max_new_tokens=6, temperature=3.0, seed=1))
   assert all(0 <= t < 50 for seq in out.tokens for t in seq)
+
+
+def test_unstacked_layers_decode_like_the_scanned_stacks(model, gen):
+  """`Generator` runs per-layer weights (`unstack_layers`): same logits, caches and greedy
+  tokens as the scanned stacks, and the caller's model keeps its stacks."""
+  from flax import nnx
+
+  flat = model_lib.unstack_layers(model)
+  assert isinstance(flat.moe, nnx.List) and len(flat.moe) == model.cfg.n_moe_layers
+  assert flat.moe[0].ffn.w1[...].shape == model.moe.ffn.w1[...].shape[1:]
+  assert not isinstance(model.moe, nnx.List)
+  tokens = jnp.asarray([PROMPTS[0] * 3], jnp.int32)
+  cache = model.init_cache(1, 32, jnp.float32)
+  want, got = model.forward(tokens, cache=cache), flat.forward(tokens, cache=cache)
+  np.testing.assert_allclose(got.logits_BxLxV, want.logits_BxLxV, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got.load_LxE, want.load_LxE)
+  for a, b in zip(jnp.asarray(got.cache.moe.c_kv_BxTxK), jnp.asarray(want.cache.moe.c_kv_BxTxK)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  stacked = Generator(model, cache_dtype=jnp.float32, unstack=False)
+  cfg = SamplingConfig(max_new_tokens=6)
+  assert stacked.generate(PROMPTS, cfg).tokens == gen.generate(PROMPTS, cfg).tokens

@@ -29,9 +29,9 @@ def test_pd_equals_single_mesh_and_moves_only_the_latent_cache(setup):
   for side, devices in ((gen.prefill_side, prefill), (gen.decode_side, decode)):
     assert set(side.mesh.devices.flat) == set(devices) and side.mesh.shape["expert"] == 4
     assert side.generator.routed is not None
-    w1 = side.generator.state["moe"]["ffn"]["w1"][...]
+    w1 = side.generator.state["moe"][0]["ffn"]["w1"][...]  # per-layer weights (decode)
     assert w1.sharding.device_set == set(devices)
-    assert w1.addressable_shards[0].data.shape[1] == cfg.n_routed_experts // 4
+    assert w1.addressable_shards[0].data.shape[0] == cfg.n_routed_experts // 4
   for temperature in (0.0, 0.8):
     s = SamplingConfig(max_new_tokens=10, temperature=temperature, top_p=0.9, seed=7)
     ref = Generator(model).generate(PROMPTS, s)
@@ -59,9 +59,9 @@ def test_decode_mesh_with_redundant_experts(setup):
   load = eplb.zipf_load(cfg.n_moe_layers, cfg.n_routed_experts, 4000, exponent=1.2, seed=1)
   placement = eplb.rebalance_experts(load, cfg.n_routed_experts + 4, cfg.n_group, 1, 4)
   gen = pd.DisaggregatedGenerator(model, prefill, decode, decode_placement=placement)
-  w1 = gen.decode_side.generator.state["moe"]["ffn"]["w1"][...]
-  assert w1.shape[1] == 12 and w1.addressable_shards[0].data.shape[1] == 3
-  assert gen.prefill_side.generator.state["moe"]["ffn"]["w1"][...].shape[1] == 8
+  w1 = gen.decode_side.generator.state["moe"][0]["ffn"]["w1"][...]  # per-layer weights
+  assert w1.shape[0] == 12 and w1.addressable_shards[0].data.shape[0] == 3
+  assert gen.prefill_side.generator.state["moe"][0]["ffn"]["w1"][...].shape[0] == 8
   s = SamplingConfig(max_new_tokens=8)
   assert gen.generate(PROMPTS, s).tokens == Generator(model).generate(PROMPTS, s).tokens
   r = eplb.compare_placements(load, 12, cfg.n_group, 1, 4)

@@ -162,11 +162,10 @@ def test_eos_stops_like_plain(spec3, plain3):
   assert got.new_tokens == sum(len(t) + f for t, f in zip(got.tokens, got.finished))
 
 
-def test_hf_round_trip_greedy_equals_plain(spec3, tmp_path):
+def test_hf_round_trip_greedy_equals_plain(model, spec3, tmp_path):
   """A random model exported in the HF layout and reloaded with its MTP layer."""
   from dsv3_jax import pretrained
 
-  model = nnx.merge(spec3.graphdef, spec3.state)
   pretrained.save_pretrained(model, str(tmp_path), format="hf", dtype="float32")
   loaded = pretrained.from_pretrained(str(tmp_path), mtp=True)
   assert len(loaded.mtp) == 1
