@@ -12,7 +12,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "colab", "*.ipynb")))
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
+# Minutes each even in their quick setting; what they show is also covered by the default
+# suite's unit tests (tests/train/test_ablations.py, tests/parallel/).
+SLOW = {"ablations.ipynb", "parallelism.ipynb"}
+
+
+@pytest.mark.parametrize(
+  "path",
+  [
+    pytest.param(p, marks=pytest.mark.slow) if os.path.basename(p) in SLOW else p for p in NOTEBOOKS
+  ],
+  ids=[os.path.basename(p) for p in NOTEBOOKS],
+)
 def test_notebook_runs(path):
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(

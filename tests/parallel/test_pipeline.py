@@ -317,7 +317,13 @@ def _assert_trees_close(got, want, rtol=2e-4):
 
 
 @pytest.mark.parametrize(
-  "name,pp,n_mb", [("1f1b", 2, 2), ("dualpipe", 2, 4), ("1f1b", 4, 4), ("dualpipe", 4, 8)]
+  "name,pp,n_mb",
+  [
+    ("1f1b", 2, 2),
+    ("dualpipe", 2, 4),
+    pytest.param("1f1b", 4, 4, marks=pytest.mark.slow),
+    pytest.param("dualpipe", 4, 8, marks=pytest.mark.slow),
+  ],
 )
 def test_deepseek_pipelined_grads_equal_unpipelined(name, pp, n_mb):
   """Loss, loads and every gradient of the DeepSeek-V3 step (MTP, balance loss) match."""
@@ -379,6 +385,7 @@ def test_dualpipe_training_follows_the_unpipelined_run():
   _assert_trees_close(s_piped.biases, s_plain.biases, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_selects_the_pipeline(tmp_path):
   from configs.dsv3 import get_config
   from dsv3_jax.train.loop import train_and_evaluate

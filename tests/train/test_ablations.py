@@ -116,6 +116,22 @@ def _run(name, out, corpus, **kw):
   return r, logs
 
 
+def test_finished_arms_are_skipped_and_shared(tmp_path, corpus):
+  """One arm (the default suite's share of the end-to-end test below, which is slow)."""
+  out = str(tmp_path)
+  r, logs = _run("fp8", out, corpus, arms=["bf16"])
+  assert len(logs) == 1 and "bf16: held-out" in logs[0], logs
+  assert r["arms_missing"] and set(r["arms"]) == {"bf16"}
+  assert set(r["arms"]["bf16"]["heldout"]) == {"0", "4", "8"}
+  again, logs = _run("fp8", out, corpus, arms=["bf16"])
+  assert len(logs) == 1 and "done earlier" in logs[0]
+  assert again["arms"]["bf16"]["heldout"] == r["arms"]["bf16"]["heldout"]
+  # Another ablation's identical arm (the shared baseline) is copied, not retrained.
+  _, logs = _run("mtp", out, corpus, arms=["mtp1"])
+  assert logs == ["mtp/mtp1: the same run as fp8/bf16"]
+
+
+@pytest.mark.slow
 def test_fp8_ablation_end_to_end_and_resume(tmp_path, corpus):
   out = str(tmp_path)
   r, _ = _run("fp8", out, corpus)
