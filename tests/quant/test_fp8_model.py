@@ -331,14 +331,14 @@ class PrecisionSwitchTest(absltest.TestCase):
     self.assertEqual(dots32[("bfloat16", "bfloat16")], 0)
     self.assertEqual(dots8[("float8_e4m3fn", "float8_e4m3fn")], 0)
     # The high-precision dots of the fp8 model are exactly the fp32 model's non-projection
-    # dots: output head (main + MTP), router gates, the three attention-core einsums per MLA.
+    # dots: output head (main + MTP), router gates, the two attention-core einsums per MLA.
     # (The fp32 model traces each routed-expert GEMM twice: in its capacity buckets and in the
     # exact overflow pass, `layers/experts.py`.)
     n_routed = sum(n for (kind, _), n in expected.items() if kind == "grouped")
     self.assertEqual(
       dots8[("float32", "float32")], dots32[("float32", "float32")] - n_calls - n_routed
     )
-    self.assertEqual(dots8[("float32", "float32")], 2 + 2 + 3 * 3)
+    self.assertEqual(dots8[("float32", "float32")], 2 + 2 + 3 * 2)
 
   def test_head_and_router_kernels_are_not_projections(self):
     _, model = _trace_model(_tiny("fp8"))
