@@ -12,20 +12,27 @@ from flax import nnx
 
 
 def matmul(x_xK: jax.Array, w_KxN: jax.Array, precision: str) -> jax.Array:
-  """`x @ w` in the chosen precision; the result has x's dtype."""
+  """`x @ w` in the chosen precision; the result has x's dtype.
+
+  Leading dims are flattened into one row dim first: the weight gradient is then a plain
+  [K, M] x [M, N] GEMM, where with [B, L, K] inputs it contracts two dims at once, which
+  XLA:CPU runs about 2x slower (measured on the head, [4, 512, 512] x [512, 8192]).
+  """
   if precision == "fp8":
     from dsv3_jax.quant import fp8  # local import: quant depends on nothing here
 
     return fp8.fp8_matmul(x_xK, w_KxN)
+  lead = x_xK.shape[:-1]
+  x_MxK = x_xK.reshape(-1, x_xK.shape[-1])
   if precision == "bf16":
     y = jnp.dot(
-      x_xK.astype(jnp.bfloat16), w_KxN.astype(jnp.bfloat16), preferred_element_type=jnp.float32
+      x_MxK.astype(jnp.bfloat16), w_KxN.astype(jnp.bfloat16), preferred_element_type=jnp.float32
     )
   elif precision == "fp32":
-    y = jnp.dot(x_xK.astype(jnp.float32), w_KxN.astype(jnp.float32))
+    y = jnp.dot(x_MxK.astype(jnp.float32), w_KxN.astype(jnp.float32))
   else:
     raise ValueError(f"unknown matmul precision {precision!r}")
-  return y.astype(x_xK.dtype)
+  return y.reshape(lead + (w_KxN.shape[-1],)).astype(x_xK.dtype)
 
 
 class Linear(nnx.Module):
