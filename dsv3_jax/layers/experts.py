@@ -15,8 +15,9 @@ Three formulations behind it, chosen at trace time from static shapes:
   path below, on the overflowing rows only) runs under `lax.cond` only when some expert
   overflowed, so it costs nothing when the routing is balanced.
 * padded blocks (FP8, and the overflow pass): rows sorted by expert, each expert's group
-  padded to a multiple of S rows, a loop over blocks multiplies each block by its expert's
-  weights (`grouped_matmul`; the FP8 variant is `quant/fp8_grouped.py`).
+  padded to a multiple of S rows, a loop over the used blocks (a dynamic trip count, so a
+  small overflow costs little) multiplies each block by its expert's weights
+  (`grouped_matmul`; the FP8 variant is `quant/fp8_grouped.py`).
 * gathered weights (decode at batch 1: rows <= experts / 4): each row gathers its expert's
   weights, one batched product, no padding. Above that, decode takes the buckets too: each
   expert's weights are streamed once, in place, by the batched GEMM (`capacity` sizes the
@@ -119,7 +120,8 @@ def _bucket_rows(x_RxD, expert_R, w1, w3, w2, block, precision, factor, expected
 def grouped_matmul(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision="fp32"):
   """`out[b] = x[b] @ w[block_expert[b]]` for blocks b < n_used; zeros beyond.
 
-  fp32 / bf16 run each block through `matmul` (its VJP per block in backward); fp8 runs
+  fp32 / bf16 loop over the n_used blocks only, each through `matmul` (its VJP per block in
+  backward); fp8 runs
   `dsv3_jax.quant.fp8_grouped`, whose backward keeps only the FP8 activations and scales and
   computes dgrad and wgrad with FP8 operands too.
   """
@@ -143,42 +145,35 @@ def _grouped_hp(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision):
 
 
 def _grouped_fwd(x, w, block_expert, n_used, precision):
+  # A loop over the used blocks only (a dynamic trip count: differentiable because the VJP
+  # below is custom), so the exact overflow pass costs what its rows cost, not the bound.
   f = _block_fn(precision)
-  zeros = jnp.zeros((x.shape[1], w.shape[2]), x.dtype)
+  zero = jnp.zeros((), jnp.int32)
 
-  def body(args):
-    xb, e, b = args
-    return jax.lax.cond(b < n_used, lambda: f(xb, w[e]).astype(x.dtype), lambda: zeros)
+  def body(b, out):
+    yb = f(x[b], w[block_expert[b]]).astype(x.dtype)
+    return jax.lax.dynamic_update_slice(out, yb[None], (b, zero, zero))
 
-  out = jax.lax.map(body, (x, block_expert, jnp.arange(x.shape[0])))
+  out = jax.lax.fori_loop(0, n_used, body, jnp.zeros(x.shape[:2] + w.shape[2:], x.dtype))
   return out, (x, w, block_expert, n_used)
 
 
 def _grouped_bwd(precision, res, g_NBxSxF):
   x, w, block_expert, n_used = res
   f = _block_fn(precision)
+  zero = jnp.zeros((), jnp.int32)
 
-  def step(dw, args):
-    xb, gb, e, b = args
-
-    def compute():
-      _, vjp = jax.vjp(f, xb, w[e])
-      dxb, dwe = vjp(gb.astype(x.dtype))
-      return dxb.astype(x.dtype), dwe.astype(dw.dtype)
-
-    def skip():
-      return jnp.zeros_like(xb), jnp.zeros(w.shape[1:], dw.dtype)
-
-    # Only the small per-block results go through the cond; the [E, K, F] accumulator is
-    # updated in place outside it (a cond carrying it would copy it every block).
-    dxb, dwe = jax.lax.cond(b < n_used, compute, skip)
-    zero = jnp.zeros((), jnp.int32)
+  def body(b, carry):
+    dx, dw = carry
+    e = block_expert[b]
+    _, vjp = jax.vjp(f, x[b], w[e])
+    dxb, dwe = vjp(g_NBxSxF[b].astype(x.dtype))
+    dx = jax.lax.dynamic_update_slice(dx, dxb.astype(x.dtype)[None], (b, zero, zero))
     current = jax.lax.dynamic_slice(dw, (e, zero, zero), (1,) + dw.shape[1:])
-    return jax.lax.dynamic_update_slice(dw, current + dwe[None], (e, zero, zero)), dxb
+    dw = jax.lax.dynamic_update_slice(dw, current + dwe.astype(dw.dtype)[None], (e, zero, zero))
+    return dx, dw
 
-  dw, dx = jax.lax.scan(
-    step, jnp.zeros(w.shape, jnp.float32), (x, g_NBxSxF, block_expert, jnp.arange(x.shape[0]))
-  )
+  dx, dw = jax.lax.fori_loop(0, n_used, body, (jnp.zeros_like(x), jnp.zeros(w.shape, jnp.float32)))
   return dx, dw.astype(w.dtype), None, None
 
 
