@@ -121,9 +121,8 @@ def grouped_matmul(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision="fp32")
   """`out[b] = x[b] @ w[block_expert[b]]` for blocks b < n_used; zeros beyond.
 
   fp32 / bf16 loop over the n_used blocks only, each through `matmul` (its VJP per block in
-  backward); fp8 runs
-  `dsv3_jax.quant.fp8_grouped`, whose backward keeps only the FP8 activations and scales and
-  computes dgrad and wgrad with FP8 operands too.
+  backward); fp8 runs `dsv3_jax.quant.fp8_grouped`, whose backward keeps only the FP8
+  activations and scales and computes dgrad and wgrad with FP8 operands too.
   """
   if precision == "fp8":
     from dsv3_jax.quant import fp8_grouped  # local import, as in layers/linear.py

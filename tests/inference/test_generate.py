@@ -125,8 +125,9 @@ def test_unstacked_layers_decode_like_the_scanned_stacks(model, gen):
   want, got = model.forward(tokens, cache=cache), flat.forward(tokens, cache=cache)
   np.testing.assert_allclose(got.logits_BxLxV, want.logits_BxLxV, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(got.load_LxE, want.load_LxE)
-  for a, b in zip(jnp.asarray(got.cache.moe.c_kv_BxTxK), jnp.asarray(want.cache.moe.c_kv_BxTxK)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    got.cache.moe.c_kv_BxTxK, want.cache.moe.c_kv_BxTxK, rtol=1e-5, atol=1e-6
+  )
   stacked = Generator(model, cache_dtype=jnp.float32, unstack=False)
   cfg = SamplingConfig(max_new_tokens=6)
   assert stacked.generate(PROMPTS, cfg).tokens == gen.generate(PROMPTS, cfg).tokens
