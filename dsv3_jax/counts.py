@@ -10,8 +10,16 @@ which share the main model's embedding and output head. For the published hyperp
 from dsv3_jax.config import ModelConfig
 
 
-def param_counts(cfg: ModelConfig) -> dict:
-  """Analytic parameter counts (total, activated per token, MTP), for cross-checks."""
+def part_counts(cfg: ModelConfig) -> dict:
+  """Parameters of each kind of part, one of each (for placement: which rank holds what).
+
+  attention   one MLA block with its two block norms
+  dense_mlp   one dense layer's SwiGLU MLP
+  moe_shared  one MoE layer's shared experts and its router (replicated under EP)
+  moe_routed  one MoE layer's routed experts (sharded over EP)
+  mtp_extra   one MTP module's own projection and norms (its block counted as a MoE layer's)
+  embedding, head (with the final norm)
+  """
   d = cfg.hidden_size
   h = cfg.num_attention_heads
   if cfg.q_lora_rank:
@@ -23,16 +31,31 @@ def param_counts(cfg: ModelConfig) -> dict:
     + cfg.kv_lora_rank
     + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
   )
-  attn = q + kv + h * cfg.v_head_dim * d + 2 * d  # + the two block norms
-  dense = 3 * d * cfg.intermediate_size
   expert = 3 * d * cfg.moe_intermediate_size
-  moe_total = (cfg.n_routed_experts + cfg.n_shared_experts) * expert + d * cfg.n_routed_experts
-  moe_active = (cfg.num_experts_per_tok + cfg.n_shared_experts) * expert + d * cfg.n_routed_experts
-  embed = cfg.vocab_size * d
-  head = cfg.vocab_size * d + d
-  body_total = cfg.n_dense_layers * (attn + dense) + cfg.n_moe_layers * (attn + moe_total)
-  body_active = cfg.n_dense_layers * (attn + dense) + cfg.n_moe_layers * (attn + moe_active)
-  mtp_unique = cfg.num_nextn_predict_layers * (2 * d * d + 2 * d + d + attn + moe_total)
+  return {
+    "attention": q + kv + h * cfg.v_head_dim * d + 2 * d,
+    "dense_mlp": 3 * d * cfg.intermediate_size,
+    "moe_shared": cfg.n_shared_experts * expert + d * cfg.n_routed_experts,
+    "moe_routed": cfg.n_routed_experts * expert,
+    "expert": expert,
+    "mtp_extra": 2 * d * d + 3 * d,
+    "embedding": cfg.vocab_size * d,
+    "head": cfg.vocab_size * d + d,
+  }
+
+
+def param_counts(cfg: ModelConfig) -> dict:
+  """Analytic parameter counts (total, activated per token, MTP), for cross-checks."""
+  p = part_counts(cfg)
+  attn, expert, embed, head = p["attention"], p["expert"], p["embedding"], p["head"]
+  d = cfg.hidden_size
+  moe_total = p["moe_shared"] + p["moe_routed"]
+  moe_active = p["moe_shared"] + cfg.num_experts_per_tok * expert
+  body_total = cfg.n_dense_layers * (attn + p["dense_mlp"]) + cfg.n_moe_layers * (attn + moe_total)
+  body_active = cfg.n_dense_layers * (attn + p["dense_mlp"]) + cfg.n_moe_layers * (
+    attn + moe_active
+  )
+  mtp_unique = cfg.num_nextn_predict_layers * (p["mtp_extra"] + attn + moe_total)
   return {
     "total": embed + body_total + head,
     "activated": embed + body_active + head,
@@ -68,4 +91,4 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 6.0 * matmul_params + attn
 
 
-__all__ = ["param_counts", "describe", "flops_per_token"]
+__all__ = ["part_counts", "param_counts", "describe", "flops_per_token"]

@@ -20,6 +20,10 @@ module answers, without allocating or compiling anything (the mesh may be a
                               up-projections recomputed, flash attention (no score matrix),
                               GEMM inputs cached in FP8, SwiGLU outputs recomputed, dispatch
                               buffers holding the real copies only (an analytic estimate);
+                  and, beside this code's placement, the report's own (`report_layout_memory`):
+                  each rank holding only its stages, the ends on the end ranks, bf16 working
+                  weights, fp32 gradients, ZeRO-1 masters and moments, the recipe's
+                  activations walked through the schedule rank by rank;
   communication   per step and device, on NVLink and IB: expert all-to-all (dispatch and
                   combine, forward and backward) under node-limited routing, pipeline sends,
                   and the ZeRO-1 gradient reduce-scatter / parameter all-gather (plus the
@@ -629,45 +633,62 @@ def recipe_layer_bytes(cfg: Config, n: int) -> dict:
   matmul_precision=fp8, else a):
     residual stream  the layer input and the post-attention residual (RMSNorms recomputed)
     MLA              the q and kv latents and the rotary key (up-projections recomputed,
-                     §3.2.3), the attention output and flash attention's log-sum-exp
+                     §3.2.3), the attention output -- the input of the Linear after attention,
+                     kept in the report's E5M6 (1.5 bytes) under FP8 (§3.3.3) -- and flash
+                     attention's log-sum-exp
     MoE              router scores and weights; per routed copy the dispatched input and the
-                     SwiGLU inputs (cached, output recomputed, §3.3.3) and its output for the
-                     combine; the shared expert's input and SwiGLU inputs
+                     SwiGLU inputs (cached, output recomputed, §3.3.3); the shared expert's
+                     input and SwiGLU inputs. No expert output is kept for the combine: with
+                     the gate weight applied to the SwiGLU output (the down projection is
+                     linear, so the layer is the same function), the gate's gradient is the
+                     recomputed SwiGLU output against the down projection's input gradient,
+                     which the backward computes anyway. (The report does not list expert
+                     outputs among its cached activations either.)
     dense MLP        (dense layers) input and SwiGLU inputs
   """
   m = cfg.model
   a = jnp.dtype(m.dtype).itemsize
-  c = FP8_CACHE_BYTES if m.matmul_precision == "fp8" else a
+  fp8 = m.matmul_precision == "fp8"
+  c = FP8_CACHE_BYTES if fp8 else a
+  attn_out = 1.5 if fp8 else a  # E5M6: 12 bits
   d, h, k = m.hidden_size, m.num_attention_heads, m.num_experts_per_tok
   resid = 2 * d * a
-  mla = (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim) * a + h * m.v_head_dim * a + h * 4
-  f, fs = m.moe_intermediate_size, m.moe_intermediate_size * m.n_shared_experts
-  moe = (
-    m.n_routed_experts * 4
-    + k * 4
-    + k * (d * c + 2 * f * c + d * a)
-    + (d * c + 2 * fs * c if fs else 0)
+  mla = (
+    (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim) * a + h * m.v_head_dim * attn_out + h * 4
   )
+  f, fs = m.moe_intermediate_size, m.moe_intermediate_size * m.n_shared_experts
+  moe = m.n_routed_experts * 4 + k * 4 + k * (d * c + 2 * f * c) + (d * c + 2 * fs * c if fs else 0)
   dense = d * c + 2 * m.intermediate_size * c
   return {"residual_stream": resid * n, "mla": mla * n, "moe": moe * n, "dense_mlp": dense * n}
+
+
+def _recipe_parts(cfg: Config, n: int) -> dict:
+  """Recipe bytes for N tokens of each kind of layer and of each end's extras."""
+  m = cfg.model
+  per = recipe_layer_bytes(cfg, n)
+  a = jnp.dtype(m.dtype).itemsize
+  moe = per["residual_stream"] + per["mla"] + per["moe"]
+  return {
+    "moe": moe,
+    "dense": per["residual_stream"] + per["mla"] + per["dense_mlp"],
+    # An MTP module: its block (a MoE layer), the concatenation and projection, the head input.
+    "mtp": moe + n * 4 * m.hidden_size * a,
+    "head": n * m.hidden_size * a,  # the head's input; the cross-entropy is fused
+    "per_layer": per,
+  }
 
 
 def recipe_activations(cfg: Config, layout: Layout) -> dict:
   """The recipe's activations on the busiest rank: in-flight micro-batch-stages, each with
   its stage's MoE layers, plus the ends' extras (embedding stage: dense layers; last stage:
-  the head's input with a fused cross-entropy, and the MTP modules as MoE layers) counted on
-  every in-flight entry of a rank holding that end."""
+  the head's input with a fused cross-entropy, and the MTP modules) counted on every
+  in-flight entry of a rank holding that end -- this code's placement, where every stage
+  holds the same number of MoE layers and the ends ride on top."""
   m = cfg.model
-  n = layout.tokens_per_mb
-  per = recipe_layer_bytes(cfg, n)
-  moe_layer = per["residual_stream"] + per["mla"] + per["moe"]
-  dense_layer = per["residual_stream"] + per["mla"] + per["dense_mlp"]
-  a = jnp.dtype(m.dtype).itemsize
-  first = m.n_dense_layers * dense_layer
-  last = n * m.hidden_size * a + m.num_nextn_predict_layers * (
-    moe_layer + n * 3 * m.hidden_size * a
-  )  # MTP: its block + the concat and projection
-  stage = layout.layers_per_stage * moe_layer
+  parts = _recipe_parts(cfg, layout.tokens_per_mb)
+  first = m.n_dense_layers * parts["dense"]
+  last = parts["head"] + m.num_nextn_predict_layers * parts["mtp"]
+  stage = layout.layers_per_stage * parts["moe"]
   if layout.schedule is None:
     per_entry = stage + first + last
   elif layout.n_slots > 1:  # DualPipe: rank 0 holds both ends, entries of both directions
@@ -675,11 +696,130 @@ def recipe_activations(cfg: Config, layout: Layout) -> dict:
   else:  # 1F1B: rank 0 holds the embedding stage and the most entries
     per_entry = stage + first
   return {
-    "per_layer": {k: int(v) for k, v in per.items()},
-    "moe_layer": int(moe_layer),
+    "per_layer": {k: int(v) for k, v in parts["per_layer"].items()},
+    "moe_layer": int(parts["moe"]),
     "per_microbatch_stage": int(per_entry),
     "in_flight": layout.in_flight,
     "activations": int(per_entry * layout.in_flight),
+  }
+
+
+# ----------------------------------------------------------------------------- report's layout
+def report_stages(m: config_lib.ModelConfig, n_stages: int) -> list[dict]:
+  """The layers of each pipeline stage under the report's placement, as this plan balances it.
+
+  The dense layers, MoE layers and MTP modules, in model order, split into `n_stages`
+  contiguous stages as evenly as possible, the end stages taking the smaller share: the first
+  also runs the embedding, the last the output head (for the main model and every MTP module,
+  which share it, §2.2 and §3.2.3). A dense layer and an MTP module count one layer each:
+  DeepSeek-V3's dense MLP (18432 = 9 x 2048 wide) costs a MoE layer's 8 routed + 1 shared
+  experts. The report does not publish its split; for 671B on 16 stages this gives stage 0 the
+  3 dense layers, the 14 middle stages 4 MoE layers each and the last 2 MoE layers and the MTP
+  module (3 + 58 + 1 = 62 layers).
+  """
+  kinds = (
+    ["dense"] * m.n_dense_layers + ["moe"] * m.n_moe_layers + ["mtp"] * m.num_nextn_predict_layers
+  )
+  base, extra = divmod(len(kinds), n_stages)
+  if base == 0:
+    raise ValueError(f"{len(kinds)} layers (with the MTP modules) do not fill {n_stages} stages")
+  sizes = [base] * n_stages
+  order = list(range(1, n_stages - 1)) + [0, n_stages - 1] if n_stages > 2 else [0, 1][:n_stages]
+  for s in order[:extra]:
+    sizes[s] += 1
+  stages, at = [], 0
+  for s, size in enumerate(sizes):
+    part = kinds[at : at + size]
+    at += size
+    stages.append(
+      {
+        "dense": part.count("dense"),
+        "moe": part.count("moe"),
+        "mtp": part.count("mtp"),
+        "embedding": s == 0,
+        "head": s == n_stages - 1,
+      }
+    )
+  return stages
+
+
+def report_layout_memory(cfg: Config, layout: Layout) -> dict:
+  """Per-device memory under the report's layout (§3.2.3, §3.3.3), analytic, for every rank.
+
+  Placement: each rank holds only its stages' layers (`report_stages`; DualPipe's rank r the
+  stages r and S-1-r), the embedding and the head on the end stages' ranks only; routed
+  experts sharded over `expert`, everything else replicated over data x expert.
+  Precision: working weights in the activation dtype (what the GEMMs quantize from), weight
+  gradients in FP32, and ZeRO-1 shards the FP32 master weights and the AdamW moments
+  (`train.moment_dtype`) over each parameter's data-parallel replicas (data for the routed
+  experts, data x expert for the rest). Activations: the recipe's bytes (`recipe_layer_bytes`)
+  of each in-flight micro-batch-stage, its stage's own layers, walked through the schedule.
+  Returns the busiest rank's breakdown and every rank's total.
+  """
+  m, p, t = cfg.model, cfg.parallel, cfg.train
+  parts = counts.part_counts(m)
+  a = jnp.dtype(m.dtype).itemsize
+  state_bytes = 4 + 2 * jnp.dtype(t.moment_dtype).itemsize  # master + two moments
+  dp_shared, dp_routed = p.data * p.expert, p.data
+  n_stages = layout.n_stages
+  stages = report_stages(m, n_stages)
+  act = _recipe_parts(cfg, layout.tokens_per_mb)
+
+  def stage_params(st):  # (replicated, routed) parameters one device holds of a stage
+    layers = st["dense"] + st["moe"] + st["mtp"]
+    shared = layers * parts["attention"] + st["dense"] * parts["dense_mlp"]
+    shared += (st["moe"] + st["mtp"]) * parts["moe_shared"] + st["mtp"] * parts["mtp_extra"]
+    shared += st["embedding"] * parts["embedding"] + st["head"] * parts["head"]
+    return shared, (st["moe"] + st["mtp"]) * parts["moe_routed"] // p.expert
+
+  def stage_activations(st):
+    return (
+      st["dense"] * act["dense"]
+      + st["moe"] * act["moe"]
+      + st["mtp"] * act["mtp"]
+      + st["head"] * act["head"]
+    )
+
+  sched = layout.schedule
+  if sched is None:
+    held = [[0]]
+    peaks = [stage_activations(stages[0])]
+  else:
+    held = [[] for _ in range(sched.pp)]
+    for row in sched.stage_rank:
+      for s, r in enumerate(row):
+        held[r].append(s)
+    peaks = []
+    for r, ops in enumerate(sched.ops):
+      live = peak = 0
+      for op in ops:
+        for kind, _, _, s in op.halves():
+          if kind == "F":
+            live += stage_activations(stages[s])
+            peak = max(peak, live)
+          elif kind in ("B", "BW"):
+            live -= stage_activations(stages[s])
+      peaks.append(peak)
+  ranks = []
+  for r, ss in enumerate(held):
+    shared = sum(stage_params(stages[s])[0] for s in ss)
+    routed = sum(stage_params(stages[s])[1] for s in ss)
+    row = {
+      "rank_stages": ss,
+      "weights": (shared + routed) * a,
+      "grads": (shared + routed) * 4,
+      "optimizer": shared * state_bytes / dp_shared + routed * state_bytes / dp_routed,
+      "activations": peaks[r],
+    }
+    row["total"] = sum(row[k] for k in ("weights", "grads", "optimizer", "activations"))
+    ranks.append(row)
+  busiest = max(range(len(ranks)), key=lambda r: ranks[r]["total"])
+  return {
+    "stages": stages,
+    "busiest_rank": busiest,
+    **{k: v if k == "rank_stages" else int(v) for k, v in ranks[busiest].items()},
+    "rank_totals": [int(r["total"]) for r in ranks],
+    "rank_weights": [int(r["weights"]) for r in ranks],
   }
 
 
@@ -887,6 +1027,7 @@ def plan_training(
     activations_recipe=recipe["activations"],
     total_recipe=static + mem["dualpipe_second_chunk"] + recipe["activations"],
   )
+  report_layout = report_layout_memory(cfg, layout)
   traced = None
   if trace:
     traced = traced_activations(cfg, mesh, state, layout)
@@ -929,6 +1070,7 @@ def plan_training(
     },
     "memory": memory,
     "activations_recipe_detail": recipe,
+    "report_layout": report_layout,
     "activations_traced_detail": traced,
     "communication": comm,
     "time": timing(cfg, mesh, layout, comm, hw, efficiency),
@@ -985,6 +1127,28 @@ def format_table(r: dict) -> str:
     lines.append(f"  total, this code                 {g(mem['total_traced'])}")
   if r["hardware"]["memory_bytes"]:
     lines.append(f"  ({r['hardware']['name']} memory {g(r['hardware']['memory_bytes']).strip()})")
+  lay = r["report_layout"]
+  held = [lay["stages"][s] for s in lay["rank_stages"]]
+  what = ", ".join(
+    f"{sum(st[k] for st in held)} {name}"
+    for k, name in (("dense", "dense"), ("moe", "MoE"), ("mtp", "MTP"))
+    if sum(st[k] for st in held)
+  )
+  ends = [e for e in ("embedding", "head") if any(st[e] for st in held)]
+  lines += [
+    "",
+    "memory per device, the report's layout (analytic: ends on the end ranks, bf16 working",
+    "weights, fp32 gradients, ZeRO-1 masters and moments, the recipe's activations)",
+    f"  busiest: rank {lay['busiest_rank']} of {len(lay['rank_totals'])}, stage(s) "
+    f"{' + '.join(map(str, lay['rank_stages']))}: {what}"
+    + (f", {' and '.join(ends)}" if ends else ""),
+    f"  {'working weights (' + c['dtype'] + ')':<33}{g(lay['weights'])}",
+    f"  gradients (fp32)                 {g(lay['grads'])}",
+    f"  ZeRO-1 masters + moments         {g(lay['optimizer'])}",
+    f"  activations, report's recipe     {g(lay['activations'])}",
+    f"  total                            {g(lay['total'])}"
+    f"  (ranks {min(lay['rank_totals']) / GB:.1f}-{max(lay['rank_totals']) / GB:.1f} GB)",
+  ]
   lines += ["", "communication per device per step        NVLink           IB"]
   for key, label in (
     ("expert_all_to_all", "expert all-to-all (fwd + bwd)"),
@@ -1040,6 +1204,8 @@ __all__ = [
   "plan_training",
   "recipe_activations",
   "recipe_layer_bytes",
+  "report_layout_memory",
+  "report_stages",
   "shard_shape",
   "state_memory",
   "timing",

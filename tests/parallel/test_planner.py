@@ -196,6 +196,50 @@ def test_671b_fits_in_80gb():
   assert r["memory"]["total_recipe"] < 80e9
 
 
+def test_671b_report_layout_fits_in_80gb():
+  """The report's layout, analytic: each DualPipe rank holds its two stages only (the ends on
+  the end ranks), bf16 working weights and fp32 gradients, ZeRO-1 masters and moments, and
+  the recipe's activations of the micro-batch-stages the schedule keeps in flight."""
+  r = _plan_671b()
+  print("\n" + planner.format_table(r))
+  lay = r["report_layout"]
+  stages = lay["stages"]
+  assert [st["dense"] for st in stages][:2] == [3, 0] and stages[0]["moe"] == 0
+  assert [st["moe"] for st in stages[1:-1]] == [4] * 14
+  assert (stages[-1]["moe"], stages[-1]["mtp"]) == (2, 1)
+  assert sum(st["moe"] for st in stages) == 58
+  assert len(lay["rank_stages"]) == 2  # DualPipe: stages r and 15 - r
+  assert lay["grads"] == 2 * lay["weights"]  # fp32 gradients of bf16 working weights
+  assert max(lay["rank_totals"]) == lay["total"] < 80e9
+  # The same layout with this code's recipe on every pipe rank is what the plan above shows.
+  assert r["memory"]["total_recipe"] > lay["total"]
+
+
+@pytest.mark.parametrize("schedule,copies", [("1f1b", 1), ("dualpipe", 2)])
+def test_report_layout_places_every_parameter(schedule, copies):
+  """Summed over the pipe ranks, the report's layout holds every parameter once per copy
+  (DualPipe: twice), the routed experts split over `expert`."""
+  from dsv3_jax import counts
+
+  cfg = _tiny(num_hidden_layers=5)
+  r = planner.plan_training(
+    cfg,
+    "data:1,expert:2,pipe:2",
+    node_size=1,
+    global_batch=8,
+    schedule=schedule,
+    microbatches=4,
+    trace=False,
+  )
+  m, lay = cfg.model, r["report_layout"]
+  c, p = counts.param_counts(m), counts.part_counts(m)
+  routed = (m.n_moe_layers + m.num_nextn_predict_layers) * p["moe_routed"]
+  per_device = c["total"] + c["mtp_unique"] - routed + routed // 2
+  assert sum(st["dense"] + st["moe"] + st["mtp"] for st in lay["stages"]) == 6
+  assert sum(lay["rank_weights"]) == copies * per_device * 4  # tiny runs float32
+  assert all(t > 0 for t in lay["rank_totals"])
+
+
 def test_misfit_meshes_fail_before_tracing(monkeypatch):
   def no_trace(*a, **k):
     raise AssertionError("traced before checking the mesh")
