@@ -770,40 +770,25 @@ def report_layout_memory(cfg: Config, layout: Layout) -> dict:
     shared = layers * parts["attention"] + st["dense"] * parts["dense_mlp"]
     shared += (st["moe"] + st["mtp"]) * parts["moe_shared"] + st["mtp"] * parts["mtp_extra"]
     shared += st["embedding"] * parts["embedding"] + st["head"] * parts["head"]
-    return shared, (st["moe"] + st["mtp"]) * parts["moe_routed"] // p.expert
+    return np.array([shared, (st["moe"] + st["mtp"]) * parts["moe_routed"] // p.expert])
 
-  def stage_activations(st):
-    return (
-      st["dense"] * act["dense"]
-      + st["moe"] * act["moe"]
-      + st["mtp"] * act["mtp"]
-      + st["head"] * act["head"]
-    )
+  def stage_activations(s):
+    st = stages[s]
+    kinds = ("dense", "moe", "mtp", "head")
+    return sum(st[k] * act[k] for k in kinds)
 
   sched = layout.schedule
   if sched is None:
-    held = [[0]]
-    peaks = [stage_activations(stages[0])]
+    held, peaks = [[0]], [stage_activations(0)]
   else:
     held = [[] for _ in range(sched.pp)]
     for row in sched.stage_rank:
       for s, r in enumerate(row):
         held[r].append(s)
-    peaks = []
-    for r, ops in enumerate(sched.ops):
-      live = peak = 0
-      for op in ops:
-        for kind, _, _, s in op.halves():
-          if kind == "F":
-            live += stage_activations(stages[s])
-            peak = max(peak, live)
-          elif kind in ("B", "BW"):
-            live -= stage_activations(stages[s])
-      peaks.append(peak)
+    peaks = schedules.peak_activations(sched, stage_activations)
   ranks = []
   for r, ss in enumerate(held):
-    shared = sum(stage_params(stages[s])[0] for s in ss)
-    routed = sum(stage_params(stages[s])[1] for s in ss)
+    shared, routed = sum(stage_params(stages[s]) for s in ss)
     row = {
       "rank_stages": ss,
       "weights": (shared + routed) * a,

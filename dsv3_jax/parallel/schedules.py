@@ -520,15 +520,19 @@ class SimResult:
     return float(self.bubble.max())
 
 
-def peak_activations(schedule: Schedule) -> np.ndarray:
-  """Per-rank peak of live activations (see :class:`SimResult`); shape ``[pp]``."""
-  peaks = np.zeros(schedule.pp, dtype=np.int64)
+def peak_activations(schedule: Schedule, stage_size=None) -> np.ndarray:
+  """Per-rank peak of live activations (see :class:`SimResult`); shape ``[pp]``.
+
+  Counted in micro-batch-stages, or, with ``stage_size(stage)``, in what one micro-batch of
+  that stage keeps (e.g. bytes, when stages differ)."""
+  size = stage_size or (lambda stage: 1)
+  peaks = np.zeros(schedule.pp, dtype=np.int64 if stage_size is None else np.float64)
   for r, row in enumerate(schedule.ops):
     live = 0
     for op in row:
-      live += sum(k == "F" for k, *_ in op.halves())
+      live += sum(size(s) for k, _, _, s in op.halves() if k == "F")
       peaks[r] = max(peaks[r], live)
-      live -= sum(k in ("B", "BW") for k, *_ in op.halves())
+      live -= sum(size(s) for k, _, _, s in op.halves() if k in ("B", "BW"))
   return peaks
 
 
