@@ -8,7 +8,10 @@ Rows whose expert id equals E (the number of experts) are empty slots and come b
 Three formulations behind it, chosen at trace time from static shapes:
 
 * capacity buckets (training and prefill, fp32/bf16): rows are stably sorted by expert and
-  scattered into an [E, C, D] buffer, C about capacity_factor x the mean rows per expert;
+  moved into an [E, C, D] buffer, C about capacity_factor x the mean rows per expert: each
+  slot gathers its row and the outputs gather back, and each gather's gradient is the inverse
+  gather (`_move_rows`), so neither direction scatters or zero-fills an [R, D] buffer, and a
+  token's k copies are read from the token itself (`copies`), never repeated in memory;
   the SwiGLU is three batched GEMMs over E (`_bmm`, whose custom VJP lays out every operand
   so that the forward, the input gradient and the weight gradient x^T g are plain row-major
   GEMMs). Copies past an expert's C slots are not dropped: an exact overflow pass (the block
@@ -90,9 +93,35 @@ def capacity(rows: int, n_experts: int, factor: float = CAPACITY_FACTOR) -> int:
   return c if c <= 8 else -(-c // 8) * 8
 
 
-def _bucket_rows(x_RxD, expert_R, w1, w3, w2, block, precision, factor, expected_rows):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _move_rows(src_SxD, take_T, back_S, copies):
+  """`out[t] = src[take[t] // copies]` (zeros where take[t] is out of range): a gather whose
+  gradient is again a gather, through `back`, the inverse map (`back[i]`: the row of `out`
+  that row i of the `copies`-fold repeated source went to, or out of range). Rows move one
+  to one, so no scatter (slow on CPU) and no zero-filled [R, D] buffer in either direction."""
+  idx = jnp.where(take_T < src_SxD.shape[0] * copies, take_T // copies, src_SxD.shape[0])
+  return jnp.take(src_SxD, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _move_rows_fwd(src, take, back, copies):
+  return _move_rows(src, take, back, copies), (take, back, src.shape[0])
+
+
+def _move_rows_bwd(copies, res, g_TxD):
+  take, back, n = res
+  g = jnp.take(g_TxD, back, axis=0, mode="fill", fill_value=0)  # [n * copies, D]
+  if copies > 1:
+    g = g.reshape(n, copies, -1).sum(1)
+  return g, None, None
+
+
+_move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
+
+
+def _bucket_rows(x_SxD, expert_R, w1, w3, w2, block, precision, factor, expected_rows, copies):
+  """Row i (of R = S x copies) is source row i // copies through expert expert_R[i]."""
   e = w1.shape[0]
-  r, d = x_RxD.shape
+  r, d = expert_R.shape[0], x_SxD.shape[1]
   c = min(capacity(expected_rows, e, factor), r)
   order_R = jnp.argsort(expert_R, stable=True)
   sorted_e = expert_R[order_R]
@@ -100,20 +129,20 @@ def _bucket_rows(x_RxD, expert_R, w1, w3, w2, block, precision, factor, expected
   start = jnp.cumsum(counts) - counts
   pos = jnp.arange(r, dtype=jnp.int32) - start[sorted_e]
   keep = (pos < c) & (sorted_e < e)
-  dest = jnp.where(keep, sorted_e * c + pos, e * c)  # e * c: out of bounds, dropped
-  buf_ExCxD = jnp.zeros((e * c, d), x_RxD.dtype).at[dest].set(x_RxD[order_R], mode="drop")
-  buf_ExCxD = buf_ExCxD.reshape(e, c, d)
+  dest = jnp.where(keep, sorted_e * c + pos, e * c)  # e * c: no slot
+  slot_R = jnp.zeros((r,), jnp.int32).at[order_R].set(dest)  # each row's slot
+  row_of_slot = jnp.full((e * c,), r, jnp.int32).at[dest].set(order_R, mode="drop")
+  buf_ExCxD = _move_rows(x_SxD, row_of_slot, slot_R, copies).reshape(e, c, d)
   h = jax.nn.silu(_bmm(buf_ExCxD, w1, precision)) * _bmm(buf_ExCxD, w3, precision)
   y = _bmm(h, w2, precision).reshape(e * c, d)
-  y_sorted = jnp.where(keep[:, None], y[jnp.minimum(dest, e * c - 1)], 0)
-  y_RxD = jnp.zeros((r, d), y.dtype).at[order_R].set(y_sorted)
-  overflow_R = jnp.zeros((r,), bool).at[order_R].set((pos >= c) & (sorted_e < e))
+  y_RxD = _move_rows(y, slot_R, row_of_slot, 1)
+  overflow_R = (slot_R == e * c) & (expert_R < e)
 
-  def overflow():
-    return _block_rows(x_RxD, jnp.where(overflow_R, expert_R, e), w1, w3, w2, block, precision)
+  def overflow(y_RxD):
+    ids = jnp.where(overflow_R, expert_R, e)
+    return y_RxD + _block_rows(x_SxD, ids, w1, w3, w2, block, precision, copies)
 
-  extra = jax.lax.cond(jnp.any(overflow_R), overflow, lambda: jnp.zeros_like(y_RxD))
-  return y_RxD + extra
+  return jax.lax.cond(jnp.any(overflow_R), overflow, lambda y: y, y_RxD)
 
 
 # ----------------------------------------------------------------------------- padded blocks
@@ -218,9 +247,10 @@ def effective_block(block: int, rows: int, n_experts: int) -> int:
   return min(block, 1 << (per_expert - 1).bit_length())
 
 
-def _block_rows(x_RxD, expert_R, w1, w3, w2, block, precision):
+def _block_rows(x_SxD, expert_R, w1, w3, w2, block, precision, copies=1):
+  """Row i (of R = S x copies) is source row i // copies through expert expert_R[i]."""
   e_loc = w1.shape[0]
-  r, d = x_RxD.shape
+  r, d = expert_R.shape[0], x_SxD.shape[1]
   block = effective_block(block, r, e_loc)
   lay = block_layout(expert_R, e_loc + 1, block)  # empty slots: an extra last group
   counts = jnp.zeros((e_loc,), jnp.int32).at[expert_R].add(1, mode="drop")
@@ -229,14 +259,15 @@ def _block_rows(x_RxD, expert_R, w1, w3, w2, block, precision):
     block_expert_NB=jnp.minimum(lay.block_expert_NB, e_loc - 1), n_used=real_blocks
   )
   rows = lay.n_blocks * block
-  xs = jnp.zeros((rows, d), x_RxD.dtype).at[lay.dest_R].set(x_RxD[lay.order_R])
-  xs_NBxSxD = xs.reshape(lay.n_blocks, block, d)
+  slot_R = jnp.zeros((r,), jnp.int32).at[lay.order_R].set(lay.dest_R)
+  row_of_slot = jnp.full((rows,), r, jnp.int32).at[lay.dest_R].set(lay.order_R)
+  xs_NBxSxD = _move_rows(x_SxD, row_of_slot, slot_R, copies).reshape(lay.n_blocks, block, d)
   gm = functools.partial(
     grouped_matmul, block_expert_NB=lay.block_expert_NB, n_used=lay.n_used, precision=precision
   )
   h = jax.nn.silu(gm(xs_NBxSxD, w1)) * gm(xs_NBxSxD, w3)
   ys = gm(h, w2).reshape(rows, d)
-  return jnp.zeros((r, d), ys.dtype).at[lay.order_R].set(ys[lay.dest_R])
+  return _move_rows(ys, slot_R, row_of_slot, 1)
 
 
 # ----------------------------------------------------------------------------- gathered
@@ -264,36 +295,43 @@ def expert_rows(
   capacity_factor: float = CAPACITY_FACTOR,
   expected_rows: int | None = None,
   path: str | None = None,
+  copies: int = 1,
 ) -> jax.Array:
   """SwiGLU of each row through its expert: [R, D]; rows with expert id E are zeros.
 
   `expected_rows`: the real (non-empty) rows to size the buckets for, when the buffer holds
   empty slots (the expert-parallel receive buffer); default all R rows. `path` forces one
   formulation ("bucket", "block", "gather"; tests and benchmarks), default chosen by shape.
+  `copies`: x holds R / copies source rows and row i is x[i // copies] (a token's k routed
+  copies, without materialising the repeat on the bucket path).
   """
   e = w1_ExDxF.shape[0]
-  r = x_RxD.shape[0]
+  r = expert_R.shape[0]
+  if x_RxD.shape[0] * copies != r:
+    raise ValueError(f"{x_RxD.shape[0]} rows x {copies} copies != {r} expert ids")
   if path is None:
     # Gathering copies each row's expert weights (~3x their bytes per row); buckets read every
     # expert's weights once, in place: gather only while rows are a small fraction of experts.
     path = "block" if precision == "fp8" else "gather" if 4 * r <= e else "bucket"
   if path not in PATHS:
     raise ValueError(f"unknown expert kernel path {path!r}: must be one of {PATHS}")
+  if path == "bucket" and precision != "fp8":
+    return _bucket_rows(
+      x_RxD,
+      expert_R,
+      w1_ExDxF,
+      w3_ExDxF,
+      w2_ExFxD,
+      block,
+      precision,
+      capacity_factor,
+      r if expected_rows is None else expected_rows,
+      copies,
+    )
   if path == "block" or precision == "fp8":
-    return _block_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD, block, precision)
-  if path == "gather":
-    return _gathered_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD)
-  return _bucket_rows(
-    x_RxD,
-    expert_R,
-    w1_ExDxF,
-    w3_ExDxF,
-    w2_ExFxD,
-    block,
-    precision,
-    capacity_factor,
-    r if expected_rows is None else expected_rows,
-  )
+    return _block_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD, block, precision, copies)
+  x_RxD = jnp.repeat(x_RxD, copies, axis=0) if copies > 1 else x_RxD
+  return _gathered_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD)
 
 
 def combine(y_CxD: jax.Array, weights_Nxk: jax.Array, dtype) -> jax.Array:
@@ -316,9 +354,8 @@ def routed_ffn(
 ) -> jax.Array:
   """Dropless routed-expert SwiGLU on one device, combined with the routing weights: [N, D]."""
   k = routing.experts_Nxk.shape[1]
-  x_CxD = jnp.repeat(x_NxD, k, axis=0)  # copy c is token c // k
-  y_CxD = expert_rows(
-    x_CxD,
+  y_CxD = expert_rows(  # copy c is token c // k
+    x_NxD,
     routing.experts_Nxk.reshape(-1),
     w1_ExDxF,
     w3_ExDxF,
@@ -327,6 +364,7 @@ def routed_ffn(
     precision=precision,
     capacity_factor=capacity_factor,
     path=path,
+    copies=k,
   )
   return combine(y_CxD, routing.weights_Nxk, x_NxD.dtype)
 

@@ -43,9 +43,10 @@ def _xla_memory(trainer, global_batch: int):
 def _compare(plan: dict, arg: int, temp: int) -> dict:
   mem = plan["memory"]
   state = mem["params"] + mem["optimizer"] + mem["router_biases"] + mem["step"] + mem["batch"]
-  # Temp: gradients, the pipeline's accumulators, the updated state, activations.
+  # Temp: gradients, then the larger of two phases -- the forward/backward (the pipeline's
+  # accumulators and the activations) and the update (the new state beside the old).
   planned_temp = mem["total_traced"] - state
-  others = mem["grads"] + mem["pipeline_accumulators"] + mem["update_copy"]
+  others = mem["grads"] + mem["pipeline_accumulators"]
   report = {
     "argument": (state, arg),
     "temp": (planned_temp, temp),
