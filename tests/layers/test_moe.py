@@ -370,6 +370,21 @@ class GroupedFfnTest(parameterized.TestCase):
       np.testing.assert_array_equal(np.asarray(y[8:]), 0.0)
       self.assertGreater(float(jnp.abs(y[:8]).min()), 0.0)
 
+  def test_copies_read_each_source_row_k_times(self):
+    """`copies=k` equals the k-fold repeated rows on every path, values and gradients, and a
+    row count that does not match the expert ids is refused."""
+    x, w1, w3, w2 = map(jnp.asarray, self._weights())
+    k = 2
+    ids = jnp.asarray((np.arange(2 * x.shape[0]) * 5) % (self.e + 1), jnp.int32)  # some empty
+    for path in experts_lib.PATHS:
+      run = functools.partial(experts_lib.expert_rows, block=4, precision="fp32", path=path)
+      loss_k = lambda x: jnp.sum(jnp.sin(run(x, ids, w1, w3, w2, copies=k)))
+      loss_r = lambda x: jnp.sum(jnp.sin(run(jnp.repeat(x, k, axis=0), ids, w1, w3, w2)))
+      np.testing.assert_allclose(loss_k(x), loss_r(x), rtol=1e-5)
+      np.testing.assert_allclose(jax.grad(loss_k)(x), jax.grad(loss_r)(x), rtol=1e-4, atol=1e-6)
+    with self.assertRaisesRegex(ValueError, "copies"):
+      experts_lib.expert_rows(x, ids, w1, w3, w2, block=4, precision="fp32", copies=3)
+
 
 class BalanceLossTest(parameterized.TestCase):
   @parameterized.named_parameters(("tiny", "tiny", 3, 10), ("v3_shape", "v3_shape", 2, 16))
