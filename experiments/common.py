@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import os
 import sys
 
@@ -15,6 +16,21 @@ def emulate_cpu_devices(n: int) -> None:
     os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
     )
+
+
+def devices_for(parallel, requested: int) -> int:
+  """The CPU devices to emulate for a run of a config with this `parallel` section.
+
+  `requested` > 0 is taken as is, 0 leaves XLA_FLAGS alone; -1 (the binaries' default) asks
+  for the config's mesh (data x expert x pipe) when every axis is fixed and nothing already
+  chose a device count, so a binary runs with no flags on a plain CPU machine.
+  """
+  if requested >= 0:
+    return requested
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return 0
+  sizes = (parallel.data, parallel.expert, parallel.pipe)
+  return 0 if -1 in sizes else math.prod(sizes)
 
 
 def quiet_logs() -> None:

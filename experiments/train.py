@@ -23,7 +23,12 @@ from experiments import common
 
 _CONFIG = common.define_config_file("config", "configs/dsv3.py:small", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/small", "Checkpoints, metrics and summary.")
-_DEVICES = flags.DEFINE_integer("devices", 0, "Emulated CPU devices (0 = leave XLA_FLAGS).")
+_DEVICES = flags.DEFINE_integer(
+  "devices",
+  -1,
+  "Emulated CPU devices: -1 = what the config's mesh needs (unless XLA_FLAGS sets a count "
+  "or the job has several processes), 0 = leave XLA_FLAGS.",
+)
 _COORDINATOR = flags.DEFINE_string("coordinator", "", "host:port of process 0 (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job (0 = env / 1).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (-1 = env).")
@@ -43,7 +48,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.quiet_logs()
-  common.emulate_cpu_devices(_DEVICES.value)
+  several = _NUM_PROCESSES.value > 1 or bool(_COORDINATOR.value)
+  devices = 0 if several and _DEVICES.value < 0 else _DEVICES.value
+  common.emulate_cpu_devices(common.devices_for(_CONFIG.value.parallel, devices))
   import jax  # after XLA_FLAGS
 
   jax.config.update("jax_threefry_partitionable", True)
