@@ -9,18 +9,19 @@ Three formulations behind it, chosen at trace time from static shapes:
 
 * capacity buckets (training and prefill, fp32/bf16): rows are stably sorted by expert and
   moved into an [E, C, D] buffer, C about capacity_factor x the mean rows per expert: each
-  slot gathers its row and the outputs gather back, and each gather's gradient is the inverse
-  gather (`_move_rows`), so neither direction scatters or zero-fills an [R, D] buffer, and a
-  token's k copies are read from the token itself (`copies`), never repeated in memory;
-  the SwiGLU is three batched GEMMs over E (`_bmm`, whose custom VJP lays out every operand
-  so that the forward, the input gradient and the weight gradient x^T g are plain row-major
-  GEMMs). Copies past an expert's C slots are not dropped: an exact overflow pass (the block
-  path below, on the overflowing rows only) runs under `lax.cond` only when some expert
-  overflowed, so it costs nothing when the routing is balanced.
+  slot gathers its row and the outputs gather back (the backward gathers through the inverse
+  maps), so neither direction scatters or zero-fills an [R, D] buffer, and a token's k copies
+  are read from the token itself (`copies`), never repeated in memory. The SwiGLU is three
+  batched GEMMs over E, under one custom VJP (`_bucket_ffn`) whose backward is six batched
+  row-major GEMMs and keeps only the buckets and the two pre-activations: the weights are
+  its inputs, so a scan over layers forwards them rather than stacking a copy per layer.
+  Copies past an expert's C slots are not dropped: an exact overflow pass (the block path
+  below, on the overflowing rows only) runs under `lax.cond` only when some expert
+  overflowed, and its backward recomputes it, so balanced routing pays nothing for it.
 * padded blocks (FP8, and the overflow pass): rows sorted by expert, each expert's group
   padded to a multiple of S rows, a loop over the used blocks (a dynamic trip count, so a
-  small overflow costs little) multiplies each block by its expert's weights
-  (`grouped_matmul`; the FP8 variant is `quant/fp8_grouped.py`).
+  small overflow costs little) runs each block's SwiGLU with its expert's weights
+  (`_grouped_swiglu`; FP8: three `grouped_matmul` loops, `quant/fp8_grouped.py`).
 * gathered weights (decode at batch 1: rows <= experts / 4): each row gathers its expert's
   weights, one batched product, no padding. Above that, decode takes the buckets too: each
   expert's weights are streamed once, in place, by the batched GEMM (`capacity` sizes the
@@ -59,26 +60,6 @@ def _bmm_raw(a_ExMxK, b_ExKxN, precision):
     (((2,), (1,)), ((0,), (0,))),
     preferred_element_type=jnp.float32,
   )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _bmm(x_ExCxK, w_ExKxF, precision):
-  return _bmm_raw(x_ExCxK, w_ExKxF, precision).astype(x_ExCxK.dtype)
-
-
-def _bmm_fwd(x, w, precision):
-  return _bmm(x, w, precision), (x, w)
-
-
-def _bmm_bwd(precision, res, g_ExCxF):
-  x, w = res
-  # dx = g w^T and dw = x^T g, each with its contraction on the operands' last/first axes.
-  dx = _bmm_raw(g_ExCxF, jnp.swapaxes(w, 1, 2), precision).astype(x.dtype)
-  dw = _bmm_raw(jnp.swapaxes(x, 1, 2), g_ExCxF, precision).astype(w.dtype)
-  return dx, dw
-
-
-_bmm.defvjp(_bmm_fwd, _bmm_bwd)
 
 
 def capacity(rows: int, n_experts: int, factor: float = CAPACITY_FACTOR) -> int:
@@ -121,7 +102,7 @@ _move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
 def _bucket_rows(x_SxD, expert_R, w1, w3, w2, block, precision, factor, expected_rows, copies):
   """Row i (of R = S x copies) is source row i // copies through expert expert_R[i]."""
   e = w1.shape[0]
-  r, d = expert_R.shape[0], x_SxD.shape[1]
+  r = expert_R.shape[0]
   c = min(capacity(expected_rows, e, factor), r)
   order_R = jnp.argsort(expert_R, stable=True)
   sorted_e = expert_R[order_R]
@@ -132,17 +113,92 @@ def _bucket_rows(x_SxD, expert_R, w1, w3, w2, block, precision, factor, expected
   dest = jnp.where(keep, sorted_e * c + pos, e * c)  # e * c: no slot
   slot_R = jnp.zeros((r,), jnp.int32).at[order_R].set(dest)  # each row's slot
   row_of_slot = jnp.full((e * c,), r, jnp.int32).at[dest].set(order_R, mode="drop")
-  buf_ExCxD = _move_rows(x_SxD, row_of_slot, slot_R, copies).reshape(e, c, d)
-  h = jax.nn.silu(_bmm(buf_ExCxD, w1, precision)) * _bmm(buf_ExCxD, w3, precision)
-  y = _bmm(h, w2, precision).reshape(e * c, d)
-  y_RxD = _move_rows(y, slot_R, row_of_slot, 1)
-  overflow_R = (slot_R == e * c) & (expert_R < e)
+  overflow_R = jnp.where((slot_R == e * c) & (expert_R < e), expert_R, e)
+  layout = _Buckets(row_of_slot, slot_R, overflow_R)
+  return _bucket_ffn(x_SxD, w1, w3, w2, layout, (c, copies, block, precision))
 
-  def overflow(y_RxD):
-    ids = jnp.where(overflow_R, expert_R, e)
-    return y_RxD + _block_rows(x_SxD, ids, w1, w3, w2, block, precision, copies)
 
-  return jax.lax.cond(jnp.any(overflow_R), overflow, lambda y: y, y_RxD)
+class _Buckets(NamedTuple):
+  """Where rows go: slot s holds row row_of_slot[s] (R: none), row i sits in slot slot_R[i]
+  (E x C: none), and the rows past their expert's C slots keep their expert in overflow_R
+  (E elsewhere) for the exact overflow pass."""
+
+  row_of_slot: jax.Array
+  slot_R: jax.Array
+  overflow_R: jax.Array
+
+
+def _gather_rows(src_SxD, idx_T, copies=1):
+  """`src[idx // copies]`, zeros where idx is past the (copies-fold repeated) source."""
+  n = src_SxD.shape[0]
+  idx = jnp.where(idx_T < n * copies, idx_T // copies, n)
+  return jnp.take(src_SxD, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _bucket_forward(x_SxD, w1, w3, w2, lay, static):
+  c, copies, _, precision = static
+  e, d = w1.shape[0], x_SxD.shape[1]
+  buf = _gather_rows(x_SxD, lay.row_of_slot, copies).reshape(e, c, d)
+  a1 = _bmm_raw(buf, w1, precision).astype(x_SxD.dtype)
+  a3 = _bmm_raw(buf, w3, precision).astype(x_SxD.dtype)
+  y = _bmm_raw(jax.nn.silu(a1) * a3, w2, precision).astype(x_SxD.dtype)
+  return _gather_rows(y.reshape(e * c, d), lay.slot_R), (buf, a1, a3)
+
+
+def _overflow_rows(x_SxD, w1, w3, w2, lay, static):
+  _, copies, block, precision = static
+  return _block_rows(x_SxD, lay.overflow_R, w1, w3, w2, block, precision, copies)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _bucket_ffn(x_SxD, w1, w3, w2, lay, static):
+  return _bucket_ffn_fwd(x_SxD, w1, w3, w2, lay, static)[0]
+
+
+def _bucket_ffn_fwd(x_SxD, w1, w3, w2, lay, static):
+  """The SwiGLU over the [E, C, D] buckets, plus the overflow pass when some expert
+  overflowed. One custom VJP for all of it, so that what the backward keeps is chosen here:
+  the buckets and the two pre-activations. The weights and x are the function's own inputs
+  (a scan over layers forwards them instead of stacking copies), and the overflow pass keeps
+  nothing: its backward recomputes it, and only when it ran."""
+  y_RxD, (buf, a1, a3) = _bucket_forward(x_SxD, w1, w3, w2, lay, static)
+  overflow = jnp.any(lay.overflow_R < w1.shape[0])
+  y_RxD = jax.lax.cond(
+    overflow, lambda y: y + _overflow_rows(x_SxD, w1, w3, w2, lay, static), lambda y: y, y_RxD
+  )
+  inputs = tuple(map(jnp.asarray, (x_SxD, w1, w3, w2)))  # numpy inputs: arrays for the bwd
+  return y_RxD, (*inputs, lay, buf, a1, a3, overflow)
+
+
+def _bucket_ffn_bwd(static, res, g_RxD):
+  x_SxD, w1, w3, w2, lay, buf, a1, a3, overflow = res
+  c, copies, _, precision = static
+  e, d = w1.shape[0], x_SxD.shape[1]
+  g_y = _gather_rows(g_RxD, lay.row_of_slot).reshape(e, c, d)  # each slot's row's cotangent
+  t = lambda a: jnp.swapaxes(a, 1, 2)
+  # Every product below is a batched row-major GEMM (contraction on lhs last, rhs first).
+  dh = _bmm_raw(g_y, t(w2), precision)
+  sig = jax.nn.sigmoid(a1.astype(jnp.float32))
+  silu = a1 * sig
+  h = (silu * a3).astype(x_SxD.dtype)
+  da3 = (dh * silu).astype(x_SxD.dtype)
+  da1 = (dh * a3 * sig * (1 + a1 * (1 - sig))).astype(x_SxD.dtype)
+  dw2 = _bmm_raw(t(h), g_y, precision).astype(w2.dtype)
+  dw1 = _bmm_raw(t(buf), da1, precision).astype(w1.dtype)
+  dw3 = _bmm_raw(t(buf), da3, precision).astype(w3.dtype)
+  dbuf = _bmm_raw(da1, t(w1), precision) + _bmm_raw(da3, t(w3), precision)
+  dx = _gather_rows(dbuf.reshape(e * c, d), lay.slot_R)  # [R, D]: row i's slot, or zeros
+  dx = dx.reshape(-1, copies, d).sum(1).astype(x_SxD.dtype)
+
+  def add_overflow(grads):
+    _, vjp = jax.vjp(lambda *a: _overflow_rows(*a, lay, static), x_SxD, w1, w3, w2)
+    return jax.tree.map(jnp.add, grads, vjp(g_RxD))
+
+  grads = jax.lax.cond(overflow, add_overflow, lambda g: g, (dx, dw1, dw3, dw2))
+  return grads + (None,)
+
+
+_bucket_ffn.defvjp(_bucket_ffn_fwd, _bucket_ffn_bwd)
 
 
 # ----------------------------------------------------------------------------- padded blocks
@@ -208,6 +264,70 @@ def _grouped_bwd(precision, res, g_NBxSxF):
 _grouped_hp.defvjp(_grouped_fwd, _grouped_bwd)
 
 
+def _dot(a, b, precision):
+  return jnp.dot(_cast(a, precision), _cast(b, precision), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _grouped_swiglu(x_NBxSxD, w1, w3, w2, block_expert_NB, n_used, precision):
+  """`out[b] = SwiGLU of block b through expert block_expert[b]`, for b < n_used; zeros beyond.
+
+  One loop over the used blocks does all three products of a block, so no elementwise work
+  or intermediate touches the unused blocks (the bound for the exact overflow pass is the
+  worst case, its real blocks usually a few); the backward recomputes a block's two
+  pre-activations instead of keeping them.
+  """
+  return _grouped_swiglu_fwd(x_NBxSxD, w1, w3, w2, block_expert_NB, n_used, precision)[0]
+
+
+def _grouped_swiglu_fwd(x, w1, w3, w2, block_expert, n_used, precision):
+  zero = jnp.zeros((), jnp.int32)
+
+  def body(b, out):
+    e = block_expert[b]
+    h = jax.nn.silu(_dot(x[b], w1[e], precision)) * _dot(x[b], w3[e], precision)
+    yb = _dot(h.astype(x.dtype), w2[e], precision).astype(x.dtype)
+    return jax.lax.dynamic_update_slice(out, yb[None], (b, zero, zero))
+
+  out = jax.lax.fori_loop(0, n_used, body, jnp.zeros(x.shape[:2] + w2.shape[2:], x.dtype))
+  residuals = tuple(map(jnp.asarray, (x, w1, w3, w2, block_expert, n_used)))
+  return out, residuals
+
+
+def _grouped_swiglu_bwd(precision, res, g_NBxSxD):
+  x, w1, w3, w2, block_expert, n_used = res
+  zero = jnp.zeros((), jnp.int32)
+
+  def acc(dw, e, value):
+    cur = jax.lax.dynamic_slice(dw, (e, zero, zero), (1,) + dw.shape[1:])
+    return jax.lax.dynamic_update_slice(dw, cur + value[None], (e, zero, zero))
+
+  def body(b, carry):
+    dx, dw1, dw3, dw2 = carry
+    e, xb, gb = block_expert[b], x[b], g_NBxSxD[b]
+    a1, a3 = _dot(xb, w1[e], precision), _dot(xb, w3[e], precision)
+    sig = jax.nn.sigmoid(a1)
+    silu = a1 * sig
+    dh = _dot(gb, w2[e].T, precision)
+    da1 = (dh * a3 * sig * (1 + a1 * (1 - sig))).astype(x.dtype)
+    da3 = (dh * silu).astype(x.dtype)
+    dxb = _dot(da1, w1[e].T, precision) + _dot(da3, w3[e].T, precision)
+    dx = jax.lax.dynamic_update_slice(dx, dxb.astype(x.dtype)[None], (b, zero, zero))
+    dw1 = acc(dw1, e, _dot(xb.T, da1, precision))
+    dw3 = acc(dw3, e, _dot(xb.T, da3, precision))
+    dw2 = acc(dw2, e, _dot((silu * a3).astype(x.dtype).T, gb, precision))
+    return dx, dw1, dw3, dw2
+
+  f32 = lambda w: jnp.zeros(w.shape, jnp.float32)
+  dx, dw1, dw3, dw2 = jax.lax.fori_loop(
+    0, n_used, body, (jnp.zeros_like(x), f32(w1), f32(w3), f32(w2))
+  )
+  return dx, dw1.astype(w1.dtype), dw3.astype(w3.dtype), dw2.astype(w2.dtype), None, None
+
+
+_grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
+
+
 class BlockLayout(NamedTuple):
   """Where each sorted row sits in the padded, expert-sorted block buffer."""
 
@@ -262,12 +382,14 @@ def _block_rows(x_SxD, expert_R, w1, w3, w2, block, precision, copies=1):
   slot_R = jnp.zeros((r,), jnp.int32).at[lay.order_R].set(lay.dest_R)
   row_of_slot = jnp.full((rows,), r, jnp.int32).at[lay.dest_R].set(lay.order_R)
   xs_NBxSxD = _move_rows(x_SxD, row_of_slot, slot_R, copies).reshape(lay.n_blocks, block, d)
-  gm = functools.partial(
-    grouped_matmul, block_expert_NB=lay.block_expert_NB, n_used=lay.n_used, precision=precision
-  )
-  h = jax.nn.silu(gm(xs_NBxSxD, w1)) * gm(xs_NBxSxD, w3)
-  ys = gm(h, w2).reshape(rows, d)
-  return _move_rows(ys, slot_R, row_of_slot, 1)
+  if precision == "fp8":
+    gm = functools.partial(
+      grouped_matmul, block_expert_NB=lay.block_expert_NB, n_used=lay.n_used, precision=precision
+    )
+    ys = gm(jax.nn.silu(gm(xs_NBxSxD, w1)) * gm(xs_NBxSxD, w3), w2)
+  else:
+    ys = _grouped_swiglu(xs_NBxSxD, w1, w3, w2, lay.block_expert_NB, lay.n_used, precision)
+  return _move_rows(ys.reshape(rows, d), slot_R, row_of_slot, 1)
 
 
 # ----------------------------------------------------------------------------- gathered

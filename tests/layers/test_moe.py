@@ -353,6 +353,30 @@ class GroupedFfnTest(parameterized.TestCase):
     for a, b in zip(g_got, g_want):  # float32 sums of 64 copies: relative to the largest
       chex.assert_trees_all_close(a, b, atol=1e-5 * float(jnp.abs(b).max()), rtol=1e-4)
 
+  def test_scanned_layers_keep_no_weight_copies_for_the_backward(self):
+    """Under a scan over stacked layers (the model's walk), the forward's residuals are
+    activations only: the expert weights are the kernel's inputs and the scan forwards them,
+    not a stacked copy per layer -- also when the overflow pass runs ("all_same")."""
+    x, w1, w3, w2 = map(jnp.asarray, self._weights(seed=3))
+    x = jnp.tile(x, (4, 1))
+    routing = self._routing("all_same", seed=3)
+    routing = routing_lib.Routing(*(jnp.tile(a, (4, 1)) for a in routing))
+    stack = lambda w: jnp.stack([w, 2 * w])
+    ws = tuple(map(stack, (w1, w3, w2)))
+    fn = functools.partial(experts_lib.routed_ffn, block=4, precision="fp32", path="bucket")
+
+    def loss(ws, x):
+      def body(x, w):
+        return x + fn(x, routing, *w), None
+
+      return jnp.sum(jax.lax.scan(body, x, ws)[0] ** 2)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(ws, x).jaxpr
+    forward = next(e for e in jaxpr.eqns if e.primitive.name == "scan")
+    stacked = {tuple(v.aval.shape) for v in forward.outvars}
+    for w in ws:
+      self.assertNotIn(tuple(w.shape), stacked)
+
   def test_capacity_covers_the_spread_of_few_rows(self):
     """Decode-sized buckets: a few rows per expert get ~3 standard deviations of room."""
     self.assertEqual(experts_lib.capacity(2048 * 6, 64), 240)  # training: 1.25 x 192
