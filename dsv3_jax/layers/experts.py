@@ -99,8 +99,11 @@ def _move_rows_bwd(copies, res, g_TxD):
 _move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
 
 
-def _bucket_rows(x_SxD, expert_R, w1, w3, w2, block, precision, factor, expected_rows, copies):
-  """Row i (of R = S x copies) is source row i // copies through expert expert_R[i]."""
+def _bucket_rows(
+  x_SxD, expert_R, w1, w3, w2, block, precision, factor, expected_rows, copies, gate_R
+):
+  """Row i (of R = S x copies) is source row i // copies through expert expert_R[i], its
+  output scaled by gate_R[i]."""
   e = w1.shape[0]
   r = expert_R.shape[0]
   c = min(capacity(expected_rows, e, factor), r)
@@ -115,7 +118,7 @@ def _bucket_rows(x_SxD, expert_R, w1, w3, w2, block, precision, factor, expected
   row_of_slot = jnp.full((e * c,), r, jnp.int32).at[dest].set(order_R, mode="drop")
   overflow_R = jnp.where((slot_R == e * c) & (expert_R < e), expert_R, e)
   layout = _Buckets(row_of_slot, slot_R, overflow_R)
-  return _bucket_ffn(x_SxD, w1, w3, w2, layout, (c, copies, block, precision))
+  return _bucket_ffn(x_SxD, w1, w3, w2, gate_R, layout, (c, copies, block, precision))
 
 
 class _Buckets(NamedTuple):
@@ -135,52 +138,60 @@ def _gather_rows(src_SxD, idx_T, copies=1):
   return jnp.take(src_SxD, idx, axis=0, mode="fill", fill_value=0)
 
 
-def _bucket_forward(x_SxD, w1, w3, w2, lay, static):
+def _bucket_forward(x_SxD, w1, w3, w2, gate_R, lay, static):
   c, copies, _, precision = static
   e, d = w1.shape[0], x_SxD.shape[1]
   buf = _gather_rows(x_SxD, lay.row_of_slot, copies).reshape(e, c, d)
+  gate = _gather_rows(gate_R.astype(jnp.float32)[:, None], lay.row_of_slot).reshape(e, c, 1)
   a1 = _bmm_raw(buf, w1, precision).astype(x_SxD.dtype)
   a3 = _bmm_raw(buf, w3, precision).astype(x_SxD.dtype)
-  y = _bmm_raw(jax.nn.silu(a1) * a3, w2, precision).astype(x_SxD.dtype)
-  return _gather_rows(y.reshape(e * c, d), lay.slot_R), (buf, a1, a3)
+  h = (jax.nn.silu(a1) * a3 * gate).astype(x_SxD.dtype)  # the gate on the SwiGLU output
+  y = _bmm_raw(h, w2, precision).astype(x_SxD.dtype)
+  return _gather_rows(y.reshape(e * c, d), lay.slot_R), (buf, gate, a1, a3)
 
 
-def _overflow_rows(x_SxD, w1, w3, w2, lay, static):
+def _overflow_rows(x_SxD, w1, w3, w2, gate_R, lay, static):
   _, copies, block, precision = static
-  return _block_rows(x_SxD, lay.overflow_R, w1, w3, w2, block, precision, copies)
+  y = _block_rows(x_SxD, lay.overflow_R, w1, w3, w2, block, precision, copies)
+  return (y * gate_R[:, None]).astype(y.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _bucket_ffn(x_SxD, w1, w3, w2, lay, static):
-  return _bucket_ffn_fwd(x_SxD, w1, w3, w2, lay, static)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _bucket_ffn(x_SxD, w1, w3, w2, gate_R, lay, static):
+  return _bucket_ffn_fwd(x_SxD, w1, w3, w2, gate_R, lay, static)[0]
 
 
-def _bucket_ffn_fwd(x_SxD, w1, w3, w2, lay, static):
+def _bucket_ffn_fwd(x_SxD, w1, w3, w2, gate_R, lay, static):
   """The SwiGLU over the [E, C, D] buckets, plus the overflow pass when some expert
   overflowed. One custom VJP for all of it, so that what the backward keeps is chosen here:
   the buckets and the two pre-activations. The weights and x are the function's own inputs
   (a scan over layers forwards them instead of stacking copies), and the overflow pass keeps
-  nothing: its backward recomputes it, and only when it ran."""
-  y_RxD, (buf, a1, a3) = _bucket_forward(x_SxD, w1, w3, w2, lay, static)
+  nothing: its backward recomputes it, and only when it ran. The routing weight (gate_R)
+  scales the SwiGLU output before W2, so the gate's gradient comes from the backward's own
+  dh and no [R, D] expert output is kept for the combine (the report's recipe, §3.3.3)."""
+  args = tuple(map(jnp.asarray, (x_SxD, w1, w3, w2, gate_R)))  # numpy inputs: arrays
+  y_RxD, (buf, gate, a1, a3) = _bucket_forward(*args, lay, static)
   overflow = jnp.any(lay.overflow_R < w1.shape[0])
   y_RxD = jax.lax.cond(
-    overflow, lambda y: y + _overflow_rows(x_SxD, w1, w3, w2, lay, static), lambda y: y, y_RxD
+    overflow, lambda y: y + _overflow_rows(*args, lay, static), lambda y: y, y_RxD
   )
-  inputs = tuple(map(jnp.asarray, (x_SxD, w1, w3, w2)))  # numpy inputs: arrays for the bwd
-  return y_RxD, (*inputs, lay, buf, a1, a3, overflow)
+  return y_RxD, (*args, lay, buf, gate, a1, a3, overflow)
 
 
 def _bucket_ffn_bwd(static, res, g_RxD):
-  x_SxD, w1, w3, w2, lay, buf, a1, a3, overflow = res
+  x_SxD, w1, w3, w2, gate_R, lay, buf, gate, a1, a3, overflow = res
   c, copies, _, precision = static
   e, d = w1.shape[0], x_SxD.shape[1]
   g_y = _gather_rows(g_RxD, lay.row_of_slot).reshape(e, c, d)  # each slot's row's cotangent
   t = lambda a: jnp.swapaxes(a, 1, 2)
   # Every product below is a batched row-major GEMM (contraction on lhs last, rhs first).
-  dh = _bmm_raw(g_y, t(w2), precision)
+  dh_gated = _bmm_raw(g_y, t(w2), precision)
   sig = jax.nn.sigmoid(a1.astype(jnp.float32))
   silu = a1 * sig
-  h = (silu * a3).astype(x_SxD.dtype)
+  u = silu * a3  # the SwiGLU output before the gate
+  dgate = jnp.sum(u * dh_gated, axis=-1, keepdims=True)  # [E, C, 1]
+  dh = dh_gated * gate
+  h = (u * gate).astype(x_SxD.dtype)
   da3 = (dh * silu).astype(x_SxD.dtype)
   da1 = (dh * a3 * sig * (1 + a1 * (1 - sig))).astype(x_SxD.dtype)
   dw2 = _bmm_raw(t(h), g_y, precision).astype(w2.dtype)
@@ -189,13 +200,14 @@ def _bucket_ffn_bwd(static, res, g_RxD):
   dbuf = _bmm_raw(da1, t(w1), precision) + _bmm_raw(da3, t(w3), precision)
   dx = _gather_rows(dbuf.reshape(e * c, d), lay.slot_R)  # [R, D]: row i's slot, or zeros
   dx = dx.reshape(-1, copies, d).sum(1).astype(x_SxD.dtype)
+  dgate_R = _gather_rows(dgate.reshape(e * c, 1), lay.slot_R)[:, 0].astype(gate_R.dtype)
 
   def add_overflow(grads):
-    _, vjp = jax.vjp(lambda *a: _overflow_rows(*a, lay, static), x_SxD, w1, w3, w2)
+    _, vjp = jax.vjp(lambda *a: _overflow_rows(*a, lay, static), x_SxD, w1, w3, w2, gate_R)
     return jax.tree.map(jnp.add, grads, vjp(g_RxD))
 
-  grads = jax.lax.cond(overflow, add_overflow, lambda g: g, (dx, dw1, dw3, dw2))
-  return grads + (None,)
+  grads = (dx, dw1, dw3, dw2, dgate_R)
+  return jax.lax.cond(overflow, add_overflow, lambda g: g, grads) + (None,)
 
 
 _bucket_ffn.defvjp(_bucket_ffn_fwd, _bucket_ffn_bwd)
@@ -418,6 +430,7 @@ def expert_rows(
   expected_rows: int | None = None,
   path: str | None = None,
   copies: int = 1,
+  gate_R: jax.Array | None = None,
 ) -> jax.Array:
   """SwiGLU of each row through its expert: [R, D]; rows with expert id E are zeros.
 
@@ -425,7 +438,9 @@ def expert_rows(
   empty slots (the expert-parallel receive buffer); default all R rows. `path` forces one
   formulation ("bucket", "block", "gather"; tests and benchmarks), default chosen by shape.
   `copies`: x holds R / copies source rows and row i is x[i // copies] (a token's k routed
-  copies, without materialising the repeat on the bucket path).
+  copies, without materialising the repeat on the bucket path). `gate_R`: each row's output
+  scaled by its routing weight; the bucket path applies it to the SwiGLU output before W2
+  (so its backward keeps no [R, D] output for the gate's gradient), the others to the output.
   """
   e = w1_ExDxF.shape[0]
   r = expert_R.shape[0]
@@ -449,11 +464,16 @@ def expert_rows(
       capacity_factor,
       r if expected_rows is None else expected_rows,
       copies,
+      jnp.ones((r,), jnp.float32) if gate_R is None else gate_R,
     )
   if path == "block" or precision == "fp8":
-    return _block_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD, block, precision, copies)
-  x_RxD = jnp.repeat(x_RxD, copies, axis=0) if copies > 1 else x_RxD
-  return _gathered_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD)
+    y = _block_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD, block, precision, copies)
+  else:
+    x_RxD = jnp.repeat(x_RxD, copies, axis=0) if copies > 1 else x_RxD
+    y = _gathered_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD)
+  if gate_R is None:
+    return y
+  return (y.astype(jnp.float32) * gate_R.astype(jnp.float32)[:, None]).astype(y.dtype)
 
 
 def combine(y_CxD: jax.Array, weights_Nxk: jax.Array, dtype) -> jax.Array:
@@ -474,8 +494,11 @@ def routed_ffn(
   capacity_factor: float = CAPACITY_FACTOR,
   path: str | None = None,
 ) -> jax.Array:
-  """Dropless routed-expert SwiGLU on one device, combined with the routing weights: [N, D]."""
-  k = routing.experts_Nxk.shape[1]
+  """Dropless routed-expert SwiGLU on one device, combined with the routing weights: [N, D].
+
+  The routing weights gate each copy inside the kernel (`gate_R`), and the combine is the sum
+  of a token's k gated copies."""
+  n, k = routing.experts_Nxk.shape
   y_CxD = expert_rows(  # copy c is token c // k
     x_NxD,
     routing.experts_Nxk.reshape(-1),
@@ -487,8 +510,9 @@ def routed_ffn(
     capacity_factor=capacity_factor,
     path=path,
     copies=k,
+    gate_R=routing.weights_Nxk.reshape(-1),
   )
-  return combine(y_CxD, routing.weights_Nxk, x_NxD.dtype)
+  return y_CxD.astype(jnp.float32).reshape(n, k, -1).sum(1).astype(x_NxD.dtype)
 
 
 def dense_reference(x_NxD, routing: Routing, w1, w3, w2) -> jax.Array:
