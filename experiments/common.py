@@ -10,27 +10,15 @@ import sys
 NOISY_LOGGERS = ("absl", "orbax", "jax", "jax._src", "grain", "tensorstore")
 
 
-def emulate_cpu_devices(n: int) -> None:
-  """Asks XLA for `n` host devices; must run before jax is first imported (0 = leave as is)."""
+def emulate_cpu_devices(n: int, parallel=None) -> None:
+  """Asks XLA for `n` host devices; must run before jax is first imported. 0 leaves XLA_FLAGS
+  as is; -1 asks for `parallel`'s fixed data x expert x pipe mesh unless XLA_FLAGS sets one."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if n < 0:
+    sizes = (parallel.data, parallel.expert, parallel.pipe)
+    n = 0 if -1 in sizes or "host_platform_device_count" in flags else math.prod(sizes)
   if n:
-    os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
-    )
-
-
-def devices_for(parallel, requested: int) -> int:
-  """The CPU devices to emulate for a run of a config with this `parallel` section.
-
-  `requested` > 0 is taken as is, 0 leaves XLA_FLAGS alone; -1 (the binaries' default) asks
-  for the config's mesh (data x expert x pipe) when every axis is fixed and nothing already
-  chose a device count, so a binary runs with no flags on a plain CPU machine.
-  """
-  if requested >= 0:
-    return requested
-  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-    return 0
-  sizes = (parallel.data, parallel.expert, parallel.pipe)
-  return 0 if -1 in sizes else math.prod(sizes)
+    os.environ["XLA_FLAGS"] = flags + f" --xla_force_host_platform_device_count={n}"
 
 
 def quiet_logs() -> None:

@@ -50,7 +50,7 @@ def main(argv):
   common.quiet_logs()
   several = _NUM_PROCESSES.value > 1 or bool(_COORDINATOR.value)
   devices = 0 if several and _DEVICES.value < 0 else _DEVICES.value
-  common.emulate_cpu_devices(common.devices_for(_CONFIG.value.parallel, devices))
+  common.emulate_cpu_devices(devices, _CONFIG.value.parallel)
   import jax  # after XLA_FLAGS
 
   jax.config.update("jax_threefry_partitionable", True)

@@ -1,24 +1,28 @@
-"""The pieces every experiment binary shares (`experiments/common.py`)."""
+"""The experiment binaries run with no device flags on a plain CPU machine."""
 
-import types
+import json
+import os
+import subprocess
+import sys
 
-from experiments import common
-
-
-def _parallel(data, expert, pipe):
-  return types.SimpleNamespace(data=data, expert=expert, pipe=pipe)
-
-
-def test_devices_default_to_the_configs_mesh(monkeypatch):
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
-  assert common.devices_for(_parallel(2, 4, 1), -1) == 8  # `small` runs bare on a plain CPU
-  assert common.devices_for(_parallel(2, 2, 2), -1) == 8
-  assert common.devices_for(_parallel(-1, 1, 1), -1) == 0  # "all devices": nothing to ask for
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_devices_explicit_or_already_chosen_win(monkeypatch):
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-  assert common.devices_for(_parallel(2, 4, 1), -1) == 0  # XLA_FLAGS already chose
-  assert common.devices_for(_parallel(2, 4, 1), 4) == 4
-  monkeypatch.delenv("XLA_FLAGS")
-  assert common.devices_for(_parallel(2, 4, 1), 0) == 0  # 0: leave XLA_FLAGS alone
+def test_train_emulates_the_devices_its_mesh_needs(tmp_path):
+  """No --devices and no XLA_FLAGS: a data=2 mesh gets its 2 emulated CPU devices."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.train",
+    "--config=configs/dsv3.py:tiny",
+    f"--workdir={tmp_path / 'run'}",
+    "--config.parallel.data=2",
+    "--config.train.steps=1",
+    "--config.train.eval_batches=1",
+  ]
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads(out.stdout[out.stdout.rindex("{\n") :])  # the closing summary
+  assert summary["steps"] == 1, summary
