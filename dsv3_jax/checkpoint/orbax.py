@@ -19,6 +19,7 @@ reshards; `load_model` restores only the params and biases, onto one device or t
 shardings, whatever else the step holds.
 """
 
+import logging as py_logging
 import os
 import shutil
 import time
@@ -38,6 +39,10 @@ def _sync(name: str):
     ocp.multihost.sync_global_processes(name)
 
 
+def _drop_read_only_notice(record: py_logging.LogRecord) -> bool:
+  return not record.getMessage().startswith("Given directory is read only")
+
+
 class Checkpointer:
   """Saves and restores numbered steps of `directory` (module docstring for the layout).
 
@@ -52,13 +57,18 @@ class Checkpointer:
       if not os.path.isdir(self.directory):
         raise FileNotFoundError(f"{self.directory}: no such checkpoint directory")
       options = ocp.CheckpointManagerOptions(
-        read_only=True, create=False, enable_async_checkpointing=False
+        read_only=True, create=False, enable_async_checkpointing=False, save_interval_steps=0
       )
     else:
       options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True
       )
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    absl_logger = py_logging.getLogger("absl")
+    absl_logger.addFilter(_drop_read_only_notice)  # orbax warns on every read-only open
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    finally:
+      absl_logger.removeFilter(_drop_read_only_notice)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
