@@ -48,13 +48,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.quiet_logs()
-  several = _NUM_PROCESSES.value > 1 or bool(_COORDINATOR.value)
-  devices = 0 if several and _DEVICES.value < 0 else _DEVICES.value
-  common.emulate_cpu_devices(devices, _CONFIG.value.parallel)
-  import jax  # after XLA_FLAGS
-
-  jax.config.update("jax_threefry_partitionable", True)
-  from dsv3_jax.parallel import distributed
+  from dsv3_jax.parallel import distributed  # reads flags and env only; no device yet
 
   spec = distributed.resolve(
     _COORDINATOR.value,
@@ -63,6 +57,12 @@ def main(argv):
     init_timeout_s=_INIT_TIMEOUT.value,
     heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value,
   )
+  # A multi-process job's devices are its processes' own: the mesh default applies to one.
+  devices = 0 if spec is not None and _DEVICES.value < 0 else _DEVICES.value
+  common.emulate_cpu_devices(devices, _CONFIG.value.parallel)
+  import jax  # after XLA_FLAGS
+
+  jax.config.update("jax_threefry_partitionable", True)
   distributed.initialize(spec)  # before anything touches a device
   common.check_mesh_fits(_CONFIG.value.parallel, jax.device_count())
   if spec is not None and _STEP_TIMEOUT.value > 0:

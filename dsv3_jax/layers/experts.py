@@ -74,14 +74,20 @@ def capacity(rows: int, n_experts: int, factor: float = CAPACITY_FACTOR) -> int:
   return c if c <= 8 else -(-c // 8) * 8
 
 
+def _gather_rows(src_SxD, idx_T, copies=1):
+  """`src[idx // copies]`, zeros where idx is past the (copies-fold repeated) source."""
+  n = src_SxD.shape[0]
+  idx = jnp.where(idx_T < n * copies, idx_T // copies, n)
+  return jnp.take(src_SxD, idx, axis=0, mode="fill", fill_value=0)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _move_rows(src_SxD, take_T, back_S, copies):
   """`out[t] = src[take[t] // copies]` (zeros where take[t] is out of range): a gather whose
   gradient is again a gather, through `back`, the inverse map (`back[i]`: the row of `out`
   that row i of the `copies`-fold repeated source went to, or out of range). Rows move one
   to one, so no scatter (slow on CPU) and no zero-filled [R, D] buffer in either direction."""
-  idx = jnp.where(take_T < src_SxD.shape[0] * copies, take_T // copies, src_SxD.shape[0])
-  return jnp.take(src_SxD, idx, axis=0, mode="fill", fill_value=0)
+  return _gather_rows(src_SxD, take_T, copies)
 
 
 def _move_rows_fwd(src, take, back, copies):
@@ -131,11 +137,17 @@ class _Buckets(NamedTuple):
   overflow_R: jax.Array
 
 
-def _gather_rows(src_SxD, idx_T, copies=1):
-  """`src[idx // copies]`, zeros where idx is past the (copies-fold repeated) source."""
-  n = src_SxD.shape[0]
-  idx = jnp.where(idx_T < n * copies, idx_T // copies, n)
-  return jnp.take(src_SxD, idx, axis=0, mode="fill", fill_value=0)
+def _swiglu_vjp(a1, a3, dh):
+  """The SwiGLU `silu(a1) * a3` (float32) and its pre-activations' gradients given dh."""
+  a1, a3 = a1.astype(jnp.float32), a3.astype(jnp.float32)
+  sig = jax.nn.sigmoid(a1)
+  silu = a1 * sig
+  return silu * a3, dh * a3 * sig * (1 + a1 * (1 - sig)), dh * silu
+
+
+def _gate(y, gate_R):
+  """Each row of y scaled by its routing weight, in float32, in y's dtype."""
+  return (y.astype(jnp.float32) * gate_R.astype(jnp.float32)[:, None]).astype(y.dtype)
 
 
 def _bucket_forward(x_SxD, w1, w3, w2, gate_R, lay, static):
@@ -152,8 +164,7 @@ def _bucket_forward(x_SxD, w1, w3, w2, gate_R, lay, static):
 
 def _overflow_rows(x_SxD, w1, w3, w2, gate_R, lay, static):
   _, copies, block, precision = static
-  y = _block_rows(x_SxD, lay.overflow_R, w1, w3, w2, block, precision, copies)
-  return (y * gate_R[:, None]).astype(y.dtype)
+  return _gate(_block_rows(x_SxD, lay.overflow_R, w1, w3, w2, block, precision, copies), gate_R)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -186,14 +197,10 @@ def _bucket_ffn_bwd(static, res, g_RxD):
   t = lambda a: jnp.swapaxes(a, 1, 2)
   # Every product below is a batched row-major GEMM (contraction on lhs last, rhs first).
   dh_gated = _bmm_raw(g_y, t(w2), precision)
-  sig = jax.nn.sigmoid(a1.astype(jnp.float32))
-  silu = a1 * sig
-  u = silu * a3  # the SwiGLU output before the gate
+  u, da1, da3 = _swiglu_vjp(a1, a3, dh_gated * gate)  # u: the SwiGLU output before the gate
   dgate = jnp.sum(u * dh_gated, axis=-1, keepdims=True)  # [E, C, 1]
-  dh = dh_gated * gate
   h = (u * gate).astype(x_SxD.dtype)
-  da3 = (dh * silu).astype(x_SxD.dtype)
-  da1 = (dh * a3 * sig * (1 + a1 * (1 - sig))).astype(x_SxD.dtype)
+  da1, da3 = da1.astype(x_SxD.dtype), da3.astype(x_SxD.dtype)
   dw2 = _bmm_raw(t(h), g_y, precision).astype(w2.dtype)
   dw1 = _bmm_raw(t(buf), da1, precision).astype(w1.dtype)
   dw3 = _bmm_raw(t(buf), da3, precision).astype(w3.dtype)
@@ -318,16 +325,13 @@ def _grouped_swiglu_bwd(precision, res, g_NBxSxD):
     dx, dw1, dw3, dw2 = carry
     e, xb, gb = block_expert[b], x[b], g_NBxSxD[b]
     a1, a3 = _dot(xb, w1[e], precision), _dot(xb, w3[e], precision)
-    sig = jax.nn.sigmoid(a1)
-    silu = a1 * sig
-    dh = _dot(gb, w2[e].T, precision)
-    da1 = (dh * a3 * sig * (1 + a1 * (1 - sig))).astype(x.dtype)
-    da3 = (dh * silu).astype(x.dtype)
+    u, da1, da3 = _swiglu_vjp(a1, a3, _dot(gb, w2[e].T, precision))
+    da1, da3 = da1.astype(x.dtype), da3.astype(x.dtype)
     dxb = _dot(da1, w1[e].T, precision) + _dot(da3, w3[e].T, precision)
     dx = jax.lax.dynamic_update_slice(dx, dxb.astype(x.dtype)[None], (b, zero, zero))
     dw1 = acc(dw1, e, _dot(xb.T, da1, precision))
     dw3 = acc(dw3, e, _dot(xb.T, da3, precision))
-    dw2 = acc(dw2, e, _dot((silu * a3).astype(x.dtype).T, gb, precision))
+    dw2 = acc(dw2, e, _dot(u.astype(x.dtype).T, gb, precision))
     return dx, dw1, dw3, dw2
 
   f32 = lambda w: jnp.zeros(w.shape, jnp.float32)
@@ -471,9 +475,7 @@ def expert_rows(
   else:
     x_RxD = jnp.repeat(x_RxD, copies, axis=0) if copies > 1 else x_RxD
     y = _gathered_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD)
-  if gate_R is None:
-    return y
-  return (y.astype(jnp.float32) * gate_R.astype(jnp.float32)[:, None]).astype(y.dtype)
+  return y if gate_R is None else _gate(y, gate_R)
 
 
 def combine(y_CxD: jax.Array, weights_Nxk: jax.Array, dtype) -> jax.Array:
