@@ -3,9 +3,11 @@
 The body of `experiments/benchmark_train.py` (see it for the flags). In one process: this
 machine's f32 matmul peak (a large jitted matmul), this codebase's train step (forward +
 backward + AdamW with BF16 moments, arXiv 2412.19437 §3.3.3) with a forward-only and a
-forward+backward timing to show where the time goes, and -- when torch and transformers are
-installed (the `hf` extra) -- HF's DeepseekV3ForCausalLM on the same config doing forward +
-backward + torch.optim.AdamW with torch threads = cores.
+forward+backward timing to show where the time goes, the same step without the MTP module
+(the peer's work: HF's model has none), and -- when torch and transformers are installed (the
+`hf` extra) -- HF's DeepseekV3ForCausalLM on the same config doing forward + backward +
+torch.optim.AdamW with torch threads = cores. Both sides run in this process, so the host
+memory setting (`dsv3_jax.host_memory`, on in the binaries) applies to both.
 """
 
 import os
@@ -13,7 +15,8 @@ import time
 
 
 def _time(fn, steps):
-  fn()  # warm-up / compile
+  fn()  # compile
+  fn()  # the host heap grows to the step's peak (dsv3_jax.host_memory), then stays
   t = time.perf_counter()
   for _ in range(steps):
     fn()
@@ -30,7 +33,8 @@ def matmul_peak(n=2048, reps=10) -> float:
   return 2 * n**3 / sec
 
 
-def bench_ours(model_cfg, train_overrides, batch, seq_len, steps):
+def bench_ours(model_cfg, train_overrides, batch, seq_len, steps, model_overrides=None, parts=True):
+  """This codebase's train step; `parts`: also the forward and forward+backward timings."""
   import jax
   import numpy as np
   from flax import nnx
@@ -47,6 +51,7 @@ def bench_ours(model_cfg, train_overrides, batch, seq_len, steps):
   cd.train.global_batch, cd.train.seq_len = batch, seq_len
   cd.parallel.data = cd.parallel.expert = cd.parallel.pipe = 1
   cd.train.update(train_overrides)
+  cd.model.update(model_overrides or {})
   cfg = config_lib.from_dict(cd)
   mesh = mesh_lib.make_mesh(ParallelConfig(data=1, expert=1, pipe=1), jax.devices()[:1])
   trainer = Trainer(cfg, mesh)
@@ -58,10 +63,14 @@ def bench_ours(model_cfg, train_overrides, batch, seq_len, steps):
   def loss(params):
     return model_losses(trainer.merge(params, state.biases), batch_arr["tokens"], cfg.train)[0]
 
-  fwd = jax.jit(loss)
-  fwd_bwd = jax.jit(jax.value_and_grad(loss))
-  t_fwd = _time(lambda: jax.block_until_ready(fwd(state.params)), steps)
-  t_fwd_bwd = _time(lambda: jax.block_until_ready(fwd_bwd(state.params)), steps)
+  timings = {}
+  if parts:
+    fwd = jax.jit(loss)
+    fwd_bwd = jax.jit(jax.value_and_grad(loss))
+    timings["forward_s"] = _time(lambda: jax.block_until_ready(fwd(state.params)), steps)
+    timings["forward_backward_s"] = _time(
+      lambda: jax.block_until_ready(fwd_bwd(state.params)), steps
+    )
 
   holder = {"state": state}
 
@@ -73,8 +82,7 @@ def bench_ours(model_cfg, train_overrides, batch, seq_len, steps):
   del nnx
   return {
     "step_s": t_step,
-    "forward_s": t_fwd,
-    "forward_backward_s": t_fwd_bwd,
+    **timings,
     "tokens_per_s": batch * seq_len / t_step,
     "flops_per_token": flops_per_token(cfg.model, seq_len),
     "model_cfg": cfg.model,
@@ -133,9 +141,12 @@ def run(
   """Times both implementations; returns the JSON-ready result `rows` prints."""
   import jax
 
+  from dsv3_jax import host_memory
+
   peak = matmul_peak()
   ours = bench_ours(config, {}, batch, seq_len, steps)
   model_cfg = ours.pop("model_cfg")
+  ours["mtp_depth"] = model_cfg.num_nextn_predict_layers
   ours["model_flops_per_s"] = ours["tokens_per_s"] * ours["flops_per_token"]
   ours["fraction_of_peak"] = ours["model_flops_per_s"] / peak
   result = {
@@ -144,9 +155,19 @@ def run(
     "seq_len": seq_len,
     "steps": steps,
     "cpu_count": os.cpu_count(),
+    # glibc malloc kept freed memory for reuse (dsv3_jax.host_memory), for both sides alike.
+    "host_memory_reuse": host_memory.active(),
     "matmul_peak_flops_per_s": peak,
     "dsv3_jax": ours,
   }
+  if model_cfg.num_nextn_predict_layers:
+    # HF's DeepseekV3ForCausalLM has no MTP module: the same work as the peer is the step
+    # without it (the report's objective, with MTP, is the row above).
+    same = bench_ours(config, {}, batch, seq_len, steps, {"num_nextn_predict_layers": 0}, False)
+    same.pop("model_cfg")
+    same["model_flops_per_s"] = same["tokens_per_s"] * same["flops_per_token"]
+    same["fraction_of_peak"] = same["model_flops_per_s"] / peak
+    result["dsv3_jax_without_mtp"] = same
   result["device"] = jax.devices()[0].device_kind
   if peer:
     try:
@@ -156,6 +177,8 @@ def run(
     result["hf_transformers"] = hf
     if "tokens_per_s" in hf:
       result["speedup_vs_hf"] = ours["tokens_per_s"] / hf["tokens_per_s"]
+      same = result.get("dsv3_jax_without_mtp", ours)
+      result["speedup_vs_hf_same_work"] = same["tokens_per_s"] / hf["tokens_per_s"]
   return result
 
 
@@ -173,18 +196,29 @@ def report(result: dict) -> str:
       f"({100 * ours['fraction_of_peak']:.0f}% of peak)",
     ),
   ]
+  same = result.get("dsv3_jax_without_mtp")
+  if same:
+    rows.append(
+      (
+        "  without MTP (HF's work)",
+        f"{same['tokens_per_s']:.0f} tok/s ({same['step_s']:.3f} s, "
+        f"{100 * same['fraction_of_peak']:.0f}% of peak)",
+      )
+    )
   hf = result.get("hf_transformers", {})
   if "tokens_per_s" in hf:
     rows += [
       ("HF transformers train step", f"{hf['tokens_per_s']:.0f} tok/s ({hf['step_s']:.3f} s)"),
       ("speed-up vs HF", f"{result['speedup_vs_hf']:.2f}x"),
+      ("  same work (no MTP)", f"{result['speedup_vs_hf_same_work']:.2f}x"),
     ]
   elif hf:
     rows.append(("HF transformers", hf["skipped"]))
   width = max(len(r[0]) for r in rows)
   lines = [
     f"bench train step, batch {result['batch']} x {result['seq_len']}, one "
-    f"{result['device']} device, {result['cpu_count']} CPU cores"
+    f"{result['device']} device, {result['cpu_count']} CPU cores, host memory reuse "
+    f"{'on' if result.get('host_memory_reuse') else 'off'}"
   ]
   lines += [f"  {name:<{width}}  {value}" for name, value in rows]
   return "\n".join(lines)

@@ -35,7 +35,7 @@ _OUT = flags.DEFINE_string("out", "runs/benchmark_moe.json", "JSON output.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.quiet_logs()
+  common.setup_process()
   common.emulate_cpu_devices(_DEVICES.value)
   from benchmarks import moe_ep  # jax starts after XLA_FLAGS
 

@@ -34,7 +34,7 @@ _GRAN = flags.DEFINE_enum("granularity", "unit", ["unit", "op"], "Executor tick 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.quiet_logs()
+  common.setup_process()
   common.emulate_cpu_devices(_DEVICES.value)
   import jax  # after XLA_FLAGS
 

@@ -47,7 +47,7 @@ _STEP_TIMEOUT = flags.DEFINE_integer(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.quiet_logs()
+  common.setup_process()
   from dsv3_jax.parallel import distributed  # reads flags and env only; no device yet
 
   spec = distributed.resolve(
