@@ -6,7 +6,7 @@ import math
 import os
 import sys
 
-# Libraries whose INFO chatter (checkpoint bookkeeping, backend probing) is hidden by default.
+# Libraries whose INFO chatter (checkpoint bookkeeping, backend probing) is hidden by default
 NOISY_LOGGERS = ("absl", "orbax", "jax", "jax._src", "grain", "tensorstore")
 
 
@@ -22,21 +22,14 @@ def emulate_cpu_devices(n: int, parallel=None) -> None:
 
 
 def setup_process() -> None:
-  """What every binary does first in `main`: quiet library logs and keep freed host memory
-  for reuse (`dsv3_jax.host_memory`: no per-step page faults on XLA:CPU)."""
+  """What every binary does first in `main` (after `emulate_cpu_devices`, if it calls that).
+
+  Keeps freed host memory for reuse on one CPU device (`dsv3_jax.host_memory`), and library
+  INFO logs below WARNING unless `--verbosity` (or `--logger_levels=orbax:INFO`) asks.
+  """
   from dsv3_jax import host_memory
 
   host_memory.reuse_freed_memory()
-  quiet_logs()
-
-
-def quiet_logs() -> None:
-  """Keeps library INFO logs (orbax, absl, jax) below WARNING unless `--verbosity` asks.
-
-  Every binary calls this first in `main` (through `setup_process`), so a run shows its
-  progress bar, metrics and results only. `--verbosity=0` restores INFO;
-  `--logger_levels=orbax:INFO` raises single loggers.
-  """
   from absl import flags
   from absl import logging as absl_logging
 

@@ -42,3 +42,13 @@ def test_reused_memory_stops_per_step_page_faults():
   assert faults < 2000, faults
   _, faults_off = _faults("off")
   assert faults_off > 16000, faults_off  # what the setting removes
+
+
+def test_not_applied_with_several_emulated_devices(monkeypatch):
+  from dsv3_jax import host_memory
+
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert host_memory.emulated_devices() == 8
+  assert not host_memory.reuse_freed_memory()  # one arena would serialize 8 devices' threads
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert host_memory.emulated_devices() == 1
