@@ -160,7 +160,6 @@ def run(
 
   from configs import dsv3
   from dsv3_jax import config as config_lib
-  from dsv3_jax import host_memory
   from dsv3_jax import model as model_lib
 
   cfg = dataclasses.replace(
@@ -174,8 +173,6 @@ def run(
   result = {
     "config": config,
     "cpu_count": os.cpu_count(),
-    # glibc malloc kept freed memory for reuse (dsv3_jax.host_memory), for both sides alike.
-    "host_memory_reuse": host_memory.active(),
     "memory_bandwidth_bytes_per_s": bandwidth,
     "dsv3_jax": ours,
     "settings": dict(

@@ -6,8 +6,7 @@ backward + AdamW with BF16 moments, arXiv 2412.19437 §3.3.3) with a forward-onl
 forward+backward timing to show where the time goes, the same step without the MTP module
 (the peer's work: HF's model has none), and -- when torch and transformers are installed (the
 `hf` extra) -- HF's DeepseekV3ForCausalLM on the same config doing forward + backward +
-torch.optim.AdamW with torch threads = cores. Both sides run in this process, so the host
-memory setting (`dsv3_jax.host_memory`, on in the binaries) applies to both.
+torch.optim.AdamW with torch threads = cores.
 """
 
 import os
@@ -15,8 +14,7 @@ import time
 
 
 def _time(fn, steps):
-  fn()  # compile
-  fn()  # the host heap grows to the step's peak (dsv3_jax.host_memory), then stays
+  fn()  # warm-up / compile
   t = time.perf_counter()
   for _ in range(steps):
     fn()
@@ -135,28 +133,30 @@ def bench_hf(model_cfg, batch, seq_len, steps):
   }
 
 
+def _add_rates(timed: dict, peak: float) -> dict:
+  """Adds model FLOPs/s and its fraction of the measured matmul peak to a `bench_ours` row."""
+  timed["model_flops_per_s"] = timed["tokens_per_s"] * timed["flops_per_token"]
+  timed["fraction_of_peak"] = timed["model_flops_per_s"] / peak
+  return timed
+
+
 def run(
   config: str = "bench", batch: int = 4, seq_len: int = 512, steps: int = 5, peer: bool = True
 ) -> dict:
   """Times both implementations; returns the JSON-ready result `rows` prints."""
   import jax
 
-  from dsv3_jax import host_memory
-
   peak = matmul_peak()
   ours = bench_ours(config, {}, batch, seq_len, steps)
   model_cfg = ours.pop("model_cfg")
   ours["mtp_depth"] = model_cfg.num_nextn_predict_layers
-  ours["model_flops_per_s"] = ours["tokens_per_s"] * ours["flops_per_token"]
-  ours["fraction_of_peak"] = ours["model_flops_per_s"] / peak
+  _add_rates(ours, peak)
   result = {
     "config": config,
     "batch": batch,
     "seq_len": seq_len,
     "steps": steps,
     "cpu_count": os.cpu_count(),
-    # glibc malloc kept freed memory for reuse (dsv3_jax.host_memory), for both sides alike.
-    "host_memory_reuse": host_memory.active(),
     "matmul_peak_flops_per_s": peak,
     "dsv3_jax": ours,
   }
@@ -165,9 +165,7 @@ def run(
     # without it (the report's objective, with MTP, is the row above).
     same = bench_ours(config, {}, batch, seq_len, steps, {"num_nextn_predict_layers": 0}, False)
     same.pop("model_cfg")
-    same["model_flops_per_s"] = same["tokens_per_s"] * same["flops_per_token"]
-    same["fraction_of_peak"] = same["model_flops_per_s"] / peak
-    result["dsv3_jax_without_mtp"] = same
+    result["dsv3_jax_without_mtp"] = _add_rates(same, peak)
   result["device"] = jax.devices()[0].device_kind
   if peer:
     try:
@@ -217,8 +215,7 @@ def report(result: dict) -> str:
   width = max(len(r[0]) for r in rows)
   lines = [
     f"bench train step, batch {result['batch']} x {result['seq_len']}, one "
-    f"{result['device']} device, {result['cpu_count']} CPU cores, host memory reuse "
-    f"{'on' if result.get('host_memory_reuse') else 'off'}"
+    f"{result['device']} device, {result['cpu_count']} CPU cores"
   ]
   lines += [f"  {name:<{width}}  {value}" for name, value in rows]
   return "\n".join(lines)

@@ -50,7 +50,7 @@ _README = flags.DEFINE_bool(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.setup_process()
+  common.quiet_logs()
   if _README.value:
     results = ablations.load_results(_OUT.value)
     if not results:

@@ -32,7 +32,7 @@ _OUT = flags.DEFINE_string("out", "runs/benchmark_fp8_gemm.json", "JSON output."
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.setup_process()
+  common.quiet_logs()
   from benchmarks import fp8_gemm
 
   result = fp8_gemm.run(_SHAPES.value, _MEMORY_SHAPES.value, _REPS.value)

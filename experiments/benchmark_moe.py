@@ -35,8 +35,8 @@ _OUT = flags.DEFINE_string("out", "runs/benchmark_moe.json", "JSON output.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_logs()
   common.emulate_cpu_devices(_DEVICES.value)
-  common.setup_process()  # after XLA_FLAGS: host memory reuse depends on the device count
   from benchmarks import moe_ep  # jax starts after XLA_FLAGS
 
   res = moe_ep.run(

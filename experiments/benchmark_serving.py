@@ -38,7 +38,7 @@ _OUT = flags.DEFINE_string("out", "runs/benchmark_serving.json", "JSON output (P
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.setup_process()
+  common.quiet_logs()
   from benchmarks import serving
 
   if _QUICK.value:

@@ -28,7 +28,7 @@ _OUT = flags.DEFINE_string("out", "runs/benchmark_train.json", "JSON output.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.setup_process()
+  common.quiet_logs()
   from benchmarks import train_step
 
   result = train_step.run(_CONFIG.value, _BATCH.value, _SEQ.value, _STEPS.value, _PEER.value)

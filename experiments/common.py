@@ -6,7 +6,7 @@ import math
 import os
 import sys
 
-# Libraries whose INFO chatter (checkpoint bookkeeping, backend probing) is hidden by default
+# Libraries whose INFO chatter (checkpoint bookkeeping, backend probing) is hidden by default.
 NOISY_LOGGERS = ("absl", "orbax", "jax", "jax._src", "grain", "tensorstore")
 
 
@@ -21,15 +21,12 @@ def emulate_cpu_devices(n: int, parallel=None) -> None:
     os.environ["XLA_FLAGS"] = flags + f" --xla_force_host_platform_device_count={n}"
 
 
-def setup_process() -> None:
-  """What every binary does first in `main` (after `emulate_cpu_devices`, if it calls that).
+def quiet_logs() -> None:
+  """Keeps library INFO logs (orbax, absl, jax) below WARNING unless `--verbosity` asks.
 
-  Keeps freed host memory for reuse on one CPU device (`dsv3_jax.host_memory`), and library
-  INFO logs below WARNING unless `--verbosity` (or `--logger_levels=orbax:INFO`) asks.
+  Every binary calls this first in `main`, so a run shows its progress bar, metrics and results
+  only. `--verbosity=0` restores INFO; `--logger_levels=orbax:INFO` raises single loggers.
   """
-  from dsv3_jax import host_memory
-
-  host_memory.reuse_freed_memory()
   from absl import flags
   from absl import logging as absl_logging
 

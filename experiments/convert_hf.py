@@ -47,7 +47,7 @@ def main(argv):
       raise app.UsageError(f"--{flag.name} is required")
   if _POW2.value and not _FP8.value:
     raise app.UsageError("--pow2 needs --fp8")
-  common.setup_process()
+  common.quiet_logs()
   import jax
 
   jax.config.update("jax_threefry_partitionable", True)

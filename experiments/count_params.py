@@ -48,7 +48,7 @@ def count(model_cfg) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.setup_process()
+  common.quiet_logs()
   from dsv3_jax import config as config_lib
 
   cfg = config_lib.from_dict(_CONFIG.value).model

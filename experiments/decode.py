@@ -27,7 +27,7 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.setup_process()
+  common.quiet_logs()
   from dsv3_jax.checkpoint.orbax import load_model
   from dsv3_jax.data import load_tokenizer
   from dsv3_jax.inference.generate import Generator, SamplingConfig

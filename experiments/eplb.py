@@ -37,7 +37,7 @@ _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON fil
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.setup_process()
+  common.quiet_logs()
   from benchmarks import eplb as bench
 
   result = bench.report(

@@ -51,7 +51,7 @@ def main(argv):
     raise app.UsageError("--checkpoint is required")
   if bool(_TEXT.value) == bool(_TOKENS.value):
     raise app.UsageError("give exactly one of --text and --tokens")
-  common.setup_process()
+  common.quiet_logs()
   import jax
 
   jax.config.update("jax_threefry_partitionable", True)

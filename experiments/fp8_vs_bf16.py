@@ -49,7 +49,7 @@ _PRECISIONS = flags.DEFINE_list(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.setup_process()
+  common.quiet_logs()
   jax.config.update("jax_threefry_partitionable", True)
   jax.config.update("jax_numpy_rank_promotion", "raise")
 

@@ -34,8 +34,8 @@ _GRAN = flags.DEFINE_enum("granularity", "unit", ["unit", "op"], "Executor tick 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_logs()
   common.emulate_cpu_devices(_DEVICES.value)
-  common.setup_process()  # after XLA_FLAGS: host memory reuse depends on the device count
   import jax  # after XLA_FLAGS
 
   jax.config.update("jax_threefry_partitionable", True)

@@ -59,7 +59,7 @@ _JSON = flags.DEFINE_string("json", "", "Also write the plan to this JSON file."
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.setup_process()
+  common.quiet_logs()
   from dsv3_jax import config as config_lib
   from dsv3_jax.parallel import planner
 

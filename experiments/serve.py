@@ -39,7 +39,7 @@ def main(argv):
   if _HF_DIR.value is not None and flags.FLAGS["workdir"].present:
     raise app.UsageError("give either --workdir or --hf_dir, not both")
   workdir = None if _HF_DIR.value is not None else _WORKDIR.value
-  common.setup_process()
+  common.quiet_logs()
   from dsv3_jax.serving import http
 
   def ready(server):

@@ -47,6 +47,7 @@ _STEP_TIMEOUT = flags.DEFINE_integer(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_logs()
   from dsv3_jax.parallel import distributed  # reads flags and env only; no device yet
 
   spec = distributed.resolve(
@@ -59,7 +60,6 @@ def main(argv):
   # A multi-process job's devices are its processes' own: the mesh default applies to one.
   devices = 0 if spec is not None and _DEVICES.value < 0 else _DEVICES.value
   common.emulate_cpu_devices(devices, _CONFIG.value.parallel)
-  common.setup_process()  # after XLA_FLAGS: host memory reuse depends on the device count
   import jax  # after XLA_FLAGS
 
   jax.config.update("jax_threefry_partitionable", True)
