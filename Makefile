@@ -7,6 +7,9 @@ WORKDIR ?= runs/small
 DEVICES ?= 8
 RUN_FLAGS ?=
 export XLA_FLAGS := --xla_force_host_platform_device_count=$(DEVICES)
+# Huge pages for glibc's large blocks (read at process start; no effect unless transparent huge
+# pages are in `madvise` mode): XLA:CPU's per-step buffers then fault in 2 MiB at a time.
+export GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.hugetlb=1
 
 .PHONY: run test test-slow format bench gpu-check clean
 

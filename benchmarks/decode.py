@@ -17,6 +17,8 @@ import os
 import tempfile
 import time
 
+from benchmarks import host
+
 
 def _best(fn, reps=3):
   fn()
@@ -173,6 +175,7 @@ def run(
   result = {
     "config": config,
     "cpu_count": os.cpu_count(),
+    "host_memory": host.huge_pages(),
     "memory_bandwidth_bytes_per_s": bandwidth,
     "dsv3_jax": ours,
     "settings": dict(
@@ -211,7 +214,8 @@ def report(result: dict) -> str:
   batches = result["settings"]["decode_batches"]
   lines = [
     f"{result['config']} inference, {result['cpu_count']} cores, memory copy "
-    f"{result['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s",
+    f"{result['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
+    f"{host.describe(result['host_memory'])}",
     f"  {'':<30}{'dsv3_jax':>14}{'HF':>14}{'ratio':>9}",
   ]
   for key in (

@@ -12,6 +12,8 @@ torch.optim.AdamW with torch threads = cores.
 import os
 import time
 
+from benchmarks import host
+
 
 def _time(fn, steps):
   fn()  # warm-up / compile
@@ -157,6 +159,7 @@ def run(
     "seq_len": seq_len,
     "steps": steps,
     "cpu_count": os.cpu_count(),
+    "host_memory": host.huge_pages(),
     "matmul_peak_flops_per_s": peak,
     "dsv3_jax": ours,
   }
@@ -215,7 +218,8 @@ def report(result: dict) -> str:
   width = max(len(r[0]) for r in rows)
   lines = [
     f"bench train step, batch {result['batch']} x {result['seq_len']}, one "
-    f"{result['device']} device, {result['cpu_count']} CPU cores"
+    f"{result['device']} device, {result['cpu_count']} CPU cores, "
+    f"{host.describe(result['host_memory'])}"
   ]
   lines += [f"  {name:<{width}}  {value}" for name, value in rows]
   return "\n".join(lines)
