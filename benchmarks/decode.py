@@ -86,6 +86,7 @@ def bench_hf(path, batches, prefill_batch, prefill_len, prompt_len, new, vocab):
   import torch
   import transformers
 
+  transformers.utils.logging.disable_progress_bar()  # quiet: no "Loading weights" bar
   torch.set_num_threads(os.cpu_count() or 1)
   model = transformers.AutoModelForCausalLM.from_pretrained(
     path, dtype=torch.float32, experts_implementation=HF_EXPERTS

@@ -191,6 +191,7 @@ def run_hf(path: str, trace, slots: int) -> dict:
   import torch
   import transformers
 
+  transformers.utils.logging.disable_progress_bar()  # quiet: no "Loading weights" bar
   model = transformers.AutoModelForCausalLM.from_pretrained(
     path, dtype=torch.float32, experts_implementation="grouped_mm"
   ).eval()

@@ -14,6 +14,7 @@ Legend: B batch, L query length, T key length, H heads, D model, K kv_lora_rank,
 R rope dim, N nope dim, V value dim, Q q_lora_rank.
 """
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -51,6 +52,46 @@ def cache_bytes_per_token(cfg: ModelConfig, dtype=jnp.bfloat16) -> int:
 def _write(cache_BxTxC: jax.Array, new_BxLxC: jax.Array, positions_BxL: jax.Array) -> jax.Array:
   b = jnp.arange(cache_BxTxC.shape[0])[:, None]
   return cache_BxTxC.at[b, positions_BxL].set(new_BxLxC.astype(cache_BxTxC.dtype), mode="drop")
+
+
+def _probabilities(scores_BxHxLxT, mask_Bx1xLxT, scale: float, dtype):
+  """Masked softmax over keys, in float32, returned in `dtype`."""
+  scores = jnp.where(mask_Bx1xLxT, scores_BxHxLxT.astype(jnp.float32) * scale, -jnp.inf)
+  return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def _attend_fwd(q_BxHxLxQK, k_BxHxTxQK, v_BxHxTxV, mask_Bx1xLxT, scale):
+  scores = jnp.einsum("bhlq,bhtq->bhlt", q_BxHxLxQK, k_BxHxTxQK)
+  p_BxHxLxT = _probabilities(scores, mask_Bx1xLxT, scale, v_BxHxTxV.dtype)
+  o_BxHxLxV = jnp.einsum("bhlt,bhtv->bhlv", p_BxHxLxT, v_BxHxTxV)
+  return o_BxHxLxV, (q_BxHxLxQK, k_BxHxTxQK, v_BxHxTxV, p_BxHxLxT, o_BxHxLxV)
+
+
+def _attend_bwd(scale, res, do_BxHxLxV):
+  q, k, v, p, o = res
+  f32 = jnp.float32
+  dv = jnp.einsum("bhlt,bhlv->bhtv", p, do_BxHxLxV.astype(p.dtype))
+  dp = jnp.einsum("bhlv,bhtv->bhlt", do_BxHxLxV.astype(v.dtype), v)
+  # sum_t p * dp = sum_v do * o: one [B, H, L] reduction over V instead of over T.
+  delta_BxHxLx1 = jnp.sum(do_BxHxLxV.astype(f32) * o.astype(f32), -1, keepdims=True)
+  ds = ((dp.astype(f32) - delta_BxHxLx1) * p.astype(f32) * scale).astype(q.dtype)
+  dq = jnp.einsum("bhlt,bhtq->bhlq", ds, k)
+  dk = jnp.einsum("bhlt,bhlq->bhtq", ds, q)
+  return dq, dk, dv, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attend(q_BxHxLxQK, k_BxHxTxQK, v_BxHxTxV, mask_Bx1xLxT, scale: float):
+  """softmax(scale * q k^T, masked) v per head, with the usual attention backward.
+
+  Autodiff of the softmax keeps its exponentials and sums and runs several passes over the
+  [B, H, L, T] scores; this backward keeps the probabilities and forms dS = P * (dP - delta)
+  in one pass, delta = rowsum(dO * O) (equal to rowsum(P * dP) since O = P V).
+  """
+  return _attend_fwd(q_BxHxLxQK, k_BxHxTxQK, v_BxHxTxV, mask_Bx1xLxT, scale)[0]
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 class MLA(nnx.Module):
@@ -135,12 +176,6 @@ class MLA(nnx.Module):
     out = self.wo(o_BxLxHxV.reshape(b, l, cfg.num_attention_heads * cfg.v_head_dim))
     return out, cache
 
-  def _softmax(self, scores_BxHxLxT, mask_Bx1xLxT, dtype):
-    scores = jnp.where(
-      mask_Bx1xLxT, scores_BxHxLxT.astype(jnp.float32) * rope.softmax_scale(self.cfg), -jnp.inf
-    )
-    return jax.nn.softmax(scores, axis=-1).astype(dtype)
-
   def _attend_naive(self, q_nope, q_pe, c_kv_BxTxK, k_pe_BxTxR, mask):
     cfg = self.cfg
     b, t, _ = c_kv_BxTxK.shape
@@ -155,9 +190,8 @@ class MLA(nnx.Module):
     k_pe_BxTxHxR = jnp.broadcast_to(k_pe_BxTxR[:, :, None], (b, t, h, k_pe_BxTxR.shape[-1]))
     q_BxHxLxQK = jnp.concatenate([q_nope, q_pe], -1).transpose(0, 2, 1, 3)
     k_BxHxTxQK = jnp.concatenate([k_nope_BxTxHxN, k_pe_BxTxHxR], -1).transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bhlq,bhtq->bhlt", q_BxHxLxQK, k_BxHxTxQK)
-    p_BxHxLxT = self._softmax(scores, mask, v_BxTxHxV.dtype)
-    o_BxHxLxV = jnp.einsum("bhlt,bhtv->bhlv", p_BxHxLxT, v_BxTxHxV.transpose(0, 2, 1, 3))
+    v_BxHxTxV = v_BxTxHxV.transpose(0, 2, 1, 3)
+    o_BxHxLxV = attend(q_BxHxLxQK, k_BxHxTxQK, v_BxHxTxV, mask, rope.softmax_scale(cfg))
     return o_BxHxLxV.transpose(0, 2, 1, 3)
 
   def _attend_absorbed(self, q_nope, q_pe, c_kv_BxTxK, k_pe_BxTxR, mask):
@@ -167,6 +201,6 @@ class MLA(nnx.Module):
     scores = jnp.einsum("blhk,btk->bhlt", q_c_BxLxHxK, c_kv_BxTxK) + jnp.einsum(
       "blhr,btr->bhlt", q_pe, k_pe_BxTxR
     )
-    p_BxHxLxT = self._softmax(scores, mask, dtype)
+    p_BxHxLxT = _probabilities(scores, mask, rope.softmax_scale(self.cfg), dtype)
     o_c_BxLxHxK = jnp.einsum("bhlt,btk->blhk", p_BxHxLxT, c_kv_BxTxK)
     return jnp.einsum("blhk,khv->blhv", o_c_BxLxHxK, w_uv_KxHxV.astype(dtype))
