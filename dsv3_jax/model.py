@@ -57,6 +57,9 @@ class Context(NamedTuple):
   # halves are taken inside each shard's rows, so no row changes device).
   microbatches: int = 1
   batch_shards: int = 1
+  # The sequence sits at positions 0 .. L-1 (no positions were given): attention may skip
+  # the keys past each block of queries (`MLA.__call__`'s `causal`).
+  causal: bool = False
 
 
 def _halves(t, shards: int):
@@ -100,14 +103,17 @@ def run_stack(
   def step(block, x, layer_cache):
     if ctx.microbatches == 1:
       x, aux, layer_cache = block(
-        x, ctx.positions_BxL, ctx.cos, ctx.sin, layer_cache, ctx.absorb, ctx.routed
+        x, ctx.positions_BxL, ctx.cos, ctx.sin, layer_cache, ctx.absorb, ctx.routed, ctx.causal
       )
       return x, (aux, layer_cache, x if collect else None)
     # Two independent halves through the same block: nothing of one waits for the other.
     inputs = (x, ctx.positions_BxL, ctx.cos, ctx.sin, layer_cache)
     outs = [
       block(
-        *jax.tree.map(lambda t: _halves(t, ctx.batch_shards)[i], inputs), ctx.absorb, ctx.routed
+        *jax.tree.map(lambda t: _halves(t, ctx.batch_shards)[i], inputs),
+        ctx.absorb,
+        ctx.routed,
+        ctx.causal,
       )
       for i in (0, 1)
     ]
@@ -185,6 +191,7 @@ class Transformer(nnx.Module):
     routed: Optional[RoutedExperts] = None,
     microbatches: int = 1,
     batch_shards: int = 1,
+    causal: bool = False,
   ) -> Context:
     if microbatches not in (1, 2):
       raise ValueError(f"microbatches must be 1 or 2 (two-micro-batch overlap), got {microbatches}")
@@ -195,7 +202,7 @@ class Transformer(nnx.Module):
         f"({b}) must be a multiple of {2 * batch_shards}"
       )
     cos, sin = rope.rope_angles(self.cfg, positions_BxL)
-    return Context(positions_BxL, cos, sin, absorb, routed, microbatches, batch_shards)
+    return Context(positions_BxL, cos, sin, absorb, routed, microbatches, batch_shards, causal)
 
   def embed_tokens(self, tokens_BxL: jax.Array) -> jax.Array:
     return jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.dtype)
@@ -231,9 +238,10 @@ class Transformer(nnx.Module):
   ) -> Output:
     cfg = self.cfg
     b, l = tokens_BxL.shape
-    if positions_BxL is None:
+    causal = positions_BxL is None
+    if causal:
       positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    ctx = self.context(positions_BxL, absorb, routed, microbatches, batch_shards)
+    ctx = self.context(positions_BxL, absorb, routed, microbatches, batch_shards, causal)
     x = self.embed_tokens(tokens_BxL)
     hiddens = [x]
     dense_cache = moe_cache = None
@@ -287,16 +295,19 @@ class Transformer(nnx.Module):
     """
     cfg = self.cfg
     b, l, _ = hidden_BxLxD.shape
-    if positions_BxL is None:
+    causal = positions_BxL is None
+    if causal:
       positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    ctx = self.context(positions_BxL, routed=routed)
+    ctx = self.context(positions_BxL, routed=routed, causal=causal)
     h = hidden_BxLxD
     logits, loads, balance = [], [], jnp.zeros((), jnp.float32)
     for k, module in enumerate(self.mtp, start=1):
       emb = self.embed_tokens(tokens_BxLpD[:, k : k + l])
       # Each depth consumes the previous depth's normed hidden state (what its head read),
       # as transformers' and vLLM's MTP drafting do with the published checkpoint.
-      _, h, aux, _ = module(h, emb, ctx.positions_BxL, ctx.cos, ctx.sin, routed=ctx.routed)
+      _, h, aux, _ = module(
+        h, emb, ctx.positions_BxL, ctx.cos, ctx.sin, routed=ctx.routed, causal=causal
+      )
       logits.append(self.logits(h))
       loads.append(aux["load"])
       balance = balance + aux["balance_loss"]

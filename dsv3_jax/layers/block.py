@@ -43,12 +43,14 @@ class Block(nnx.Module):
     cache: Optional[LatentCache] = None,
     absorb: Optional[bool] = None,
     routed: Optional[RoutedExperts] = None,
+    causal: bool = False,
   ):
-    """`routed`: where the MoE's routed experts run (`layers/moe.py`; None = this device)."""
+    """`routed`: where the MoE's routed experts run (`layers/moe.py`; None = this device);
+    `causal`: the sequence starts at position 0 (`MLA.__call__`)."""
     # Named scopes label the compiled ops (profiles, and the two-micro-batch overlap test
     # reads them from the HLO).
     with jax.named_scope("attention"):
-      a, cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL, cos, sin, cache, absorb)
+      a, cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL, cos, sin, cache, absorb, causal)
     x_BxLxD = x_BxLxD + a
     with jax.named_scope("moe" if self.is_moe else "mlp"):
       h = self.ffn_norm(x_BxLxD)

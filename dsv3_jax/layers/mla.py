@@ -54,6 +54,10 @@ def _write(cache_BxTxC: jax.Array, new_BxLxC: jax.Array, positions_BxL: jax.Arra
   return cache_BxTxC.at[b, positions_BxL].set(new_BxLxC.astype(cache_BxTxC.dtype), mode="drop")
 
 
+# Queries per causal attention block (`MLA.__call__(..., causal=True)`).
+QUERY_BLOCK = 128
+
+
 def _probabilities(scores_BxHxLxT, mask_Bx1xLxT, scale: float, dtype):
   """Masked softmax over keys, in float32, returned in `dtype`."""
   scores = jnp.where(mask_Bx1xLxT, scores_BxHxLxT.astype(jnp.float32) * scale, -jnp.inf)
@@ -153,7 +157,11 @@ class MLA(nnx.Module):
     sin,
     cache: Optional[LatentCache] = None,
     absorb: Optional[bool] = None,
+    causal: bool = False,
   ):
+    """`causal`: query i sits at key index i and every later key is masked for it (a
+    sequence from position 0: training, scoring, a fresh prefill), so queries can attend in
+    blocks of `QUERY_BLOCK`, each reading only the keys up to its last query."""
     cfg = self.cfg
     b, l, _ = x_BxLxD.shape
     q_nope, q_pe = self.queries(x_BxLxD, cos, sin)
@@ -171,12 +179,14 @@ class MLA(nnx.Module):
     mask_Bx1xLxT = key_pos_BxT[:, None, None, :] <= positions_BxL[:, None, :, None]
     if absorb is None:
       absorb = cache is not None and l == 1
-    attend = self._attend_absorbed if absorb else self._attend_naive
-    o_BxLxHxV = attend(q_nope, q_pe, keys_c, keys_pe, mask_Bx1xLxT)
+    if absorb:
+      o_BxLxHxV = self._attend_absorbed(q_nope, q_pe, keys_c, keys_pe, mask_Bx1xLxT)
+    else:
+      o_BxLxHxV = self._attend_naive(q_nope, q_pe, keys_c, keys_pe, mask_Bx1xLxT, causal)
     out = self.wo(o_BxLxHxV.reshape(b, l, cfg.num_attention_heads * cfg.v_head_dim))
     return out, cache
 
-  def _attend_naive(self, q_nope, q_pe, c_kv_BxTxK, k_pe_BxTxR, mask):
+  def _attend_naive(self, q_nope, q_pe, c_kv_BxTxK, k_pe_BxTxR, mask, causal=False):
     cfg = self.cfg
     b, t, _ = c_kv_BxTxK.shape
     kv = self.wkv_b(c_kv_BxTxK).reshape(
@@ -191,8 +201,25 @@ class MLA(nnx.Module):
     q_BxHxLxQK = jnp.concatenate([q_nope, q_pe], -1).transpose(0, 2, 1, 3)
     k_BxHxTxQK = jnp.concatenate([k_nope_BxTxHxN, k_pe_BxTxHxR], -1).transpose(0, 2, 1, 3)
     v_BxHxTxV = v_BxTxHxV.transpose(0, 2, 1, 3)
-    o_BxHxLxV = attend(q_BxHxLxQK, k_BxHxTxQK, v_BxHxTxV, mask, rope.softmax_scale(cfg))
-    return o_BxHxLxV.transpose(0, 2, 1, 3)
+    scale, l = rope.softmax_scale(cfg), q_BxHxLxQK.shape[2]
+    if not causal or l <= QUERY_BLOCK:
+      o_BxHxLxV = attend(q_BxHxLxQK, k_BxHxTxQK, v_BxHxTxV, mask, scale)
+      return o_BxHxLxV.transpose(0, 2, 1, 3)
+    # Causal blocks: the keys past a block's last query are masked for all of its queries,
+    # so skipping them changes nothing but the work (about half of it, for many blocks).
+    outs = []
+    for a in range(0, l, QUERY_BLOCK):
+      e = min(a + QUERY_BLOCK, l)
+      outs.append(
+        attend(
+          q_BxHxLxQK[:, :, a:e],
+          k_BxHxTxQK[:, :, :e],
+          v_BxHxTxV[:, :, :e],
+          mask[:, :, a:e, :e],
+          scale,
+        )
+      )
+    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
 
   def _attend_absorbed(self, q_nope, q_pe, c_kv_BxTxK, k_pe_BxTxR, mask):
     w_uk_KxHxN, w_uv_KxHxV = self._split_kvb()

@@ -51,10 +51,11 @@ class MTPModule(nnx.Module):
     cache: Optional[LatentCache] = None,
     routed: Optional[RoutedExperts] = None,
     absorb: Optional[bool] = None,
+    causal: bool = False,
   ):
     """Returns (h^k [B, L, D] before the final norm, normed h^k, aux, cache)."""
     x = jnp.concatenate([self.enorm(emb_next_BxLxD), self.hnorm(h_prev_BxLxD)], axis=-1)
     h, aux, cache = self.block(
-      self.eh_proj(x), positions_BxL, cos, sin, cache, absorb, routed=routed
+      self.eh_proj(x), positions_BxL, cos, sin, cache, absorb, routed=routed, causal=causal
     )
     return h, self.norm(h), aux, cache

@@ -87,7 +87,8 @@ def make_stage_fn(graphdef, cfg: Config, n_stages: int, scale: float, routed=Non
     )
     inputs = tokens_BxL1[:, :-1]
     b, l = inputs.shape
-    ctx = model.context(jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l)), routed=routed)
+    positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    ctx = model.context(positions, routed=routed, causal=True)
 
     def embed():  # the walk's first pieces: embedding, then the dense blocks
       h = model.embed_tokens(inputs)

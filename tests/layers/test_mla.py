@@ -8,6 +8,7 @@ reproduce the full-sequence forward.
 
 import dataclasses
 import functools
+from unittest import mock
 
 import chex
 import jax
@@ -129,6 +130,35 @@ class AttendGradientTest(parameterized.TestCase):
       scale_ = np.abs(want).max()
       np.testing.assert_allclose(got / scale_, want / scale_, atol=tol, err_msg=name)
     self.assertEqual(np.abs(np.asarray(vjp(ct)[1], np.float32)[1, :, 1]).max(), 0.0)
+
+
+class CausalBlocksTest(parameterized.TestCase):
+  """Causal query blocks (a sequence from position 0) skip only keys the mask hides."""
+
+  @parameterized.named_parameters(("no_cache", False), ("fresh_cache", True))
+  def test_blocks_equal_the_full_attention(self, with_cache):
+    cfg = _model_cfg()
+    module = mla_lib.MLA(dataclasses.replace(cfg, init_std=0.3), rngs=nnx.Rngs(params=0))
+    graphdef, state = nnx.split(module)
+    b, l = 2, 10  # blocks of 4, 4 and 2 queries
+    x, pos, cos, sin = _inputs(cfg, b, l, seed=3)
+    cache = mla_lib.init_latent_cache(cfg, b, 16, jnp.float32) if with_cache else None
+
+    def loss(state, x, causal):
+      out, new_cache = nnx.merge(graphdef, state)(x, pos, cos, sin, cache, False, causal)
+      r = jnp.sin(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+      return jnp.sum(out * r), (out, new_cache)
+
+    grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+    with mock.patch.object(mla_lib, "QUERY_BLOCK", 4):
+      (g_state, g_x), (out, new_cache) = jax.jit(grad, static_argnums=2)(state, x, True)
+      jaxpr = str(jax.make_jaxpr(lambda s, x: loss(s, x, True)[0])(state, x))
+    self.assertEqual(jaxpr.count("custom_vjp_call["), 3)  # three blocks of queries
+    (w_state, w_x), (want, want_cache) = jax.jit(grad, static_argnums=2)(state, x, False)
+    chex.assert_trees_all_close(out, want, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(new_cache, want_cache, atol=0, rtol=0)
+    chex.assert_trees_all_close(g_x, w_x, atol=1e-5, rtol=1e-4)
+    chex.assert_trees_all_close(g_state, w_state, atol=1e-4, rtol=1e-4)
 
 
 class AbsorbTest(parameterized.TestCase):
