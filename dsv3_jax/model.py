@@ -57,8 +57,8 @@ class Context(NamedTuple):
   # halves are taken inside each shard's rows, so no row changes device).
   microbatches: int = 1
   batch_shards: int = 1
-  # The sequence sits at positions 0 .. L-1 (no positions were given): attention may skip
-  # the keys past each block of queries (`MLA.__call__`'s `causal`).
+  # The sequence sits at positions 0 .. L-1 (`Transformer.context` was given a shape, not
+  # positions): attention may skip the keys past each block of queries (`MLA.__call__`).
   causal: bool = False
 
 
@@ -186,13 +186,19 @@ class Transformer(nnx.Module):
   # own slice (`train/pipeline_step.py`); the objective (`train/loss.py`) adds MTP on top.
   def context(
     self,
-    positions_BxL: jax.Array,
+    positions_BxL: jax.Array | tuple[int, int],
     absorb: Optional[bool] = None,
     routed: Optional[RoutedExperts] = None,
     microbatches: int = 1,
     batch_shards: int = 1,
-    causal: bool = False,
   ) -> Context:
+    """`positions_BxL`: int32 [B, L], or the shape (B, L) of sequences at positions 0 .. L-1
+    (training, scoring, a fresh prefill), whose attention may then skip the keys past each
+    block of queries (`Context.causal`)."""
+    causal = isinstance(positions_BxL, tuple)
+    if causal:
+      b, l = positions_BxL
+      positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     if microbatches not in (1, 2):
       raise ValueError(f"microbatches must be 1 or 2 (two-micro-batch overlap), got {microbatches}")
     b = positions_BxL.shape[0]
@@ -238,10 +244,9 @@ class Transformer(nnx.Module):
   ) -> Output:
     cfg = self.cfg
     b, l = tokens_BxL.shape
-    causal = positions_BxL is None
-    if causal:
-      positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    ctx = self.context(positions_BxL, absorb, routed, microbatches, batch_shards, causal)
+    if positions_BxL is None:
+      positions_BxL = (b, l)  # from position 0
+    ctx = self.context(positions_BxL, absorb, routed, microbatches, batch_shards)
     x = self.embed_tokens(tokens_BxL)
     hiddens = [x]
     dense_cache = moe_cache = None
@@ -295,10 +300,7 @@ class Transformer(nnx.Module):
     """
     cfg = self.cfg
     b, l, _ = hidden_BxLxD.shape
-    causal = positions_BxL is None
-    if causal:
-      positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    ctx = self.context(positions_BxL, routed=routed, causal=causal)
+    ctx = self.context((b, l) if positions_BxL is None else positions_BxL, routed=routed)
     h = hidden_BxLxD
     logits, loads, balance = [], [], jnp.zeros((), jnp.float32)
     for k, module in enumerate(self.mtp, start=1):
@@ -306,7 +308,7 @@ class Transformer(nnx.Module):
       # Each depth consumes the previous depth's normed hidden state (what its head read),
       # as transformers' and vLLM's MTP drafting do with the published checkpoint.
       _, h, aux, _ = module(
-        h, emb, ctx.positions_BxL, ctx.cos, ctx.sin, routed=ctx.routed, causal=causal
+        h, emb, ctx.positions_BxL, ctx.cos, ctx.sin, routed=ctx.routed, causal=ctx.causal
       )
       logits.append(self.logits(h))
       loads.append(aux["load"])

@@ -95,9 +95,14 @@ def _mtp_and_main(model_def, model_state, module_def, module_state, tokens_BxL, 
   b, l = tokens_BxL.shape
   out = model.forward(tokens_BxL)
   next_BxL = jnp.concatenate([tokens_BxL[:, 1:], tokens_BxL[:, -1:]], axis=1)
-  ctx = model.context(jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l)))
+  ctx = model.context((b, l))
   _, h_mtp, _, _ = module(
-    out.hidden_BxLxD, model.embed_tokens(next_BxL), ctx.positions_BxL, ctx.cos, ctx.sin
+    out.hidden_BxLxD,
+    model.embed_tokens(next_BxL),
+    ctx.positions_BxL,
+    ctx.cos,
+    ctx.sin,
+    causal=ctx.causal,
   )
   return (
     _limited_argmax(model.logits(h_mtp), vocab_limit),

@@ -87,8 +87,7 @@ def make_stage_fn(graphdef, cfg: Config, n_stages: int, scale: float, routed=Non
     )
     inputs = tokens_BxL1[:, :-1]
     b, l = inputs.shape
-    positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    ctx = model.context(positions, routed=routed, causal=True)
+    ctx = model.context((b, l), routed=routed)  # sequences from position 0
 
     def embed():  # the walk's first pieces: embedding, then the dense blocks
       h = model.embed_tokens(inputs)

@@ -153,12 +153,32 @@ class CausalBlocksTest(parameterized.TestCase):
     with mock.patch.object(mla_lib, "QUERY_BLOCK", 4):
       (g_state, g_x), (out, new_cache) = jax.jit(grad, static_argnums=2)(state, x, True)
       jaxpr = str(jax.make_jaxpr(lambda s, x: loss(s, x, True)[0])(state, x))
-    self.assertEqual(jaxpr.count("custom_vjp_call["), 3)  # three blocks of queries
+    self.assertEqual(jaxpr.count("name=attend"), 3)  # three blocks of queries
     (w_state, w_x), (want, want_cache) = jax.jit(grad, static_argnums=2)(state, x, False)
     chex.assert_trees_all_close(out, want, atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close(new_cache, want_cache, atol=0, rtol=0)
     chex.assert_trees_all_close(g_x, w_x, atol=1e-5, rtol=1e-4)
     chex.assert_trees_all_close(g_state, w_state, atol=1e-4, rtol=1e-4)
+
+  def test_model_walk_from_position_zero_takes_the_blocks(self):
+    model = model_lib.create(_model_cfg(), seed=0)
+    tokens = jax.random.randint(jax.random.key(4), (2, 10), 0, model.cfg.vocab_size)
+    self.assertTrue(model.context(tokens.shape).causal)
+    self.assertFalse(model.context(jnp.zeros((2, 10), jnp.int32)).causal)
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def logits(tokens, explicit):
+      positions = jnp.broadcast_to(jnp.arange(10), (2, 10)) if explicit else None
+      return nnx.merge(graphdef, state).forward(tokens, positions).logits_BxLxV
+
+    def attend_calls(explicit):
+      return str(jax.make_jaxpr(logits, static_argnums=1)(tokens, explicit)).count("name=attend")
+
+    with mock.patch.object(mla_lib, "QUERY_BLOCK", 4):
+      blocked = logits(tokens, False)
+      self.assertEqual(attend_calls(False), 3 * attend_calls(True))  # 10 queries: 3 blocks
+    np.testing.assert_allclose(blocked, logits(tokens, True), atol=1e-4, rtol=1e-4)
 
 
 class AbsorbTest(parameterized.TestCase):
