@@ -7,7 +7,7 @@ Rows whose expert id equals E (the number of experts) are empty slots and come b
 
 Three formulations behind it, chosen at trace time from static shapes:
 
-* capacity buckets (training and prefill, fp32/bf16): rows are stably sorted by expert and
+* capacity buckets (training and prefill, every precision): rows are stably sorted by expert and
   moved into an [E, C, D] buffer, C about capacity_factor x the mean rows per expert: each
   slot gathers its row and the outputs gather back (the backward gathers through the inverse
   maps), so neither direction scatters or zero-fills an [R, D] buffer, and a token's k copies
@@ -18,11 +18,15 @@ Three formulations behind it, chosen at trace time from static shapes:
   Copies past an expert's C slots are not dropped: an exact overflow pass (the block path
   below, on the overflowing rows only) runs under `lax.cond` only when some expert
   overflowed, and its backward recomputes it, so balanced routing pays nothing for it.
-* padded blocks (FP8, and the overflow pass): rows sorted by expert, each expert's group
-  padded to a multiple of S rows, a loop over the used blocks (a dynamic trip count, so a
-  small overflow costs little) runs each block's SwiGLU with its expert's weights
-  (`_grouped_swiglu`; FP8: three `grouped_matmul` loops, `quant/fp8_grouped.py`).
-* gathered weights (decode at batch 1: rows <= experts / 4): each row gathers its expert's
+  Under fp8 the same GEMMs read the report's FP8 operands (§3.3, `quant/fp8_grouped.py`):
+  rows in 1x128 tiles along the contraction (fprop, dgrad), each expert's weight in 128x128
+  blocks, and for the weight gradients both operands in 128x1 tiles along the bucket's slots
+  (the token axis); the bucket buffer is kept for backward as its FP8 tiles.
+* padded blocks (the overflow pass; `path="block"`): rows sorted by expert, each expert's
+  group padded to a multiple of S rows, a loop over the used blocks (a dynamic trip count,
+  so a small overflow costs little) runs each block's SwiGLU with its expert's weights
+  (`_grouped_swiglu`), in every precision.
+* gathered weights (decode at batch 1, rows <= experts / 4; not fp8): each row gathers its expert's
   weights, one batched product, no padding. Above that, decode takes the buckets too: each
   expert's weights are streamed once, in place, by the batched GEMM (`capacity` sizes the
   buckets by the Poisson spread of a few rows per expert).
@@ -40,8 +44,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.layers.linear import matmul
 from dsv3_jax.layers.routing import Routing
+from dsv3_jax.quant import fp8, fp8_grouped
 
 CAPACITY_FACTOR = 1.25  # bucket slots per expert, x the mean rows per expert
 PATHS = ("bucket", "block", "gather")
@@ -49,7 +53,19 @@ PATHS = ("bucket", "block", "gather")
 
 # ----------------------------------------------------------------------------- batched GEMM
 def _cast(x, precision):
-  return x.astype(jnp.bfloat16 if precision == "bf16" else jnp.float32)
+  return x.astype(jnp.bfloat16 if precision in ("bf16", "fp8") else jnp.float32)
+
+
+def _operand(a, precision, axis=-1):
+  """`a` as a bucket GEMM reads it: under fp8, 1x128 FP8 tiles along `axis` (the contraction
+  axis; the token axis C for a weight gradient) dequantized into bf16; else `a` itself (cast
+  by `_bmm_raw`)."""
+  return fp8_grouped.tiles(a, axis) if precision == "fp8" else a
+
+
+def _weights(w_ExKxF, precision):
+  """The experts' weights as the bucket GEMMs read them: 128x128 FP8 blocks under fp8."""
+  return fp8_grouped.expert_weights(w_ExKxF) if precision == "fp8" else w_ExKxF
 
 
 def _bmm_raw(a_ExMxK, b_ExKxN, precision):
@@ -155,11 +171,16 @@ def _bucket_forward(x_SxD, w1, w3, w2, gate_R, lay, static):
   e, d = w1.shape[0], x_SxD.shape[1]
   buf = _gather_rows(x_SxD, lay.row_of_slot, copies).reshape(e, c, d)
   gate = _gather_rows(gate_R.astype(jnp.float32)[:, None], lay.row_of_slot).reshape(e, c, 1)
+  kept = buf
+  if precision == "fp8":  # the FP8 tiles are what backward keeps, as raw bytes and scales
+    q, s = fp8.quantize_act(buf)
+    buf, kept = fp8.dequantize_act(q, s, d, jnp.bfloat16), (fp8.as_bytes(q), s)
+  w1, w3, w2 = (_weights(w, precision) for w in (w1, w3, w2))
   a1 = _bmm_raw(buf, w1, precision).astype(x_SxD.dtype)
   a3 = _bmm_raw(buf, w3, precision).astype(x_SxD.dtype)
   h = (jax.nn.silu(a1) * a3 * gate).astype(x_SxD.dtype)  # the gate on the SwiGLU output
-  y = _bmm_raw(h, w2, precision).astype(x_SxD.dtype)
-  return _gather_rows(y.reshape(e * c, d), lay.slot_R), (buf, gate, a1, a3)
+  y = _bmm_raw(_operand(h, precision), w2, precision).astype(x_SxD.dtype)
+  return _gather_rows(y.reshape(e * c, d), lay.slot_R), (kept, gate, a1, a3)
 
 
 def _overflow_rows(x_SxD, w1, w3, w2, gate_R, lay, static):
@@ -193,18 +214,24 @@ def _bucket_ffn_bwd(static, res, g_RxD):
   x_SxD, w1, w3, w2, gate_R, lay, buf, gate, a1, a3, overflow = res
   c, copies, _, precision = static
   e, d = w1.shape[0], x_SxD.shape[1]
+  if precision == "fp8":
+    buf = fp8.dequantize_act(fp8.from_bytes(buf[0]), buf[1], d)
   g_y = _gather_rows(g_RxD, lay.row_of_slot).reshape(e, c, d)  # each slot's row's cotangent
   t = lambda a: jnp.swapaxes(a, 1, 2)
+  op = functools.partial(_operand, precision=precision)  # dgrad: tiles along the contraction
+  tok = functools.partial(_operand, precision=precision, axis=1)  # wgrad: along the tokens
+  o1, o3, o2 = (_weights(w, precision) for w in (w1, w3, w2))
   # Every product below is a batched row-major GEMM (contraction on lhs last, rhs first).
-  dh_gated = _bmm_raw(g_y, t(w2), precision)
+  dh_gated = _bmm_raw(op(g_y), t(o2), precision)
   u, da1, da3 = _swiglu_vjp(a1, a3, dh_gated * gate)  # u: the SwiGLU output before the gate
   dgate = jnp.sum(u * dh_gated, axis=-1, keepdims=True)  # [E, C, 1]
   h = (u * gate).astype(x_SxD.dtype)
   da1, da3 = da1.astype(x_SxD.dtype), da3.astype(x_SxD.dtype)
-  dw2 = _bmm_raw(t(h), g_y, precision).astype(w2.dtype)
-  dw1 = _bmm_raw(t(buf), da1, precision).astype(w1.dtype)
-  dw3 = _bmm_raw(t(buf), da3, precision).astype(w3.dtype)
-  dbuf = _bmm_raw(da1, t(w1), precision) + _bmm_raw(da3, t(w3), precision)
+  buf_t = tok(buf)
+  dw2 = _bmm_raw(t(tok(h)), tok(g_y), precision).astype(w2.dtype)
+  dw1 = _bmm_raw(t(buf_t), tok(da1), precision).astype(w1.dtype)
+  dw3 = _bmm_raw(t(buf_t), tok(da3), precision).astype(w3.dtype)
+  dbuf = _bmm_raw(op(da1), t(o1), precision) + _bmm_raw(op(da3), t(o3), precision)
   dx = _gather_rows(dbuf.reshape(e * c, d), lay.slot_R)  # [R, D]: row i's slot, or zeros
   dx = dx.reshape(-1, copies, d).sum(1).astype(x_SxD.dtype)
   dgate_R = _gather_rows(dgate.reshape(e * c, 1), lay.slot_R)[:, 0].astype(gate_R.dtype)
@@ -221,68 +248,6 @@ _bucket_ffn.defvjp(_bucket_ffn_fwd, _bucket_ffn_bwd)
 
 
 # ----------------------------------------------------------------------------- padded blocks
-def grouped_matmul(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision="fp32"):
-  """`out[b] = x[b] @ w[block_expert[b]]` for blocks b < n_used; zeros beyond.
-
-  fp32 / bf16 loop over the n_used blocks only, each through `matmul` (its VJP per block in
-  backward); fp8 runs `dsv3_jax.quant.fp8_grouped`, whose backward keeps only the FP8
-  activations and scales and computes dgrad and wgrad with FP8 operands too.
-  """
-  if precision == "fp8":
-    from dsv3_jax.quant import fp8_grouped  # local import, as in layers/linear.py
-
-    return fp8_grouped.grouped_matmul_fp8(x_NBxSxK, w_ExKxF, block_expert_NB, n_used)
-  return _grouped_hp(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision)
-
-
-def _block_fn(precision):
-  def f(x_SxK, w_KxF):
-    return matmul(x_SxK, w_KxF, precision)
-
-  return f
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _grouped_hp(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision):
-  return _grouped_fwd(x_NBxSxK, w_ExKxF, block_expert_NB, n_used, precision)[0]
-
-
-def _grouped_fwd(x, w, block_expert, n_used, precision):
-  # A loop over the used blocks only (a dynamic trip count: differentiable because the VJP
-  # below is custom), so the exact overflow pass costs what its rows cost, not the bound.
-  f = _block_fn(precision)
-  zero = jnp.zeros((), jnp.int32)
-
-  def body(b, out):
-    yb = f(x[b], w[block_expert[b]]).astype(x.dtype)
-    return jax.lax.dynamic_update_slice(out, yb[None], (b, zero, zero))
-
-  out = jax.lax.fori_loop(0, n_used, body, jnp.zeros(x.shape[:2] + w.shape[2:], x.dtype))
-  return out, (x, w, block_expert, n_used)
-
-
-def _grouped_bwd(precision, res, g_NBxSxF):
-  x, w, block_expert, n_used = res
-  f = _block_fn(precision)
-  zero = jnp.zeros((), jnp.int32)
-
-  def body(b, carry):
-    dx, dw = carry
-    e = block_expert[b]
-    _, vjp = jax.vjp(f, x[b], w[e])
-    dxb, dwe = vjp(g_NBxSxF[b].astype(x.dtype))
-    dx = jax.lax.dynamic_update_slice(dx, dxb.astype(x.dtype)[None], (b, zero, zero))
-    current = jax.lax.dynamic_slice(dw, (e, zero, zero), (1,) + dw.shape[1:])
-    dw = jax.lax.dynamic_update_slice(dw, current + dwe.astype(dw.dtype)[None], (e, zero, zero))
-    return dx, dw
-
-  dx, dw = jax.lax.fori_loop(0, n_used, body, (jnp.zeros_like(x), jnp.zeros(w.shape, jnp.float32)))
-  return dx, dw.astype(w.dtype), None, None
-
-
-_grouped_hp.defvjp(_grouped_fwd, _grouped_bwd)
-
-
 def _dot(a, b, precision):
   return jnp.dot(_cast(a, precision), _cast(b, precision), preferred_element_type=jnp.float32)
 
@@ -294,18 +259,22 @@ def _grouped_swiglu(x_NBxSxD, w1, w3, w2, block_expert_NB, n_used, precision):
   One loop over the used blocks does all three products of a block, so no elementwise work
   or intermediate touches the unused blocks (the bound for the exact overflow pass is the
   worst case, its real blocks usually a few); the backward recomputes a block's two
-  pre-activations instead of keeping them.
+  pre-activations instead of keeping them. Under fp8 the GEMMs read FP8 operands as the
+  buckets do (`_operand`, `_weights`; the weights dequantized once, outside the loop), the
+  weight gradients' 128x1 tiles running along the block's rows.
   """
   return _grouped_swiglu_fwd(x_NBxSxD, w1, w3, w2, block_expert_NB, n_used, precision)[0]
 
 
 def _grouped_swiglu_fwd(x, w1, w3, w2, block_expert, n_used, precision):
   zero = jnp.zeros((), jnp.int32)
+  o1, o3, o2 = (_weights(w, precision) for w in (w1, w3, w2))  # once, outside the loop
 
   def body(b, out):
-    e = block_expert[b]
-    h = jax.nn.silu(_dot(x[b], w1[e], precision)) * _dot(x[b], w3[e], precision)
-    yb = _dot(h.astype(x.dtype), w2[e], precision).astype(x.dtype)
+    e, xb = block_expert[b], _operand(x[b], precision)
+    h = jax.nn.silu(_dot(xb, o1[e], precision)) * _dot(xb, o3[e], precision)
+    h = _operand(h.astype(x.dtype), precision)
+    yb = _dot(h, o2[e], precision).astype(x.dtype)
     return jax.lax.dynamic_update_slice(out, yb[None], (b, zero, zero))
 
   out = jax.lax.fori_loop(0, n_used, body, jnp.zeros(x.shape[:2] + w2.shape[2:], x.dtype))
@@ -316,6 +285,9 @@ def _grouped_swiglu_fwd(x, w1, w3, w2, block_expert, n_used, precision):
 def _grouped_swiglu_bwd(precision, res, g_NBxSxD):
   x, w1, w3, w2, block_expert, n_used = res
   zero = jnp.zeros((), jnp.int32)
+  o1, o3, o2 = (_weights(w, precision) for w in (w1, w3, w2))
+  op = functools.partial(_operand, precision=precision)  # tiles along the contraction
+  tok = functools.partial(_operand, precision=precision, axis=0)  # wgrad: along the rows
 
   def acc(dw, e, value):
     cur = jax.lax.dynamic_slice(dw, (e, zero, zero), (1,) + dw.shape[1:])
@@ -324,14 +296,16 @@ def _grouped_swiglu_bwd(precision, res, g_NBxSxD):
   def body(b, carry):
     dx, dw1, dw3, dw2 = carry
     e, xb, gb = block_expert[b], x[b], g_NBxSxD[b]
-    a1, a3 = _dot(xb, w1[e], precision), _dot(xb, w3[e], precision)
-    u, da1, da3 = _swiglu_vjp(a1, a3, _dot(gb, w2[e].T, precision))
+    xq = op(xb)
+    a1, a3 = _dot(xq, o1[e], precision), _dot(xq, o3[e], precision)
+    u, da1, da3 = _swiglu_vjp(a1, a3, _dot(op(gb), o2[e].T, precision))
     da1, da3 = da1.astype(x.dtype), da3.astype(x.dtype)
-    dxb = _dot(da1, w1[e].T, precision) + _dot(da3, w3[e].T, precision)
+    dxb = _dot(op(da1), o1[e].T, precision) + _dot(op(da3), o3[e].T, precision)
     dx = jax.lax.dynamic_update_slice(dx, dxb.astype(x.dtype)[None], (b, zero, zero))
-    dw1 = acc(dw1, e, _dot(xb.T, da1, precision))
-    dw3 = acc(dw3, e, _dot(xb.T, da3, precision))
-    dw2 = acc(dw2, e, _dot(u.astype(x.dtype).T, gb, precision))
+    xt = tok(xb)
+    dw1 = acc(dw1, e, _dot(xt.T, tok(da1), precision))
+    dw3 = acc(dw3, e, _dot(xt.T, tok(da3), precision))
+    dw2 = acc(dw2, e, _dot(tok(u.astype(x.dtype)).T, tok(gb), precision))
     return dx, dw1, dw3, dw2
 
   f32 = lambda w: jnp.zeros(w.shape, jnp.float32)
@@ -398,13 +372,7 @@ def _block_rows(x_SxD, expert_R, w1, w3, w2, block, precision, copies=1):
   slot_R = jnp.zeros((r,), jnp.int32).at[lay.order_R].set(lay.dest_R)
   row_of_slot = jnp.full((rows,), r, jnp.int32).at[lay.dest_R].set(lay.order_R)
   xs_NBxSxD = _move_rows(x_SxD, row_of_slot, slot_R, copies).reshape(lay.n_blocks, block, d)
-  if precision == "fp8":
-    gm = functools.partial(
-      grouped_matmul, block_expert_NB=lay.block_expert_NB, n_used=lay.n_used, precision=precision
-    )
-    ys = gm(jax.nn.silu(gm(xs_NBxSxD, w1)) * gm(xs_NBxSxD, w3), w2)
-  else:
-    ys = _grouped_swiglu(xs_NBxSxD, w1, w3, w2, lay.block_expert_NB, lay.n_used, precision)
+  ys = _grouped_swiglu(xs_NBxSxD, w1, w3, w2, lay.block_expert_NB, lay.n_used, precision)
   return _move_rows(ys.reshape(rows, d), slot_R, row_of_slot, 1)
 
 
@@ -453,10 +421,10 @@ def expert_rows(
   if path is None:
     # Gathering copies each row's expert weights (~3x their bytes per row); buckets read every
     # expert's weights once, in place: gather only while rows are a small fraction of experts.
-    path = "block" if precision == "fp8" else "gather" if 4 * r <= e else "bucket"
+    path = "gather" if 4 * r <= e and precision != "fp8" else "bucket"
   if path not in PATHS:
     raise ValueError(f"unknown expert kernel path {path!r}: must be one of {PATHS}")
-  if path == "bucket" and precision != "fp8":
+  if path == "bucket":
     return _bucket_rows(
       x_RxD,
       expert_R,

@@ -326,7 +326,7 @@ def routed_experts(
   expert_spec = P(EXPERT, None, None)
   aux_specs = {"load": P(), "balance_loss": P(), **{name: P() for name in STATS}}
 
-  # check_vma=False: grouped_matmul's skip branches (cond / scan carries) build
+  # check_vma=False: the expert kernel's skip branches (cond / scan carries) build
   # mesh-invariant zeros next to per-shard blocks, which the VMA checker rejects. The
   # sharded-vs-unsharded tests check values and gradients instead.
   def shard(x, gate, bias, w1, w3, w2, replicas):

@@ -45,7 +45,9 @@ Recipe (DeepSeek-V3 report, Sec. 3.3):
   dequantized and re-quantized in 128x1 tiles, and so is g; ``quantize_act(...,
   axis=0)`` tiles in place, no transposes).  Only the FP8
   activation and its scales are saved for backward, never ``x`` in high
-  precision; the weight is kept as its FP8 blocks.  The weight gradient is
+  precision; the weight is kept as its FP8 blocks (FP8 residuals are stored as
+  their raw bytes, ``as_bytes``: a scan over layers stacks uint8 in place, where
+  XLA:CPU rewrites a float8 stack through f16 per layer).  The weight gradient is
   returned in the master weight's dtype (FP32), the input gradient in x's.
 
 Shape legend: ``M`` tokens (any leading dims flattened), ``K`` contraction
@@ -212,6 +214,21 @@ def dequantize_weight(q_KpxNp, s_KbxNb, k: int, n: int, dtype=jnp.float32):
   return _dequantize_blocks_2d(q_KpxNp, s_KbxNb, k, n, jnp).astype(dtype)
 
 
+def as_bytes(q):
+  """FP8 values as their raw bytes (uint8, a free bitcast), for storage between passes.
+
+  Residuals saved for backward are stacked across the layers of a scan: a dynamic update of
+  a float8 buffer is not native on every backend (XLA:CPU widens the whole buffer to f16 and
+  back for each layer's slice), while a uint8 one is updated in place. Same bytes either way.
+  """
+  return jax.lax.bitcast_convert_type(q, jnp.uint8)
+
+
+def from_bytes(b):
+  """Inverse of `as_bytes`."""
+  return jax.lax.bitcast_convert_type(b, FP8)
+
+
 # ----------------------------------------------------------------------------
 # Blockwise-scaled FP8 GEMM.
 # ----------------------------------------------------------------------------
@@ -278,11 +295,12 @@ def _fp8_matmul_fwd(x, w, cfg):
   w_q, w_s = quantize_weight(w, cfg.pow2)  # [Kp, Np], [Kb, Nb]
   y_MxN = fp8_dot(x_q, x_s, w_q, w_s, cfg.operand_dtype, cfg.k, n)
   y = y_MxN.reshape(*x.shape[:-1], n).astype(cfg.x_dtype)
-  return y, (x_q, x_s, w_q, w_s)
+  return y, (as_bytes(x_q), x_s, as_bytes(w_q), w_s)
 
 
 def _fp8_matmul_bwd(cfg, res, g):
   x_q, x_s, w_q, w_s = res
+  x_q, w_q = from_bytes(x_q), from_bytes(w_q)
   k, n, dtype = cfg.k, g.shape[-1], cfg.operand_dtype
   g_MxN = g.reshape(-1, n).astype(jnp.float32)
   # dgrad: g tiled 1x128 along N against the same 128x128 weight blocks, contracted over N
