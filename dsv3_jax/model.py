@@ -150,6 +150,8 @@ def unstack_layers(model: "Transformer") -> "Transformer":
   copies that slice before its GEMMs: a decode step, bound by reading the weights, then
   reads and writes them all once more. With one array per layer, `run_stack` loops over
   the layers and every GEMM reads its weights in place. Compile time grows with depth.
+  Each layer's attention also keeps its absorption weights head-major
+  (`MLA.arrange_for_decoding`), which a decode step would otherwise copy into that order.
   """
   graphdef, state = nnx.split(model)
   out = nnx.merge(graphdef, state)
@@ -160,6 +162,8 @@ def unstack_layers(model: "Transformer") -> "Transformer":
     g, s = nnx.split(stack)
     n = jax.tree.leaves(s)[0].shape[0]
     layers = [nnx.merge(g, jax.tree.map(lambda a: a[i], s)) for i in range(n)]
+    for layer in layers:
+      layer.attn.arrange_for_decoding()
     setattr(out, name, nnx.List(layers))
   return out
 

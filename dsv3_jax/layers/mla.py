@@ -98,6 +98,10 @@ def attend(q_BxHxLxQK, k_BxHxTxQK, v_BxHxTxV, mask_Bx1xLxT, scale: float):
 attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+class HeadMajor(nnx.Variable):
+  """Derived weights kept for decoding (not trained, not checkpointed): (W_UK, W_UV)."""
+
+
 class MLA(nnx.Module):
   """MLA with decoupled RoPE; `__call__` returns (output, updated cache or None)."""
 
@@ -122,6 +126,17 @@ class MLA(nnx.Module):
       **lin,
     )
     self.wo = Linear(h * cfg.v_head_dim, d, axes=("heads", "embed"), **lin)
+
+  def arrange_for_decoding(self) -> None:
+    """Keeps W_UK and W_UV (slices of `wkv_b`) as head-major copies, [H, N, K] and [H, K, V],
+    for the absorbed path. Its two products are batched over heads, and a batched dot reads
+    its weight head-major: sliced from `wkv_b` ([K, H, N + V]) the backend copies them into
+    that order on every decode step (XLA does not hoist the copy out of the decode loop).
+    A snapshot of the current weights, for a model that only decodes (`unstack_layers`)."""
+    w_uk_KxHxN, w_uv_KxHxV = self._split_kvb()
+    self.head_major = nnx.data(
+      (HeadMajor(jnp.transpose(w_uk_KxHxN, (1, 2, 0))), HeadMajor(w_uv_KxHxV.transpose(1, 0, 2)))
+    )
 
   def queries(self, x_BxLxD, cos, sin):
     cfg = self.cfg
@@ -222,12 +237,17 @@ class MLA(nnx.Module):
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
 
   def _attend_absorbed(self, q_nope, q_pe, c_kv_BxTxK, k_pe_BxTxR, mask):
-    w_uk_KxHxN, w_uv_KxHxV = self._split_kvb()
     dtype = q_nope.dtype
-    q_c_BxLxHxK = jnp.einsum("blhn,khn->blhk", q_nope, w_uk_KxHxN.astype(dtype))
+    head_major = getattr(self, "head_major", None)  # set by `arrange_for_decoding`
+    if head_major is None:
+      w_uk_KxHxN, w_uv_KxHxV = self._split_kvb()
+      w_uk_HxNxK, w_uv_HxKxV = w_uk_KxHxN.transpose(1, 2, 0), w_uv_KxHxV.transpose(1, 0, 2)
+    else:
+      w_uk_HxNxK, w_uv_HxKxV = (w[...] for w in head_major)
+    q_c_BxLxHxK = jnp.einsum("blhn,hnk->blhk", q_nope, w_uk_HxNxK.astype(dtype))
     scores = jnp.einsum("blhk,btk->bhlt", q_c_BxLxHxK, c_kv_BxTxK) + jnp.einsum(
       "blhr,btr->bhlt", q_pe, k_pe_BxTxR
     )
     p_BxHxLxT = _probabilities(scores, mask, rope.softmax_scale(self.cfg), dtype)
     o_c_BxLxHxK = jnp.einsum("bhlt,btk->blhk", p_BxHxLxT, c_kv_BxTxK)
-    return jnp.einsum("blhk,khv->blhv", o_c_BxLxHxK, w_uv_KxHxV.astype(dtype))
+    return jnp.einsum("blhk,hkv->blhv", o_c_BxLxHxK, w_uv_HxKxV.astype(dtype))

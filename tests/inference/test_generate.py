@@ -132,3 +132,48 @@ def test_unstacked_layers_decode_like_the_scanned_stacks(model, gen):
   stacked = Generator(model, cache_dtype=jnp.float32, unstack=False)
   cfg = SamplingConfig(max_new_tokens=6)
   assert stacked.generate(PROMPTS, cfg).tokens == gen.generate(PROMPTS, cfg).tokens
+
+
+def test_decoding_reads_absorption_weights_head_major(model):
+  """The unstacked layers keep W_UK / W_UV head-major (`MLA.arrange_for_decoding`): a decode
+  step equals the scanned model's, and its program copies no weight into head-major order,
+  where the scanned model's step does (a transpose per weight and layer)."""
+  import jax
+  from flax import nnx
+
+  cfg = model.cfg
+  flat = model_lib.unstack_layers(model)
+  h, n, k = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
+  w = model.moe.attn.wkv_b.kernel[...][0].reshape(k, h, n + cfg.v_head_dim)
+  uk, uv = (a[...] for a in flat.moe[0].attn.head_major)
+  np.testing.assert_array_equal(uk, np.transpose(w[..., :n], (1, 2, 0)))
+  np.testing.assert_array_equal(uv, np.transpose(w[..., n:], (1, 0, 2)))
+
+  prompt = (PROMPTS[0] * 3)[:6]
+  tokens = jnp.asarray([prompt[:5]], jnp.int32)
+  cache = model.forward(tokens, cache=model.init_cache(1, 16, jnp.float32)).cache
+  step = jnp.asarray([prompt[5:]], jnp.int32)
+  positions = jnp.asarray([[5]], jnp.int32)
+
+  def program(m):
+    graphdef, state = nnx.split(m)
+
+    def f(state, cache):
+      out = nnx.merge(graphdef, state).forward(step, positions, cache=cache)
+      return out.logits_BxLxV
+
+    return jax.jit(f), state
+
+  (f_flat, s_flat), (f_scan, s_scan) = program(flat), program(model)
+  np.testing.assert_allclose(f_flat(s_flat, cache), f_scan(s_scan, cache), rtol=1e-5, atol=1e-5)
+
+  def head_major_copies(f, state):
+    hlo = f.lower(state, cache).compile().as_text()
+    shapes = (f"f32[{h},{n},{k}]", f"f32[{h},{k},{cfg.v_head_dim}]")
+    return sum(
+      "transpose" in line and "fusion(" in line and any(s in line for s in shapes)
+      for line in hlo.splitlines()
+    )
+
+  assert head_major_copies(f_scan, s_scan) > 0
+  assert head_major_copies(f_flat, s_flat) == 0
