@@ -2,8 +2,9 @@
 
 The body of `experiments/benchmark_decode.py` (see it for the flags). Builds the model with
 random weights once, exports it in the HF layout (float32), and in one process measures both
-implementations on the same weights and CPU (torch threads = cores): prefill tokens/s,
-greedy decode tokens/s per batch size (the prefill subtracted), KV-cache bytes per token (MLA
+implementations on the same weights and CPU (torch threads = cores): prefill tokens/s
+(prompt through the model into the cache, logits of the last position only, as both
+`generate`s do), greedy decode tokens/s per batch size (the prefill subtracted), KV-cache bytes per token (MLA
 caches the compressed latent, arXiv 2412.19437 §2.1.1) and this machine's memory bandwidth,
 to state decode as a fraction of the bandwidth limit (weights and cache streamed once per
 step). With `speculative`, MTP self-speculative decoding (arXiv 2412.19437 §2.2, §5.4.3;
@@ -100,7 +101,8 @@ def bench_hf(path, batches, prefill_batch, prefill_len, prompt_len, new, vocab):
   }
   ids = torch.tensor(rng.integers(0, vocab, (prefill_batch, prefill_len)))
   with torch.no_grad():
-    t = _best(lambda: model(input_ids=ids, use_cache=True))
+    # As its generate() prefills: the cache filled, the head run on the last position only.
+    t = _best(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
   out["prefill_tokens_per_s"] = prefill_batch * prefill_len / t
   for b in batches:
     ids = torch.tensor(rng.integers(0, vocab, (b, prompt_len)))

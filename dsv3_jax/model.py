@@ -245,7 +245,12 @@ class Transformer(nnx.Module):
     hidden_states: bool = False,
     microbatches: int = 1,
     batch_shards: int = 1,
+    logits_at_B: Optional[jax.Array] = None,
   ) -> Output:
+    """The model walk. `logits_at_B`: one position per sequence whose logits alone are
+    computed (logits [B, 1, V]; a prefill samples only from its last token, and the head is
+    the largest GEMM of a short model); None = every position. The hidden state stays
+    whole."""
     cfg = self.cfg
     b, l = tokens_BxL.shape
     if positions_BxL is None:
@@ -265,7 +270,11 @@ class Transformer(nnx.Module):
       x, moe_cache = res.x_BxLxD, res.cache
       load, balance, stats = res.load_LxE, res.balance_loss, res.stats
       hiddens.append(res.hidden_LxBxLxD)
-    h, logits = self.readout(x)
+    if logits_at_B is None:
+      h, logits = self.readout(x)
+    else:
+      h = self.norm(x)
+      logits = self.logits(jnp.take_along_axis(h, logits_at_B[:, None, None], axis=1))
     new_cache = ModelCache(dense_cache, moe_cache) if cache is not None else None
     layer_outputs = None
     if hidden_states:

@@ -134,8 +134,10 @@ class Generator:
 
   def _prefill_fn(self, state, tokens_BxL, lengths_B, cache, key, filters):
     model = nnx.merge(self.graphdef, state)
-    out = model.forward(tokens_BxL, cache=cache, absorb=False, **self._run)
-    last_BxV = jnp.take_along_axis(out.logits_BxLxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    out = model.forward(
+      tokens_BxL, cache=cache, absorb=False, logits_at_B=lengths_B - 1, **self._run
+    )
+    last_BxV = out.logits_BxLxV[:, 0]
     first = sample(self._limit(last_BxV), key, *filters)
     return first, out.cache
 

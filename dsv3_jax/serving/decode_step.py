@@ -146,8 +146,8 @@ class DecodeProgram:
   def _prefill_fn(self, state, tokens_1xL, length, seed, temperature, top_k, top_p):
     model = self._model(state)
     cache = model.init_cache(1, tokens_1xL.shape[1], self.cache_dtype)
-    out = model.forward(tokens_1xL, cache=cache, absorb=False)
-    last_1xV = jax.lax.dynamic_index_in_dim(out.logits_BxLxV[0], length - 1, keepdims=True)
+    out = model.forward(tokens_1xL, cache=cache, absorb=False, logits_at_B=(length - 1)[None])
+    last_1xV = out.logits_BxLxV[0]
     key_prefill, key_decode = jax.random.split(jax.random.key(seed))
     first = sample_rows(
       self._limit(last_1xV), key_prefill[None], temperature[None], top_k[None], top_p[None]

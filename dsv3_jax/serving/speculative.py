@@ -171,9 +171,9 @@ class SpeculativeGenerator(Generator):
     model = nnx.merge(self.graphdef, state)
     b, w = tokens_BxW.shape
     key_first, key_draft = jax.random.split(key)
-    out = model.forward(tokens_BxW, cache=cache, absorb=False)
     last_B = lengths_B - 1
-    first_B = sample(self._limit(_at(out.logits_BxLxV, last_B)), key_first, *filters)
+    out = model.forward(tokens_BxW, cache=cache, absorb=False, logits_at_B=last_B)
+    first_B = sample(self._limit(out.logits_BxLxV[:, 0]), key_first, *filters)
     # The MTP input at position i is t_{i+1}: the prompt shifted left, t_n after the prompt.
     next_BxW = jnp.concatenate([tokens_BxW[:, 1:], tokens_BxW[:, -1:]], axis=1)
     next_BxW = next_BxW.at[jnp.arange(b), last_B].set(first_B)

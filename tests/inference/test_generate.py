@@ -27,6 +27,24 @@ def gen(model):
 PROMPTS = [[5, 17, 33, 2, 9], [100], [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 1]]
 
 
+def test_logits_at_one_position_per_sequence(model):
+  """`forward(logits_at_B=...)` (what a prefill samples from) equals the full logits there;
+  the hidden state and the cache are the whole walk's."""
+  tokens = jnp.asarray([(PROMPTS[0] * 3)[:8], PROMPTS[2][:8]], jnp.int32)
+  at = jnp.asarray([7, 3], jnp.int32)
+  cache = model.init_cache(2, 16, jnp.float32)
+  full, part = (
+    model.forward(tokens, cache=cache),
+    model.forward(tokens, cache=cache, logits_at_B=at),
+  )
+  assert part.logits_BxLxV.shape == (2, 1, model.cfg.vocab_size)
+  np.testing.assert_allclose(
+    part.logits_BxLxV[:, 0], full.logits_BxLxV[jnp.arange(2), at], rtol=1e-5, atol=1e-5
+  )
+  np.testing.assert_array_equal(part.hidden_BxLxD, full.hidden_BxLxD)
+  np.testing.assert_array_equal(part.cache.moe.c_kv_BxTxK, full.cache.moe.c_kv_BxTxK)
+
+
 def test_greedy_matches_full_forward(model, gen):
   """Each decoded token is the argmax of a fresh, cache-free forward over all before it."""
   out = gen.generate(PROMPTS, SamplingConfig(max_new_tokens=6))
