@@ -8,8 +8,9 @@ every rank reads its own row with `lax.axis_index('pipe')`, and at each tick
    gradients, residuals kept since the forward), at indices precomputed here;
 2. runs its op, chosen with `lax.switch`: ``F`` (forward), ``B`` (input
    gradient), ``W`` (weight gradient, deferred), ``BW`` (both) or ``FB`` (a
-   forward and a full backward of two micro-batches in one tick) -- the four
-   programs come from one traced VJP of the stage (`stage_vjp.StageVJP`);
+   forward and a full backward of two micro-batches in one tick, as one loop over
+   the layers of both) -- the programs come from one traced VJP of the stage
+   (`stage_vjp.StageVJP`);
 3. ends with the same `ppermute`s on every rank: activations and gradients, to
    the next and to the previous rank (idle ranks send zeros).
 
@@ -38,9 +39,9 @@ Known costs (measured by `experiments/pipeline_schedules.py`): every tick reads 
 entry of each residual buffer and writes one (the scratch entry when the op has
 nothing to write), so a tick moves a micro-batch's residuals even when idle;
 writing inside the switched branches instead made XLA copy whole buffers, which
-is slower still.  For the MoE layers ``B`` then ``W`` costs more than ``BW``:
-partial evaluation of the grouped GEMM's per-block ``cond`` hands ``W`` per-block
-buffers (see `stage_vjp`).
+is slower still.  For the MoE layers ``B`` then ``W`` can cost more than
+``BW``: partial evaluation of the routed experts' overflow ``cond`` hands ``W`` that
+branch's known values (see `stage_vjp`).
 """
 
 from __future__ import annotations
@@ -575,10 +576,17 @@ class Pipeline:
       out = noop(gs, gsh, row, x, g, r1, r2)
       return out[:4] + (dx, out[5]) + add_grads(gs, gsh, row, dp)
 
-    def op_fb(gs, gsh, row, x, g, r1, r2):
-      f_out = op_f(gs, gsh, row, x, g, r1, r2)
-      b_out = op_bw(gs, gsh, row, x, g, r1, r2)
-      return f_out[:4] + b_out[4:]
+    def op_fb(gs, gsh, row, x, g, r1, r2):  # one loop over both chunks' layers
+      (y, loss), aux, r1n, dp, dx = sv.forward_backward(
+        params_of(row, "f"),
+        x,
+        consts_of(row, "f"),
+        pk1.unpack(r1),
+        params_of(row, "b"),
+        consts_of(row, "b"),
+        (g, one),
+      )
+      return (y, loss, aux, pk1.pack(r1n), dx, pk2.zeros()) + add_grads(gs, gsh, row, dp)
 
     table = {1: op_f, 2: op_b, 3: op_w, 4: op_bw, 5: op_fb}
     branches = [noop] + [table[k] for k in plan.kinds]

@@ -28,10 +28,16 @@ full backward computes too) and ``W`` only weight-gradient work.  Values of
 ``W``; what ``W`` never reads is dropped.  ``B`` then ``W`` equals ``BW`` equals
 ``jax.vjp`` (tests check it).
 
-One cost: where a backward ``cond`` (the grouped GEMM's per-block skip) mixes
+``FB`` (DualPipe's overlapped pair) runs ``F`` of one micro-batch and ``BW`` of another.
+Both programs are cut around their one top-level scan (the stage's layers) and the two
+scans run as one loop: step ``i`` holds forward layer ``i`` and backward layer ``n-1-i``,
+each with its attention, dispatch, MLP and combine, and no data path between them -- the
+report's chunk pairing (§3.2.1, Figure 4) left to the compiler's scheduler.
+
+One cost: where a backward ``cond`` (the routed experts' overflow pass) mixes
 known and unknown values, JAX's partial evaluation passes the known branch
-values to ``W`` as per-iteration residuals, so for the MoE layers ``W`` reads
-per-block buffers and ``B + W`` costs more than ``BW``.
+values to ``W`` as per-layer residuals, so for the MoE layers ``W`` reads extra
+buffers and ``B + W`` can cost more than ``BW``.
 """
 
 from __future__ import annotations
@@ -46,6 +52,77 @@ from jax.extend import core as jcore
 
 def _as_fun(closed):
   return jcore.jaxpr_as_fun(closed)
+
+
+class _ScanCut:
+  """A jaxpr cut around its one top-level ``scan`` (a stage's stacked layers): the
+  equations before it, the scan, the equations after.  ``ok`` is False when the jaxpr
+  has no top-level scan or more than one."""
+
+  def __init__(self, closed):
+    jaxpr = closed.jaxpr
+    at = [i for i, e in enumerate(jaxpr.eqns) if e.primitive.name == "scan"]
+    self.ok = len(at) == 1 and not closed.consts
+    if not self.ok:
+      return
+    j = at[0]
+    self.scan = scan = jaxpr.eqns[j]
+    self.length, self.reverse = scan.params["length"], scan.params["reverse"]
+    defined = set(jaxpr.invars) | {v for e in jaxpr.eqns[:j] for v in e.outvars}
+    live = {}  # vars made before the scan that the scan or later equations read, in order
+    for v in [v for e in jaxpr.eqns[j:] for v in e.invars] + list(jaxpr.outvars):
+      if isinstance(v, jcore.Var) and v in defined:
+        live.setdefault(v, None)
+    self.live = list(live)
+    fx = jaxpr.effects
+    self.pre = jcore.ClosedJaxpr(jcore.Jaxpr([], jaxpr.invars, self.live, jaxpr.eqns[:j], fx), ())
+    self.post = jcore.ClosedJaxpr(
+      jcore.Jaxpr([], self.live + list(scan.outvars), jaxpr.outvars, jaxpr.eqns[j + 1 :], fx),
+      (),
+    )
+
+  def scan_inputs(self, live_vals) -> tuple[list, list, list]:
+    """``(consts, initial carry, xs)`` of the scan from the values of ``live``."""
+    env = dict(zip(self.live, live_vals))
+    ins = [env[v] if isinstance(v, jcore.Var) else v.val for v in self.scan.invars]
+    n_c, n_k = self.scan.params["num_consts"], self.scan.params["num_carry"]
+    return ins[:n_c], ins[n_c : n_c + n_k], ins[n_c + n_k :]
+
+
+def _interleaved(
+  a: _ScanCut, a_in: list, b: _ScanCut, b_in: list, scopes=("chunk_a", "chunk_b")
+) -> tuple[list, list]:
+  """Runs two cut jaxprs with their scans fused into one loop: iteration ``i`` runs step
+  ``i`` of each (counted from the end for a reverse scan).  Nothing in one program reads the
+  other, so inside the loop body a scheduler may overlap either's compute with the other's
+  communication.  Returns both programs' outputs, as running each alone would."""
+  n = a.length
+  sides, init = [], []
+  for cut, args in ((a, a_in), (b, b_in)):
+    live = _as_fun(cut.pre)(*args)
+    consts, carry, xs = cut.scan_inputs(live)
+    body = cut.scan.params["jaxpr"]
+    # Stacked outputs, filled at each step's index as the scan's own stacking does.
+    ys = [jnp.zeros((n, *v.aval.shape), v.aval.dtype) for v in body.jaxpr.outvars[len(carry) :]]
+    sides.append(dict(cut=cut, live=live, consts=consts, xs=xs, body=_as_fun(body), n_k=len(carry)))
+    init.append((carry, ys))
+
+  def step(state, i):
+    out = []
+    for side, (carry, ys), scope in zip(sides, state, scopes):
+      k = n - 1 - i if side["cut"].reverse else i
+      x_k = [jax.lax.dynamic_index_in_dim(x, k, 0, keepdims=False) for x in side["xs"]]
+      with jax.named_scope(scope):  # profiles (and tests) tell the two chunks apart
+        res = side["body"](*side["consts"], *carry, *x_k)
+      n_k = side["n_k"]
+      ys = [jax.lax.dynamic_update_index_in_dim(y, r, k, 0) for y, r in zip(ys, res[n_k:])]
+      out.append((list(res[:n_k]), ys))
+    return out, None
+
+  final, _ = jax.lax.scan(step, init, jnp.arange(n, dtype=jnp.int32))
+  return tuple(
+    _as_fun(side["cut"].post)(*side["live"], *carry, *ys) for side, (carry, ys) in zip(sides, final)
+  )
 
 
 def _dce(closed, used_outputs=True):
@@ -219,6 +296,11 @@ class StageVJP:
       self._b = self._w = None
       self._fwds2, self.r2_avals, self._r2 = [], [], []
     self._p_avals = [spec(a) for a in p_leaves]
+    # FB's interleaving: the forward's layer scan and the backward's, fused into one loop.
+    self._f_cut, self._bw_cut = _ScanCut(self._f), _ScanCut(self._bw)
+    self.interleaves = (
+      self._f_cut.ok and self._bw_cut.ok and self._f_cut.length == self._bw_cut.length
+    )
 
   # ---------------------------------------------------------------- helpers
   def _inputs(self, params, consts, x=None) -> list:
@@ -238,24 +320,49 @@ class StageVJP:
     return out
 
   # ---------------------------------------------------------------- programs
-  def forward(self, params, x, consts):
-    """``F``: returns ``(outs, aux, r1)``; ``r1`` is the list of residuals to keep."""
+  def _f_outputs(self, flat) -> tuple:
     n_o, n_a = self._n[3], self._n[4]
-    flat = _as_fun(self._f)(*self._inputs(params, consts, x))
     outs = jax.tree.unflatten(self.o_tree, flat[:n_o])
     aux = jax.tree.unflatten(self.a_tree, flat[n_o : n_o + n_a])
     return outs, aux, list(flat[n_o + n_a :])
 
-  def backward(self, r1, params, consts, ct):
-    """``BW``: the full backward, ``(dparams, dx)``."""
+  def _bw_inputs(self, r1, params, consts, ct) -> list:
+    return [*self._bw_k, *self._residuals(r1, params, consts), *jax.tree.leaves(ct)]
+
+  def _bw_outputs(self, flat) -> tuple:
     n_p = self._n[0]
-    flat = _as_fun(self._bw)(
-      *self._bw_k, *self._residuals(r1, params, consts), *jax.tree.leaves(ct)
-    )
     return (
       jax.tree.unflatten(self.p_tree, flat[:n_p]),
       jax.tree.unflatten(self.x_tree, flat[n_p:]),
     )
+
+  def forward(self, params, x, consts):
+    """``F``: returns ``(outs, aux, r1)``; ``r1`` is the list of residuals to keep."""
+    return self._f_outputs(_as_fun(self._f)(*self._inputs(params, consts, x)))
+
+  def backward(self, r1, params, consts, ct):
+    """``BW``: the full backward, ``(dparams, dx)``."""
+    return self._bw_outputs(_as_fun(self._bw)(*self._bw_inputs(r1, params, consts, ct)))
+
+  def forward_backward(self, f_params, x, f_consts, r1, b_params, b_consts, ct):
+    """``FB``: ``F`` of one micro-batch and ``BW`` of another, ``(outs, aux, r1_f, dparams,
+    dx)`` -- each as `forward` and `backward` return it.
+
+    When the stage's layers are one scan (``interleaves``), the two run as one loop over
+    the layers: step ``i`` runs the forward of layer ``i`` and the backward of layer
+    ``n-1-i``.  Each step then holds both chunks' attention, dispatch, MLP and combine
+    (arXiv 2412.19437 §3.2.1, Figure 4) with no data path between the chunks, so the
+    scheduler may run one chunk's all-to-alls under the other's compute; run one after
+    the other, only the first layers of the backward could overlap the forward's last."""
+    f_in = self._inputs(f_params, f_consts, x)
+    b_in = self._bw_inputs(r1, b_params, b_consts, ct)
+    if self.interleaves:
+      f_flat, b_flat = _interleaved(
+        self._f_cut, f_in, self._bw_cut, b_in, scopes=("forward_chunk", "backward_chunk")
+      )
+    else:
+      f_flat, b_flat = _as_fun(self._f)(*f_in), _as_fun(self._bw)(*b_in)
+    return self._f_outputs(f_flat) + self._bw_outputs(b_flat)
 
   def _params_tree(self, values, in_w: bool):
     """A params tree from the gradient leaves one half computed; zeros elsewhere."""

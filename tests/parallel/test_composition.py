@@ -108,12 +108,13 @@ def test_pipelined_ep_step_equals_the_unpipelined_model(piped):
 
 
 @pytest.mark.slow  # compiles the DualPipe executor with EP inside (a minute or two)
-def test_dualpipe_fb_chunks_are_independent_in_hlo():
-  """DualPipe's F&B op (`granularity="op"`): the forward chunk (its MoE layers' all-to-alls
-  included) and the backward chunk of another micro-batch share no data path inside the
-  compiled branch, so nothing orders one after the other. They are two scans over their
-  stage's layers, though: overlap at the report's granularity (attention / dispatch / MLP /
-  combine interleaved layer by layer) would need one scan doing both."""
+def test_dualpipe_fb_interleaves_layers_in_hlo():
+  """DualPipe's F&B op (`granularity="op"`) at the report's granularity (§3.2.1, Figure 4):
+  one loop over the stage's layers whose body holds a forward layer of one micro-batch and a
+  backward layer of another -- both chunks' attention, dispatch, MLP and combine -- with no
+  data path from the forward chunk's all-to-alls to the backward chunk's GEMMs or from the
+  backward chunk's all-to-alls to the forward chunk's GEMMs, so the scheduler may hide
+  either chunk's communication under the other's compute."""
   from tests import hlo
 
   cfg = _cfg("dualpipe", pp=2, n_mb=4)
@@ -125,24 +126,22 @@ def test_dualpipe_fb_chunks_are_independent_in_hlo():
     (cfg.train.global_batch, 17), np.int32, sharding=trainer.batch_sharding
   )
   text = jax.jit(trainer.loss_and_grads).lower(state.params, state.biases, tokens).compile()
-  comps = hlo.computations(text.as_text())
-  # Loops whose body dispatches: forward ones, and backward ones (under `transpose(...)`).
-  kind = {}
-  for name, lines in comps.items():
+  assert trainer.pipeline.stage_vjp.interleaves
+  backward = lambda g, n: "backward_chunk" in g.scope[n]  # `StageVJP.forward_backward`'s
+  fused = []
+  for name, lines in hlo.computations(text.as_text()).items():
     g = hlo.Graph(lines)
-    if g.all_to_alls():
-      kind[name] = "B" if any("transpose(" in g.scope[a] for a in g.all_to_alls()) else "F"
-  assert set(kind.values()) == {"F", "B"}
-  fb = []
-  for lines in comps.values():
-    loops = [
-      (line.split(" = ")[0].replace("ROOT ", "").lstrip("%"), kind.get(m.group(1)))
-      for line in lines
-      if " while(" in line and (m := re.search(r"body=%([\w.\-]+)", line))
-    ]
-    f = [w for w, k in loops if k == "F"]
-    b = [w for w, k in loops if k == "B"]
-    if f and b:
-      g = hlo.Graph(lines)
-      fb.append(all(g.independent(x, y) for x in f for y in b))
-  assert fb == [True], fb  # one F&B branch; its forward and backward chunks independent
+    a2a = g.all_to_alls()
+    f_a2a = [n for n in a2a if not backward(g, n)]
+    b_a2a = [n for n in a2a if backward(g, n)]
+    if not (f_a2a and b_a2a):
+      continue
+    gemms = [n for n, op in g.ops.items() if op in ("dot", "fusion") and "/moe/" in g.scope[n]]
+    f_gemm = [n for n in gemms if not backward(g, n)]
+    b_gemm = [n for n in gemms if backward(g, n)]
+    assert f_gemm and b_gemm, name
+    pairs = [(a, m) for a in f_a2a for m in b_gemm] + [(a, m) for a in b_a2a for m in f_gemm]
+    fused.append((name, all(g.independent(a, m) for a, m in pairs), len(pairs)))
+  # Exactly one loop body (the F&B branch's) dispatches for both chunks, and nothing in it
+  # orders one chunk's communication after the other's compute.
+  assert len(fused) == 1 and fused[0][1], fused

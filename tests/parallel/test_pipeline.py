@@ -83,6 +83,29 @@ def test_stage_vjp_stores_activations_not_weights():
   assert any(a.shape == (3, 5, 4) for a in sv.r2_avals)
 
 
+def test_stage_vjp_forward_backward_interleaves_the_layer_scans():
+  """FB: the forward of one micro-batch and the backward of another run as one loop over the
+  layers (forward layer i beside backward layer n-1-i) and equal F and BW run apart."""
+  p, x, c = _toy_args()
+  sv = StageVJP(_toy_block, p, x, c, varying=[False, True])
+  assert sv.interleaves
+  p2, x2, _ = _toy_args(seed=1)
+  c2 = {"first": jnp.bool_(False), "tok": jnp.arange(5, dtype=jnp.float32) + 1.0}
+  _, _, r1 = sv.forward(p2, x2, c2)  # the micro-batch whose backward runs in FB
+  ct = (jnp.cos(x2), jnp.float32(0.3))
+  fb = jax.jit(sv.forward_backward)
+  got = fb(p, x, c, r1, p2, c2, ct)
+  want = sv.forward(p, x, c) + sv.backward(r1, p2, c2, ct)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  scans = [
+    e.params["length"]
+    for e in jax.make_jaxpr(sv.forward_backward)(p, x, c, r1, p2, c2, ct).jaxpr.eqns
+    if e.primitive.name == "scan"
+  ]
+  assert scans == [3]  # one loop over the 3 layers, not a forward scan and a backward scan
+
+
 # ------------------------------------------------------------------------------- plans
 @pytest.mark.parametrize(
   "name,pp,n",
@@ -156,7 +179,11 @@ def _toy_stage(n_stages, scale):
   def stage_fn(sp, shp, x, sc, shc, tokens, stage):
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     h = jax.lax.cond(stage == 0, lambda: jnp.take(shp["emb"], inputs, axis=0), lambda: x)
-    h = jnp.tanh(h @ sp["w"] + sp["b"][None, None]) * sc["gain"] + h
+
+    def layer(h, _):  # two layers sharing weights: a scan, so FB interleaves (granularity "op")
+      return jnp.tanh(h @ sp["w"] + sp["b"][None, None]) * sc["gain"] + h, None
+
+    h, _ = jax.lax.scan(layer, h, None, length=2)
 
     def head():
       logp = jax.nn.log_softmax(h @ shp["head"] + shc["bias"][None, None], axis=-1)
@@ -237,7 +264,8 @@ def _run_toy(name, pp, n_mb, granularity, *, data=1, probe=None):
   [("1f1b", 2, 4, "unit"), ("dualpipe", 4, 8, "unit"), ("dualpipe", 2, 4, "op")],
 )
 def test_toy_pipeline_grads_equal_unpipelined(name, pp, n_mb, granularity):
-  _run_toy(name, pp, n_mb, granularity)
+  pipe = _run_toy(name, pp, n_mb, granularity)
+  assert pipe.stage_vjp.interleaves  # DualPipe's FB ops ran as one loop over both chunks
 
 
 @pytest.mark.slow
@@ -317,21 +345,24 @@ def _assert_trees_close(got, want, rtol=2e-4):
 
 
 @pytest.mark.parametrize(
-  "name,pp,n_mb",
+  "name,pp,n_mb,granularity",
   [
-    ("1f1b", 2, 2),
-    ("dualpipe", 2, 4),
-    pytest.param("1f1b", 4, 4, marks=pytest.mark.slow),
-    pytest.param("dualpipe", 4, 8, marks=pytest.mark.slow),
+    ("1f1b", 2, 2, "unit"),
+    ("dualpipe", 2, 4, "unit"),
+    pytest.param("1f1b", 4, 4, "unit", marks=pytest.mark.slow),
+    pytest.param("dualpipe", 4, 8, "unit", marks=pytest.mark.slow),
+    pytest.param("dualpipe", 2, 4, "op", marks=pytest.mark.slow),  # FB interleaves layers
   ],
 )
-def test_deepseek_pipelined_grads_equal_unpipelined(name, pp, n_mb):
+def test_deepseek_pipelined_grads_equal_unpipelined(name, pp, n_mb, granularity):
   """Loss, loads and every gradient of the DeepSeek-V3 step (MTP, balance loss) match."""
   from dsv3_jax.parallel import mesh as mesh_lib
   from dsv3_jax.train.pipeline_step import PipelineTrainer
 
   cfg = _ds_config(pp, n_mb, name=name)
-  trainer = PipelineTrainer(cfg, mesh_lib.make_mesh(cfg.parallel, jax.devices()[:pp]))
+  trainer = PipelineTrainer(
+    cfg, mesh_lib.make_mesh(cfg.parallel, jax.devices()[:pp]), granularity=granularity
+  )
   state = trainer.init()
   tokens = jax.random.randint(jax.random.key(1), (cfg.train.global_batch, 17), 0, 259)
   loss, metrics, loads, grads = jax.jit(trainer.loss_and_grads)(state.params, state.biases, tokens)
