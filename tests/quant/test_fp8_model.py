@@ -89,6 +89,15 @@ def _np_bucket_fp8(x, ids, w1, w3, w2, g, c):
   return y, dws
 
 
+# Two formulations of one FP8 recipe agree to FP32 rounding before every re-quantization, and
+# the e4m3 rounding of the hidden layer turns a reduction-order difference of ~1e-7 into a few
+# one-step flips (x scaled by 1 + 3e-7 noise moves the bucket kernel's y by ~1e-3 here).
+# XLA:CPU reduces the bucket and block GEMMs' rows in one order (they agree exactly there);
+# a GPU's GEMM library picks an algorithm per shape, so there the bound admits the flips,
+# still 10x under FP8's own error vs FP32 (~6%).
+_SAME_RECIPE = 1e-4 if jax.default_backend() == "cpu" else 5e-3
+
+
 def _rel_fro(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return np.linalg.norm(a - b) / np.linalg.norm(b)
@@ -137,8 +146,8 @@ class Fp8BucketTest(parameterized.TestCase):
     y, dx, dws = self._vjp(x, ids, ws, g, "fp8", None)  # the default path under fp8
     yb, dxb, dwsb = self._vjp(x, ids, ws, g, "fp8", "block")
     y32, dx32, dws32 = self._vjp(x, ids, ws, g, "fp32", "bucket")
-    self.assertLess(_rel_fro(y, yb), 1e-4)
-    self.assertLess(_rel_fro(dx, dxb), 1e-4)
+    self.assertLess(_rel_fro(y, yb), _SAME_RECIPE)
+    self.assertLess(_rel_fro(dx, dxb), _SAME_RECIPE)
     # FP8 error vs FP32 (e4m3 keeps 3 mantissa bits; ~6-7% here on every output); the two
     # paths' weight gradients differ by their tiling along the tokens.
     self.assertLess(_rel_fro(y, y32), 0.1)
@@ -155,9 +164,9 @@ class Fp8BucketTest(parameterized.TestCase):
     y, _, dws = self._vjp(x, ids, ws, g, "fp8", "bucket")
     c = experts_lib.capacity(800, self.e)
     y_ref, dws_ref = _np_bucket_fp8(*map(np.asarray, (x, ids, *ws, g)), c)
-    self.assertLess(_rel_fro(y, y_ref), 1e-4)
+    self.assertLess(_rel_fro(y, y_ref), _SAME_RECIPE)
     for dw, ref in zip(dws, dws_ref):
-      self.assertLess(_rel_fro(dw, ref), 1e-4)
+      self.assertLess(_rel_fro(dw, ref), _SAME_RECIPE)
 
   def test_bucket_buffer_is_kept_as_fp8_bytes(self):
     x, ids, ws, _ = self._problem(12, "balanced")
