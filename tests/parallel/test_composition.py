@@ -4,7 +4,8 @@ own their layers' state, and the MoE layers stay expert-parallel inside the pipe
 On a data x expert x pipe = 2 x 2 x 2 mesh of emulated CPUs: per-device parameter and
 optimizer bytes of the staged stack are 1/pipe of the unpipelined step's, the compiled
 pipelined step dispatches with all-to-all and never all-gathers routed-expert weights, and
-its loss, loads and gradients equal the unpipelined model's.
+its loss, loads and gradients equal the unpipelined model's, with the flat and with the
+node-then-GPU two-stage dispatch.
 """
 
 import re
@@ -16,6 +17,7 @@ import pytest
 from configs.dsv3 import get_config
 from dsv3_jax import config as config_lib
 from dsv3_jax.parallel import mesh as mesh_lib
+from dsv3_jax.parallel import node_dispatch
 from dsv3_jax.parallel import sharding
 from dsv3_jax.parallel.sharding import STAGED
 from dsv3_jax.train.loss import model_losses
@@ -23,13 +25,20 @@ from dsv3_jax.train.pipeline_step import PipelineTrainer
 from dsv3_jax.train.step import Trainer
 
 
-def _cfg(name="1f1b", pp=2, n_mb=2, data=2, expert=2, moe_layers=4):
+def _cfg(name="1f1b", pp=2, n_mb=2, data=2, expert=2, moe_layers=4, model=(), parallel=()):
   cfg = config_lib.from_dict(get_config("tiny"))
   return config_lib.replace(
     cfg,
-    model={"num_hidden_layers": cfg.model.n_dense_layers + moe_layers},
+    model={"num_hidden_layers": cfg.model.n_dense_layers + moe_layers, **dict(model)},
     train={"global_batch": n_mb * data * expert, "seq_len": 16},
-    parallel={"data": data, "expert": expert, "pipe": pp, "pipeline": name, "microbatches": n_mb},
+    parallel={
+      "data": data,
+      "expert": expert,
+      "pipe": pp,
+      "pipeline": name,
+      "microbatches": n_mb,
+      **dict(parallel),
+    },
   )
 
 
@@ -80,6 +89,27 @@ def test_experts_stay_expert_parallel_inside_the_pipeline(piped):
 
 
 def test_pipelined_ep_step_equals_the_unpipelined_model(piped):
+  _assert_equals_unpipelined(piped)
+
+
+def test_pipelined_two_stage_dispatch_equals_the_unpipelined_model():
+  """The node-then-GPU dispatch (§3.2.2) inside the pipeline stages: 2 nodes of 2 EP ranks,
+  each token's experts on at most one node (n_group = nodes, topk_group = M = 1)."""
+  cfg = _cfg(
+    data=1,
+    expert=4,
+    model={"n_group": 2, "topk_group": 1},
+    parallel={"ep_ranks_per_node": 2, "ep_two_stage": True},
+  )
+  piped = PipelineTrainer(cfg, mesh_lib.make_mesh(cfg.parallel, jax.devices()[:8]))
+  assert piped.plan.dispatch is node_dispatch.two_stage_dispatch
+  metrics = _assert_equals_unpipelined(piped)
+  assert float(metrics["cross_node_copies"]) > 0  # tokens did cross nodes
+
+
+def _assert_equals_unpipelined(piped):
+  """The pipelined step's loss, loads and gradients equal the unpipelined model's (its
+  metrics, returned, carry the EP statistics)."""
   state = piped.init()
   tokens = jax.random.randint(jax.random.key(2), (piped.cfg.train.global_batch, 17), 0, 259)
   tokens = jax.device_put(tokens, piped.batch_sharding)
@@ -105,6 +135,7 @@ def test_pipelined_ep_step_equals_the_unpipelined_model(piped):
   # The expert-parallel statistics travel with the pipelined metrics, as in the plain step.
   assert float(metrics["dropped_copies"]) == 0.0
   assert "cross_node_copies" in metrics and "dispatch_fallbacks" in metrics
+  return metrics
 
 
 @pytest.mark.slow  # compiles the DualPipe executor with EP inside (a minute or two)
