@@ -7,7 +7,8 @@ implementations on the same weights and CPU (torch threads = cores): prefill tok
 `generate`s do), greedy decode tokens/s per batch size (the prefill subtracted), KV-cache bytes per token (MLA
 caches the compressed latent, arXiv 2412.19437 §2.1.1) and this machine's memory bandwidth,
 to state decode as a fraction of the bandwidth limit (weights and cache streamed once per
-step). With `speculative`, MTP self-speculative decoding (arXiv 2412.19437 §2.2, §5.4.3;
+step), and where the prefill's time goes (`prefill_parts`: attention, MLP, MoE and the ends,
+each timed alone on the prefill's shapes). With `speculative`, MTP self-speculative decoding (arXiv 2412.19437 §2.2, §5.4.3;
 `dsv3_jax/serving/speculative.py`) beside plain greedy decoding of the same model (the same
 main weights plus a random MTP layer) per batch: acceptance rate, tokens/s of both and their
 ratio, and the cost of one speculative step in plain steps with the speedup it would give at
@@ -84,6 +85,51 @@ def bench_ours(model, batches, prefill_batch, prefill_len, prompt_len, new):
     r = res["r"]
     out[f"decode_b{b}_tokens_per_s"] = b * (new - 1) / r.decode_seconds
   return out
+
+
+def prefill_parts(model, batch: int, length: int) -> dict:
+  """Where a prefill's time goes: one layer's attention (MLA, causal from position 0), dense
+  MLP and MoE, each jitted and timed alone on the prefill's shapes (random activations), times
+  its layer count, and the embedding + final norm + last-position head. Seconds per prefill;
+  `sum` beside the measured whole shows what the parts leave out (scan, cache writes)."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from dsv3_jax.model import unstack_layers
+
+  m, cfg = unstack_layers(model), model.cfg
+  ctx = m.context((batch, length))
+  x = jax.random.normal(jax.random.key(0), (batch, length, cfg.hidden_size), cfg.dtype)
+  tokens = np.zeros((batch, length), np.int32)
+
+  def attention(block, x):
+    a, _ = block.attn(block.attn_norm(x), ctx.positions_BxL, ctx.cos, ctx.sin, causal=True)
+    return a
+
+  def ffn(block, x):
+    h = block.ffn_norm(x)
+    return block.ffn(h, None)[0] if block.is_moe else block.ffn(h)
+
+  def ends(model, tokens):
+    h = model.norm(model.embed_tokens(tokens))
+    return model.logits(h[:, -1:])
+
+  def timed(fn, module, x):  # the module's state passed as arrays: no graph walk per call
+    graphdef, state = nnx.split(module)
+    jitted = jax.jit(lambda state, x: fn(nnx.merge(graphdef, state), x))
+    return _best(lambda: jax.block_until_ready(jitted(state, x)), reps=3)
+
+  parts = {}
+  for name, stack in (("dense", m.dense), ("moe", m.moe)):
+    if stack is None:
+      continue
+    n = len(stack)
+    parts[f"attention ({name} layers)"] = n * timed(attention, stack[0], x)
+    parts["mlp" if name == "dense" else "moe"] = n * timed(ffn, stack[0], x)
+  parts["embedding + head"] = timed(ends, m, tokens)
+  parts["sum"] = sum(parts.values())
+  return parts
 
 
 HF_EXPERTS = "grouped_mm"  # the peer at its best on CPU, set explicitly and recorded
@@ -184,6 +230,7 @@ def run(
   args = (batches, prefill_batch, prefill_len, prompt_len, new_tokens)
   bandwidth = memory_bandwidth()
   ours = bench_ours(model, *args)
+  ours["prefill_parts_s"] = prefill_parts(model, prefill_batch, prefill_len)
   result = {
     "config": config,
     "cpu_count": os.cpu_count(),
@@ -249,6 +296,13 @@ def report(result: dict) -> str:
       f"  decode b{b}: {100 * ours[f'decode_b{b}_fraction_of_bandwidth_limit']:.0f}% "
       "of the memory-bandwidth limit"
     )
+  parts = ours.get("prefill_parts_s")
+  if parts:
+    s = result["settings"]
+    whole = s["prefill_batch"] * s["prefill_len"] / ours["prefill_tokens_per_s"]
+    lines.append(f"  prefill, where the time goes (parts timed alone; whole {1e3 * whole:.1f} ms):")
+    for name, t in parts.items():
+      lines.append(f"    {name:<28}{1e3 * t:>9.1f} ms{100 * t / whole:>6.0f}%")
   if "speculative" in result:
     lines.append(
       f"  {'MTP speculative (greedy)':<26}{'acceptance':>11}{'spec tok/s':>12}"
