@@ -4,11 +4,12 @@ The body of `experiments/benchmark_decode.py` (see it for the flags). Builds the
 random weights once, exports it in the HF layout (float32), and in one process measures both
 implementations on the same weights and CPU (torch threads = cores): prefill tokens/s
 (prompt through the model into the cache, logits of the last position only, as both
-`generate`s do), greedy decode tokens/s per batch size (the prefill subtracted), KV-cache bytes per token (MLA
-caches the compressed latent, arXiv 2412.19437 §2.1.1) and this machine's memory bandwidth,
-to state decode as a fraction of the bandwidth limit (weights and cache streamed once per
-step), and where the prefill's time goes (`prefill_parts`: attention, MLP, MoE and the ends,
-each timed alone on the prefill's shapes). With `speculative`, MTP self-speculative decoding (arXiv 2412.19437 §2.2, §5.4.3;
+`generate`s do), greedy decode tokens/s per batch size (the prefill subtracted), KV-cache
+bytes per token (MLA caches the compressed latent, arXiv 2412.19437 §2.1.1) and the memory
+bandwidth of the device, to state decode as a fraction of the bandwidth limit (weights and
+cache streamed once per step), and where the prefill's time goes (`prefill_parts`:
+attention, MLP, MoE and the ends, each timed alone on the prefill's shapes). With
+`speculative`, MTP self-speculative decoding (arXiv 2412.19437 §2.2, §5.4.3;
 `dsv3_jax/serving/speculative.py`) beside plain greedy decoding of the same model (the same
 main weights plus a random MTP layer) per batch: acceptance rate, tokens/s of both and their
 ratio, and the cost of one speculative step in plain steps with the speedup it would give at
