@@ -112,6 +112,13 @@ def _mtp_tensors(model, cfg, seed) -> dict:
 
   torch.manual_seed(seed)
   mtp = MtpModel(model, 1)
+  # MtpModel leaves some of its layer's weights as allocated (torch.empty): whatever memory
+  # held, NaN included. Draw every one of them, as HF's initializer would.
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in mtp.named_parameters():
+      if name.startswith("layers.0."):
+        p.copy_(cfg.initializer_range * torch.randn(p.shape, generator=g))
   _randomize(mtp, seed)
   f, n = cfg.moe_intermediate_size, cfg.num_hidden_layers
   out, p = {}, f"model.layers.{n}."
@@ -131,6 +138,7 @@ def _mtp_tensors(model, cfg, seed) -> dict:
       out[p + k] = v
   out[p + "embed_tokens.weight"] = model.model.embed_tokens.weight.detach().numpy()
   out[p + "shared_head.head.weight"] = model.lm_head.weight.detach().numpy()
+  assert all(np.isfinite(v).all() for v in out.values())
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
@@ -201,6 +209,7 @@ def test_logits_and_hidden_states_match_transformers(case, tmp_path):
       )
       want = mtp._project_to_logits(h).numpy()
     got, _, _ = jax.jit(ours.mtp_forward)(jnp.asarray(hidden.numpy()), jnp.asarray(tok))
+    assert np.isfinite(want).all() and np.abs(want).max() > 0.5  # not a degenerate comparison
     np.testing.assert_allclose(np.asarray(got[0]), want, **TOL)
 
 
