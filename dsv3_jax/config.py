@@ -215,7 +215,11 @@ class ModelConfig:
 class TrainConfig:
   """Optimisation and loop settings (the DeepSeek-V3 recipe, report §4.2, where it applies)."""
 
-  steps: int = 100  # optimizer steps
+  steps: int = 100  # optimizer steps (the most, with a time budget)
+  # > 0: train for about this many seconds. The first steps (within the warmup) are timed and
+  # `steps` becomes the count that fits, at most `steps`; the learning-rate schedule then
+  # spans it, so a faster machine trains on more tokens with the same recipe.
+  time_budget_s: float = 0.0
   global_batch: int = 8  # sequences per step, divisible by the batch (data x expert) axes
   seq_len: int = 128  # tokens per sequence
   learning_rate: float = 2.2e-4  # peak, after the linear warmup; cosine decay afterwards
@@ -296,6 +300,9 @@ class TrainConfig:
       self.moment_dtype,
     )
     _require(self.lr_scale > 0, "train.lr_scale", "must be positive", self.lr_scale)
+    _require(
+      self.time_budget_s >= 0, "train.time_budget_s", "must be >= 0 (0 = off)", self.time_budget_s
+    )
     _require(
       isinstance(self.resume_step, int) and self.resume_step >= 0,
       "train.resume_step",

@@ -175,6 +175,31 @@ def _drop_metrics_after(workdir: str, step: int) -> int:
   return len(lines) - len(keep)
 
 
+# A time budget (`train.time_budget_s`) times steps WARM+1 .. WARM+TIMED of a fresh run (the
+# first ones compile and allocate) and then sets the run's length. Evaluations and checkpoints
+# are not among the timed steps: the steps fill MARGIN of the time left.
+_BUDGET_WARM, _BUDGET_TIMED, _BUDGET_MARGIN = 2, 8, 0.9
+
+
+def _steps_in_budget(
+  tcfg: config_lib.TrainConfig, done: int, step_s: float, elapsed_s: float, recompile_s: float
+) -> int:
+  """The run's step count under `train.time_budget_s`: the `done` steps, then as many as fit
+  in the time left at `step_s` each once the step is compiled again for the new schedule;
+  at most `train.steps`."""
+  left = _BUDGET_MARGIN * (tcfg.time_budget_s - elapsed_s) - recompile_s
+  return int(min(tcfg.steps, done + max(0, left // step_s)))
+
+
+def _make_trainer(cfg: config_lib.Config, mesh):
+  if cfg.parallel.pipeline == "none":
+    return Trainer(cfg, mesh)
+  # The model cut into stages over the `pipe` mesh axis (1F1B or DualPipe).
+  from dsv3_jax.train.pipeline_step import PipelineTrainer
+
+  return PipelineTrainer(cfg, mesh)
+
+
 def evaluate(trainer: Trainer, state, batches, sharding) -> float:
   losses = [float(trainer.eval_step(state, _to_global(b, sharding))) for b in batches]
   return float(np.mean(losses))
@@ -216,12 +241,7 @@ def train_and_evaluate(
     corpus.heldout_tokens, tcfg.seq_len, tcfg.global_batch, tcfg.eval_batches, **shard
   )
 
-  if cfg.parallel.pipeline == "none":
-    trainer = Trainer(cfg, mesh)
-  else:  # the model cut into stages over the `pipe` mesh axis (1F1B or DualPipe)
-    from dsv3_jax.train.pipeline_step import PipelineTrainer
-
-    trainer = PipelineTrainer(cfg, mesh)
+  trainer = _make_trainer(cfg, mesh)
   memory = trainer.memory_per_device()
   if is_main:
     mb = {k: v / 2**20 for k, v in memory.items()}
@@ -243,6 +263,10 @@ def train_and_evaluate(
   last_saved = None if meta is None else start_step
   if meta is not None:
     logging.info("resumed from step %d", start_step)
+  budget_steps = (meta or {}).get("budget_steps")
+  if tcfg.time_budget_s and budget_steps:  # resumed after the budget set the run's length
+    cfg = config_lib.replace(cfg, train={"steps": budget_steps})
+    tcfg, trainer = cfg.train, _make_trainer(cfg, mesh)
   if is_main:
     _drop_metrics_after(workdir, start_step)
   writer = MetricWriter(workdir, enabled=is_main)
@@ -263,6 +287,11 @@ def train_and_evaluate(
   t_start = time.time()
   t_window, window_steps = time.time(), 0
   step = start_step
+  timing = {}  # the time budget's measurements, until it has set the run's length
+  if tcfg.time_budget_s and not budget_steps:
+    timing = {"from": start_step + _BUDGET_WARM, "to": start_step + _BUDGET_WARM + _BUDGET_TIMED}
+    if timing["to"] >= end_step:
+      timing = {}  # too short a run to time
   first_bad = jnp.zeros((), jnp.int32)  # 0 = every step so far finite
   try:
     while step < end_step:
@@ -286,6 +315,36 @@ def train_and_evaluate(
       # wherever the host waits anyway (metrics, eval, checkpoint), always before a save.
       first_bad = _record_non_finite(first_bad, metrics["finite"], step)
       distributed.kick()
+      if timing and step in (start_step + 1, timing["from"], timing["to"]):
+        jax.block_until_ready(state)
+        timing[step] = time.time()
+        if step == timing["to"]:
+          step_s = (timing[step] - timing[timing["from"]]) / _BUDGET_TIMED
+          first_s = timing[start_step + 1] - t_start  # compile, first allocations, data
+          budget_steps = _steps_in_budget(
+            tcfg, step, step_s, timing[step] - t_start, recompile_s=max(first_s - step_s, 0.0)
+          )
+          if jax.process_count() > 1:  # every process runs process 0's count
+            from jax.experimental import multihost_utils
+
+            budget_steps = int(multihost_utils.broadcast_one_to_all(np.int32(budget_steps)))
+          if budget_steps != tcfg.steps:
+            cfg = config_lib.replace(cfg, train={"steps": budget_steps})
+            tcfg, trainer = cfg.train, _make_trainer(cfg, mesh)
+          end_step = budget_steps if max_steps is None else min(budget_steps, end_step)
+          timing = {}
+          if is_main:
+            line = (
+              f"time budget {tcfg.time_budget_s:g} s: {budget_steps} steps "
+              f"({step_s:.3f} s/step timed, {first_s:.1f} s to the first step)"
+            )
+            logging.info(line)
+            (bar.write if bar is not None else print)(line)
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+              json.dump(config_lib.to_dict(cfg), f, indent=1)
+            if bar is not None:
+              bar.total = end_step
+              bar.refresh()
       if bar is not None:
         bar.update(1)
       syncs = [tcfg.log_every, tcfg.eval_every, tcfg.checkpoint_every]
@@ -315,6 +374,7 @@ def train_and_evaluate(
             "config": config_lib.to_dict(cfg),
             "skipped_batches": [list(w) for w in applied],
             "rolled_back_to": list((meta or {}).get("rolled_back_to", [])),
+            "budget_steps": budget_steps,  # the length a time budget set, if it did
           },
         )
         last_saved = step

@@ -1,5 +1,7 @@
 """End-to-end training on the tiny config: one run, resume, NaN handling."""
 
+import dataclasses
+import json
 import math
 import os
 import re
@@ -89,3 +91,57 @@ def test_bad_vocab_for_tokenizer(tmp_path):
   cfg.model.vocab_size = 128
   with pytest.raises(ValueError, match=r"model\.vocab_size"):
     train_and_evaluate(cfg, str(tmp_path / "v"), progress=False)
+
+
+def _budget_run(workdir, budget, **kw):
+  cfg = _tiny(steps=40, warmup_steps=4, time_budget_s=budget, checkpoint_every=5, eval_every=40)
+  return train_and_evaluate(cfg, workdir, progress=False, **kw)
+
+
+def test_steps_in_budget():
+  from dsv3_jax import config as config_lib
+  from dsv3_jax.train import loop
+
+  tcfg = config_lib.from_dict(_tiny(steps=100, time_budget_s=100.0)).train
+  # 10 steps done in 20 s, 1 s per step, 2 s to compile again: 90% of 80 s left, less 2 s.
+  assert loop._steps_in_budget(tcfg, 10, 1.0, 20.0, 2.0) == 80
+  assert loop._steps_in_budget(dataclasses.replace(tcfg, steps=50), 10, 1.0, 20.0, 2.0) == 50
+  assert loop._steps_in_budget(tcfg, 10, 1.0, 150.0, 2.0) == 10  # spent: stop here
+
+
+def test_time_budget_sets_the_run_length_and_its_schedule(tmp_path, monkeypatch):
+  """The budget's count (20 of at most 40 steps; fixed here, so the test does not hang on
+  this machine's speed) ends the run, and the steps after it follow a schedule rebuilt to
+  span 20 steps: the same warmup, then the shorter decay."""
+  from dsv3_jax import config as config_lib
+  from dsv3_jax.train import loop
+  from dsv3_jax.train.optimizer import learning_rate_schedule
+
+  seen = []
+  monkeypatch.setattr(
+    loop, "_steps_in_budget", lambda *a, recompile_s: seen.append((*a, recompile_s)) or 20
+  )
+  workdir = str(tmp_path / "budget")
+  summary = _budget_run(workdir, 60.0)
+  ((tcfg, done, step_s, elapsed_s, recompile_s),) = seen
+  assert done == 10 and step_s > 0 and elapsed_s > 0 and recompile_s >= 0
+  assert summary["steps"] == 20
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["train"]["steps"] == 20
+  lr = {h["step"]: h["learning_rate"] for h in summary["history"]}
+  long = learning_rate_schedule(tcfg)
+  short = learning_rate_schedule(dataclasses.replace(tcfg, steps=20))
+  np.testing.assert_allclose(lr[4], short(3), rtol=1e-6)  # warmup: the same either way
+  for step in (15, 20):  # logged with the step's own learning rate, schedule(step - 1)
+    np.testing.assert_allclose(lr[step], short(step - 1), rtol=1e-6)
+    assert abs(float(short(step - 1)) - float(long(step - 1))) > 1e-4
+
+
+def test_time_budget_length_survives_a_resume(tmp_path):
+  """A budget that fits all 40 steps sets 40; a run stopped at step 12 and resumed with a
+  budget that would fit none keeps the 40 its checkpoint recorded."""
+  workdir = str(tmp_path / "resumed")
+  first = _budget_run(workdir, 1e6, max_steps=12)
+  assert first["steps"] == 12
+  second = _budget_run(workdir, 1e-3)
+  assert second["start_step"] == 12 and second["steps"] == 40
