@@ -191,6 +191,47 @@ def _steps_in_budget(
   return int(min(tcfg.steps, done + max(0, left // step_s)))
 
 
+class _BudgetTimer:
+  """Times the first steps of a run for `train.time_budget_s`: the first one (compile, first
+  allocations, data) and the TIMED after WARM more, waiting for the device at those three
+  steps only; `length` is then the run's step count and the line that reports it."""
+
+  def __init__(self, start_step: int, t_start: float):
+    self.first = start_step + 1
+    self.lo, self.hi = start_step + _BUDGET_WARM, start_step + _BUDGET_WARM + _BUDGET_TIMED
+    self.t_start, self.marks = t_start, {}
+
+  def mark(self, step: int, state) -> bool:
+    """Records `step`'s end if it is timed; True once the last timed step has ended."""
+    if step not in (self.first, self.lo, self.hi):
+      return False
+    jax.block_until_ready(state)
+    self.marks[step] = time.time()
+    return step == self.hi
+
+  def length(self, tcfg: config_lib.TrainConfig) -> tuple[int, str]:
+    step_s = (self.marks[self.hi] - self.marks[self.lo]) / _BUDGET_TIMED
+    first_s = self.marks[self.first] - self.t_start
+    elapsed_s = self.marks[self.hi] - self.t_start
+    steps = _steps_in_budget(
+      tcfg, self.hi, step_s, elapsed_s, recompile_s=max(first_s - step_s, 0.0)
+    )
+    if jax.process_count() > 1:  # every process runs process 0's count
+      from jax.experimental import multihost_utils
+
+      steps = int(multihost_utils.broadcast_one_to_all(np.int32(steps)))
+    line = (
+      f"time budget {tcfg.time_budget_s:g} s: {steps} steps "
+      f"({step_s:.3f} s/step timed, {first_s:.1f} s to the first step)"
+    )
+    return steps, line
+
+
+def _write_config(workdir: str, cfg: config_lib.Config) -> None:
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config_lib.to_dict(cfg), f, indent=1)
+
+
 def _make_trainer(cfg: config_lib.Config, mesh):
   if cfg.parallel.pipeline == "none":
     return Trainer(cfg, mesh)
@@ -271,8 +312,7 @@ def train_and_evaluate(
     _drop_metrics_after(workdir, start_step)
   writer = MetricWriter(workdir, enabled=is_main)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config_lib.to_dict(cfg), f, indent=1)
+    _write_config(workdir, cfg)
     writer.write_hparams(config_lib.to_dict(cfg))
 
   end_step = tcfg.steps if max_steps is None else min(tcfg.steps, start_step + max_steps)
@@ -287,11 +327,10 @@ def train_and_evaluate(
   t_start = time.time()
   t_window, window_steps = time.time(), 0
   step = start_step
-  timing = {}  # the time budget's measurements, until it has set the run's length
+  timer = None  # times a fresh budgeted run's first steps, until it has set the run's length
   if tcfg.time_budget_s and not budget_steps:
-    timing = {"from": start_step + _BUDGET_WARM, "to": start_step + _BUDGET_WARM + _BUDGET_TIMED}
-    if timing["to"] >= end_step:
-      timing = {}  # too short a run to time
+    timer = _BudgetTimer(start_step, t_start)
+    timer = timer if timer.hi < end_step else None  # too short a run to time
   first_bad = jnp.zeros((), jnp.int32)  # 0 = every step so far finite
   try:
     while step < end_step:
@@ -315,36 +354,20 @@ def train_and_evaluate(
       # wherever the host waits anyway (metrics, eval, checkpoint), always before a save.
       first_bad = _record_non_finite(first_bad, metrics["finite"], step)
       distributed.kick()
-      if timing and step in (start_step + 1, timing["from"], timing["to"]):
-        jax.block_until_ready(state)
-        timing[step] = time.time()
-        if step == timing["to"]:
-          step_s = (timing[step] - timing[timing["from"]]) / _BUDGET_TIMED
-          first_s = timing[start_step + 1] - t_start  # compile, first allocations, data
-          budget_steps = _steps_in_budget(
-            tcfg, step, step_s, timing[step] - t_start, recompile_s=max(first_s - step_s, 0.0)
-          )
-          if jax.process_count() > 1:  # every process runs process 0's count
-            from jax.experimental import multihost_utils
-
-            budget_steps = int(multihost_utils.broadcast_one_to_all(np.int32(budget_steps)))
-          if budget_steps != tcfg.steps:
-            cfg = config_lib.replace(cfg, train={"steps": budget_steps})
-            tcfg, trainer = cfg.train, _make_trainer(cfg, mesh)
-          end_step = budget_steps if max_steps is None else min(budget_steps, end_step)
-          timing = {}
-          if is_main:
-            line = (
-              f"time budget {tcfg.time_budget_s:g} s: {budget_steps} steps "
-              f"({step_s:.3f} s/step timed, {first_s:.1f} s to the first step)"
-            )
-            logging.info(line)
-            (bar.write if bar is not None else print)(line)
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-              json.dump(config_lib.to_dict(cfg), f, indent=1)
-            if bar is not None:
-              bar.total = end_step
-              bar.refresh()
+      if timer is not None and timer.mark(step, state):
+        budget_steps, line = timer.length(tcfg)
+        timer = None
+        if budget_steps != tcfg.steps:  # the schedule spans the new length: a new step
+          cfg = config_lib.replace(cfg, train={"steps": budget_steps})
+          tcfg, trainer = cfg.train, _make_trainer(cfg, mesh)
+        end_step = min(budget_steps, end_step)
+        if is_main:
+          logging.info(line)
+          (bar.write if bar is not None else print)(line)
+          _write_config(workdir, cfg)
+          if bar is not None:
+            bar.total = end_step
+            bar.refresh()
       if bar is not None:
         bar.update(1)
       syncs = [tcfg.log_every, tcfg.eval_every, tcfg.checkpoint_every]

@@ -25,11 +25,11 @@ from dsv3_jax.train.pipeline_step import PipelineTrainer
 from dsv3_jax.train.step import Trainer
 
 
-def _cfg(name="1f1b", pp=2, n_mb=2, data=2, expert=2, moe_layers=4, model=(), parallel=()):
+def _cfg(name="1f1b", pp=2, n_mb=2, data=2, expert=2, moe_layers=4, model=None, parallel=None):
   cfg = config_lib.from_dict(get_config("tiny"))
   return config_lib.replace(
     cfg,
-    model={"num_hidden_layers": cfg.model.n_dense_layers + moe_layers, **dict(model)},
+    model={"num_hidden_layers": cfg.model.n_dense_layers + moe_layers, **(model or {})},
     train={"global_batch": n_mb * data * expert, "seq_len": 16},
     parallel={
       "data": data,
@@ -37,7 +37,7 @@ def _cfg(name="1f1b", pp=2, n_mb=2, data=2, expert=2, moe_layers=4, model=(), pa
       "pipe": pp,
       "pipeline": name,
       "microbatches": n_mb,
-      **dict(parallel),
+      **(parallel or {}),
     },
   )
 
