@@ -7,20 +7,52 @@ forward+backward timing to show where the time goes, the same step without the M
 (the peer's work: HF's model has none), and -- when torch and transformers are installed (the
 `hf` extra) -- HF's DeepseekV3ForCausalLM on the same config doing forward + backward +
 torch.optim.AdamW with torch threads = cores.
+
+The train steps are timed in interleaved rounds -- one step of each side per round, after a
+warm-up step each -- and each side's step time is its median over the rounds. On a shared
+2-core machine whose speed drifts by up to ~2x over minutes, timing one side after the other
+put a slow phase on whichever ran then (the peer measured 524 and 369 tok/s in two runs a
+day apart); interleaved, a slow phase falls on every side alike, and the median drops a
+single stalled step. Every step's time is recorded (`step_times_s`).
 """
 
 import os
+import statistics
 import time
 
 from benchmarks import host
 
 
 def _time(fn, steps):
-  fn()  # warm-up / compile
-  t = time.perf_counter()
+  """Median seconds of `fn` over `steps` calls, after one warm-up / compile call."""
+  fn()
+  times = []
   for _ in range(steps):
+    t = time.perf_counter()
     fn()
-  return (time.perf_counter() - t) / steps
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def timed_rounds(fns: dict, rounds: int) -> dict:
+  """{name: [seconds per call]} of each function, one call of each per round (in `fns`'
+  order), after one warm-up call each."""
+  for fn in fns.values():
+    fn()
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t)
+  return times
+
+
+def _set_step_time(row: dict, times: list, tokens: int) -> dict:
+  row["step_s"] = statistics.median(times)
+  row["step_times_s"] = times
+  row["tokens_per_s"] = tokens / row["step_s"]
+  return row
 
 
 def matmul_peak(n=2048, reps=10) -> float:
@@ -33,8 +65,11 @@ def matmul_peak(n=2048, reps=10) -> float:
   return 2 * n**3 / sec
 
 
-def bench_ours(model_cfg, train_overrides, batch, seq_len, steps, model_overrides=None, parts=True):
-  """This codebase's train step; `parts`: also the forward and forward+backward timings."""
+def prepare_ours(
+  model_cfg, train_overrides, batch, seq_len, steps, model_overrides=None, parts=True
+):
+  """This codebase's train step, ready to time: (step function, row). `parts`: the row gets
+  the forward and forward+backward timings (medians of `steps` calls)."""
   import jax
   import numpy as np
   from flax import nnx
@@ -78,12 +113,9 @@ def bench_ours(model_cfg, train_overrides, batch, seq_len, steps, model_override
     holder["state"], metrics = trainer.train_step(holder["state"], batch_arr)
     jax.block_until_ready(metrics["loss"])
 
-  t_step = _time(step, steps)
   del nnx
-  return {
-    "step_s": t_step,
+  return step, {
     **timings,
-    "tokens_per_s": batch * seq_len / t_step,
     "flops_per_token": flops_per_token(cfg.model, seq_len),
     "model_cfg": cfg.model,
   }
@@ -94,7 +126,8 @@ def bench_ours(model_cfg, train_overrides, batch, seq_len, steps, model_override
 HF_EXPERTS = "grouped_mm"
 
 
-def bench_hf(model_cfg, batch, seq_len, steps):
+def prepare_hf(model_cfg, batch, seq_len):
+  """HF's train step on the same config, ready to time: (step function, row)."""
   import numpy as np
   import torch
   import transformers
@@ -123,10 +156,7 @@ def bench_hf(model_cfg, batch, seq_len, steps):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
 
-  t = _time(step, steps)
-  return {
-    "step_s": t,
-    "tokens_per_s": batch * seq_len / t,
+  return step, {
     "torch": torch.__version__,
     "transformers": transformers.__version__,
     "threads": torch.get_num_threads(),
@@ -145,41 +175,55 @@ def _add_rates(timed: dict, peak: float) -> dict:
 def run(
   config: str = "bench", batch: int = 4, seq_len: int = 512, steps: int = 5, peer: bool = True
 ) -> dict:
-  """Times both implementations; returns the JSON-ready result `rows` prints."""
+  """Times both implementations in interleaved rounds (`steps` of them; step times are
+  medians); returns the JSON-ready result `report` prints."""
   import jax
 
   peak = matmul_peak()
-  ours = bench_ours(config, {}, batch, seq_len, steps)
+  steps_by_side, rows = {}, {}
+  step, ours = prepare_ours(config, {}, batch, seq_len, steps)
   model_cfg = ours.pop("model_cfg")
   ours["mtp_depth"] = model_cfg.num_nextn_predict_layers
-  _add_rates(ours, peak)
+  steps_by_side["dsv3_jax"], rows["dsv3_jax"] = step, ours
+  if model_cfg.num_nextn_predict_layers:
+    # HF's DeepseekV3ForCausalLM has no MTP module: the same work as the peer is the step
+    # without it (the report's objective, with MTP, is the row above).
+    no_mtp = {"num_nextn_predict_layers": 0}
+    step, same = prepare_ours(config, {}, batch, seq_len, steps, no_mtp, False)
+    same.pop("model_cfg")
+    steps_by_side["dsv3_jax_without_mtp"], rows["dsv3_jax_without_mtp"] = step, same
+  if peer:
+    try:
+      steps_by_side["hf_transformers"], rows["hf_transformers"] = prepare_hf(
+        model_cfg, batch, seq_len
+      )
+    except ImportError as e:
+      rows["hf_transformers"] = {"skipped": f"install the `hf` extra ({e})"}
+  for name, times in timed_rounds(steps_by_side, steps).items():
+    _set_step_time(rows[name], times, batch * seq_len)
+    if name.startswith("dsv3_jax"):
+      _add_rates(rows[name], peak)
   result = {
     "config": config,
     "batch": batch,
     "seq_len": seq_len,
     "steps": steps,
+    "timing": "interleaved rounds, one step of each side per round; medians",
     "cpu_count": os.cpu_count(),
     "host_memory": host.huge_pages(),
     "matmul_peak_flops_per_s": peak,
-    "dsv3_jax": ours,
+    **rows,
+    "device": jax.devices()[0].device_kind,
   }
-  if model_cfg.num_nextn_predict_layers:
-    # HF's DeepseekV3ForCausalLM has no MTP module: the same work as the peer is the step
-    # without it (the report's objective, with MTP, is the row above).
-    same = bench_ours(config, {}, batch, seq_len, steps, {"num_nextn_predict_layers": 0}, False)
-    same.pop("model_cfg")
-    result["dsv3_jax_without_mtp"] = _add_rates(same, peak)
-  result["device"] = jax.devices()[0].device_kind
   if peer:
-    try:
-      hf = bench_hf(model_cfg, batch, seq_len, steps)
-    except ImportError as e:
-      hf = {"skipped": f"install the `hf` extra ({e})"}
-    result["hf_transformers"] = hf
+    hf = rows["hf_transformers"]
     if "tokens_per_s" in hf:
       result["speedup_vs_hf"] = ours["tokens_per_s"] / hf["tokens_per_s"]
       same = result.get("dsv3_jax_without_mtp", ours)
       result["speedup_vs_hf_same_work"] = same["tokens_per_s"] / hf["tokens_per_s"]
+      # Round by round (the two steps a few seconds apart): the spread of the ratio.
+      per_round = [h / o for h, o in zip(hf["step_times_s"], ours["step_times_s"])]
+      result["speedup_vs_hf_range"] = [min(per_round), max(per_round)]
   return result
 
 
@@ -188,7 +232,11 @@ def report(result: dict) -> str:
   ours, peak = result["dsv3_jax"], result["matmul_peak_flops_per_s"]
   rows = [
     ("matmul peak (f32)", f"{peak / 1e9:.1f} GFLOP/s"),
-    ("dsv3_jax train step", f"{ours['tokens_per_s']:.0f} tok/s ({ours['step_s']:.3f} s)"),
+    (
+      "dsv3_jax train step",
+      f"{ours['tokens_per_s']:.0f} tok/s ({ours['step_s']:.3f} s, "
+      f"steps {min(ours['step_times_s']):.3f}-{max(ours['step_times_s']):.3f} s)",
+    ),
     ("  forward only", f"{ours['forward_s']:.3f} s"),
     ("  forward + backward", f"{ours['forward_backward_s']:.3f} s"),
     (
@@ -209,8 +257,17 @@ def report(result: dict) -> str:
   hf = result.get("hf_transformers", {})
   if "tokens_per_s" in hf:
     rows += [
-      ("HF transformers train step", f"{hf['tokens_per_s']:.0f} tok/s ({hf['step_s']:.3f} s)"),
-      ("speed-up vs HF", f"{result['speedup_vs_hf']:.2f}x"),
+      (
+        "HF transformers train step",
+        f"{hf['tokens_per_s']:.0f} tok/s ({hf['step_s']:.3f} s, "
+        f"steps {min(hf['step_times_s']):.3f}-{max(hf['step_times_s']):.3f} s)",
+      ),
+      (
+        "speed-up vs HF",
+        f"{result['speedup_vs_hf']:.2f}x (rounds: "
+        + "-".join(f"{r:.2f}" for r in result["speedup_vs_hf_range"])
+        + "x)",
+      ),
       ("  same work (no MTP)", f"{result['speedup_vs_hf_same_work']:.2f}x"),
     ]
   elif hf:
