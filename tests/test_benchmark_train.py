@@ -1,5 +1,5 @@
-"""The train benchmark's timing (`benchmarks/train_step.py`): the sides are timed in
-interleaved rounds, each side's step time is its median, and the table carries the spread."""
+"""The train benchmark's timing (`benchmarks/train_step.py`): each side's step time is the
+median of its timed steps, every step is recorded, and the table carries the spread."""
 
 import statistics
 
@@ -8,7 +8,7 @@ import pytest
 from benchmarks import train_step
 
 
-def test_timed_rounds_interleave_the_sides_after_one_warm_up_each():
+def test_timed_rounds_interleave_after_one_warm_up_each():
   calls = []
   fns = {name: (lambda name=name: calls.append(name)) for name in ("ours", "peer")}
   times = train_step.timed_rounds(fns, 3)
@@ -17,7 +17,7 @@ def test_timed_rounds_interleave_the_sides_after_one_warm_up_each():
   assert all(t >= 0 for v in times.values() for t in v)
 
 
-def test_tiny_run_reports_medians_of_interleaved_steps():
+def test_tiny_run_reports_median_steps():
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
   result = train_step.run("tiny", batch=2, seq_len=16, steps=3, peer=True)
@@ -31,7 +31,5 @@ def test_tiny_run_reports_medians_of_interleaved_steps():
   assert result["speedup_vs_hf"] == pytest.approx(
     result["hf_transformers"]["step_s"] / result["dsv3_jax"]["step_s"]
   )
-  lo, hi = result["speedup_vs_hf_range"]
-  assert 0 < lo <= hi
   table = train_step.report(result)
-  assert "speed-up vs HF" in table and "rounds:" in table and "steps " in table
+  assert "speed-up vs HF" in table and table.count("steps ") == 2  # ours' and HF's spread
