@@ -10,12 +10,12 @@ torch.optim.AdamW with torch threads = cores.
 
 Each side's step time is the median of its timed steps (after a warm-up step), so a single
 stalled step on this shared machine does not move it; every step's time is recorded
-(`step_times_s`, with their spread in the table). This codebase's two steps (with and
-without MTP) are timed in interleaved rounds. The peer is built and timed only after them,
-never interleaved with them: once torch is imported and has run in the process, a JAX step
-is much slower (measured on the bench model: 2.98 s before importing torch, 3.99 s after
-the import, 9.85 s after one HF train step), while the HF step is not slowed by JAX having
-run first.
+(`step_times_s`, with their spread in the table). The sides run one after the other, each
+built, timed and released before the next: interleaved, each slows the one after it. Our
+step with MTP took 3.0 s alone and 3.75 s interleaved with the step without MTP; once torch
+is imported and has run in the process, a JAX step is much slower still (2.98 s before
+importing torch, 3.99 s after the import, 9.85 s after one HF train step, with seconds of
+sleep between them), so the peer runs last; the HF step is not slowed by JAX having run.
 """
 
 import os
@@ -181,34 +181,38 @@ def run(
   module docstring); returns the JSON-ready result `report` prints."""
   import jax
 
+  tokens = batch * seq_len
+
+  def timed(prepared):  # one side: built, timed, released (see the module docstring)
+    step, row = prepared
+    return _set_step_time(row, timed_rounds({"step": step}, steps)["step"], tokens)
+
   peak = matmul_peak()
-  steps_by_side, rows = {}, {}
-  step, ours = prepare_ours(config, {}, batch, seq_len, steps)
-  model_cfg = ours.pop("model_cfg")
-  ours["mtp_depth"] = model_cfg.num_nextn_predict_layers
-  steps_by_side["dsv3_jax"], rows["dsv3_jax"] = step, ours
+  rows = {"dsv3_jax": timed(prepare_ours(config, {}, batch, seq_len, steps))}
+  model_cfg = rows["dsv3_jax"].pop("model_cfg")
+  rows["dsv3_jax"]["mtp_depth"] = model_cfg.num_nextn_predict_layers
   if model_cfg.num_nextn_predict_layers:
     # HF's DeepseekV3ForCausalLM has no MTP module: the same work as the peer is the step
     # without it (the report's objective, with MTP, is the row above).
     no_mtp = {"num_nextn_predict_layers": 0}
-    step, same = prepare_ours(config, {}, batch, seq_len, steps, no_mtp, False)
-    same.pop("model_cfg")
-    steps_by_side["dsv3_jax_without_mtp"], rows["dsv3_jax_without_mtp"] = step, same
-  for name, times in timed_rounds(steps_by_side, steps).items():
-    _add_rates(_set_step_time(rows[name], times, batch * seq_len), peak)
-  if peer:  # after ours: torch in the process slows JAX (see the module docstring)
+    rows["dsv3_jax_without_mtp"] = timed(
+      prepare_ours(config, {}, batch, seq_len, steps, no_mtp, False)
+    )
+    rows["dsv3_jax_without_mtp"].pop("model_cfg")
+  for row in rows.values():
+    _add_rates(row, peak)
+  ours = rows["dsv3_jax"]
+  if peer:  # last: torch in the process slows JAX (see the module docstring)
     try:
-      hf_step, hf = prepare_hf(model_cfg, batch, seq_len)
-      _set_step_time(hf, timed_rounds({"hf": hf_step}, steps)["hf"], batch * seq_len)
+      rows["hf_transformers"] = timed(prepare_hf(model_cfg, batch, seq_len))
     except ImportError as e:
-      hf = {"skipped": f"install the `hf` extra ({e})"}
-    rows["hf_transformers"] = hf
+      rows["hf_transformers"] = {"skipped": f"install the `hf` extra ({e})"}
   result = {
     "config": config,
     "batch": batch,
     "seq_len": seq_len,
     "steps": steps,
-    "timing": "median step after a warm-up; ours (with, without MTP) interleaved, then the peer",
+    "timing": "median step after a warm-up; the sides one after the other, the peer last",
     "cpu_count": os.cpu_count(),
     "host_memory": host.huge_pages(),
     "matmul_peak_flops_per_s": peak,

@@ -71,3 +71,34 @@ def test_makefile_exports_the_tunable():
     env=dict(os.environ, GLIBC_TUNABLES=""),
   ).stdout
   assert f"GLIBC_TUNABLES := {host.TUNABLE}" in out.splitlines()
+
+
+def test_peer_tunables_add_what_is_missing_once():
+  kept = host.KEEP_FREED.split(":")
+  assert host.peer_tunables("") == ":".join([host.TUNABLE, *kept])
+  mine = "glibc.malloc.tcache_count=0:" + host.TUNABLE
+  assert host.peer_tunables(mine) == ":".join([mine, *kept])
+  full = host.peer_tunables(mine)
+  assert host.peer_tunables(full) == full  # nothing to add: no relaunch
+
+
+def test_relaunch_runs_the_same_command_with_the_tunables(tmp_path):
+  """A script that relaunches itself comes back once, with the tunables, and says so."""
+  script = tmp_path / "relaunch.py"
+  script.write_text(
+    "import os, sys\n"
+    "from benchmarks import host\n"
+    "print('start', flush=True)\n"
+    "host.relaunch_with_peer_tunables()\n"
+    "info = host.huge_pages()\n"
+    "print(os.environ['GLIBC_TUNABLES'], info['malloc_keeps_freed_memory'], sys.argv[1:])\n"
+  )
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, GLIBC_TUNABLES="", PYTHONPATH=root)
+  env.pop("DSV3_JAX_BENCH_RELAUNCHED", None)
+  out = subprocess.run(
+    [sys.executable, str(script), "--flag"], capture_output=True, text=True, env=env, check=True
+  ).stdout.splitlines()
+  assert out[0] == out[1] == "start"  # the relaunched process ran the script again
+  assert out[2] == f"{host.peer_tunables('')} True ['--flag']"
+  assert len(out) == 3
