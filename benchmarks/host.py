@@ -73,9 +73,11 @@ def relaunch_with_peer_tunables() -> None:
 
 def describe(info: dict) -> str:
   """One line for a benchmark's table header."""
-  kept = ", freed memory kept" if info.get("malloc_keeps_freed_memory") else ""
+  thp = info["transparent_huge_pages"]
   if info["malloc_huge_pages"]:
-    return f"huge pages on (THP {info['transparent_huge_pages']}){kept}"
-  if info["transparent_huge_pages"] == "madvise":
-    return f"huge pages off: run with GLIBC_TUNABLES={TUNABLE} (as `make` does){kept}"
-  return f"huge pages off (THP {info['transparent_huge_pages']}){kept}"
+    pages = f"huge pages on (THP {thp})"
+  elif thp == "madvise":
+    pages = f"huge pages off: run with GLIBC_TUNABLES={TUNABLE} (as `make` does)"
+  else:
+    pages = f"huge pages off (THP {thp})"
+  return pages + (", freed memory kept" if info.get("malloc_keeps_freed_memory") else "")

@@ -25,29 +25,20 @@ import time
 from benchmarks import host
 
 
-def _time(fn, steps):
-  """Median seconds of `fn` over `steps` calls, after one warm-up / compile call."""
+def step_times(fn, steps: int) -> list:
+  """Seconds of each of `steps` calls of `fn`, after one warm-up / compile call."""
   fn()
   times = []
   for _ in range(steps):
     t = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
-def timed_rounds(fns: dict, rounds: int) -> dict:
-  """{name: [seconds per call]} of each function, one call of each per round (in `fns`'
-  order), after one warm-up call each."""
-  for fn in fns.values():
-    fn()
-  times = {name: [] for name in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      t = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t)
   return times
+
+
+def _time(fn, steps):
+  """Median seconds of `fn` over `steps` calls, after one warm-up / compile call."""
+  return statistics.median(step_times(fn, steps))
 
 
 def _set_step_time(row: dict, times: list, tokens: int) -> dict:
@@ -185,7 +176,7 @@ def run(
 
   def timed(prepared):  # one side: built, timed, released (see the module docstring)
     step, row = prepared
-    return _set_step_time(row, timed_rounds({"step": step}, steps)["step"], tokens)
+    return _set_step_time(row, step_times(step, steps), tokens)
 
   peak = matmul_peak()
   rows = {"dsv3_jax": timed(prepare_ours(config, {}, batch, seq_len, steps))}

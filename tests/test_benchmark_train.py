@@ -8,13 +8,12 @@ import pytest
 from benchmarks import train_step
 
 
-def test_timed_rounds_interleave_after_one_warm_up_each():
+def test_step_times_time_each_call_after_one_warm_up():
   calls = []
-  fns = {name: (lambda name=name: calls.append(name)) for name in ("ours", "peer")}
-  times = train_step.timed_rounds(fns, 3)
-  assert calls == ["ours", "peer"] * 4  # warm-ups, then one call of each per round
-  assert {k: len(v) for k, v in times.items()} == {"ours": 3, "peer": 3}
-  assert all(t >= 0 for v in times.values() for t in v)
+  times = train_step.step_times(lambda: calls.append(len(calls)), 3)
+  assert calls == [0, 1, 2, 3]  # the warm-up, then one call per timed step
+  assert len(times) == 3
+  assert all(t >= 0 for t in times)
 
 
 def test_tiny_run_reports_median_steps():
