@@ -39,6 +39,34 @@ def _sync(name: str):
     ocp.multihost.sync_global_processes(name)
 
 
+_WHOLE_ARRAYS = False  # whether _write_whole_arrays registered its handler
+
+
+def _write_whole_arrays() -> None:
+  """Saves each array from one replica, whole, in a one-process job.
+
+  Orbax's default (replica-parallel saving) has every replica of a replicated array write a
+  slice of it, so that several hosts share the writing. In one process that shares nothing
+  and costs one small XLA program per distinct slice, compiled on the first save: 10.4 s for
+  the small config's train state on 8 CPU devices, against 0.2 s written whole. A multi-process
+  job keeps orbax's default. The handler is orbax's process-wide one for `jax.Array`.
+  """
+  global _WHOLE_ARRAYS
+  if jax.process_count() == 1 and not _WHOLE_ARRAYS:
+    handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+    absl_logger = py_logging.getLogger("absl")
+    absl_logger.addFilter(_drop_override_notice)  # orbax warns about any override
+    try:
+      ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+      absl_logger.removeFilter(_drop_override_notice)
+    _WHOLE_ARRAYS = True
+
+
+def _drop_override_notice(record: py_logging.LogRecord) -> bool:
+  return "overriding" not in record.getMessage()
+
+
 def _drop_read_only_notice(record: py_logging.LogRecord) -> bool:
   return not record.getMessage().startswith("Given directory is read only")
 
@@ -63,6 +91,7 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True
       )
+      _write_whole_arrays()
     absl_logger = py_logging.getLogger("absl")
     absl_logger.addFilter(_drop_read_only_notice)  # orbax warns on every read-only open
     try:
