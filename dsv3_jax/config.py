@@ -17,6 +17,7 @@ from typing import Any, Mapping
 PRECISIONS = ("fp32", "bf16", "fp8")
 DTYPES = ("float32", "bfloat16")
 PIPELINES = ("none", "1f1b", "dualpipe")
+LR_SCHEDULES = ("cosine", "report")
 ROPE_SCALINGS = ("none", "yarn")
 
 
@@ -225,6 +226,11 @@ class TrainConfig:
   learning_rate: float = 2.2e-4  # peak, after the linear warmup; cosine decay afterwards
   warmup_steps: int = 10  # linear warmup from 0
   min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+  # cosine: warmup, then cosine decay over all the remaining steps. report: the shape of §4.2
+  # (warmup; the peak until 67.6% of the steps, 10T of 14.8T tokens; cosine decay to the
+  # minimum by 96.6%; the minimum to 98.9%; a third of it for the rest), whose length can
+  # change during its constant part without moving the learning rate (see time_budget_s).
+  lr_schedule: str = "cosine"
   weight_decay: float = 0.1  # AdamW, decoupled
   b1: float = 0.9  # AdamW beta_1
   b2: float = 0.95  # AdamW beta_2
@@ -300,6 +306,12 @@ class TrainConfig:
       self.moment_dtype,
     )
     _require(self.lr_scale > 0, "train.lr_scale", "must be positive", self.lr_scale)
+    _require(
+      self.lr_schedule in LR_SCHEDULES,
+      "train.lr_schedule",
+      f"must be one of {LR_SCHEDULES}",
+      self.lr_schedule,
+    )
     _require(
       self.time_budget_s >= 0, "train.time_budget_s", "must be >= 0 (0 = off)", self.time_budget_s
     )

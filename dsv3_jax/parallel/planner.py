@@ -397,7 +397,7 @@ def state_memory(cfg: Config, mesh, state: _State, layout: Layout) -> dict:
     "grads": params,
     "optimizer": opt,
     "router_biases": biases,
-    "step": 4,
+    "step": 8,  # the step counter and the schedule length the step takes (int32 each)
     "batch": tokens,
     "dualpipe_second_chunk": slot_copies,
     "pipeline_accumulators": accumulators,

@@ -33,6 +33,7 @@ from dsv3_jax.checkpoint.orbax import Checkpointer
 from dsv3_jax.parallel import distributed
 from dsv3_jax.parallel import mesh as mesh_lib
 from dsv3_jax.train.metrics import MetricWriter
+from dsv3_jax.train.optimizer import length_free_steps
 from dsv3_jax.train.step import Trainer
 
 
@@ -175,54 +176,60 @@ def _drop_metrics_after(workdir: str, step: int) -> int:
   return len(lines) - len(keep)
 
 
-# A time budget (`train.time_budget_s`) times steps WARM+1 .. WARM+TIMED of a fresh run (the
-# first ones compile and allocate) and then sets the run's length. Evaluations and checkpoints
-# are not among the timed steps: the steps fill MARGIN of the time left.
-_BUDGET_WARM, _BUDGET_TIMED, _BUDGET_MARGIN = 2, 8, 0.9
+# A time budget (`train.time_budget_s`) times a fresh run's steps: WARM+1 .. FIRST (the first
+# steps compile and allocate) sets the run's length inside the warmup, filling MARGIN of the
+# time left (evaluations and checkpoints are not among these steps). Then every EVERY steps the
+# pace since step FIRST (evaluations and checkpoints included, so MARGIN_LATE of the time left)
+# sets it again, for as long as the learning rate does not depend on the length: through the
+# warmup, and under the `report` schedule through its constant part (two thirds of the run).
+# The compiled step takes the schedule's length as an argument: none of this compiles anything.
+_BUDGET_WARM, _BUDGET_FIRST, _BUDGET_EVERY = 2, 10, 50
+_BUDGET_MARGIN, _BUDGET_MARGIN_LATE = 0.9, 0.97
 
 
 def _steps_in_budget(
-  tcfg: config_lib.TrainConfig, done: int, step_s: float, elapsed_s: float, recompile_s: float
+  tcfg: config_lib.TrainConfig, done: int, step_s: float, elapsed_s: float, margin: float
 ) -> int:
   """The run's step count under `train.time_budget_s`: the `done` steps, then as many as fit
-  in the time left at `step_s` each once the step is compiled again for the new schedule;
-  at most `train.steps`."""
-  left = _BUDGET_MARGIN * (tcfg.time_budget_s - elapsed_s) - recompile_s
+  in `margin` of the time left at `step_s` each; at most `train.steps`."""
+  left = margin * (tcfg.time_budget_s - elapsed_s)
   return int(min(tcfg.steps, done + max(0, left // step_s)))
 
 
 class _BudgetTimer:
-  """Times the first steps of a run for `train.time_budget_s`: the first one (compile, first
-  allocations, data) and the TIMED after WARM more, waiting for the device at those three
-  steps only; `length` is then the run's step count and the line that reports it."""
+  """Times a fresh run's steps for `train.time_budget_s`, waiting for the device only at the
+  steps it times; `length` gives the run's step count after each timed window."""
 
-  def __init__(self, start_step: int, t_start: float):
-    self.first = start_step + 1
-    self.lo, self.hi = start_step + _BUDGET_WARM, start_step + _BUDGET_WARM + _BUDGET_TIMED
-    self.t_start, self.marks = t_start, {}
+  def __init__(self, start_step: int, t_start: float, tcfg: config_lib.TrainConfig):
+    self.tcfg = tcfg  # as configured: `steps` is the most the budget may set
+    self.start, self.t_start, self.marks = start_step, t_start, {}
+
+  def _timed(self, step: int) -> bool:
+    n = step - self.start
+    return n in (1, _BUDGET_WARM, _BUDGET_FIRST) or (n > 0 and n % _BUDGET_EVERY == 0)
 
   def mark(self, step: int, state) -> bool:
-    """Records `step`'s end if it is timed; True once the last timed step has ended."""
-    if step not in (self.first, self.lo, self.hi):
+    """Records `step`'s end if it is timed; True when it ends a timed window."""
+    if not self._timed(step):
       return False
     jax.block_until_ready(state)
     self.marks[step] = time.time()
-    return step == self.hi
+    return step - self.start == _BUDGET_FIRST or (step - self.start) % _BUDGET_EVERY == 0
 
-  def length(self, tcfg: config_lib.TrainConfig) -> tuple[int, str]:
-    step_s = (self.marks[self.hi] - self.marks[self.lo]) / _BUDGET_TIMED
-    first_s = self.marks[self.first] - self.t_start
-    elapsed_s = self.marks[self.hi] - self.t_start
-    steps = _steps_in_budget(
-      tcfg, self.hi, step_s, elapsed_s, recompile_s=max(first_s - step_s, 0.0)
-    )
+  def length(self, step: int) -> tuple[int, str]:
+    first = step - self.start == _BUDGET_FIRST
+    lo = self.start + (_BUDGET_WARM if first else _BUDGET_FIRST)
+    step_s = (self.marks[step] - self.marks[lo]) / (step - lo)
+    margin = _BUDGET_MARGIN if first else _BUDGET_MARGIN_LATE
+    steps = _steps_in_budget(self.tcfg, step, step_s, self.marks[step] - self.t_start, margin)
     if jax.process_count() > 1:  # every process runs process 0's count
       from jax.experimental import multihost_utils
 
       steps = int(multihost_utils.broadcast_one_to_all(np.int32(steps)))
     line = (
-      f"time budget {tcfg.time_budget_s:g} s: {steps} steps "
-      f"({step_s:.3f} s/step timed, {first_s:.1f} s to the first step)"
+      f"time budget {self.tcfg.time_budget_s:g} s: {steps} steps "
+      f"({step_s:.3f} s/step over steps {lo + 1}-{step}, "
+      f"{self.marks[self.start + 1] - self.t_start:.1f} s to the first step)"
     )
     return steps, line
 
@@ -307,7 +314,7 @@ def train_and_evaluate(
   budget_steps = (meta or {}).get("budget_steps")
   if tcfg.time_budget_s and budget_steps:  # resumed after the budget set the run's length
     cfg = config_lib.replace(cfg, train={"steps": budget_steps})
-    tcfg, trainer = cfg.train, _make_trainer(cfg, mesh)
+    tcfg = cfg.train
   if is_main:
     _drop_metrics_after(workdir, start_step)
   writer = MetricWriter(workdir, enabled=is_main)
@@ -316,6 +323,7 @@ def train_and_evaluate(
     writer.write_hparams(config_lib.to_dict(cfg))
 
   end_step = tcfg.steps if max_steps is None else min(tcfg.steps, start_step + max_steps)
+  last_step = end_step  # where this call stops unless a time budget stops it sooner
   tokens_per_step = tcfg.global_batch * tcfg.seq_len
   flops_tok = counts.flops_per_token(cfg.model, tcfg.seq_len)
   history, eval_history = [], []
@@ -329,8 +337,8 @@ def train_and_evaluate(
   step = start_step
   timer = None  # times a fresh budgeted run's first steps, until it has set the run's length
   if tcfg.time_budget_s and not budget_steps:
-    timer = _BudgetTimer(start_step, t_start)
-    timer = timer if timer.hi < end_step else None  # too short a run to time
+    timer = _BudgetTimer(start_step, t_start, tcfg)
+    timer = timer if start_step + _BUDGET_FIRST < end_step else None  # too short to time
   first_bad = jnp.zeros((), jnp.int32)  # 0 = every step so far finite
   try:
     while step < end_step:
@@ -347,7 +355,7 @@ def train_and_evaluate(
           next(data_iter)
         applied.append([step + 1, last])
       batch = _to_global(next(data_iter), trainer.batch_sharding)
-      state, metrics = trainer.train_step(state, batch)
+      state, metrics = trainer.train_step(state, batch, tcfg.steps)
       step += 1
       window_steps += 1
       # No host sync per step: the first non-finite step is recorded on device and checked
@@ -355,19 +363,22 @@ def train_and_evaluate(
       first_bad = _record_non_finite(first_bad, metrics["finite"], step)
       distributed.kick()
       if timer is not None and timer.mark(step, state):
-        budget_steps, line = timer.length(tcfg)
-        timer = None
-        if budget_steps != tcfg.steps:  # the schedule spans the new length: a new step
+        steps, line = timer.length(step)
+        if budget_steps and step >= length_free_steps(tcfg, min(steps, tcfg.steps)):
+          timer = None  # the learning rate now depends on the length: it stays
+        else:
+          # The schedule spans the new length from the next step on (the same compiled step).
+          budget_steps = steps
           cfg = config_lib.replace(cfg, train={"steps": budget_steps})
-          tcfg, trainer = cfg.train, _make_trainer(cfg, mesh)
-        end_step = min(budget_steps, end_step)
-        if is_main:
-          logging.info(line)
-          (bar.write if bar is not None else print)(line)
-          _write_config(workdir, cfg)
-          if bar is not None:
-            bar.total = end_step
-            bar.refresh()
+          tcfg = cfg.train
+          end_step = min(budget_steps, last_step)
+          if is_main:
+            logging.info(line)
+            (bar.write if bar is not None else print)(line)
+            _write_config(workdir, cfg)
+            if bar is not None:
+              bar.total = end_step
+              bar.refresh()
       if bar is not None:
         bar.update(1)
       syncs = [tcfg.log_every, tcfg.eval_every, tcfg.checkpoint_every]

@@ -46,17 +46,50 @@ def scale_by_adam_lowp(
   return optax.GradientTransformation(init, update)
 
 
-def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
-  """Linear warmup from 0 to the peak, then cosine decay to peak * min_lr_ratio (§4.2), all
-  times `lr_scale` (a restart option past a non-finite step)."""
+# The report's schedule (§4.2) as fractions of the run: the peak until 10T of 14.8T tokens,
+# cosine decay to the minimum by 14.3T, the minimum for 333B tokens, then 7.3e-6 (a third of
+# the 2.2e-5 minimum) for the last 167B.
+REPORT_PHASES = (10.0 / 14.8, 14.3 / 14.8, 14.633 / 14.8)
+REPORT_LAST_RATIO = 7.3e-6 / 2.2e-5
+
+
+def learning_rate_schedule(cfg: TrainConfig, steps=None) -> optax.Schedule:
+  """The learning rate at each step (a count of the updates done), times `lr_scale` (a
+  restart option past a non-finite step): a linear warmup from 0 to the peak, then either a
+  cosine decay to peak * min_lr_ratio over the remaining steps (`cosine`) or the report's
+  shape (`report`, §4.2: the peak, a cosine decay, the minimum, a third of it; phases at
+  REPORT_PHASES of the run).
+
+  The run spans `steps` (default `cfg.steps`), which may be a traced scalar: a time budget
+  sets the run's length during the run without compiling the train step again."""
   peak = cfg.learning_rate * cfg.lr_scale
-  return optax.warmup_cosine_decay_schedule(
-    init_value=0.0,
-    peak_value=peak,
-    warmup_steps=cfg.warmup_steps,
-    decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
-    end_value=peak * cfg.min_lr_ratio,
-  )
+  end = peak * cfg.min_lr_ratio
+  warmup = cfg.warmup_steps
+  total = jnp.asarray(cfg.steps if steps is None else steps, jnp.float32)
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    ramp = peak * count / max(warmup, 1)
+    if cfg.lr_schedule == "cosine":
+      start, stop = warmup, jnp.maximum(total, warmup + 1)
+    else:
+      start = jnp.maximum(REPORT_PHASES[0] * total, warmup)
+      stop = jnp.maximum(REPORT_PHASES[1] * total, start + 1)
+    frac = jnp.clip((count - start) / (stop - start), 0.0, 1.0)
+    lr = end + (peak - end) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+    if cfg.lr_schedule == "report":
+      lr = jnp.where(count >= REPORT_PHASES[2] * total, end * REPORT_LAST_RATIO, lr)
+    return jnp.where(count < warmup, ramp, lr)
+
+  return schedule
+
+
+def length_free_steps(cfg: TrainConfig, steps: int) -> int:
+  """The steps whose learning rate does not depend on the run's length, for a run of at
+  least `steps` steps: the warmup, and under `report` the constant peak after it."""
+  if cfg.lr_schedule == "cosine":
+    return cfg.warmup_steps
+  return max(cfg.warmup_steps, int(REPORT_PHASES[0] * steps))
 
 
 # Parameter leaves that are not weight matrices, whatever their rank: RMSNorm scales (one
@@ -80,10 +113,12 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig, steps=None) -> optax.GradientTransformation:
+  """AdamW as DeepSeek-V3 trains it; the schedule spans `steps` (see learning_rate_schedule).
+  The state does not depend on `steps`."""
   return optax.chain(
     optax.clip_by_global_norm(cfg.grad_clip),
     scale_by_adam_lowp(cfg.b1, cfg.b2, moment_dtype=jnp.dtype(cfg.moment_dtype)),
     optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask),
-    optax.scale_by_learning_rate(learning_rate_schedule(cfg)),
+    optax.scale_by_learning_rate(learning_rate_schedule(cfg, steps)),
   )

@@ -215,6 +215,6 @@ class PipelineTrainer(Trainer):
       metrics["mtp_ce"] = aux["mtp_ce"] / n
     return loss, metrics, aux["load"], grads
 
-  def _train_fn(self, state: TrainState, batch: dict):
+  def _train_fn(self, state: TrainState, batch: dict, steps: jax.Array):
     _, metrics, loads, grads = self.loss_and_grads(state.params, state.biases, batch["tokens"])
-    return self.apply_gradients(state, grads, metrics, loads)
+    return self.apply_gradients(state, grads, metrics, loads, steps)

@@ -11,10 +11,11 @@ data x expert; and the routed-expert function the MoE layers run (the expert-par
 all-to-all on a mesh with an `expert` axis > 1), passed down the model walk.
 """
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 from flax import nnx
@@ -48,8 +49,7 @@ class Trainer:
     self.cfg = cfg
     self.mesh = mesh
     self.plan = sharding.plan(cfg, mesh)
-    self.optimizer = make_optimizer(cfg.train)
-    self.lr = learning_rate_schedule(cfg.train)
+    self.optimizer = make_optimizer(cfg.train)  # its state's structure; the step's spans `steps`
     abstract = model_lib.abstract(cfg.model)
     self.graphdef, abs_params, abs_biases = nnx.split(abstract, nnx.Param, RouterBias)
     logging.info("%s", self.plan.describe())
@@ -65,16 +65,23 @@ class Trainer:
     self.batch_sharding = self.plan.batch
     # Created already sharded: nothing is materialised on one device first.
     self._init = jax.jit(self._init_fn, out_shardings=self.state_sharding)
-    # The state is donated: the step updates it in place.
-    self.train_step = jax.jit(
+    # The state is donated: the step updates it in place. The schedule's length is an
+    # argument, so a time budget that sets it after the first steps reuses the compiled step.
+    self.step_fn = jax.jit(
       self._train_fn,
       donate_argnums=0,
-      in_shardings=(self.state_sharding, self.batch_sharding),
+      in_shardings=(self.state_sharding, self.batch_sharding, repl),
       out_shardings=(self.state_sharding, repl),
     )
     self.eval_step = jax.jit(
       self._eval_fn, in_shardings=(self.state_sharding, self.batch_sharding), out_shardings=repl
     )
+
+  def train_step(self, state: TrainState, batch: dict, schedule_steps: Optional[int] = None):
+    """One optimizer step: ``(new state, metrics)``. The learning-rate schedule spans
+    `schedule_steps` steps (default `train.steps`); any length runs the same compiled step."""
+    steps = self.cfg.train.steps if schedule_steps is None else schedule_steps
+    return self.step_fn(state, batch, np.int32(steps))
 
   def abstract_state(self) -> TrainState:
     shapes = jax.eval_shape(self._init_fn)
@@ -107,7 +114,7 @@ class Trainer:
   def merge(self, params, biases):
     return nnx.merge(self.graphdef, params, biases)
 
-  def _train_fn(self, state: TrainState, batch: dict):
+  def _train_fn(self, state: TrainState, batch: dict, steps: jax.Array):
     tcfg = self.cfg.train
 
     def loss_fn(params):
@@ -117,15 +124,17 @@ class Trainer:
       return loss, (metrics, loads)
 
     (_, (metrics, loads)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return self.apply_gradients(state, grads, metrics, loads)
+    return self.apply_gradients(state, grads, metrics, loads, steps)
 
-  def apply_gradients(self, state: TrainState, grads, metrics: dict, loads_LxE):
-    """AdamW on the params, the bias update from the loads, and the step's metrics.
+  def apply_gradients(self, state: TrainState, grads, metrics: dict, loads_LxE, steps: jax.Array):
+    """AdamW on the params (its schedule spanning `steps`), the bias update from the loads,
+    and the step's metrics.
 
     Shared by every way of computing the gradients (this step, the pipelined one).
     """
     tcfg = self.cfg.train
-    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    optimizer = make_optimizer(tcfg, steps)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     biases = routing.update_biases(state.biases, loads_LxE, tcfg.bias_update_gamma)
     # A finite loss can still leave overflowed weights behind: check the new state too.
@@ -136,7 +145,7 @@ class Trainer:
       metrics,
       finite=finite,
       grad_norm=optax.global_norm(grads),
-      learning_rate=self.lr(state.step),
+      learning_rate=learning_rate_schedule(tcfg, steps)(state.step),
       max_vio=routing.max_violation(loads_LxE),
       load=loads_LxE,
     )

@@ -36,7 +36,8 @@ def _xla_memory(trainer, global_batch: int):
       (global_batch, SEQ + 1), jnp.int32, sharding=trainer.batch_sharding
     )
   }
-  ma = trainer.train_step.lower(state, batch).compile().memory_analysis()
+  steps = jax.ShapeDtypeStruct((), jnp.int32)
+  ma = trainer.step_fn.lower(state, batch, steps).compile().memory_analysis()
   return ma.argument_size_in_bytes, ma.temp_size_in_bytes
 
 
