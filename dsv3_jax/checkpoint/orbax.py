@@ -19,6 +19,8 @@ reshards; `load_model` restores only the params and biases, onto one device or t
 shardings, whatever else the step holds.
 """
 
+import contextlib
+import functools
 import logging as py_logging
 import os
 import shutil
@@ -39,11 +41,21 @@ def _sync(name: str):
     ocp.multihost.sync_global_processes(name)
 
 
-_WHOLE_ARRAYS = False  # whether _write_whole_arrays registered its handler
+@contextlib.contextmanager
+def _absl_without(prefix: str):
+  """Drops absl log records starting with `prefix` (orbax's routine notices) meanwhile."""
+  drop = lambda record: not record.getMessage().startswith(prefix)
+  absl_logger = py_logging.getLogger("absl")
+  absl_logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(drop)
 
 
+@functools.cache
 def _write_whole_arrays() -> None:
-  """Saves each array from one replica, whole, in a one-process job.
+  """Saves each array from one replica, whole, in a one-process job (once per process).
 
   Orbax's default (replica-parallel saving) has every replica of a replicated array write a
   slice of it, so that several hosts share the writing. In one process that shares nothing
@@ -51,24 +63,10 @@ def _write_whole_arrays() -> None:
   the small config's train state on 8 CPU devices, against 0.2 s written whole. A multi-process
   job keeps orbax's default. The handler is orbax's process-wide one for `jax.Array`.
   """
-  global _WHOLE_ARRAYS
-  if jax.process_count() == 1 and not _WHOLE_ARRAYS:
+  if jax.process_count() == 1:
     handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
-    absl_logger = py_logging.getLogger("absl")
-    absl_logger.addFilter(_drop_override_notice)  # orbax warns about any override
-    try:
+    with _absl_without("Type handler registry"):  # orbax warns about any override
       ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
-    finally:
-      absl_logger.removeFilter(_drop_override_notice)
-    _WHOLE_ARRAYS = True
-
-
-def _drop_override_notice(record: py_logging.LogRecord) -> bool:
-  return "overriding" not in record.getMessage()
-
-
-def _drop_read_only_notice(record: py_logging.LogRecord) -> bool:
-  return not record.getMessage().startswith("Given directory is read only")
 
 
 class Checkpointer:
@@ -92,12 +90,8 @@ class Checkpointer:
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True
       )
       _write_whole_arrays()
-    absl_logger = py_logging.getLogger("absl")
-    absl_logger.addFilter(_drop_read_only_notice)  # orbax warns on every read-only open
-    try:
+    with _absl_without("Given directory is read only"):  # on every read-only open
       self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
-    finally:
-      absl_logger.removeFilter(_drop_read_only_notice)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()

@@ -214,7 +214,7 @@ class _BudgetTimer:
       return False
     jax.block_until_ready(state)
     self.marks[step] = time.time()
-    return step - self.start == _BUDGET_FIRST or (step - self.start) % _BUDGET_EVERY == 0
+    return step - self.start not in (1, _BUDGET_WARM)
 
   def length(self, step: int) -> tuple[int, str]:
     first = step - self.start == _BUDGET_FIRST
