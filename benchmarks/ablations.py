@@ -210,8 +210,16 @@ def arm_config(base: config_lib.Config, ablation: Ablation, arm: Arm) -> config_
   return config_lib.replace(base, model={**ablation.model, **arm.model}, train=arm.train)
 
 
+# Which held-out windows score a run (`data.eval_batches`): part of every cached arm's key, so
+# that arms scored on different windows (the first ones, before) are never compared.
+_HELDOUT_WINDOWS = "spread"
+
+
 def _fingerprint(cfg: config_lib.Config, data_seed: int) -> str:
-  blob = json.dumps({"config": config_lib.to_dict(cfg), "data_seed": data_seed}, sort_keys=True)
+  blob = json.dumps(
+    {"config": config_lib.to_dict(cfg), "data_seed": data_seed, "heldout": _HELDOUT_WINDOWS},
+    sort_keys=True,
+  )
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

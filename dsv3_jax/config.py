@@ -339,6 +339,9 @@ class DataConfig:
   path: str = ""
   tokenizer: str = ""  # "" = byte-level; else a HF tokenizer.json
   heldout_fraction: float = 0.05  # share of files held out (split by file)
+  # Which files are held out. Apart from train.seed, so that runs with different seeds (a
+  # noise floor) are scored on the same held-out files.
+  split_seed: int = 0
   max_bytes: int = 0  # 0 = read everything; else cap the corpus (quick runs)
 
   def validate(self) -> "DataConfig":
@@ -349,6 +352,7 @@ class DataConfig:
       self.heldout_fraction,
     )
     _require(self.max_bytes >= 0, "data.max_bytes", "must be >= 0", self.max_bytes)
+    _require(self.split_seed >= 0, "data.split_seed", "must be >= 0", self.split_seed)
     return self
 
 

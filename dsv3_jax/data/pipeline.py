@@ -131,10 +131,13 @@ def eval_batches(
   shard_index: int = 0,
   shard_count: int = 1,
 ) -> list[dict[str, np.ndarray]]:
-  """Held-out batches in corpus order (no shuffle); the last partial batch is dropped.
+  """Held-out batches of windows spread evenly over ``tokens``, in corpus order (no shuffle).
 
-  ``batch`` is the global eval batch; with ``shard_count > 1`` each shard gets
-  its contiguous block of rows, as in training.
+  Of the W non-overlapping windows, the n = batches x ``batch`` scored are windows i*W//n: a
+  capped evaluation (``max_batches``) samples the whole held-out set, not its first files
+  (text differs between files, so the first few are a biased sample). Uncapped, at most
+  ``batch - 1`` windows are left out. ``batch`` is the global eval batch; with
+  ``shard_count > 1`` each shard gets its contiguous block of rows, as in training.
   """
   batch = _check_positive("batch", batch)
   local_batch = _check_shard(batch, shard_index, shard_count)
@@ -155,9 +158,10 @@ def eval_batches(
     )
   if max_batches is not None:
     num_batches = min(num_batches, max_batches)
+  picked = (np.arange(num_batches * batch) * num_windows) // (num_batches * batch)
   start = shard_index * local_batch
   out = []
   for b in range(num_batches):
-    rows_BxL1 = windows_WxL1[b * batch + start : b * batch + start + local_batch]
-    out.append({"tokens": np.array(rows_BxL1)})
+    rows = picked[b * batch + start : b * batch + start + local_batch]
+    out.append({"tokens": np.array(windows_WxL1[rows])})
   return out

@@ -54,7 +54,7 @@ def load_corpus(cfg: config_lib.Config) -> Corpus:
     )
   files = data_lib.resolve_files(cfg.data.path or None)
   train_files, heldout_files = data_lib.split_files(
-    files, cfg.data.heldout_fraction, seed=cfg.train.seed
+    files, cfg.data.heldout_fraction, seed=cfg.data.split_seed
   )
   cap = cfg.data.max_bytes or None
   train = data_lib.load_tokens(train_files, tokenizer, max_bytes=cap)

@@ -148,6 +148,25 @@ def test_split_deterministic_and_disjoint(tmp_path):
     split_files(files, 0.0)
 
 
+def test_heldout_files_do_not_follow_the_training_seed(tmp_path):
+  """A noise floor (another train.seed) is scored on the same held-out files; split_seed moves them."""
+  from dsv3_jax import config as config_lib
+  from dsv3_jax.train.loop import load_corpus
+
+  for i in range(60):
+    (tmp_path / f"mod{i:02d}.py").write_text(f"def f{i}():\n  return {i}\n" * (i + 1))
+
+  def heldout(train_seed, split_seed):
+    cfg = config_lib.from_dict(
+      {"train": {"seed": train_seed}, "data": {"path": str(tmp_path), "split_seed": split_seed}}
+    )
+    return load_corpus(cfg).heldout_tokens
+
+  base = heldout(0, 0)
+  np.testing.assert_array_equal(heldout(1, 0), base)
+  assert not np.array_equal(heldout(0, 1), base)
+
+
 def test_load_tokens_and_cap(tmp_path):
   tok = ByteTokenizer()
   (tmp_path / "a.txt").write_text("héllo")
@@ -261,7 +280,11 @@ def test_eval_batches_deterministic():
   again = eval_batches(tokens, 4, 3)
   for x, y in zip(batches, again):
     np.testing.assert_array_equal(x["tokens"], y["tokens"])
-  assert len(eval_batches(tokens, 4, 3, max_batches=2)) == 2
+  capped = eval_batches(tokens, 4, 3, max_batches=2)
+  assert len(capped) == 2
+  # A capped evaluation samples windows from the whole held-out set, the last ones included.
+  starts = np.concatenate([b["tokens"][:, 0] for b in capped]).tolist()
+  assert starts == [0, 15, 30, 50, 65, 80]
   halves = [eval_batches(tokens, 4, 4, shard_index=s, shard_count=2) for s in range(2)]
   np.testing.assert_array_equal(
     np.concatenate([halves[0][1]["tokens"], halves[1][1]["tokens"]]),

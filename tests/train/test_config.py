@@ -51,6 +51,7 @@ INVALID = [
   ("bad_b2", "train", {"b2": 1.0}, "train.b2"),
   ("bad_moment_dtype", "train", {"moment_dtype": "int8"}, "train.moment_dtype"),
   ("heldout_fraction", "data", {"heldout_fraction": 1.5}, "data.heldout_fraction"),
+  ("split_seed", "data", {"split_seed": -1}, "data.split_seed"),
   ("pipeline_kind", "parallel", {"pipeline": "gpipe2"}, "parallel.pipeline"),
   ("two_fill_axes", "parallel", {"data": -1, "expert": -1}, "parallel.data"),
 ]
