@@ -158,10 +158,9 @@ def eval_batches(
     )
   if max_batches is not None:
     num_batches = min(num_batches, max_batches)
-  picked = (np.arange(num_batches * batch) * num_windows) // (num_batches * batch)
+  n = num_batches * batch
+  picked_NxB = (np.arange(n) * num_windows // n).reshape(num_batches, batch)
   start = shard_index * local_batch
-  out = []
-  for b in range(num_batches):
-    rows = picked[b * batch + start : b * batch + start + local_batch]
-    out.append({"tokens": np.array(windows_WxL1[rows])})
-  return out
+  # One gather (a copy) of this shard's rows of every batch.
+  rows_NxBxL1 = windows_WxL1[picked_NxB[:, start : start + local_batch]]
+  return [{"tokens": rows_BxL1} for rows_BxL1 in rows_NxBxL1]
