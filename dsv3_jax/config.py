@@ -72,6 +72,11 @@ class ModelConfig:
   dtype: str = "float32"  # activations: float32 | bfloat16; parameters stay float32 masters
   matmul_precision: str = "fp32"  # fp32 | bf16 | fp8 for every linear projection
   expert_block_size: int = 64  # rows per block of the dropless grouped expert GEMM
+  # Run each stack of blocks as unrolled code instead of a `lax.scan` over the stacked layers:
+  # every GEMM then reads its layer's weights in place, where the scan copies each layer's
+  # slice of the stacked arrays (and writes its gradients back into the stack) every step.
+  # Compile time and the compiled program grow with depth, so deep models keep the scan.
+  unroll_layers: bool = False
 
   @property
   def qk_head_dim(self) -> int:

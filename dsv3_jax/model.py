@@ -2,7 +2,8 @@
 
 Blocks of one kind are created stacked (`nnx.vmap` over a leading layer axis) and run with
 `jax.lax.scan`, so compile time does not grow with depth and a stack can be cut into
-pipeline stages along that axis. Every cache is the MLA latent cache (`LatentCache`),
+pipeline stages along that axis (`ModelConfig.unroll_layers` unrolls the scan: shallow models
+then skip copying each layer's slice of the stacked weights). Every cache is the MLA latent cache (`LatentCache`),
 stacked the same way.
 
 `model(tokens)` returns logits; `model.forward(...)` returns everything a training step or a
@@ -60,6 +61,8 @@ class Context(NamedTuple):
   # The sequence sits at positions 0 .. L-1 (`Transformer.context` was given a shape, not
   # positions): attention may skip the keys past each block of queries (`MLA.__call__`).
   causal: bool = False
+  # Unroll the scan over a stack's layers (`ModelConfig.unroll_layers`).
+  unroll: bool = False
 
 
 def _halves(t, shards: int):
@@ -97,8 +100,9 @@ def _stack(cfg: ModelConfig, moe: bool, n: int, key: jax.Array) -> Block:
 def run_stack(
   stack: Block | nnx.List, x_BxLxD: jax.Array, ctx: Context, cache=None, collect: bool = False
 ) -> StackResult:
-  """Scans the stacked blocks (all of them, or the slice a pipeline stage holds); a stack
-  unstacked by `unstack_layers` (a list of blocks) runs as a loop over its layers."""
+  """Scans the stacked blocks (all of them, or the slice a pipeline stage holds; unrolled
+  under `ctx.unroll`); a stack unstacked by `unstack_layers` (a list of blocks) runs as a
+  loop over its layers."""
 
   def step(block, x, layer_cache):
     if ctx.microbatches == 1:
@@ -137,7 +141,7 @@ def run_stack(
       layer_state, layer_cache = xs
       return step(nnx.merge(graphdef, layer_state), x, layer_cache)
 
-    x, (aux, cache, hidden) = jax.lax.scan(body, x_BxLxD, (state, cache))
+    x, (aux, cache, hidden) = jax.lax.scan(body, x_BxLxD, (state, cache), unroll=ctx.unroll)
   stats = {k: v.sum() for k, v in aux.items() if k not in ("load", "balance_loss")}
   return StackResult(x, aux["load"], aux["balance_loss"].sum(), stats, cache, hidden)
 
@@ -212,7 +216,17 @@ class Transformer(nnx.Module):
         f"({b}) must be a multiple of {2 * batch_shards}"
       )
     cos, sin = rope.rope_angles(self.cfg, positions_BxL)
-    return Context(positions_BxL, cos, sin, absorb, routed, microbatches, batch_shards, causal)
+    return Context(
+      positions_BxL,
+      cos,
+      sin,
+      absorb,
+      routed,
+      microbatches,
+      batch_shards,
+      causal,
+      self.cfg.unroll_layers,
+    )
 
   def embed_tokens(self, tokens_BxL: jax.Array) -> jax.Array:
     return jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.dtype)
