@@ -25,7 +25,7 @@ Three formulations behind it, chosen at trace time from static shapes:
 * padded blocks (the overflow pass; `path="block"`): rows sorted by expert, each expert's
   group padded to a multiple of S rows, a loop over the used blocks (a dynamic trip count,
   so a small overflow costs little) runs each block's SwiGLU with its expert's weights
-  (`_grouped_swiglu`), in every precision.
+  (`_grouped_swiglu`), in every precision, the gate inside as on the buckets.
 * gathered weights (decode at batch 1, rows <= experts / 4; not fp8): each row gathers its expert's
   weights, one batched product, no padding. Above that, decode takes the buckets too: each
   expert's weights are streamed once, in place, by the batched GEMM (`capacity` sizes the
@@ -185,7 +185,7 @@ def _bucket_forward(x_SxD, w1, w3, w2, gate_R, lay, static):
 
 def _overflow_rows(x_SxD, w1, w3, w2, gate_R, lay, static):
   _, copies, block, precision = static
-  return _gate(_block_rows(x_SxD, lay.overflow_R, w1, w3, w2, block, precision, copies), gate_R)
+  return _block_rows(x_SxD, lay.overflow_R, w1, w3, w2, block, precision, copies, gate_R)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -252,9 +252,11 @@ def _dot(a, b, precision):
   return jnp.dot(_cast(a, precision), _cast(b, precision), preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _grouped_swiglu(x_NBxSxD, w1, w3, w2, block_expert_NB, n_used, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _grouped_swiglu(x_NBxSxD, gate_NBxS, w1, w3, w2, block_expert_NB, n_used, precision):
   """`out[b] = SwiGLU of block b through expert block_expert[b]`, for b < n_used; zeros beyond.
+  Each row's SwiGLU output is scaled by its gate before W2, as on the bucket path, so the
+  gate's gradient comes from the backward's own dh and the backward never needs the output.
 
   One loop over the used blocks does all three products of a block, so no elementwise work
   or intermediate touches the unused blocks (the bound for the exact overflow pass is the
@@ -263,27 +265,29 @@ def _grouped_swiglu(x_NBxSxD, w1, w3, w2, block_expert_NB, n_used, precision):
   buckets do (`_operand`, `_weights`; the weights dequantized once, outside the loop), the
   weight gradients' 128x1 tiles running along the block's rows.
   """
-  return _grouped_swiglu_fwd(x_NBxSxD, w1, w3, w2, block_expert_NB, n_used, precision)[0]
+  args = (x_NBxSxD, gate_NBxS, w1, w3, w2, block_expert_NB, n_used, precision)
+  return _grouped_swiglu_fwd(*args)[0]
 
 
-def _grouped_swiglu_fwd(x, w1, w3, w2, block_expert, n_used, precision):
+def _grouped_swiglu_fwd(x, gate, w1, w3, w2, block_expert, n_used, precision):
   zero = jnp.zeros((), jnp.int32)
   o1, o3, o2 = (_weights(w, precision) for w in (w1, w3, w2))  # once, outside the loop
+  gate = gate.astype(jnp.float32)
 
   def body(b, out):
     e, xb = block_expert[b], _operand(x[b], precision)
     h = jax.nn.silu(_dot(xb, o1[e], precision)) * _dot(xb, o3[e], precision)
-    h = _operand(h.astype(x.dtype), precision)
+    h = _operand((h * gate[b][:, None]).astype(x.dtype), precision)
     yb = _dot(h, o2[e], precision).astype(x.dtype)
     return jax.lax.dynamic_update_slice(out, yb[None], (b, zero, zero))
 
   out = jax.lax.fori_loop(0, n_used, body, jnp.zeros(x.shape[:2] + w2.shape[2:], x.dtype))
-  residuals = tuple(map(jnp.asarray, (x, w1, w3, w2, block_expert, n_used)))
+  residuals = tuple(map(jnp.asarray, (x, gate, w1, w3, w2, block_expert, n_used)))
   return out, residuals
 
 
 def _grouped_swiglu_bwd(precision, res, g_NBxSxD):
-  x, w1, w3, w2, block_expert, n_used = res
+  x, gate, w1, w3, w2, block_expert, n_used = res
   zero = jnp.zeros((), jnp.int32)
   o1, o3, o2 = (_weights(w, precision) for w in (w1, w3, w2))
   op = functools.partial(_operand, precision=precision)  # tiles along the contraction
@@ -294,25 +298,28 @@ def _grouped_swiglu_bwd(precision, res, g_NBxSxD):
     return jax.lax.dynamic_update_slice(dw, cur + value[None], (e, zero, zero))
 
   def body(b, carry):
-    dx, dw1, dw3, dw2 = carry
-    e, xb, gb = block_expert[b], x[b], g_NBxSxD[b]
+    dx, dgate, dw1, dw3, dw2 = carry
+    e, xb, gb, gv = block_expert[b], x[b], g_NBxSxD[b], gate[b][:, None]
     xq = op(xb)
     a1, a3 = _dot(xq, o1[e], precision), _dot(xq, o3[e], precision)
-    u, da1, da3 = _swiglu_vjp(a1, a3, _dot(op(gb), o2[e].T, precision))
+    dh_gated = _dot(op(gb), o2[e].T, precision)  # the cotangent of the gated SwiGLU output
+    u, da1, da3 = _swiglu_vjp(a1, a3, dh_gated * gv)
+    dgate = jax.lax.dynamic_update_slice(dgate, jnp.sum(u * dh_gated, -1)[None], (b, zero))
     da1, da3 = da1.astype(x.dtype), da3.astype(x.dtype)
     dxb = _dot(op(da1), o1[e].T, precision) + _dot(op(da3), o3[e].T, precision)
     dx = jax.lax.dynamic_update_slice(dx, dxb.astype(x.dtype)[None], (b, zero, zero))
     xt = tok(xb)
     dw1 = acc(dw1, e, _dot(xt.T, tok(da1), precision))
     dw3 = acc(dw3, e, _dot(xt.T, tok(da3), precision))
-    dw2 = acc(dw2, e, _dot(tok(u.astype(x.dtype)).T, tok(gb), precision))
-    return dx, dw1, dw3, dw2
+    dw2 = acc(dw2, e, _dot(tok((u * gv).astype(x.dtype)).T, tok(gb), precision))
+    return dx, dgate, dw1, dw3, dw2
 
   f32 = lambda w: jnp.zeros(w.shape, jnp.float32)
-  dx, dw1, dw3, dw2 = jax.lax.fori_loop(
-    0, n_used, body, (jnp.zeros_like(x), f32(w1), f32(w3), f32(w2))
+  dx, dgate, dw1, dw3, dw2 = jax.lax.fori_loop(
+    0, n_used, body, (jnp.zeros_like(x), f32(gate), f32(w1), f32(w3), f32(w2))
   )
-  return dx, dw1.astype(w1.dtype), dw3.astype(w3.dtype), dw2.astype(w2.dtype), None, None
+  dw1, dw3, dw2 = dw1.astype(w1.dtype), dw3.astype(w3.dtype), dw2.astype(w2.dtype)
+  return dx, dgate, dw1, dw3, dw2, None, None
 
 
 _grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
@@ -357,8 +364,9 @@ def effective_block(block: int, rows: int, n_experts: int) -> int:
   return min(block, 1 << (per_expert - 1).bit_length())
 
 
-def _block_rows(x_SxD, expert_R, w1, w3, w2, block, precision, copies=1):
-  """Row i (of R = S x copies) is source row i // copies through expert expert_R[i]."""
+def _block_rows(x_SxD, expert_R, w1, w3, w2, block, precision, copies=1, gate_R=None):
+  """Row i (of R = S x copies) is source row i // copies through expert expert_R[i], its
+  SwiGLU output scaled by gate_R[i] (default 1) before W2."""
   e_loc = w1.shape[0]
   r, d = expert_R.shape[0], x_SxD.shape[1]
   block = effective_block(block, r, e_loc)
@@ -372,7 +380,9 @@ def _block_rows(x_SxD, expert_R, w1, w3, w2, block, precision, copies=1):
   slot_R = jnp.zeros((r,), jnp.int32).at[lay.order_R].set(lay.dest_R)
   row_of_slot = jnp.full((rows,), r, jnp.int32).at[lay.dest_R].set(lay.order_R)
   xs_NBxSxD = _move_rows(x_SxD, row_of_slot, slot_R, copies).reshape(lay.n_blocks, block, d)
-  ys = _grouped_swiglu(xs_NBxSxD, w1, w3, w2, lay.block_expert_NB, lay.n_used, precision)
+  gate_R = jnp.ones((r,), jnp.float32) if gate_R is None else gate_R.astype(jnp.float32)
+  gs_NBxS = _move_rows(gate_R[:, None], row_of_slot, slot_R, 1).reshape(lay.n_blocks, block)
+  ys = _grouped_swiglu(xs_NBxSxD, gs_NBxS, w1, w3, w2, lay.block_expert_NB, lay.n_used, precision)
   return _move_rows(ys.reshape(rows, d), slot_R, row_of_slot, 1)
 
 
@@ -411,8 +421,9 @@ def expert_rows(
   formulation ("bucket", "block", "gather"; tests and benchmarks), default chosen by shape.
   `copies`: x holds R / copies source rows and row i is x[i // copies] (a token's k routed
   copies, without materialising the repeat on the bucket path). `gate_R`: each row's output
-  scaled by its routing weight; the bucket path applies it to the SwiGLU output before W2
-  (so its backward keeps no [R, D] output for the gate's gradient), the others to the output.
+  scaled by its routing weight; the bucket and block paths apply it to the SwiGLU output
+  before W2 (so their backward needs no [R, D] output for the gate's gradient), the gather
+  path to the output.
   """
   e = w1_ExDxF.shape[0]
   r = expert_R.shape[0]
@@ -439,10 +450,10 @@ def expert_rows(
       jnp.ones((r,), jnp.float32) if gate_R is None else gate_R,
     )
   if path == "block" or precision == "fp8":
-    y = _block_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD, block, precision, copies)
-  else:
-    x_RxD = jnp.repeat(x_RxD, copies, axis=0) if copies > 1 else x_RxD
-    y = _gathered_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD)
+    w = (w1_ExDxF, w3_ExDxF, w2_ExFxD)
+    return _block_rows(x_RxD, expert_R, *w, block, precision, copies, gate_R)
+  x_RxD = jnp.repeat(x_RxD, copies, axis=0) if copies > 1 else x_RxD
+  y = _gathered_rows(x_RxD, expert_R, w1_ExDxF, w3_ExDxF, w2_ExFxD)
   return y if gate_R is None else _gate(y, gate_R)
 
 
