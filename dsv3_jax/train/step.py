@@ -42,6 +42,14 @@ def split_model(model) -> tuple[Any, dict, dict]:
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(biases)
 
 
+def all_finite(tree) -> jax.Array:
+  """Whether every entry of every array in `tree` is finite. x * 0 is 0 for a finite x and
+  NaN for an infinite or NaN one, so the sum is finite exactly when every entry is; a float
+  sum reduces ~3x faster on CPU than a boolean all of isfinite (30 vs 105 ms over the
+  `bench` model's parameters on 2 cores)."""
+  return jnp.isfinite(sum(jnp.sum(x * 0) for x in jax.tree.leaves(tree)))
+
+
 class Trainer:
   """Owns the model structure, the optimizer, the sharding plan and the compiled steps."""
 
@@ -138,9 +146,7 @@ class Trainer:
     params = optax.apply_updates(state.params, updates)
     biases = routing.update_biases(state.biases, loads_LxE, tcfg.bias_update_gamma)
     # A finite loss can still leave overflowed weights behind: check the new state too.
-    finite = jnp.isfinite(metrics["loss"]) & jnp.all(
-      jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
-    )
+    finite = jnp.isfinite(metrics["loss"]) & all_finite(params)
     metrics = dict(
       metrics,
       finite=finite,

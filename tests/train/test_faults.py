@@ -139,3 +139,19 @@ def test_lr_scale_and_resume_step_get_past_a_diverging_run(tmp_path):
 def test_resume_step_must_name_a_checkpoint(tmp_path):
   with pytest.raises(ValueError, match=r"train\.resume_step` = 3: .* holds no checkpoint"):
     train_and_evaluate(_tiny(resume_step=3), str(tmp_path / "run"), progress=False)
+
+
+@pytest.mark.parametrize("bad", [None, np.inf, -np.inf, np.nan])
+def test_all_finite(bad):
+  """The train step's check of the new parameters: any inf or NaN in any leaf, and only that
+  (the largest finite float32 values do not overflow it), makes the step non-finite."""
+  import jax.numpy as jnp
+
+  from dsv3_jax.train.step import all_finite
+
+  big = np.finfo(np.float32).max
+  tree = {"a": np.full((3, 4), big, np.float32), "b": [np.ones(5, np.float32), np.zeros(2)]}
+  if bad is not None:
+    tree["b"][0][3] = bad
+  tree = {"a": jnp.asarray(tree["a"]), "b": [jnp.asarray(x) for x in tree["b"]]}
+  assert bool(all_finite(tree)) is (bad is None)
