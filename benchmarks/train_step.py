@@ -3,7 +3,8 @@
 The body of `experiments/benchmark_train.py` (see it for the flags). In one process: this
 machine's f32 matmul peak (a large jitted matmul), this codebase's train step (forward +
 backward + AdamW with BF16 moments, arXiv 2412.19437 §3.3.3) with a forward-only and a
-forward+backward timing to show where the time goes, the same step without the MTP module
+forward+backward timing and one profiled step split by part of the model
+(`benchmarks/profile.py`) to show where the time goes, the same step without the MTP module
 (the peer's work: HF's model has none), and -- when torch and transformers are installed (the
 `hf` extra) -- HF's DeepseekV3ForCausalLM on the same config doing forward + backward +
 torch.optim.AdamW with torch threads = cores.
@@ -22,7 +23,7 @@ import os
 import statistics
 import time
 
-from benchmarks import host
+from benchmarks import host, profile
 
 
 def step_times(fn, steps: int) -> list:
@@ -101,9 +102,13 @@ def prepare_ours(
     )
 
   holder = {"state": state}
+  # The step the trainer runs (`Trainer.train_step`), compiled here so that its program's
+  # text can say where a profiled step's time went.
+  schedule = np.int32(cfg.train.steps)
+  compiled = trainer.step_fn.lower(state, batch_arr, schedule).compile()
 
   def step():
-    holder["state"], metrics = trainer.train_step(holder["state"], batch_arr)
+    holder["state"], metrics = compiled(holder["state"], batch_arr, schedule)
     jax.block_until_ready(metrics["loss"])
 
   del nnx
@@ -111,6 +116,7 @@ def prepare_ours(
     **timings,
     "flops_per_token": flops_per_token(cfg.model, seq_len),
     "model_cfg": cfg.model,
+    "profile": lambda: profile.time_by_part(compiled.as_text(), step),
   }
 
 
@@ -174,12 +180,16 @@ def run(
 
   tokens = batch * seq_len
 
-  def timed(prepared):  # one side: built, timed, released (see the module docstring)
+  def timed(prepared, where=False):  # one side: built, timed, released (module docstring)
     step, row = prepared
-    return _set_step_time(row, step_times(step, steps), tokens)
+    row = _set_step_time(row, step_times(step, steps), tokens)
+    where_fn = row.pop("profile", None)
+    if where and where_fn is not None:  # one more step, profiled: where its time went
+      row["time_by_part_s"] = where_fn()
+    return row
 
   peak = matmul_peak()
-  rows = {"dsv3_jax": timed(prepare_ours(config, {}, batch, seq_len, steps))}
+  rows = {"dsv3_jax": timed(prepare_ours(config, {}, batch, seq_len, steps), where=True)}
   model_cfg = rows["dsv3_jax"].pop("model_cfg")
   rows["dsv3_jax"]["mtp_depth"] = model_cfg.num_nextn_predict_layers
   if model_cfg.num_nextn_predict_layers:
@@ -259,6 +269,9 @@ def report(result: dict) -> str:
     ]
   elif hf:
     rows.append(("HF transformers", hf["skipped"]))
+  if ours.get("time_by_part_s"):
+    rows.append(("where our step's time goes", "one profiled step, work summed over threads"))
+    rows += [(f"  {name}", share) for name, share in profile.report(ours["time_by_part_s"])]
   width = max(len(r[0]) for r in rows)
   lines = [
     f"bench train step, batch {result['batch']} x {result['seq_len']}, one "

@@ -32,3 +32,34 @@ def test_tiny_run_reports_median_steps():
   )
   table = train_step.report(result)
   assert "speed-up vs HF" in table and table.count("steps ") == 2  # ours' and HF's spread
+  # One profiled step of ours, by part: every part of the tiny model ran and took time.
+  parts = result["dsv3_jax"]["time_by_part_s"]
+  for name in ("attention", "MoE", "dense MLP", "embedding, norms, head, loss"):
+    assert parts[f"{name} forward"] > 0 and parts[f"{name} backward"] > 0, parts
+  assert parts["optimizer and metrics"] > 0
+  assert "where our step's time goes" in table and "attention backward" in table
+
+
+def test_time_by_part_files_instructions_by_scope_and_phase():
+  from benchmarks import profile
+
+  hlo = "\n".join(
+    [
+      "HloModule jit_step, entry_computation_layout={()->f32[]}",
+      '  %fusion.1 = f32[4,8]{1,0} fusion(%p0, %p1), kind=kLoop, calls=%f1, metadata={op_name="jit(f)/jvp()/while/body/closed_call/attention/dot_general"}',
+      '  %dot.2 = f32[4,8]{1,0} dot(%a, %b), metadata={op_name="jit(f)/transpose(jvp())/closed_call/moe/dot_general"}',
+      '  %ynn.3 = f32[4,8]{1,0} fusion(%a), kind=kCustom, metadata={op_name="jit(f)/transpose(jvp())/closed_call/moe/cond/branch_1_fun/while/body/dot_general"}',
+      '  %while.4 = (s32[], f32[4,8]{1,0}) while(%t), condition=%c, body=%b, metadata={op_name="jit(f)/jvp()/closed_call/moe/while"}',
+      '  ROOT %add.5 = f32[] add(%x, %y), metadata={op_name="jit(f)/add"}',
+      "  %copy.6 = f32[4,8]{1,0} copy(%z)",
+    ]
+  )
+  ops = profile.instructions(hlo)
+  assert ops["while.4"][0] == "while" and ops["dot.2"][0] == "dot" and ops["add.5"][0] == "add"
+  assert [profile.part(ops[n][1]) for n in ("fusion.1", "dot.2", "ynn.3", "add.5", "copy.6")] == [
+    "attention forward",
+    "MoE backward",
+    "routed experts, overflow pass backward",
+    "optimizer and metrics",
+    "unattributed (instructions XLA added, e.g. copies)",
+  ]

@@ -1,0 +1,105 @@
+"""Where a compiled step's time goes, by part of the model, from one profiled call.
+
+`time_by_part(hlo_text, call)` runs `call` once under `jax.profiler.trace`, sums the duration
+of every event named after an instruction of the compiled program (`compiled.as_text()`),
+and files each instruction under a part of the model by the op name JAX recorded for it:
+the block's named scopes (`attention`, `moe`, `mlp`: `layers/block.py`), the routed experts'
+exact overflow pass (a `cond` inside `moe`), and forward or backward (`jvp(` / `transpose(`
+in the op name); instructions outside the differentiated function are the optimizer update
+and the step's metrics, and those without an op name were added by XLA (copies). Control-flow instructions (while, conditional, call) are skipped:
+their events contain their bodies' events. The durations are summed over every thread that
+ran an instruction, so the shares are of the work done, not of the wall clock.
+"""
+
+import collections
+import glob
+import os
+import re
+import tempfile
+
+_CONTROL = ("while", "conditional", "call")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def _opcode(rhs: str) -> str:
+  """The opcode of an HLO instruction's right-hand side (`shape opcode(operands), ...`)."""
+  if rhs.startswith("("):  # a tuple shape: skip to its closing parenthesis
+    depth = 0
+    for i, ch in enumerate(rhs):
+      depth += {"(": 1, ")": -1}.get(ch, 0)
+      if depth == 0:
+        rhs = rhs[i + 1 :]
+        break
+  else:
+    rhs = rhs.split(" ", 1)[1] if " " in rhs else ""
+  m = re.match(r"\s*([\w\-]+)\(", rhs)
+  return m.group(1) if m else ""
+
+
+def instructions(hlo_text: str) -> dict:
+  """{instruction name: (opcode, op name)} of every instruction in an HLO module's text."""
+  out = {}
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if not m or line.lstrip().startswith(("HloModule", "//")):
+      continue
+    op = _OP_NAME.search(line)
+    out[m.group(1)] = (_opcode(m.group(2)), op.group(1) if op else "")
+  return out
+
+
+def part(op_name: str) -> str:
+  """The part of a train step an instruction belongs to, from its op name."""
+  if not op_name:
+    return "unattributed (instructions XLA added, e.g. copies)"
+  if "transpose(" in op_name:
+    phase = "backward"
+  elif "jvp(" in op_name:
+    phase = "forward"
+  else:
+    return "optimizer and metrics"
+  if "/attention/" in op_name:
+    scope = "attention"
+  elif "/moe/" in op_name:
+    inner = op_name.split("/moe/", 1)[1]
+    scope = "routed experts, overflow pass" if "cond/" in inner else "MoE"
+  elif "/mlp/" in op_name:
+    scope = "dense MLP"
+  else:
+    scope = "embedding, norms, head, loss"
+  return f"{scope} {phase}"
+
+
+def event_seconds(call) -> dict:
+  """{event name: seconds summed over its occurrences and threads} of one profiled `call()`."""
+  import jax
+  from jax.profiler import ProfileData
+
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      call()
+    (path,) = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+    data = ProfileData.from_file(path)
+    seconds = collections.Counter()
+    for plane in data.planes:
+      for line in plane.lines:
+        for event in line.events:
+          seconds[event.name] += event.duration_ns * 1e-9
+  return dict(seconds)
+
+
+def time_by_part(hlo_text: str, call) -> dict:
+  """{part: seconds} of one profiled `call()` of the program `hlo_text` describes."""
+  ops = instructions(hlo_text)
+  parts = collections.Counter()
+  for name, seconds in event_seconds(call).items():
+    if name in ops and ops[name][0] not in _CONTROL:
+      parts[part(ops[name][1])] += seconds
+  return dict(parts.most_common())
+
+
+def report(parts: dict) -> list:
+  """Table rows (part, share of the profiled work) for a `time_by_part` result."""
+  total = sum(parts.values()) or 1.0
+  return [(name, f"{100 * s / total:4.1f}%  ({s:.3f} s)") for name, s in parts.items()]
