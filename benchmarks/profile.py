@@ -6,9 +6,10 @@ and files each instruction under a part of the model by the op name JAX recorded
 the block's named scopes (`attention`, `moe`, `mlp`: `layers/block.py`), the routed experts'
 exact overflow pass (a `cond` inside `moe`), and forward or backward (`jvp(` / `transpose(`
 in the op name); instructions outside the differentiated function are the optimizer update
-and the step's metrics, and those without an op name were added by XLA (copies). Control-flow instructions (while, conditional, call) are skipped:
-their events contain their bodies' events. The durations are summed over every thread that
-ran an instruction, so the shares are of the work done, not of the wall clock.
+and the step's metrics, and those without an op name were added by XLA (copies).
+Control-flow instructions (while, conditional, call) are skipped: their events contain their
+bodies' events. The durations are summed over every thread that ran an instruction, so the
+shares are of the work done, not of the wall clock.
 """
 
 import collections
@@ -18,35 +19,25 @@ import re
 import tempfile
 
 _CONTROL = ("while", "conditional", "call")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+# One instruction of `compiled.as_text()`: `[ROOT] %name = shape opcode(operands), ...`.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?\b([a-z][\w\-]*)\((.*?)\)(?:, |$)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
-def _opcode(rhs: str) -> str:
-  """The opcode of an HLO instruction's right-hand side (`shape opcode(operands), ...`)."""
-  if rhs.startswith("("):  # a tuple shape: skip to its closing parenthesis
-    depth = 0
-    for i, ch in enumerate(rhs):
-      depth += {"(": 1, ")": -1}.get(ch, 0)
-      if depth == 0:
-        rhs = rhs[i + 1 :]
-        break
-  else:
-    rhs = rhs.split(" ", 1)[1] if " " in rhs else ""
-  m = re.match(r"\s*([\w\-]+)\(", rhs)
-  return m.group(1) if m else ""
+def parse_instruction(line: str):
+  """(name, opcode, operand names, op name) of one HLO instruction line, or None."""
+  m = _INSTRUCTION.match(line)
+  if not m:
+    return None
+  name, opcode, operands = m.groups()
+  op_name = _OP_NAME.search(line)
+  return name, opcode, re.findall(r"%([\w.\-]+)", operands), op_name.group(1) if op_name else ""
 
 
 def instructions(hlo_text: str) -> dict:
   """{instruction name: (opcode, op name)} of every instruction in an HLO module's text."""
-  out = {}
-  for line in hlo_text.splitlines():
-    m = _INSTRUCTION.match(line)
-    if not m or line.lstrip().startswith(("HloModule", "//")):
-      continue
-    op = _OP_NAME.search(line)
-    out[m.group(1)] = (_opcode(m.group(2)), op.group(1) if op else "")
-  return out
+  parsed = (parse_instruction(line) for line in hlo_text.splitlines())
+  return {p[0]: (p[1], p[3]) for p in parsed if p is not None}
 
 
 def part(op_name: str) -> str:

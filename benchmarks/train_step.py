@@ -63,7 +63,8 @@ def prepare_ours(
   model_cfg, train_overrides, batch, seq_len, steps, model_overrides=None, parts=True
 ):
   """This codebase's train step, ready to time: (step function, row). `parts`: the row gets
-  the forward and forward+backward timings (medians of `steps` calls)."""
+  the forward and forward+backward timings (medians of `steps` calls) and a `profile`
+  function that says where one more step's time goes."""
   import jax
   import numpy as np
   from flax import nnx
@@ -116,7 +117,7 @@ def prepare_ours(
     **timings,
     "flops_per_token": flops_per_token(cfg.model, seq_len),
     "model_cfg": cfg.model,
-    "profile": lambda: profile.time_by_part(compiled.as_text(), step),
+    **({"profile": lambda: profile.time_by_part(compiled.as_text(), step)} if parts else {}),
   }
 
 
@@ -180,16 +181,15 @@ def run(
 
   tokens = batch * seq_len
 
-  def timed(prepared, where=False):  # one side: built, timed, released (module docstring)
+  def timed(prepared):  # one side: built, timed, released (see the module docstring)
     step, row = prepared
     row = _set_step_time(row, step_times(step, steps), tokens)
-    where_fn = row.pop("profile", None)
-    if where and where_fn is not None:  # one more step, profiled: where its time went
-      row["time_by_part_s"] = where_fn()
+    if "profile" in row:  # one more step, profiled: where its time went
+      row["time_by_part_s"] = row.pop("profile")()
     return row
 
   peak = matmul_peak()
-  rows = {"dsv3_jax": timed(prepare_ours(config, {}, batch, seq_len, steps), where=True)}
+  rows = {"dsv3_jax": timed(prepare_ours(config, {}, batch, seq_len, steps))}
   model_cfg = rows["dsv3_jax"].pop("model_cfg")
   rows["dsv3_jax"]["mtp_depth"] = model_cfg.num_nextn_predict_layers
   if model_cfg.num_nextn_predict_layers:

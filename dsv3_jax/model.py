@@ -3,8 +3,8 @@
 Blocks of one kind are created stacked (`nnx.vmap` over a leading layer axis) and run with
 `jax.lax.scan`, so compile time does not grow with depth and a stack can be cut into
 pipeline stages along that axis (`ModelConfig.unroll_layers` unrolls the scan: shallow models
-then skip copying each layer's slice of the stacked weights). Every cache is the MLA latent cache (`LatentCache`),
-stacked the same way.
+then skip copying each layer's slice of the stacked weights). Every cache is the MLA latent
+cache (`LatentCache`), stacked the same way.
 
 `model(tokens)` returns logits; `model.forward(...)` returns everything a training step or a
 decoder needs (hidden states, per-layer expert loads, the balance loss, the updated cache).

@@ -3,7 +3,7 @@ that assert what may overlap: two micro-batches, DualPipe's forward and backward
 
 import re
 
-_INSTR = re.compile(r"^(?:ROOT )?%([\w.\-]+) = .*?\b([a-z][\w\-]*)\((.*?)\)(?:, |$)")
+from benchmarks.profile import parse_instruction
 
 
 def computations(text: str) -> dict:
@@ -26,12 +26,10 @@ class Graph:
   def __init__(self, lines):
     self.ops, self.deps, self.scope = {}, {}, {}
     for line in lines:
-      m = _INSTR.match(line)
-      if m:
-        name, op, args = m.groups()
-        self.ops[name], self.deps[name] = op, re.findall(r"%([\w.\-]+)", args)
-        found = re.search(r'op_name="([^"]*)"', line)
-        self.scope[name] = found.group(1) if found else ""
+      parsed = parse_instruction(line)
+      if parsed:
+        name, op, self.deps[name], self.scope[name] = parsed
+        self.ops[name] = op
     self._memo: dict = {}
 
   def ancestors(self, n) -> set:
