@@ -3,7 +3,8 @@
 `time_by_part(hlo_text, call)` runs `call` once under `jax.profiler.trace`, sums the duration
 of every event named after an instruction of the compiled program (`compiled.as_text()`),
 and files each instruction under a part of the model by the op name JAX recorded for it:
-the block's named scopes (`attention`, `moe`, `mlp`: `layers/block.py`), the routed experts'
+the block's named scopes (`attention`, `moe`, `mlp`: `layers/block.py`; a path component
+of the op name in a scanned stack, `jvp(moe)` in unrolled layers), the routed experts'
 exact overflow pass (a `cond` inside `moe`), and forward or backward (`jvp(` / `transpose(`
 in the op name); instructions outside the differentiated function are the optimizer update
 and the step's metrics, and those without an op name were added by XLA (copies).
@@ -22,6 +23,10 @@ _CONTROL = ("while", "conditional", "call")
 # One instruction of `compiled.as_text()`: `[ROOT] %name = shape opcode(operands), ...`.
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?\b([a-z][\w\-]*)\((.*?)\)(?:, |$)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+# The block's named scopes as they appear in an op name: a path component inside a scanned
+# stack (`.../closed_call/moe/dot_general`), or wrapped by the transformation that traced it
+# when the layers are unrolled (`jvp(moe)/dot_general`, `transpose(jvp(moe))/cond/...`).
+_SCOPE = re.compile(r"(?:^|[/(])(attention|moe|mlp)(?=[/)])")
 
 
 def parse_instruction(line: str):
@@ -50,12 +55,13 @@ def part(op_name: str) -> str:
     phase = "forward"
   else:
     return "optimizer and metrics"
-  if "/attention/" in op_name:
+  scopes = {m.group(1): m.end() for m in _SCOPE.finditer(op_name)}
+  if "attention" in scopes:
     scope = "attention"
-  elif "/moe/" in op_name:
-    inner = op_name.split("/moe/", 1)[1]
+  elif "moe" in scopes:
+    inner = op_name[scopes["moe"] :]
     scope = "routed experts, overflow pass" if "cond/" in inner else "MoE"
-  elif "/mlp/" in op_name:
+  elif "mlp" in scopes:
     scope = "dense MLP"
   else:
     scope = "embedding, norms, head, loss"

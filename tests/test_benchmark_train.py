@@ -52,6 +52,14 @@ def test_time_by_part_files_instructions_by_scope_and_phase():
       '  %while.4 = (s32[], f32[4,8]{1,0}) while(%t), condition=%c, body=%b, metadata={op_name="jit(f)/jvp()/closed_call/moe/while"}',
       '  ROOT %add.5 = f32[] add(%x, %y), metadata={op_name="jit(f)/add"}',
       "  %copy.6 = f32[4,8]{1,0} copy(%z)",
+      # Unrolled layers (`unroll_layers`): the scope is wrapped by the transformation.
+      '  %fusion.7 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/jvp(attention)/bhlq,bhtq->bhlt/dot_general"}',
+      '  %fusion.8 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/transpose(jvp(moe))/dot_general"}',
+      '  %fusion.9 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/transpose(jvp(moe))/cond/branch_1_fun/add"}',
+      '  %fusion.10 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/jvp(mlp)/jit(silu)/mul"}',
+      # Neither a scope nor inside one: a name that merely contains "moe" is not the scope.
+      '  %fusion.11 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/jvp(jit(log_softmax))/reduce_max"}',
+      '  %fusion.12 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/jvp()/moe_bias/add"}',
     ]
   )
   ops = profile.instructions(hlo)
@@ -62,4 +70,13 @@ def test_time_by_part_files_instructions_by_scope_and_phase():
     "routed experts, overflow pass backward",
     "optimizer and metrics",
     "unattributed (instructions XLA added, e.g. copies)",
+  ]
+  unrolled = [profile.part(ops[f"fusion.{i}"][1]) for i in range(7, 13)]
+  assert unrolled == [
+    "attention forward",
+    "MoE backward",
+    "routed experts, overflow pass backward",
+    "dense MLP forward",
+    "embedding, norms, head, loss forward",
+    "embedding, norms, head, loss forward",
   ]
