@@ -8,9 +8,12 @@ r"""Serves a checkpoint over an OpenAI-style HTTP API (continuous batching).
 
 Routes, fields and replies: `dsv3_jax/serving/http.py`; the engine: `dsv3_jax/serving/engine.py`.
 Prints `serving <model> on http://HOST:PORT` once the programs are compiled and the socket
-listens; Ctrl-C stops.
+listens; Ctrl-C stops. `kill -USR1 <pid>` prints every thread's stack to stderr (a server
+that seems stuck says where it is) and keeps serving.
 """
 
+import faulthandler
+import signal
 import sys
 
 from absl import app, flags
@@ -40,6 +43,7 @@ def main(argv):
     raise app.UsageError("give either --workdir or --hf_dir, not both")
   workdir = None if _HF_DIR.value is not None else _WORKDIR.value
   common.quiet_logs()
+  faulthandler.register(signal.SIGUSR1, all_threads=True)
   from dsv3_jax.serving import http
 
   def ready(server):

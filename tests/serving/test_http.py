@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -112,8 +113,15 @@ class _Server:
       try:
         self.proc.wait(60)
       except subprocess.TimeoutExpired:
+        # Say where it is stuck (the server dumps its threads' stacks on SIGUSR1), then stop it.
+        self.proc.send_signal(signal.SIGUSR1)
+        time.sleep(3)
         self.proc.kill()
         self.proc.wait()
+        warnings.warn(
+          "the server did not exit within 60 s of SIGINT; its last output:\n"
+          + "".join(self.log[-120:])
+        )
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +300,21 @@ def test_bad_json_400(server, raw):
   resp, payload = _post(server, None, raw=raw)
   assert resp.status == 400, payload
   assert json.loads(payload)["error"]["type"] == "invalid_request_error"
+
+
+def test_sigusr1_dumps_every_thread_and_keeps_serving(server, reference):
+  seen = len(server.log)
+  server.proc.send_signal(signal.SIGUSR1)
+  deadline = time.time() + 30
+  while time.time() < deadline and not any("serve_forever" in l for l in server.log[seen:]):
+    time.sleep(0.1)
+  time.sleep(0.5)  # the rest of the dump
+  dump = "".join(server.log[seen:])
+  # Every thread: the engine loop's and the main thread's HTTP loop.
+  assert "in _serve_forever" in dump and "Current thread" in dump, dump[-3000:]
+  assert "socketserver.py" in dump, dump[-3000:]
+  out = _complete(server, prompt=PROMPTS[0], max_tokens=NEW, temperature=0)
+  assert out["choices"][0]["text"] == reference[PROMPTS[0]]
 
 
 def test_client_disconnect_frees_slot(server, reference):
