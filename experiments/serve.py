@@ -8,7 +8,7 @@ r"""Serves a checkpoint over an OpenAI-style HTTP API (continuous batching).
 
 Routes, fields and replies: `dsv3_jax/serving/http.py`; the engine: `dsv3_jax/serving/engine.py`.
 Prints `serving <model> on http://HOST:PORT` once the programs are compiled and the socket
-listens; Ctrl-C stops. `kill -USR1 <pid>` prints every thread's stack to stderr (a server
+listens; Ctrl-C (SIGINT) or SIGTERM stops it. `kill -USR1 <pid>` prints every thread's stack to stderr (a server
 that seems stuck says where it is) and keeps serving.
 """
 
@@ -44,6 +44,11 @@ def main(argv):
   workdir = None if _HF_DIR.value is not None else _WORKDIR.value
   common.quiet_logs()
   faulthandler.register(signal.SIGUSR1, all_threads=True)
+  # Python keeps SIGINT ignored when its parent left it so (a shell's background job, a
+  # process pool's worker): then Ctrl-C or `kill -INT` would not stop the server. Both SIGINT
+  # and SIGTERM stop it the same way, whatever it was started from.
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  signal.signal(signal.SIGTERM, signal.default_int_handler)
   from dsv3_jax.serving import http
 
   def ready(server):

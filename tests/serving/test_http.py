@@ -56,7 +56,7 @@ def export(tmp_path_factory):
 class _Server:
   """`python -m experiments.serve` on a free port; `rss()` reads its resident memory."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, ignore_sigint: bool = False):
     cmd = [
       sys.executable,
       "-m",
@@ -66,6 +66,10 @@ class _Server:
       "--host=127.0.0.1",
       f"--slots={SLOTS}",
     ]
+    if ignore_sigint:  # started the way a parent that ignores SIGINT starts it (exec keeps it)
+      exec_ignoring = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+      exec_ignoring += "os.execv(sys.argv[1], sys.argv[1:])"
+      cmd = [sys.executable, "-c", exec_ignoring] + cmd
     self.proc = subprocess.Popen(
       cmd,
       cwd=ROOT,
@@ -315,6 +319,20 @@ def test_sigusr1_dumps_every_thread_and_keeps_serving(server, reference):
   assert "socketserver.py" in dump, dump[-3000:]
   out = _complete(server, prompt=PROMPTS[0], max_tokens=NEW, temperature=0)
   assert out["choices"][0]["text"] == reference[PROMPTS[0]]
+
+
+def test_sigint_stops_a_server_started_with_sigint_ignored(export, server):
+  # A parent that ignores SIGINT (pytest's process after some libraries ran, a shell's
+  # background job) passes that on; the server must still stop on it, promptly and cleanly.
+  ignoring = _Server(export, ignore_sigint=True)
+  try:
+    ignoring.wait_ready()
+    ignoring.proc.send_signal(signal.SIGINT)
+    assert ignoring.proc.wait(30) == 0, "".join(ignoring.log[-40:])
+  finally:
+    if ignoring.proc.poll() is None:
+      ignoring.proc.kill()
+      ignoring.proc.wait()
 
 
 def test_client_disconnect_frees_slot(server, reference):
