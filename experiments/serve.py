@@ -8,8 +8,8 @@ r"""Serves a checkpoint over an OpenAI-style HTTP API (continuous batching).
 
 Routes, fields and replies: `dsv3_jax/serving/http.py`; the engine: `dsv3_jax/serving/engine.py`.
 Prints `serving <model> on http://HOST:PORT` once the programs are compiled and the socket
-listens; Ctrl-C (SIGINT) or SIGTERM stops it. `kill -USR1 <pid>` prints every thread's stack to stderr (a server
-that seems stuck says where it is) and keeps serving.
+listens; Ctrl-C (SIGINT) or SIGTERM stops it. `kill -USR1 <pid>` prints every thread's stack
+to stderr (a server that seems stuck says where it is) and keeps serving.
 """
 
 import faulthandler

@@ -57,7 +57,7 @@ def test_time_by_part_files_instructions_by_scope_and_phase():
       '  %fusion.8 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/transpose(jvp(moe))/dot_general"}',
       '  %fusion.9 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/transpose(jvp(moe))/cond/branch_1_fun/add"}',
       '  %fusion.10 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/jvp(mlp)/jit(silu)/mul"}',
-      # Neither a scope nor inside one: a name that merely contains "moe" is not the scope.
+      # Outside every scope: the loss's own ops, and a name that only contains "moe".
       '  %fusion.11 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/jvp(jit(log_softmax))/reduce_max"}',
       '  %fusion.12 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/jvp()/moe_bias/add"}',
     ]
