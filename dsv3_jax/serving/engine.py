@@ -174,7 +174,12 @@ class Engine:
     return [s.result() for s in streams]
 
   def warmup(self, prompt_lengths: Sequence[int] = (1,)) -> None:
-    """Compiles the prefill of each length's bucket and the decode step."""
+    """Compiles the prefill of each length's bucket, the decode step and the slot release.
+
+    Call it before `start()`: driven on this thread, it returns once its slots are released
+    too. With the engine thread running it returns when its tokens are out, and the release
+    may still be compiling on the engine thread.
+    """
     self.generate([[0] * n for n in prompt_lengths], max_tokens=2, ignore_eos=True)
 
   # ------------------------------------------------------------------ lifecycle

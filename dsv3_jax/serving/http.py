@@ -405,8 +405,8 @@ def serve_checkpoint(
     eplb=eplb,
   )
   server = make_server(engine, served.tokenizer, host, port, served.name)
+  engine.warmup()  # before the engine thread starts: every program compiled when it returns
   with engine:
-    engine.warmup()
     if ready is not None:
       ready(server)
     try:

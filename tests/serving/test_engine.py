@@ -166,6 +166,9 @@ def test_expert_loads_monitor(engine, model):
 
 def test_run_until_idle_and_stop(model, reference):
   eng = Engine(model, n_slots=3, max_len=64, pipeline=False)  # the module engine's programs
+  eng.warmup()  # before start (as the server does): every program compiled when it returns
+  programs = {n: getattr(eng.program, n) for n in ("_prefill", "_insert", "_step", "_release")}
+  assert {n: f._cache_size() for n, f in programs.items()} == dict.fromkeys(programs, 1)
   assert eng.generate(PROMPTS[:3], max_tokens=NEW) == [
     reference["greedy"][tuple(p)] for p in PROMPTS[:3]
   ]

@@ -336,6 +336,24 @@ def test_sigint_stops_a_server_started_with_sigint_ignored(export):
       ignoring.proc.wait()
 
 
+def test_every_program_is_compiled_before_the_server_listens(export):
+  """`ready` (the moment the server prints `serving ...`) comes after the warmup has compiled
+  the prefill, the insert, the decode step and the slot release: the first request pays no
+  compile."""
+  from dsv3_jax.serving.http import serve_checkpoint
+
+  compiled = {}
+
+  def ready(srv):
+    program = srv.engine.program
+    for name in ("_prefill", "_insert", "_step", "_release"):
+      compiled[name] = getattr(program, name)._cache_size()
+    threading.Thread(target=srv.shutdown).start()
+
+  serve_checkpoint(export, port=0, slots=2, ready=ready)
+  assert compiled == {"_prefill": 1, "_insert": 1, "_step": 1, "_release": 1}
+
+
 def test_client_disconnect_frees_slot(server, reference):
   # Fill every slot with long streams and hang up on them after their first bytes.
   conns = []
