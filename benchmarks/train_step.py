@@ -173,10 +173,17 @@ def _add_rates(timed: dict, peak: float) -> dict:
 
 
 def run(
-  config: str = "bench", batch: int = 4, seq_len: int = 512, steps: int = 5, peer: bool = True
+  config: str = "bench",
+  batch: int = 4,
+  seq_len: int = 512,
+  steps: int = 5,
+  peer: bool = True,
+  precisions: tuple = (),
 ) -> dict:
   """Times both implementations (`steps` timed steps each, medians; ours first, see the
-  module docstring); returns the JSON-ready result `report` prints."""
+  module docstring); returns the JSON-ready result `report` prints. `precisions` (of "bf16",
+  "fp8"): our step again with those matmul precisions (rows `dsv3_jax_<precision>`), and with
+  both, `fp8_over_bf16_step`, the FP8 emulation's cost on this CPU (it has no FP8 units)."""
   import jax
 
   tokens = batch * seq_len
@@ -200,6 +207,12 @@ def run(
       prepare_ours(config, {}, batch, seq_len, steps, no_mtp, False)
     )
     rows["dsv3_jax_without_mtp"].pop("model_cfg")
+  for precision in precisions:
+    row = timed(
+      prepare_ours(config, {}, batch, seq_len, steps, {"matmul_precision": precision}, False)
+    )
+    row.pop("model_cfg")
+    rows[f"dsv3_jax_{precision}"] = row
   for row in rows.values():
     _add_rates(row, peak)
   ours = rows["dsv3_jax"]
@@ -220,6 +233,8 @@ def run(
     **rows,
     "device": jax.devices()[0].device_kind,
   }
+  if {"dsv3_jax_bf16", "dsv3_jax_fp8"} <= rows.keys():
+    result["fp8_over_bf16_step"] = rows["dsv3_jax_fp8"]["step_s"] / rows["dsv3_jax_bf16"]["step_s"]
   if peer:
     hf = rows["hf_transformers"]
     if "tokens_per_s" in hf:
@@ -256,6 +271,14 @@ def report(result: dict) -> str:
         f"{100 * same['fraction_of_peak']:.0f}% of peak)",
       )
     )
+  for precision in ("bf16", "fp8"):
+    row = result.get(f"dsv3_jax_{precision}")
+    if row:
+      rows.append(
+        (f"  {precision} matmuls", f"{row['tokens_per_s']:.0f} tok/s ({row['step_s']:.3f} s)")
+      )
+  if "fp8_over_bf16_step" in result:
+    rows.append(("  fp8 / bf16 step time", f"{result['fp8_over_bf16_step']:.2f}"))
   hf = result.get("hf_transformers", {})
   if "tokens_per_s" in hf:
     rows += [

@@ -7,7 +7,9 @@ In one process: this machine's f32 matmul peak (a large jitted matmul), this cod
 step (forward + backward + AdamW with BF16 moments) with a forward-only and a
 forward+backward timing to show where the time goes, and — when torch and transformers are
 installed — HF's DeepseekV3ForCausalLM on the same config doing forward + backward +
-torch.optim.AdamW with torch threads = cores. `benchmarks/train_step.py` is the body.
+torch.optim.AdamW with torch threads = cores. Our step again with bf16 and with fp8 matmuls
+gives the FP8 emulation's step-time cost (`fp8_over_bf16_step`; `--precisions=` skips it).
+`benchmarks/train_step.py` is the body.
 Prints a table, writes JSON.
 """
 
@@ -22,6 +24,11 @@ _BATCH = flags.DEFINE_integer("batch", 4, "Sequences per step.")
 _SEQ = flags.DEFINE_integer("seq_len", 512, "Tokens per sequence.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up).")
 _PEER = flags.DEFINE_bool("peer", True, "Also time HF transformers (needs the `hf` extra).")
+_PRECISIONS = flags.DEFINE_list(
+  "precisions",
+  ["bf16", "fp8"],
+  "Also time our step with these matmul precisions (the fp8 / bf16 step-time ratio); empty: skip.",
+)
 _OUT = flags.DEFINE_string("out", "runs/benchmark_train.json", "JSON output.")
 
 
@@ -35,7 +42,9 @@ def main(argv):
   common.quiet_logs()
   from benchmarks import train_step
 
-  result = train_step.run(_CONFIG.value, _BATCH.value, _SEQ.value, _STEPS.value, _PEER.value)
+  result = train_step.run(
+    _CONFIG.value, _BATCH.value, _SEQ.value, _STEPS.value, _PEER.value, tuple(_PRECISIONS.value)
+  )
   print(train_step.report(result))
   common.write_json(_OUT.value, result)
 

@@ -19,7 +19,9 @@ def test_step_times_time_each_call_after_one_warm_up():
 def test_tiny_run_reports_median_steps():
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
-  result = train_step.run("tiny", batch=2, seq_len=16, steps=3, peer=True)
+  result = train_step.run(
+    "tiny", batch=2, seq_len=16, steps=3, peer=True, precisions=("bf16", "fp8")
+  )
   sides = ["dsv3_jax", "dsv3_jax_without_mtp", "hf_transformers"]
   for side in sides:
     row = result[side]
@@ -30,7 +32,11 @@ def test_tiny_run_reports_median_steps():
   assert result["speedup_vs_hf"] == pytest.approx(
     result["hf_transformers"]["step_s"] / result["dsv3_jax"]["step_s"]
   )
+  assert result["fp8_over_bf16_step"] == pytest.approx(
+    result["dsv3_jax_fp8"]["step_s"] / result["dsv3_jax_bf16"]["step_s"]
+  )
   table = train_step.report(result)
+  assert "fp8 / bf16 step time" in table and "fp8 matmuls" in table
   assert "speed-up vs HF" in table and table.count("steps ") == 2  # ours' and HF's spread
   # One profiled step of ours, by part: every part of the tiny model ran and took time.
   parts = result["dsv3_jax"]["time_by_part_s"]
