@@ -7,7 +7,8 @@ Rows whose expert id equals E (the number of experts) are empty slots and come b
 
 Three formulations behind it, chosen at trace time from static shapes:
 
-* capacity buckets (training and prefill, every precision): rows are stably sorted by expert and
+* capacity buckets (training, and inference below a block of rows per expert; every
+  precision): rows are stably sorted by expert and
   moved into an [E, C, D] buffer, C about capacity_factor x the mean rows per expert: each
   slot gathers its row and the outputs gather back (the backward gathers through the inverse
   maps), so neither direction scatters or zero-fills an [R, D] buffer, and a token's k copies
@@ -22,10 +23,14 @@ Three formulations behind it, chosen at trace time from static shapes:
   rows in 1x128 tiles along the contraction (fprop, dgrad), each expert's weight in 128x128
   blocks, and for the weight gradients both operands in 128x1 tiles along the bucket's slots
   (the token axis); the bucket buffer is kept for backward as its FP8 tiles.
-* padded blocks (the overflow pass; `path="block"`): rows sorted by expert, each expert's
-  group padded to a multiple of S rows, a loop over the used blocks (a dynamic trip count,
-  so a small overflow costs little) runs each block's SwiGLU with its expert's weights
-  (`_grouped_swiglu`), in every precision, the gate inside as on the buckets.
+* padded blocks (the overflow pass; `path="block"`; and every row when the bucket path is
+  not differentiated and experts get at least a block of rows each: prefill, evaluation):
+  rows sorted by expert, each expert's group padded to a multiple of S rows, a loop over the
+  used blocks (a dynamic trip count, so a small overflow costs little) runs each block's
+  SwiGLU with its expert's weights (`_grouped_swiglu`), in every precision, the gate inside
+  as on the buckets. Sized by the real counts, it costs a skewed routing (a model at init,
+  an unbalanced layer) its rows, where the buckets cost C slots per expert plus the
+  overflow pass.
 * gathered weights (decode at batch 1, rows <= experts / 4; not fp8): each row gathers its expert's
   weights, one batched product, no padding. Above that, decode takes the buckets too: each
   expert's weights are streamed once, in place, by the batched GEMM (`capacity` sizes the
@@ -139,18 +144,20 @@ def _bucket_rows(
   slot_R = jnp.zeros((r,), jnp.int32).at[order_R].set(dest)  # each row's slot
   row_of_slot = jnp.full((e * c,), r, jnp.int32).at[dest].set(order_R, mode="drop")
   overflow_R = jnp.where((slot_R == e * c) & (expert_R < e), expert_R, e)
-  layout = _Buckets(row_of_slot, slot_R, overflow_R)
-  return _bucket_ffn(x_SxD, w1, w3, w2, gate_R, layout, (c, copies, block, precision))
+  layout = _Buckets(row_of_slot, slot_R, overflow_R, expert_R)
+  exact = expected_rows >= e * block  # a full block per expert: the blocks' padding is small
+  return _bucket_ffn(x_SxD, w1, w3, w2, gate_R, layout, (c, copies, block, precision, exact))
 
 
 class _Buckets(NamedTuple):
   """Where rows go: slot s holds row row_of_slot[s] (R: none), row i sits in slot slot_R[i]
   (E x C: none), and the rows past their expert's C slots keep their expert in overflow_R
-  (E elsewhere) for the exact overflow pass."""
+  (E elsewhere) for the exact overflow pass. expert_R: every row's expert (E: none)."""
 
   row_of_slot: jax.Array
   slot_R: jax.Array
   overflow_R: jax.Array
+  expert_R: jax.Array
 
 
 def _swiglu_vjp(a1, a3, dh):
@@ -167,7 +174,7 @@ def _gate(y, gate_R):
 
 
 def _bucket_forward(x_SxD, w1, w3, w2, gate_R, lay, static):
-  c, copies, _, precision = static
+  c, copies, _, precision, _ = static
   e, d = w1.shape[0], x_SxD.shape[1]
   buf = _gather_rows(x_SxD, lay.row_of_slot, copies).reshape(e, c, d)
   gate = _gather_rows(gate_R.astype(jnp.float32)[:, None], lay.row_of_slot).reshape(e, c, 1)
@@ -184,12 +191,21 @@ def _bucket_forward(x_SxD, w1, w3, w2, gate_R, lay, static):
 
 
 def _overflow_rows(x_SxD, w1, w3, w2, gate_R, lay, static):
-  _, copies, block, precision = static
+  _, copies, block, precision, _ = static
   return _block_rows(x_SxD, lay.overflow_R, w1, w3, w2, block, precision, copies, gate_R)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _bucket_ffn(x_SxD, w1, w3, w2, gate_R, lay, static):
+  """Not differentiated (inference, evaluation) with at least a block of rows per expert
+  (prefill): every row through the padded blocks instead. Those are sized by the real
+  counts, so a skewed routing costs its rows and the blocks' padding (under a block per
+  expert), where the buckets cost their fixed C slots per expert plus the overflow pass; the
+  backward's reason for the buckets (the kept pre-activations, six batched GEMMs) is moot.
+  Differentiated, JAX runs `_bucket_ffn_fwd` instead."""
+  _, copies, block, precision, exact = static
+  if exact:
+    return _block_rows(x_SxD, lay.expert_R, w1, w3, w2, block, precision, copies, gate_R)
   return _bucket_ffn_fwd(x_SxD, w1, w3, w2, gate_R, lay, static)[0]
 
 
@@ -212,7 +228,7 @@ def _bucket_ffn_fwd(x_SxD, w1, w3, w2, gate_R, lay, static):
 
 def _bucket_ffn_bwd(static, res, g_RxD):
   x_SxD, w1, w3, w2, gate_R, lay, buf, gate, a1, a3, overflow = res
-  c, copies, _, precision = static
+  c, copies, _, precision, _ = static
   e, d = w1.shape[0], x_SxD.shape[1]
   if precision == "fp8":
     buf = fp8.dequantize_act(fp8.from_bytes(buf[0]), buf[1], d)

@@ -340,9 +340,11 @@ class GroupedFfnTest(parameterized.TestCase):
     fn = functools.partial(
       experts_lib.routed_ffn, block=4, precision="fp32", capacity_factor=factor, path="bucket"
     )
-    got = jax.jit(fn)(x, routing, w1, w3, w2)
+    got = jax.jit(fn)(x, routing, w1, w3, w2)  # inference: every row through the blocks
     want = experts_lib.dense_reference(x, routing, w1, w3, w2)
     chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+    got_vjp, _ = jax.vjp(lambda x: fn(x, routing, w1, w3, w2), x)  # buckets + overflow pass
+    chex.assert_trees_all_close(got_vjp, want, atol=1e-5, rtol=1e-5)
     g_got = jax.grad(lambda *a: jnp.sum(fn(a[0], routing, *a[1:]) ** 2), argnums=(0, 1, 2, 3))(
       x, w1, w3, w2
     )
@@ -352,6 +354,29 @@ class GroupedFfnTest(parameterized.TestCase):
     )(x, w1, w3, w2)
     for a, b in zip(g_got, g_want):  # float32 sums of 64 copies: relative to the largest
       chex.assert_trees_all_close(a, b, atol=1e-5 * float(jnp.abs(b).max()), rtol=1e-4)
+
+  def test_inference_with_a_block_per_expert_runs_the_blocks(self):
+    """Not differentiated, with at least a block of rows per expert (prefill), the bucket path
+    runs every row through the padded blocks: no [E, C, D] bucket in the compiled program.
+    Differentiated (training), or with fewer rows (decode), it keeps the buckets."""
+    x, w1, w3, w2 = map(jnp.asarray, self._weights(seed=3))
+    x = jnp.tile(x, (4, 1))  # 64 rows x 2 copies over 8 experts: 16 per expert
+    routing = self._routing("random", seed=3)
+    routing = routing_lib.Routing(*(jnp.tile(a, (4, 1)) for a in routing))
+    rows = x.shape[0] * self.k
+
+    def has_buckets(block, grad):
+      fn = functools.partial(experts_lib.routed_ffn, block=block, precision="fp32", path="bucket")
+      c = experts_lib.capacity(rows, self.e)
+      if grad:
+        text = jax.jit(jax.grad(lambda x: jnp.sum(fn(x, routing, w1, w3, w2)))).lower(x).as_text()
+      else:
+        text = jax.jit(lambda x: fn(x, routing, w1, w3, w2)).lower(x).as_text()
+      return f"tensor<{self.e}x{c}x{self.d}xf32>" in text
+
+    self.assertFalse(has_buckets(block=4, grad=False))  # 16 rows per expert >= a block of 4
+    self.assertTrue(has_buckets(block=4, grad=True))
+    self.assertTrue(has_buckets(block=32, grad=False))  # under a block per expert
 
   def test_scanned_layers_keep_no_weight_copies_for_the_backward(self):
     """Under a scan over stacked layers (the model's walk), the forward's residuals are
