@@ -473,11 +473,12 @@ def expert_rows(
   return y if gate_R is None else _gate(y, gate_R)
 
 
-def combine(y_CxD: jax.Array, weights_Nxk: jax.Array, dtype) -> jax.Array:
-  """Each token's sum of its k copies' outputs, weighted by the routing weights: [N, D]."""
-  n, k = weights_Nxk.shape
-  w_C = weights_Nxk.reshape(-1).astype(jnp.float32)
-  return (y_CxD.astype(jnp.float32) * w_C[:, None]).reshape(n, k, -1).sum(1).astype(dtype)
+def combine(y_CxD: jax.Array, k: int, dtype) -> jax.Array:
+  """Each token's sum of its k copies' outputs [N, D] (copy c is token c // k), the copies
+  already gated by their routing weights inside the kernel (`gate_R`). A sum, not a weighted
+  one: the backward keeps nothing of y for it."""
+  y = y_CxD.astype(jnp.float32)
+  return y.reshape(-1, k, y.shape[-1]).sum(1).astype(dtype)
 
 
 def routed_ffn(
@@ -509,7 +510,7 @@ def routed_ffn(
     copies=k,
     gate_R=routing.weights_Nxk.reshape(-1),
   )
-  return y_CxD.astype(jnp.float32).reshape(n, k, -1).sum(1).astype(x_NxD.dtype)
+  return combine(y_CxD, k, x_NxD.dtype)
 
 
 def dense_reference(x_NxD, routing: Routing, w1, w3, w2) -> jax.Array:

@@ -10,7 +10,12 @@ per rank, R = size of the `expert` axis). Each shard of the mesh runs, on its ow
   3. experts     the one expert kernel (`layers/experts.expert_rows`) over the local experts
                  on the R*S received rows (empty slots carry expert id El);
   4. combine     the results travel back with the inverse `all_to_all`; each token sums its
-                 copies' outputs weighted by the routing weights.
+                 copies' outputs. Each copy's routing weight travels with it in step 2 and
+                 the kernel gates the copy's SwiGLU output with it before W2 (the same
+                 function: W2 is linear), so the combine is a plain sum and the backward
+                 keeps no [N*k, D] expert outputs for the weights' gradient: that gradient
+                 is the recomputed SwiGLU output against W2's input gradient, at the expert,
+                 sent back with the inverse `all_to_all` (the report's recipe, §3.3.3).
 
 Dropless by construction: a rank holds E/R experts and a token picks k distinct experts, so a
 token sends at most min(k, E/R) copies to one rank and a source sends at most
@@ -159,6 +164,22 @@ def node_of_expert(experts: jax.Array, n_experts: int, n_nodes: int) -> jax.Arra
   return experts // (n_experts // n_nodes)
 
 
+def slot_sources(dst_C: jax.Array, slot_C: jax.Array, n_dst: int, n_slots: int) -> jax.Array:
+  """The inverse of "entry c goes to slot slot_C[c] of destination dst_C[c]" for a buffer
+  [n_dst, n_slots], flattened: the entry each slot holds, C (= number of entries) where none.
+  Entries whose destination or slot is out of range go nowhere.
+
+  A send buffer is then filled by gathering rows through it (`.at[...].get(mode="fill")`)
+  rather than by scattering them in: the gather's transpose is a scatter-add of cotangents
+  by the same indices, where a differentiated scatter-set would keep masks the size of the
+  rows for its backward (and scatters are slow on CPU)."""
+  c = dst_C.shape[0]
+  ok = (dst_C >= 0) & (dst_C < n_dst) & (slot_C >= 0) & (slot_C < n_slots)
+  where_C = jnp.where(ok, dst_C * n_slots + slot_C, n_dst * n_slots)
+  entries = jnp.arange(c, dtype=jnp.int32)
+  return jnp.full((n_dst * n_slots,), c, jnp.int32).at[where_C].set(entries, mode="drop")
+
+
 def _slots(dst_C: jax.Array, n_ranks: int) -> jax.Array:
   """Each copy's position among the copies (in token order) going to the same rank."""
   onehot_CxR = dst_C[:, None] == jnp.arange(n_ranks, dtype=dst_C.dtype)[None, :]
@@ -180,25 +201,26 @@ def flat_dispatch(
   e_loc = cfg.n_routed_experts // r
   s = slots_per_rank(n, cfg, ep)
   experts_C = routing.experts_Nxk.reshape(-1)
-  token_C = jnp.arange(n * k, dtype=jnp.int32) // k
   dst_C = experts_C // e_loc
   slot_C = _slots(dst_C, r)
   e_of_C = experts_C % e_loc
+  w_C = routing.weights_Nxk.reshape(-1).astype(jnp.float32)
 
   def run(s, lo=0):
     """Send the copies in slots [lo, lo + s) to their experts' ranks in an [R, s, D] buffer,
     run, and bring them back: (their weighted sum per token [N, D], which copies went)."""
     sent_C = (slot_C >= lo) & (slot_C < lo + s)
-    slot_or_oob_C = jnp.where(sent_C, slot_C - lo, s)  # out-of-bounds rows: dropped by scatter
-    # Row [j, t] of the buffer is the (lo + t)-th copy this rank sends to rank j.
-    send_RxSxD = (
-      jnp.zeros((r, s, d), x_NxD.dtype).at[dst_C, slot_or_oob_C].set(x_NxD[token_C], mode="drop")
-    )
-    send_e_RxS = (
-      jnp.full((r, s), e_loc, jnp.int32).at[dst_C, slot_or_oob_C].set(e_of_C, mode="drop")
-    )
+    slot_or_oob_C = jnp.where(sent_C, slot_C - lo, s)  # s: not in this round
+    # Row [j, t] of the buffer is the (lo + t)-th copy this rank sends to rank j; each copy's
+    # routing weight travels with it and gates it at its expert (see the module docstring:
+    # the combine is then a plain sum that keeps nothing for the backward).
+    src_S = slot_sources(dst_C, slot_or_oob_C, r, s)  # the copy in each slot; n*k: none
+    send_RxSxD = x_NxD.at[src_S // k].get(mode="fill", fill_value=0).reshape(r, s, d)
+    send_e_RxS = e_of_C.at[src_S].get(mode="fill", fill_value=e_loc).reshape(r, s)
+    send_w_RxS = w_C.at[src_S].get(mode="fill", fill_value=0).reshape(r, s)
     recv_RxSxD = jax.lax.all_to_all(send_RxSxD, EXPERT, 0, 0)
     recv_e_RxS = jax.lax.all_to_all(send_e_RxS, EXPERT, 0, 0)
+    recv_w_RxS = jax.lax.all_to_all(send_w_RxS, EXPERT, 0, 0)
     y_rows = expert_rows(
       recv_RxSxD.reshape(r * s, d),
       recv_e_RxS.reshape(r * s),
@@ -208,12 +230,13 @@ def flat_dispatch(
       block=cfg.expert_block_size,
       precision=cfg.matmul_precision,
       expected_rows=n * k,
+      gate_R=recv_w_RxS.reshape(r * s),
     )
     # Combine: the inverse all_to_all puts each result back in the slot its copy left from.
     back_RxSxD = jax.lax.all_to_all(y_rows.reshape(r, s, d), EXPERT, 0, 0)
-    y_CxD = back_RxSxD[dst_C, jnp.clip(slot_C - lo, 0, s - 1)]
-    w_C = routing.weights_Nxk * sent_C.reshape(n, k)
-    return combine(y_CxD, w_C, x_NxD.dtype), sent_C
+    # A copy not sent in this round reads an out-of-bounds slot: zeros.
+    y_CxD = back_RxSxD.at[dst_C, slot_or_oob_C].get(mode="fill", fill_value=0)
+    return combine(y_CxD, k, x_NxD.dtype), sent_C
 
   s_fast = fast_slots_per_rank(n, cfg, ep)
   if s_fast >= s:

@@ -25,9 +25,10 @@ the same shard_map as the flat dispatch:
                    into its copies and sends each to the rank of its expert: buffer [G, S2, D]
                    plus local expert ids [G, S2] (empty slots carry El);
   experts          `layers/experts.expert_rows` on the G*S2 received rows;
-  combine          inverse stage 2 (outputs back to the forwarder; it sums a token's copies
-                   weighted by their routing weights), inverse stage 1 (one vector per
-                   (token, node) back to the source; it sums over nodes).
+  combine          inverse stage 2 (outputs back to the forwarder; it sums a token's copies,
+                   each gated by its routing weight at its expert as in the flat dispatch),
+                   inverse stage 1 (one vector per (token, node) back to the source; it sums
+                   over nodes).
 
 Dropless with fixed buffers, never overflowing (`two_stage_slots`):
   S1 = N        a token goes to a node at most once, so a source sends at most its N tokens
@@ -165,21 +166,20 @@ def _dispatch(
   slot1_NxJ = jnp.cumsum(to_node_NxJ.astype(jnp.int32), axis=0) - 1  # token order
   slot1_NxJ = jnp.where(to_node_NxJ & (slot1_NxJ < s1), slot1_NxJ, s1)  # s1: dropped
   node_NxJ = jnp.broadcast_to(jnp.arange(j)[None, :], (n, j))
-  send_x_JxSxD = (
-    jnp.zeros((j, s1, d), x_NxD.dtype)
-    .at[node_NxJ, slot1_NxJ]
-    .set(jnp.broadcast_to(x_NxD[:, None, :], (n, j, d)), mode="drop")
-  )
+  # The buffers are gathered through the inverse slot maps (`expert.slot_sources`).
+  src1_S = expert_lib.slot_sources(node_NxJ.reshape(-1), slot1_NxJ.reshape(-1), j, s1)
+  send_x_JxSxD = x_NxD.at[src1_S // j].get(mode="fill", fill_value=0).reshape(j, s1, d)
   e_NxJxk = jnp.where(in_node_NxJxk, (experts_Nxk % e_node)[:, None, :], e_node)
   w_NxJxk = jnp.where(in_node_NxJxk, weights_Nxk[:, None, :], 0.0)
   send_e_JxSxk = (
-    jnp.full((j, s1, k), e_node, jnp.int32)
-    .at[node_NxJ, slot1_NxJ]
-    .set(e_NxJxk.astype(jnp.int32), mode="drop")
+    e_NxJxk.astype(jnp.int32)
+    .reshape(n * j, k)
+    .at[src1_S]
+    .get(mode="fill", fill_value=e_node)
+    .reshape(j, s1, k)
   )
-  send_w_JxSxk = (
-    jnp.zeros((j, s1, k), weights_Nxk.dtype).at[node_NxJ, slot1_NxJ].set(w_NxJxk, mode="drop")
-  )
+  send_w_JxSxk = w_NxJxk.reshape(n * j, k).at[src1_S].get(mode="fill", fill_value=0)
+  send_w_JxSxk = send_w_JxSxk.reshape(j, s1, k)
   nodes = node_groups(ep)
   recv_x_TxD = _all_to_all(send_x_JxSxD, nodes).reshape(j * s1, d)
   recv_e_C = _all_to_all(send_e_JxSxk, nodes).reshape(j * s1 * k)  # copy c: row c // k
@@ -191,16 +191,18 @@ def _dispatch(
   slot2_C = _positions(dst_C, g)
   keep_C = real_C & (slot2_C < s2)
   slot2_C = jnp.where(keep_C, slot2_C, s2)  # s2: dropped
-  row_C = jnp.arange(j * s1 * k, dtype=jnp.int32) // k
-  send2_x_GxSxD = (
-    jnp.zeros((g, s2, d), x_NxD.dtype).at[dst_C, slot2_C].set(recv_x_TxD[row_C], mode="drop")
-  )
-  send2_e_GxS = (
-    jnp.full((g, s2), e_loc, jnp.int32).at[dst_C, slot2_C].set(recv_e_C % e_loc, mode="drop")
-  )
+  # Each copy's routing weight goes on with it and gates it at its expert (as in the flat
+  # dispatch), so neither combine below keeps expert outputs for the backward.
+  src2_S = expert_lib.slot_sources(dst_C, slot2_C, g, s2)  # the copy in each slot
+  send2_x_GxSxD = recv_x_TxD.at[src2_S // k].get(mode="fill", fill_value=0).reshape(g, s2, d)
+  send2_e_GxS = (recv_e_C % e_loc).at[src2_S].get(mode="fill", fill_value=e_loc).reshape(g, s2)
+  send2_w_GxS = (
+    recv_w_Txk.reshape(-1).astype(jnp.float32).at[src2_S].get(mode="fill", fill_value=0)
+  ).reshape(g, s2)
   gpus = gpu_groups(ep)
   recv2_x_GxSxD = _all_to_all(send2_x_GxSxD, gpus)
   recv2_e_GxS = _all_to_all(send2_e_GxS, gpus)
+  recv2_w_GxS = _all_to_all(send2_w_GxS, gpus)
   y_rows = expert_rows(
     recv2_x_GxSxD.reshape(g * s2, d),
     recv2_e_GxS.reshape(g * s2),
@@ -210,20 +212,20 @@ def _dispatch(
     block=cfg.expert_block_size,
     precision=cfg.matmul_precision,
     expected_rows=n * k,
+    gate_R=recv2_w_GxS.reshape(g * s2),
   )
 
-  # Combine, stage 2 inverse: outputs back to the forwarder, which pre-sums each token's
-  # copies in this node weighted by their routing weights (zero for copies elsewhere).
+  # Combine, stage 2 inverse: outputs (gated) back to the forwarder, which pre-sums each
+  # token's copies in this node (copies elsewhere count zero).
   back2_GxSxD = _all_to_all(y_rows.reshape(g, s2, d), gpus)
-  y_CxD = back2_GxSxD[jnp.minimum(dst_C, g - 1), jnp.minimum(slot2_C, s2 - 1)]
-  y_CxD = jnp.where(keep_C[:, None], y_CxD, 0)
-  y_TxD = combine(y_CxD, recv_w_Txk, x_NxD.dtype)
+  # Copies elsewhere (dst g) or dropped (slot s2) read out of bounds: zeros.
+  y_CxD = back2_GxSxD.at[dst_C, slot2_C].get(mode="fill", fill_value=0)
+  y_TxD = combine(y_CxD, k, x_NxD.dtype)
 
   # Stage 1 inverse: one vector per (token, node) back to the source, summed over nodes.
   back1_JxSxD = _all_to_all(y_TxD.reshape(j, s1, d), nodes)
-  y_NxJxD = back1_JxSxD[node_NxJ, jnp.minimum(slot1_NxJ, s1 - 1)]
-  y_NxJxD = jnp.where((slot1_NxJ < s1)[:, :, None], y_NxJxD.astype(jnp.float32), 0.0)
-  return y_NxJxD.sum(1).astype(x_NxD.dtype)
+  y_NxJxD = back1_JxSxD.at[node_NxJ, slot1_NxJ].get(mode="fill", fill_value=0)  # s1: zeros
+  return y_NxJxD.astype(jnp.float32).sum(1).astype(x_NxD.dtype)
 
 
 def _overflows(experts_Nxk, s1: int, s2: int, *, cfg: ModelConfig, ep: ExpertParallel):

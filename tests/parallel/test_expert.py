@@ -223,6 +223,40 @@ def test_bounded_dispatch_keeps_no_worst_case_buffers_for_backward():
   assert bounded < 0.6 * worst, (bounded, worst)
 
 
+@pytest.mark.parametrize("two_stage", [False, True], ids=["flat", "two_stage"])
+def test_backward_keeps_no_row_per_copy_outside_the_expert_kernel(layer, two_stage):
+  """The routing weights gate each copy at its expert (sent with it), and every buffer is
+  filled and read by gathers: what the backward keeps of [.., D] rows is only the expert
+  kernel's own (the received rows and its buckets), never a row per routed copy, per
+  (token, node) or per forwarded copy (a weighted combine at the source would keep the
+  returned expert outputs: 14 KB per copy at the 671B shape, in BF16)."""
+  cfg, graphdef, state, x, _ = layer
+  m = nnx.merge(graphdef, state)
+  if two_stage:
+    from dsv3_jax.parallel import node_dispatch
+
+    ep, dispatch = _ep(2, 4, ranks_per_node=2), node_dispatch.two_stage_dispatch
+  else:
+    ep, dispatch = _ep(2, 4), expert.flat_dispatch
+
+  def f(x, w1, gate):
+    return expert.routed_experts(
+      x, gate, m.bias[...], w1, m.w3[...], m.w2[...], cfg, ep, dispatch=dispatch
+    )[0]
+
+  _, vjp = jax.vjp(f, x, m.w1[...], m.gate[...])
+  d, k = cfg.hidden_size, cfg.num_experts_per_tok
+  n_local = x.shape[0] * x.shape[1] // ep.n_shards
+  rows = {leaf.shape for leaf in jax.tree.leaves(vjp) if leaf.shape[-1:] == (d,)}
+  forbidden = {(ep.n_shards * n_local * k, d), (ep.n_shards * n_local, ep.n_nodes, d)}
+  if two_stage:  # the forwarder's copies: J * S1 rows of k
+    forbidden.add((ep.n_shards * ep.n_nodes * n_local * k, d))
+  assert not rows & forbidden, rows
+  # Besides the router's input (x, for the gate's gradient): the received rows and the
+  # kernel's two bucket shapes.
+  assert len(rows - {(ep.n_shards * n_local, d)}) <= 3, rows
+
+
 def test_capacity_factor_drops_and_counts_exactly():
   cfg = _cfg()
   m = _all_to_first_experts(cfg)
