@@ -103,19 +103,20 @@ def _gather_rows(src_SxD, idx_T, copies=1):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _move_rows(src_SxD, take_T, back_S, copies):
+def move_rows(src_SxD, take_T, back_S, copies=1):
   """`out[t] = src[take[t] // copies]` (zeros where take[t] is out of range): a gather whose
   gradient is again a gather, through `back`, the inverse map (`back[i]`: the row of `out`
   that row i of the `copies`-fold repeated source went to, or out of range). Rows move one
-  to one, so no scatter (slow on CPU) and no zero-filled [R, D] buffer in either direction."""
+  to one, so no scatter (slow on CPU) and no zero-filled [R, D] buffer in either direction.
+  The expert-parallel dispatches fill their send buffers and read their returns with it."""
   return _gather_rows(src_SxD, take_T, copies)
 
 
-def _move_rows_fwd(src, take, back, copies):
-  return _move_rows(src, take, back, copies), (take, back, src.shape[0])
+def move_rows_fwd(src, take, back, copies):
+  return move_rows(src, take, back, copies), (take, back, src.shape[0])
 
 
-def _move_rows_bwd(copies, res, g_TxD):
+def move_rows_bwd(copies, res, g_TxD):
   take, back, n = res
   g = jnp.take(g_TxD, back, axis=0, mode="fill", fill_value=0)  # [n * copies, D]
   if copies > 1:
@@ -123,7 +124,7 @@ def _move_rows_bwd(copies, res, g_TxD):
   return g, None, None
 
 
-_move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
+move_rows.defvjp(move_rows_fwd, move_rows_bwd)
 
 
 def _bucket_rows(
@@ -143,21 +144,24 @@ def _bucket_rows(
   dest = jnp.where(keep, sorted_e * c + pos, e * c)  # e * c: no slot
   slot_R = jnp.zeros((r,), jnp.int32).at[order_R].set(dest)  # each row's slot
   row_of_slot = jnp.full((e * c,), r, jnp.int32).at[dest].set(order_R, mode="drop")
-  overflow_R = jnp.where((slot_R == e * c) & (expert_R < e), expert_R, e)
-  layout = _Buckets(row_of_slot, slot_R, overflow_R, expert_R)
+  layout = _Buckets(row_of_slot, slot_R, expert_R)
   exact = expected_rows >= e * block  # a full block per expert: the blocks' padding is small
   return _bucket_ffn(x_SxD, w1, w3, w2, gate_R, layout, (c, copies, block, precision, exact))
 
 
 class _Buckets(NamedTuple):
   """Where rows go: slot s holds row row_of_slot[s] (R: none), row i sits in slot slot_R[i]
-  (E x C: none), and the rows past their expert's C slots keep their expert in overflow_R
-  (E elsewhere) for the exact overflow pass. expert_R: every row's expert (E: none)."""
+  (E x C: none). expert_R: every row's expert (E: none)."""
 
   row_of_slot: jax.Array
   slot_R: jax.Array
-  overflow_R: jax.Array
   expert_R: jax.Array
+
+  def overflow_R(self, e: int) -> jax.Array:
+    """The rows past their expert's C slots keep their expert (E elsewhere): the exact
+    overflow pass's rows."""
+    no_slot = self.row_of_slot.shape[0]  # E x C
+    return jnp.where((self.slot_R == no_slot) & (self.expert_R < e), self.expert_R, e)
 
 
 def _swiglu_vjp(a1, a3, dh):
@@ -192,7 +196,9 @@ def _bucket_forward(x_SxD, w1, w3, w2, gate_R, lay, static):
 
 def _overflow_rows(x_SxD, w1, w3, w2, gate_R, lay, static):
   _, copies, block, precision, _ = static
-  return _block_rows(x_SxD, lay.overflow_R, w1, w3, w2, block, precision, copies, gate_R)
+  return _block_rows(
+    x_SxD, lay.overflow_R(w1.shape[0]), w1, w3, w2, block, precision, copies, gate_R
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -219,7 +225,7 @@ def _bucket_ffn_fwd(x_SxD, w1, w3, w2, gate_R, lay, static):
   dh and no [R, D] expert output is kept for the combine (the report's recipe, §3.3.3)."""
   args = tuple(map(jnp.asarray, (x_SxD, w1, w3, w2, gate_R)))  # numpy inputs: arrays
   y_RxD, (buf, gate, a1, a3) = _bucket_forward(*args, lay, static)
-  overflow = jnp.any(lay.overflow_R < w1.shape[0])
+  overflow = jnp.any(lay.overflow_R(w1.shape[0]) < w1.shape[0])
   y_RxD = jax.lax.cond(
     overflow, lambda y: y + _overflow_rows(*args, lay, static), lambda y: y, y_RxD
   )
@@ -395,11 +401,11 @@ def _block_rows(x_SxD, expert_R, w1, w3, w2, block, precision, copies=1, gate_R=
   rows = lay.n_blocks * block
   slot_R = jnp.zeros((r,), jnp.int32).at[lay.order_R].set(lay.dest_R)
   row_of_slot = jnp.full((rows,), r, jnp.int32).at[lay.dest_R].set(lay.order_R)
-  xs_NBxSxD = _move_rows(x_SxD, row_of_slot, slot_R, copies).reshape(lay.n_blocks, block, d)
+  xs_NBxSxD = move_rows(x_SxD, row_of_slot, slot_R, copies).reshape(lay.n_blocks, block, d)
   gate_R = jnp.ones((r,), jnp.float32) if gate_R is None else gate_R.astype(jnp.float32)
-  gs_NBxS = _move_rows(gate_R[:, None], row_of_slot, slot_R, 1).reshape(lay.n_blocks, block)
+  gs_NBxS = move_rows(gate_R[:, None], row_of_slot, slot_R, 1).reshape(lay.n_blocks, block)
   ys = _grouped_swiglu(xs_NBxSxD, gs_NBxS, w1, w3, w2, lay.block_expert_NB, lay.n_used, precision)
-  return _move_rows(ys.reshape(rows, d), slot_R, row_of_slot, 1)
+  return move_rows(ys.reshape(rows, d), slot_R, row_of_slot, 1)
 
 
 # ----------------------------------------------------------------------------- gathered

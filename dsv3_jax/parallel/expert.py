@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig, ParallelConfig
-from dsv3_jax.layers.experts import combine, expert_rows
+from dsv3_jax.layers.experts import combine, expert_rows, move_rows
 from dsv3_jax.layers.routing import (
   Routing,
   expert_load,
@@ -164,20 +164,22 @@ def node_of_expert(experts: jax.Array, n_experts: int, n_nodes: int) -> jax.Arra
   return experts // (n_experts // n_nodes)
 
 
-def slot_sources(dst_C: jax.Array, slot_C: jax.Array, n_dst: int, n_slots: int) -> jax.Array:
-  """The inverse of "entry c goes to slot slot_C[c] of destination dst_C[c]" for a buffer
-  [n_dst, n_slots], flattened: the entry each slot holds, C (= number of entries) where none.
-  Entries whose destination or slot is out of range go nowhere.
+def slot_maps(dst_C: jax.Array, slot_C: jax.Array, n_dst: int, n_slots: int):
+  """Both maps of "entry c goes to slot slot_C[c] of destination dst_C[c]" for a buffer
+  [n_dst, n_slots], flattened: (the entry each slot holds, C = number of entries where none;
+  each entry's flat slot, n_dst x n_slots where none). Entries whose destination or slot is
+  out of range go nowhere.
 
-  A send buffer is then filled by gathering rows through it (`.at[...].get(mode="fill")`)
-  rather than by scattering them in: the gather's transpose is a scatter-add of cotangents
-  by the same indices, where a differentiated scatter-set would keep masks the size of the
-  rows for its backward (and scatters are slow on CPU)."""
+  A send buffer is then filled, and a return read, by `move_rows` through one map with the
+  other as its inverse, so both directions of the dispatch and of its gradient are gathers:
+  a differentiated scatter-set would keep row-sized masks for its backward, a gather's
+  plain transpose is a scatter-add into a zero-filled buffer, and scatters are slow on CPU."""
   c = dst_C.shape[0]
   ok = (dst_C >= 0) & (dst_C < n_dst) & (slot_C >= 0) & (slot_C < n_slots)
   where_C = jnp.where(ok, dst_C * n_slots + slot_C, n_dst * n_slots)
   entries = jnp.arange(c, dtype=jnp.int32)
-  return jnp.full((n_dst * n_slots,), c, jnp.int32).at[where_C].set(entries, mode="drop")
+  src_S = jnp.full((n_dst * n_slots,), c, jnp.int32).at[where_C].set(entries, mode="drop")
+  return src_S, where_C.astype(jnp.int32)
 
 
 def _slots(dst_C: jax.Array, n_ranks: int) -> jax.Array:
@@ -214,10 +216,10 @@ def flat_dispatch(
     # Row [j, t] of the buffer is the (lo + t)-th copy this rank sends to rank j; each copy's
     # routing weight travels with it and gates it at its expert (see the module docstring:
     # the combine is then a plain sum that keeps nothing for the backward).
-    src_S = slot_sources(dst_C, slot_or_oob_C, r, s)  # the copy in each slot; n*k: none
-    send_RxSxD = x_NxD.at[src_S // k].get(mode="fill", fill_value=0).reshape(r, s, d)
+    src_S, where_C = slot_maps(dst_C, slot_or_oob_C, r, s)  # slot -> copy, copy -> slot
+    send_RxSxD = move_rows(x_NxD, src_S, where_C, k).reshape(r, s, d)
     send_e_RxS = e_of_C.at[src_S].get(mode="fill", fill_value=e_loc).reshape(r, s)
-    send_w_RxS = w_C.at[src_S].get(mode="fill", fill_value=0).reshape(r, s)
+    send_w_RxS = move_rows(w_C[:, None], src_S, where_C).reshape(r, s)
     recv_RxSxD = jax.lax.all_to_all(send_RxSxD, EXPERT, 0, 0)
     recv_e_RxS = jax.lax.all_to_all(send_e_RxS, EXPERT, 0, 0)
     recv_w_RxS = jax.lax.all_to_all(send_w_RxS, EXPERT, 0, 0)
@@ -235,7 +237,7 @@ def flat_dispatch(
     # Combine: the inverse all_to_all puts each result back in the slot its copy left from.
     back_RxSxD = jax.lax.all_to_all(y_rows.reshape(r, s, d), EXPERT, 0, 0)
     # A copy not sent in this round reads an out-of-bounds slot: zeros.
-    y_CxD = back_RxSxD.at[dst_C, slot_or_oob_C].get(mode="fill", fill_value=0)
+    y_CxD = move_rows(back_RxSxD.reshape(r * s, d), where_C, src_S)
     return combine(y_CxD, k, x_NxD.dtype), sent_C
 
   s_fast = fast_slots_per_rank(n, cfg, ep)

@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers.experts import combine, expert_rows
+from dsv3_jax.layers.experts import combine, expert_rows, move_rows
 from dsv3_jax.layers.routing import Routing
 from dsv3_jax.parallel import expert as expert_lib
 from dsv3_jax.parallel.expert import EXPERT, ExpertParallel, max_nodes_per_token
@@ -166,9 +166,9 @@ def _dispatch(
   slot1_NxJ = jnp.cumsum(to_node_NxJ.astype(jnp.int32), axis=0) - 1  # token order
   slot1_NxJ = jnp.where(to_node_NxJ & (slot1_NxJ < s1), slot1_NxJ, s1)  # s1: dropped
   node_NxJ = jnp.broadcast_to(jnp.arange(j)[None, :], (n, j))
-  # The buffers are gathered through the inverse slot maps (`expert.slot_sources`).
-  src1_S = expert_lib.slot_sources(node_NxJ.reshape(-1), slot1_NxJ.reshape(-1), j, s1)
-  send_x_JxSxD = x_NxD.at[src1_S // j].get(mode="fill", fill_value=0).reshape(j, s1, d)
+  # The buffers are filled and read by `move_rows` through both slot maps (`expert.slot_maps`).
+  src1_S, where1_T = expert_lib.slot_maps(node_NxJ.reshape(-1), slot1_NxJ.reshape(-1), j, s1)
+  send_x_JxSxD = move_rows(x_NxD, src1_S, where1_T, j).reshape(j, s1, d)
   e_NxJxk = jnp.where(in_node_NxJxk, (experts_Nxk % e_node)[:, None, :], e_node)
   w_NxJxk = jnp.where(in_node_NxJxk, weights_Nxk[:, None, :], 0.0)
   send_e_JxSxk = (
@@ -178,8 +178,7 @@ def _dispatch(
     .get(mode="fill", fill_value=e_node)
     .reshape(j, s1, k)
   )
-  send_w_JxSxk = w_NxJxk.reshape(n * j, k).at[src1_S].get(mode="fill", fill_value=0)
-  send_w_JxSxk = send_w_JxSxk.reshape(j, s1, k)
+  send_w_JxSxk = move_rows(w_NxJxk.reshape(n * j, k), src1_S, where1_T).reshape(j, s1, k)
   nodes = node_groups(ep)
   recv_x_TxD = _all_to_all(send_x_JxSxD, nodes).reshape(j * s1, d)
   recv_e_C = _all_to_all(send_e_JxSxk, nodes).reshape(j * s1 * k)  # copy c: row c // k
@@ -193,12 +192,11 @@ def _dispatch(
   slot2_C = jnp.where(keep_C, slot2_C, s2)  # s2: dropped
   # Each copy's routing weight goes on with it and gates it at its expert (as in the flat
   # dispatch), so neither combine below keeps expert outputs for the backward.
-  src2_S = expert_lib.slot_sources(dst_C, slot2_C, g, s2)  # the copy in each slot
-  send2_x_GxSxD = recv_x_TxD.at[src2_S // k].get(mode="fill", fill_value=0).reshape(g, s2, d)
+  src2_S, where2_C = expert_lib.slot_maps(dst_C, slot2_C, g, s2)  # slot -> copy -> slot
+  send2_x_GxSxD = move_rows(recv_x_TxD, src2_S, where2_C, k).reshape(g, s2, d)
   send2_e_GxS = (recv_e_C % e_loc).at[src2_S].get(mode="fill", fill_value=e_loc).reshape(g, s2)
-  send2_w_GxS = (
-    recv_w_Txk.reshape(-1).astype(jnp.float32).at[src2_S].get(mode="fill", fill_value=0)
-  ).reshape(g, s2)
+  recv_w_Cx1 = recv_w_Txk.reshape(-1, 1).astype(jnp.float32)
+  send2_w_GxS = move_rows(recv_w_Cx1, src2_S, where2_C).reshape(g, s2)
   gpus = gpu_groups(ep)
   recv2_x_GxSxD = _all_to_all(send2_x_GxSxD, gpus)
   recv2_e_GxS = _all_to_all(send2_e_GxS, gpus)
@@ -219,13 +217,13 @@ def _dispatch(
   # token's copies in this node (copies elsewhere count zero).
   back2_GxSxD = _all_to_all(y_rows.reshape(g, s2, d), gpus)
   # Copies elsewhere (dst g) or dropped (slot s2) read out of bounds: zeros.
-  y_CxD = back2_GxSxD.at[dst_C, slot2_C].get(mode="fill", fill_value=0)
+  y_CxD = move_rows(back2_GxSxD.reshape(g * s2, d), where2_C, src2_S)
   y_TxD = combine(y_CxD, k, x_NxD.dtype)
 
   # Stage 1 inverse: one vector per (token, node) back to the source, summed over nodes.
   back1_JxSxD = _all_to_all(y_TxD.reshape(j, s1, d), nodes)
-  y_NxJxD = back1_JxSxD.at[node_NxJ, slot1_NxJ].get(mode="fill", fill_value=0)  # s1: zeros
-  return y_NxJxD.astype(jnp.float32).sum(1).astype(x_NxD.dtype)
+  y_TxD = move_rows(back1_JxSxD.reshape(j * s1, d), where1_T, src1_S)  # s1: zeros
+  return combine(y_TxD, j, x_NxD.dtype)  # row t is token t // J
 
 
 def _overflows(experts_Nxk, s1: int, s2: int, *, cfg: ModelConfig, ep: ExpertParallel):
