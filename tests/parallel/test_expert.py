@@ -9,6 +9,7 @@ token within `topk_group` groups and so within that many nodes.
 import dataclasses
 import functools
 import math
+import re
 
 import chex
 import jax
@@ -255,6 +256,33 @@ def test_backward_keeps_no_row_per_copy_outside_the_expert_kernel(layer, two_sta
   # Besides the router's input (x, for the gate's gradient): the received rows and the
   # kernel's two bucket shapes.
   assert len(rows - {(ep.n_shards * n_local, d)}) <= 3, rows
+
+
+@pytest.mark.parametrize("two_stage", [False, True], ids=["flat", "two_stage"])
+def test_gradient_moves_rows_by_gathers_only(layer, two_stage):
+  """Both directions of both dispatches move rows through the two slot maps
+  (`experts.move_rows`), so the compiled gradient has no scatter of [.., D] rows: a gather's
+  plain transpose is a scatter-add into a zero-filled buffer, slow on CPU."""
+  cfg, graphdef, state, x, _ = layer
+  m = nnx.merge(graphdef, state)
+  if two_stage:
+    from dsv3_jax.parallel import node_dispatch
+
+    ep, dispatch = _ep(2, 4, ranks_per_node=2), node_dispatch.two_stage_dispatch
+  else:
+    ep, dispatch = _ep(2, 4), expert.flat_dispatch
+
+  def loss(x, w1, gate):
+    y = expert.routed_experts(
+      x, gate, m.bias[...], w1, m.w3[...], m.w2[...], cfg, ep, dispatch=dispatch
+    )[0]
+    return jnp.sum(y * jnp.sin(y))
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  hlo = grad.lower(x, m.w1[...], m.gate[...]).compile().as_text()
+  row_scatter = re.compile(r"= f32\[[\d,]*\b%d\]\S* scatter\(" % cfg.hidden_size)
+  assert not [line for line in hlo.splitlines() if row_scatter.search(line)]
+  assert " all-to-all(" in hlo  # the dispatch is in the program
 
 
 def test_capacity_factor_drops_and_counts_exactly():
