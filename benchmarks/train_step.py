@@ -3,7 +3,8 @@
 The body of `experiments/benchmark_train.py` (see it for the flags). In one process: this
 machine's f32 matmul peak (a large jitted matmul), this codebase's train step (forward +
 backward + AdamW with BF16 moments, arXiv 2412.19437 §3.3.3) with a forward-only and a
-forward+backward timing and one profiled step split by part of the model
+forward+backward timing, the training forward and the backward timed apart (their ratio is the
+backward's cost in forwards), and one profiled step split by part of the model
 (`benchmarks/profile.py`) to show where the time goes, the same step without the MTP module
 (the peer's work: HF's model has none), and -- when torch and transformers are installed (the
 `hf` extra) -- HF's DeepseekV3ForCausalLM on the same config doing forward + backward +
@@ -64,7 +65,15 @@ def prepare_ours(
 ):
   """This codebase's train step, ready to time: (step function, row). `parts`: the row gets
   the forward and forward+backward timings (medians of `steps` calls) and a `profile`
-  function that says where one more step's time goes."""
+  function that says where one more step's time goes.
+
+  `forward_s` is the loss alone, which runs the inference forward (e.g. the routed experts'
+  exact block path, `layers/experts.py`), so `forward_backward_s - forward_s` is not the
+  backward. The backward is timed apart: `training_forward_s` is the differentiated forward
+  (`jax.vjp`: the training kernels, returning the residuals the backward reads) and
+  `backward_s` applies the returned vjp function to the loss's cotangent;
+  `backward_over_forward` is their ratio (about 2 when the backward is the two GEMMs per
+  forward GEMM and nothing else)."""
   import jax
   import numpy as np
   from flax import nnx
@@ -101,6 +110,15 @@ def prepare_ours(
     timings["forward_backward_s"] = _time(
       lambda: jax.block_until_ready(fwd_bwd(state.params)), steps
     )
+    train_fwd = jax.jit(lambda params: jax.vjp(loss, params))
+    bwd = jax.jit(lambda vjp_fn, out: vjp_fn(jax.numpy.ones_like(out)))
+    timings["training_forward_s"] = _time(
+      lambda: jax.block_until_ready(train_fwd(state.params)), steps
+    )
+    out, vjp_fn = train_fwd(state.params)
+    timings["backward_s"] = _time(lambda: jax.block_until_ready(bwd(vjp_fn, out)), steps)
+    timings["backward_over_forward"] = timings["backward_s"] / timings["training_forward_s"]
+    del out, vjp_fn  # the residuals: released before the step is timed
 
   holder = {"state": state}
   # The step the trainer runs (`Trainer.train_step`), compiled here so that its program's
@@ -254,8 +272,13 @@ def report(result: dict) -> str:
       f"{ours['tokens_per_s']:.0f} tok/s ({ours['step_s']:.3f} s, "
       f"steps {min(ours['step_times_s']):.3f}-{max(ours['step_times_s']):.3f} s)",
     ),
-    ("  forward only", f"{ours['forward_s']:.3f} s"),
+    ("  forward only (inference path)", f"{ours['forward_s']:.3f} s"),
     ("  forward + backward", f"{ours['forward_backward_s']:.3f} s"),
+    (
+      "  training forward / backward",
+      f"{ours['training_forward_s']:.3f} s / {ours['backward_s']:.3f} s "
+      f"(backward / forward {ours['backward_over_forward']:.2f})",
+    ),
     (
       "  model FLOPs/s",
       f"{ours['model_flops_per_s'] / 1e9:.1f} GFLOP/s "

@@ -5,7 +5,8 @@ r"""Train-step throughput of the `bench` model on one CPU device, against HF tra
 
 In one process: this machine's f32 matmul peak (a large jitted matmul), this codebase's train
 step (forward + backward + AdamW with BF16 moments) with a forward-only and a
-forward+backward timing to show where the time goes, and — when torch and transformers are
+forward+backward timing, the training forward and backward apart (`backward_over_forward`),
+and a profiled step to show where the time goes, and — when torch and transformers are
 installed — HF's DeepseekV3ForCausalLM on the same config doing forward + backward +
 torch.optim.AdamW with torch threads = cores. Our step again with bf16 and with fp8 matmuls
 gives the FP8 emulation's step-time cost (`fp8_over_bf16_step`; `--precisions=` skips it).

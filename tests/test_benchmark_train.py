@@ -35,7 +35,14 @@ def test_tiny_run_reports_median_steps():
   assert result["fp8_over_bf16_step"] == pytest.approx(
     result["dsv3_jax_fp8"]["step_s"] / result["dsv3_jax_bf16"]["step_s"]
   )
+  # The backward timed apart from the differentiated forward it reads the residuals of.
+  ours = result["dsv3_jax"]
+  assert ours["training_forward_s"] > 0 and ours["backward_s"] > 0
+  assert ours["backward_over_forward"] == pytest.approx(
+    ours["backward_s"] / ours["training_forward_s"]
+  )
   table = train_step.report(result)
+  assert "backward / forward" in table
   assert "fp8 / bf16 step time" in table and "fp8 matmuls" in table
   assert "speed-up vs HF" in table and table.count("steps ") == 2  # ours' and HF's spread
   # One profiled step of ours, by part: every part of the tiny model ran and took time.
