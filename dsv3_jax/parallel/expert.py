@@ -182,11 +182,56 @@ def slot_maps(dst_C: jax.Array, slot_C: jax.Array, n_dst: int, n_slots: int):
   return src_S, where_C.astype(jnp.int32)
 
 
-def _slots(dst_C: jax.Array, n_ranks: int) -> jax.Array:
-  """Each copy's position among the copies (in token order) going to the same rank."""
-  onehot_CxR = dst_C[:, None] == jnp.arange(n_ranks, dtype=dst_C.dtype)[None, :]
+def slot_positions(dst_C: jax.Array, n_dst: int) -> jax.Array:
+  """Each entry's position (in order) among the entries going to the same destination; -1
+  for entries whose destination is outside [0, n_dst)."""
+  onehot_CxR = dst_C[:, None] == jnp.arange(n_dst, dtype=dst_C.dtype)[None, :]
   running_CxR = jnp.cumsum(onehot_CxR.astype(jnp.int32), axis=0)
   return jnp.sum(running_CxR * onehot_CxR, axis=1) - 1
+
+
+def exchange(
+  x_SxD,
+  copies: int,
+  expert_C,
+  gate_C,
+  dst_C,
+  slot_C,
+  n_dst: int,
+  n_slots: int,
+  all_to_all,
+  w1,
+  w3,
+  w2,
+  *,
+  cfg: ModelConfig,
+  expected_rows: int,
+):
+  """Copy c (source row c // copies of x) to slot slot_C[c] of rank dst_C[c] (out of range:
+  not sent) through an [n_dst, n_slots, D] buffer and `all_to_all`, with its local expert id
+  (of the w1.shape[0] here) and routing weight; the expert kernel on what arrived (each row gated
+  by its weight); the outputs back the same way: [C, D], zeros for copies not sent. The one
+  exchange of both dispatches (the flat one over `expert`, the two-stage one's stage 2)."""
+  d, e_local = x_SxD.shape[1], w1.shape[0]
+  src_S, where_C = slot_maps(dst_C, slot_C, n_dst, n_slots)  # slot -> copy, copy -> slot
+  send_x = move_rows(x_SxD, src_S, where_C, copies).reshape(n_dst, n_slots, d)
+  send_e = expert_C.at[src_S].get(mode="fill", fill_value=e_local).reshape(n_dst, n_slots)
+  send_w = move_rows(gate_C.astype(jnp.float32)[:, None], src_S, where_C)
+  recv_x, recv_e = all_to_all(send_x), all_to_all(send_e)
+  recv_w = all_to_all(send_w.reshape(n_dst, n_slots))
+  y_rows = expert_rows(
+    recv_x.reshape(n_dst * n_slots, d),
+    recv_e.reshape(n_dst * n_slots),
+    w1,
+    w3,
+    w2,
+    block=cfg.expert_block_size,
+    precision=cfg.matmul_precision,
+    expected_rows=expected_rows,
+    gate_R=recv_w.reshape(n_dst * n_slots),
+  )
+  back = all_to_all(y_rows.reshape(n_dst, n_slots, d))
+  return move_rows(back.reshape(n_dst * n_slots, d), where_C, src_S)  # not sent: zeros
 
 
 # ----------------------------------------------------------------------------- the EP layer
@@ -197,14 +242,15 @@ def flat_dispatch(
   (inside a shard_map over the whole mesh); also which copies were kept [N*k] (all, unless a
   dropping `capacity_factor` is set) and whether the layer needed more than one round of the
   bounded buffer (a bool every rank agrees on)."""
-  n, d = x_NxD.shape
+  n = x_NxD.shape[0]
   k = cfg.num_experts_per_tok
   r = ep.size
   e_loc = cfg.n_routed_experts // r
   s = slots_per_rank(n, cfg, ep)
   experts_C = routing.experts_Nxk.reshape(-1)
   dst_C = experts_C // e_loc
-  slot_C = _slots(dst_C, r)
+  slot_C = slot_positions(dst_C, r)
+  a2a = lambda a: jax.lax.all_to_all(a, EXPERT, 0, 0)
   e_of_C = experts_C % e_loc
   w_C = routing.weights_Nxk.reshape(-1).astype(jnp.float32)
 
@@ -216,28 +262,10 @@ def flat_dispatch(
     # Row [j, t] of the buffer is the (lo + t)-th copy this rank sends to rank j; each copy's
     # routing weight travels with it and gates it at its expert (see the module docstring:
     # the combine is then a plain sum that keeps nothing for the backward).
-    src_S, where_C = slot_maps(dst_C, slot_or_oob_C, r, s)  # slot -> copy, copy -> slot
-    send_RxSxD = move_rows(x_NxD, src_S, where_C, k).reshape(r, s, d)
-    send_e_RxS = e_of_C.at[src_S].get(mode="fill", fill_value=e_loc).reshape(r, s)
-    send_w_RxS = move_rows(w_C[:, None], src_S, where_C).reshape(r, s)
-    recv_RxSxD = jax.lax.all_to_all(send_RxSxD, EXPERT, 0, 0)
-    recv_e_RxS = jax.lax.all_to_all(send_e_RxS, EXPERT, 0, 0)
-    recv_w_RxS = jax.lax.all_to_all(send_w_RxS, EXPERT, 0, 0)
-    y_rows = expert_rows(
-      recv_RxSxD.reshape(r * s, d),
-      recv_e_RxS.reshape(r * s),
-      w1,
-      w3,
-      w2,
-      block=cfg.expert_block_size,
-      precision=cfg.matmul_precision,
-      expected_rows=n * k,
-      gate_R=recv_w_RxS.reshape(r * s),
-    )
-    # Combine: the inverse all_to_all puts each result back in the slot its copy left from.
-    back_RxSxD = jax.lax.all_to_all(y_rows.reshape(r, s, d), EXPERT, 0, 0)
-    # A copy not sent in this round reads an out-of-bounds slot: zeros.
-    y_CxD = move_rows(back_RxSxD.reshape(r * s, d), where_C, src_S)
+    y_CxD = exchange(
+      x_NxD, k, e_of_C, w_C, dst_C, slot_or_oob_C, r, s, a2a, w1, w3, w2,
+      cfg=cfg, expected_rows=n * k,
+    )  # fmt: skip
     return combine(y_CxD, k, x_NxD.dtype), sent_C
 
   s_fast = fast_slots_per_rank(n, cfg, ep)
@@ -251,9 +279,10 @@ def flat_dispatch(
   # rounds are rematerialised: a differentiated `cond` keeps the residuals of both branches.
   y_NxD, _ = run(s_fast)
   rounds = jax.lax.pmax(jnp.max(slot_C) // s_fast + 1, BATCH)
+  zeros = jnp.zeros_like(y_NxD)
   for j in range(1, -(-s // s_fast)):
     extra = jax.checkpoint(lambda j=j: run(s_fast, j * s_fast)[0])
-    y_NxD = y_NxD + jax.lax.cond(rounds > j, extra, lambda: jnp.zeros_like(y_NxD))
+    y_NxD = y_NxD + jax.lax.cond(rounds > j, extra, lambda: zeros)
   return y_NxD, jnp.ones((n * k,), bool), rounds > 1
 
 

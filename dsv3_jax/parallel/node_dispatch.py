@@ -24,7 +24,8 @@ the same shard_map as the flat dispatch:
   stage 2 (NVLink) groups of one node's G ranks; the forwarder splits each received token
                    into its copies and sends each to the rank of its expert: buffer [G, S2, D]
                    plus local expert ids [G, S2] (empty slots carry El);
-  experts          `layers/experts.expert_rows` on the G*S2 received rows;
+  experts          `layers/experts.expert_rows` on the G*S2 received rows (stage 2 and
+                   its inverse are `expert.exchange`, as the flat dispatch's one stage);
   combine          inverse stage 2 (outputs back to the forwarder; it sums a token's copies,
                    each gated by its routing weight at its expert as in the flat dispatch),
                    inverse stage 1 (one vector per (token, node) back to the source; it sums
@@ -42,9 +43,14 @@ its S1 slots to that node and every forwarder there fills its S2 slots (`min(k, 
 J*N tokens) to the rank holding them. The worst case is R * N * min(k, El) received rows, as
 for the flat dispatch, so a dropless step first uses buffers of `dispatch_factor` x the mean
 (S1: N * min(M, J) / J tokens per node pair; S2: N * k / G copies per rank pair, which is the
-mean under balanced routing) and falls back to the worst case — every rank together, the
-overflow flag of either stage psum'ed so the all_to_alls stay aligned — only when some rank
-would overflow one of them. Stage 2's counts are known before stage 1 runs: each rank
+mean under balanced routing) and falls back — every rank together, the overflow flag of
+either stage psum'ed so the all_to_alls stay aligned — only when some rank would overflow one
+of them. The fallback never takes the worst-case S2 (R * min(k, El) / (factor * k) times the
+fast one, 16x at the report's shape): stage 1 takes its exact bound S1 = N (at most
+J / (factor * min(M, J)) times the fast S1, and equal to it at the report's shape with
+factor 2) and stage 2 sends in rounds of the fast S2, as many as the fullest forwarder needs
+(`fallback_rounds` at most; the count pmax'ed over the mesh, each extra round
+rematerialised), as the flat dispatch does with its single stage. Stage 2's counts are known before stage 1 runs: each rank
 all-gathers the [R] copy counts per destination rank of every rank (R*R integers) and sums
 them per forwarder.
 
@@ -67,7 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers.experts import combine, expert_rows, move_rows
+from dsv3_jax.layers.experts import combine, move_rows
 from dsv3_jax.layers.routing import Routing
 from dsv3_jax.parallel import expert as expert_lib
 from dsv3_jax.parallel.expert import EXPERT, ExpertParallel, max_nodes_per_token
@@ -120,6 +126,38 @@ def fast_two_stage_slots(
   return min(s1, _round8(f * mean1)), min(s2, _round8(f * mean2))
 
 
+def fallback_rounds(n_local_tokens: int, cfg: ModelConfig, ep: ExpertParallel) -> int:
+  """The most stage-2 rounds of the fast buffer the fallback can need: the worst-case S2
+  slots over the fast S2, rounded up."""
+  s2 = two_stage_slots(n_local_tokens, cfg, ep)[1]
+  return -(-s2 // fast_two_stage_slots(n_local_tokens, cfg, ep)[1])
+
+
+def buffer_bytes(n_local_tokens: int, cfg: ModelConfig, ep: ExpertParallel, itemsize: int) -> dict:
+  """Per-device send buffers of both stages vs the real copies: the fast path's, the
+  fallback's (stage 1 at its bound, stage 2 in rounds of the fast buffer) and the worst-case
+  pair the fallback avoids."""
+  (s1, s2), (f1, f2) = (
+    two_stage_slots(n_local_tokens, cfg, ep),
+    fast_two_stage_slots(n_local_tokens, cfg, ep),
+  )
+  j, g, d = ep.n_nodes, ep.ranks_per_node, cfg.hidden_size
+  rows = lambda a, b: j * a + g * b  # stage-1 rows sent, stage-2 rows sent
+  real = n_local_tokens * cfg.num_experts_per_tok
+  return {
+    "stage_slots": [s1, s2],
+    "fast_stage_slots": [f1, f2],
+    "real_copies": real,
+    "fast_send_buffer_bytes": rows(f1, f2) * d * itemsize,
+    "fallback_send_buffer_bytes": rows(s1, f2) * d * itemsize,
+    "fallback_rounds_max": fallback_rounds(n_local_tokens, cfg, ep),
+    "worst_case_send_buffer_bytes": rows(s1, s2) * d * itemsize,
+    "fast_overhead_vs_real": rows(f1, f2) / real,
+    "fallback_overhead_vs_real": rows(s1, f2) / real,
+    "worst_case_overhead_vs_real": rows(s1, s2) / real,
+  }
+
+
 def validate(cfg: ModelConfig, ep: ExpertParallel) -> ExpertParallel:
   ep.validate(cfg)
   if ep.capacity_factor:
@@ -128,14 +166,6 @@ def validate(cfg: ModelConfig, ep: ExpertParallel) -> ExpertParallel:
       f"the two-stage dispatch is dropless only (must be 0)"
     )
   return ep
-
-
-def _positions(dst_C: jax.Array, n_dst: int) -> jax.Array:
-  """Each entry's position (in order) among the entries with the same destination; -1 for
-  entries whose destination is outside [0, n_dst)."""
-  onehot_CxR = dst_C[:, None] == jnp.arange(n_dst, dtype=dst_C.dtype)[None, :]
-  running_CxR = jnp.cumsum(onehot_CxR.astype(jnp.int32), axis=0)
-  return jnp.sum(running_CxR * onehot_CxR, axis=1) - 1
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -151,8 +181,14 @@ def _dispatch(
   *,
   cfg: ModelConfig,
   ep: ExpertParallel,
+  rounds_up_to: int = 1,
 ):
-  """Both stages with S1 / S2 slots, the local experts and the reverse combine: [N, D]."""
+  """Both stages with S1 / S2 slots, the local experts and the reverse combine: [N, D].
+
+  `rounds_up_to` > 1: stage 2 sends a forwarder's copies in rounds of S2 slots (copy slots
+  [0, S2), [S2, 2 S2), ...), as many as the fullest forwarder needs (agreed over the mesh, so
+  every rank runs the same all_to_alls), at most `rounds_up_to`; 1: one round, which the
+  caller has checked holds every copy."""
   n, d = x_NxD.shape
   k = experts_Nxk.shape[1]
   j, g = ep.n_nodes, ep.ranks_per_node
@@ -187,38 +223,33 @@ def _dispatch(
   # Stage 2 (at the forwarder): each copy to the rank of its node holding its expert.
   real_C = recv_e_C < e_node
   dst_C = jnp.where(real_C, recv_e_C // e_loc, g)
-  slot2_C = _positions(dst_C, g)
-  keep_C = real_C & (slot2_C < s2)
-  slot2_C = jnp.where(keep_C, slot2_C, s2)  # s2: dropped
-  # Each copy's routing weight goes on with it and gates it at its expert (as in the flat
-  # dispatch), so neither combine below keeps expert outputs for the backward.
-  src2_S, where2_C = expert_lib.slot_maps(dst_C, slot2_C, g, s2)  # slot -> copy -> slot
-  send2_x_GxSxD = move_rows(recv_x_TxD, src2_S, where2_C, k).reshape(g, s2, d)
-  send2_e_GxS = (recv_e_C % e_loc).at[src2_S].get(mode="fill", fill_value=e_loc).reshape(g, s2)
-  recv_w_Cx1 = recv_w_Txk.reshape(-1, 1).astype(jnp.float32)
-  send2_w_GxS = move_rows(recv_w_Cx1, src2_S, where2_C).reshape(g, s2)
+  slot2_C = expert_lib.slot_positions(dst_C, g)  # -1: no copy (an expert elsewhere)
+  recv_w_C = recv_w_Txk.reshape(-1)
   gpus = gpu_groups(ep)
-  recv2_x_GxSxD = _all_to_all(send2_x_GxSxD, gpus)
-  recv2_e_GxS = _all_to_all(send2_e_GxS, gpus)
-  recv2_w_GxS = _all_to_all(send2_w_GxS, gpus)
-  y_rows = expert_rows(
-    recv2_x_GxSxD.reshape(g * s2, d),
-    recv2_e_GxS.reshape(g * s2),
-    w1,
-    w3,
-    w2,
-    block=cfg.expert_block_size,
-    precision=cfg.matmul_precision,
-    expected_rows=n * k,
-    gate_R=recv2_w_GxS.reshape(g * s2),
-  )
+  a2a = lambda a: _all_to_all(a, gpus)
 
-  # Combine, stage 2 inverse: outputs (gated) back to the forwarder, which pre-sums each
-  # token's copies in this node (copies elsewhere count zero).
-  back2_GxSxD = _all_to_all(y_rows.reshape(g, s2, d), gpus)
-  # Copies elsewhere (dst g) or dropped (slot s2) read out of bounds: zeros.
-  y_CxD = move_rows(back2_GxSxD.reshape(g * s2, d), where2_C, src2_S)
-  y_TxD = combine(y_CxD, k, x_NxD.dtype)
+  def stage2(lo=0):
+    """Copies in slots [lo, lo + S2) to their experts and back (outputs gated, as in the
+    flat dispatch, so neither combine keeps expert outputs for the backward); at the
+    forwarder, each token's copies in this node pre-summed: [T, D]."""
+    sent_C = (slot2_C >= lo) & (slot2_C < lo + s2)
+    slot_C = jnp.where(sent_C, slot2_C - lo, s2)  # s2: not in this round
+    # Copies elsewhere (dst g) or in another round come back as zeros.
+    y_CxD = expert_lib.exchange(
+      recv_x_TxD, k, recv_e_C % e_loc, recv_w_C, dst_C, slot_C, g, s2, a2a, w1, w3, w2,
+      cfg=cfg, expected_rows=n * k,
+    )  # fmt: skip
+    return combine(y_CxD, k, x_NxD.dtype)
+
+  y_TxD = stage2()
+  if rounds_up_to > 1:
+    # Further rounds of the same buffer, all ranks together, each rematerialised (a
+    # differentiated `cond` keeps the residuals of both branches; see `expert.flat_dispatch`).
+    rounds = jax.lax.pmax(jnp.max(slot2_C) // s2 + 1, BATCH)
+    zeros = jnp.zeros_like(y_TxD)
+    for r in range(1, rounds_up_to):
+      extra = jax.checkpoint(lambda r=r: stage2(r * s2))
+      y_TxD = y_TxD + jax.lax.cond(rounds > r, extra, lambda: zeros)
 
   # Stage 1 inverse: one vector per (token, node) back to the source, summed over nodes.
   back1_JxSxD = _all_to_all(y_TxD.reshape(j, s1, d), nodes)
@@ -262,10 +293,15 @@ def two_stage_dispatch(
     return run(s1, s2), keep_C, jnp.zeros((), bool)
   over = _overflows(routing.experts_Nxk, f1, f2, cfg=cfg, ep=ep).astype(jnp.int32)
   fallback = jax.lax.psum(over, BATCH) > 0
-  # The worst-case branch is rematerialised (see `expert.flat_dispatch`): a differentiated
-  # `cond` would otherwise keep its big buffers as residuals whichever branch ran.
-  worst = lambda: jax.checkpoint(run, static_argnums=(0, 1))(s1, s2)
-  return jax.lax.cond(fallback, worst, lambda: run(f1, f2)), keep_C, fallback
+  # The fallback: stage 1 with its exact bound (N tokens per node: J / (factor x min(M, J))
+  # times the fast buffer, 1.3x at the report's shape) and stage 2 in rounds of the fast
+  # buffer, never its worst case (21x the fast one there). It is rematerialised: a
+  # differentiated `cond` would otherwise keep its buffers as residuals whichever branch ran.
+  rounds = fallback_rounds(n, cfg, ep)
+  slow = lambda: jax.checkpoint(functools.partial(run, rounds_up_to=rounds), static_argnums=(0, 1))(
+    s1, f2
+  )
+  return jax.lax.cond(fallback, slow, lambda: run(f1, f2)), keep_C, fallback
 
 
 # ----------------------------------------------------------------------------- the EP layer

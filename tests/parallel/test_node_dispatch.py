@@ -8,6 +8,8 @@ values, loads, balance loss and gradients — stay dropless on skewed routings t
 worst-case buffers exactly, and count cross-node traffic as a count from the routing does.
 """
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -176,6 +178,26 @@ def test_skewed_routing_fills_the_worst_case_buffers_exactly_and_drops_nothing(d
   chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-5)
   assert float(aux["dropped_copies"]) == 0.0
   assert float(aux["dispatch_fallbacks"]) == (1.0 if dispatch_factor else 0.0)
+  if dispatch_factor:
+    # The fallback holds no worst-case stage-2 buffer: it sent the forwarders' 2 x S2-fast
+    # copies in two rounds of the fast buffer (its all-to-alls' rows: at most the stage-1
+    # bound J x S1 or G x fast S2; the worst-case G x S2 is twice that).
+    (s1, s2), (_, f2) = (
+      node_dispatch.two_stage_slots(n_local, cfg, ep),
+      node_dispatch.fast_two_stage_slots(n_local, cfg, ep),
+    )
+    assert node_dispatch.fallback_rounds(n_local, cfg, ep) == 2 == s2 // f2
+    hlo = _parallel(node_dispatch.routed_experts, cfg, ep).lower(p, x).compile().as_text()
+    rows = [  # each all-to-all of [.., D] rows: its operands' rows summed
+      sum(int(a) * int(b) for a, b in re.findall(rf"\[(\d+),(\d+),{cfg.hidden_size}\]", lhs))
+      for lhs in (line.split(" all-to-all(")[0] for line in hlo.splitlines())
+      if " = " in lhs and "all-to-all" in lhs.split(" = ")[0]
+    ]
+    bound = max(ep.n_nodes * s1, ep.ranks_per_node * f2)
+    assert rows and max(rows) <= bound < ep.ranks_per_node * s2, (rows, bound)
+    sizes = node_dispatch.buffer_bytes(n_local, cfg, ep, 4)
+    assert sizes["fallback_send_buffer_bytes"] == (ep.n_nodes * s1 + 2 * f2) * 32 * 4
+    assert sizes["worst_case_send_buffer_bytes"] > sizes["fallback_send_buffer_bytes"]
 
 
 def test_cross_node_traffic_counts_sends_like_the_layer_and_a_loop():
