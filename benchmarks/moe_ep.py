@@ -110,8 +110,10 @@ def v3_dispatch_buffers(
 
   Affinities are random logits per token (no hidden states or gate at this size); each EP
   rank sends its `tokens_per_device` tokens. For `layers` independent batches, counts the
-  copies each (src, dst) rank pair carries: the fast buffer overflows (and every rank takes
-  the worst-case buffer) when any pair exceeds its slots — the fallback rate.
+  copies each (src, dst) rank pair carries: the fast buffer overflows (and every rank sends
+  further rounds) when any pair exceeds its slots — the fallback rate. `two_stage`: the same
+  for the two-stage dispatch on `nodes` nodes (tokens per node pair, copies per forwarder
+  and rank) with its fast, fallback and worst-case send buffers.
   """
   import jax
   import jax.numpy as jnp
@@ -120,7 +122,7 @@ def v3_dispatch_buffers(
   from configs import dsv3
   from dsv3_jax import config as config_lib
   from dsv3_jax.layers.routing import route
-  from dsv3_jax.parallel import expert
+  from dsv3_jax.parallel import expert, node_dispatch
   from dsv3_jax.parallel.planner import abstract_mesh
 
   base = config_lib.from_dict({"model": dsv3.get_config("671b").model.to_dict()}).model
@@ -135,6 +137,13 @@ def v3_dispatch_buffers(
       route(lg, jnp.eye(e, dtype=jnp.float32), jnp.zeros((e,), jnp.float32), cfg).experts_Nxk
     )
   )
+  # The two-stage dispatch on the same routing: `nodes` nodes of ep / nodes ranks each.
+  g = ep // nodes
+  two_setting = expert.ExpertParallel(
+    setting.mesh, ranks_per_node=g, dispatch_factor=dispatch_factor
+  )
+  two = node_dispatch.buffer_bytes(tokens_per_device, cfg, two_setting, itemsize=1)
+  (f1, f2), max1, max2, two_fallbacks = two["fast_stage_slots"], 0, 0, 0
   fallbacks, max_pair = 0, 0
   for layer in range(layers):
     logits = jax.random.normal(jax.random.key(layer), (ep * tokens_per_device, e), jnp.float32)
@@ -143,6 +152,14 @@ def v3_dispatch_buffers(
     pair = np.bincount(src * ep + dst.reshape(-1), minlength=ep * ep)
     max_pair = max(max_pair, int(pair.max()))
     fallbacks += int(pair.max() > sizes["fast_slots_per_rank"])
+    # Stage 1: tokens a rank sends to one node; stage 2: copies a forwarder (the node of the
+    # destination, the source's local rank) sends to one rank of its node.
+    to_node = np.zeros((ep * tokens_per_device, nodes), bool)
+    np.put_along_axis(to_node, dst // g, True, axis=1)
+    load1 = to_node.reshape(ep, tokens_per_device, nodes).sum(1).max()
+    load2 = np.bincount((src % g) * ep + dst.reshape(-1), minlength=g * ep).max()
+    max1, max2 = max(max1, int(load1)), max(max2, int(load2))
+    two_fallbacks += int(load1 > f1 or load2 > f2)
   per_byte = d  # bytes per copy in FP8 (the report dispatches in FP8)
   return {
     "ep": ep,
@@ -161,6 +178,13 @@ def v3_dispatch_buffers(
     "fast_vs_real": sizes["fast_overhead_vs_real"],
     "fallback_rate": fallbacks / layers,
     "dropped_copies": 0,
+    "two_stage": {
+      **{k_: v for k_, v in two.items() if k_ != "real_copies"},
+      "ranks_per_node": g,
+      "max_tokens_per_node_pair": max1,
+      "max_copies_per_forwarder_rank": max2,
+      "fallback_rate": two_fallbacks / layers,
+    },
   }
 
 
@@ -361,6 +385,18 @@ def table(res: dict) -> str:
       f"({b['fast_vs_real']:.2f}x); max copies per pair {b['max_copies_per_pair']} "
       f"vs fast slots {b['fast_slots_per_rank']}; fallback rate "
       f"{b['fallback_rate']:.2f}; dropped {b['dropped_copies']}"
+    )
+    t = b["two_stage"]
+    lines.append(
+      f"  two-stage ({t['ranks_per_node']} ranks/node): fast buffers "
+      f"{t['fast_send_buffer_bytes'] / 2**20:.1f} MiB ({t['fast_overhead_vs_real']:.2f}x), "
+      f"fallback {t['fallback_send_buffer_bytes'] / 2**20:.1f} MiB "
+      f"({t['fallback_overhead_vs_real']:.2f}x, up to {t['fallback_rounds_max']} stage-2 "
+      f"rounds) instead of the worst case {t['worst_case_send_buffer_bytes'] / 2**20:.1f} MiB "
+      f"({t['worst_case_overhead_vs_real']:.1f}x); max tokens per node pair "
+      f"{t['max_tokens_per_node_pair']} vs {t['fast_stage_slots'][0]}, max copies per "
+      f"forwarder rank {t['max_copies_per_forwarder_rank']} vs {t['fast_stage_slots'][1]}; "
+      f"fallback rate {t['fallback_rate']:.2f}"
     )
   v3 = res["v3_shape_routing"]
   lines.append(
