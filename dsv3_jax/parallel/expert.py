@@ -25,8 +25,9 @@ shape with EP=64), so a dropless step sends its copies in rounds of a bounded bu
 `dispatch_factor` x the mean copies per (src, dst) pair: one round unless some rank overflows
 it, then further rounds of the same size — all ranks together, the round count pmax'ed so
 the all_to_alls stay aligned — until every copy has gone (`dispatch_fallbacks` counts the
-layers that needed more than one). Memory is one bounded buffer, whatever the routing. `capacity_factor` > 0 instead sizes S = ceil(cf * N_local * k / R): copies beyond
-a destination's S slots are dropped (their weight zeroed, token order decides) and counted
+layers that needed more than one). Memory is one bounded buffer, whatever the routing.
+`capacity_factor` > 0 instead sizes S = ceil(cf * N_local * k / R): copies beyond a
+destination's S slots are dropped (their weight zeroed, token order decides) and counted
 exactly in the `dropped_copies` statistic, which is provably zero in the default.
 
 Node-limited routing: `ep_ranks_per_node` consecutive EP ranks form a node. With expert
@@ -209,9 +210,9 @@ def exchange(
 ):
   """Copy c (source row c // copies of x) to slot slot_C[c] of rank dst_C[c] (out of range:
   not sent) through an [n_dst, n_slots, D] buffer and `all_to_all`, with its local expert id
-  (of the w1.shape[0] here) and routing weight; the expert kernel on what arrived (each row gated
-  by its weight); the outputs back the same way: [C, D], zeros for copies not sent. The one
-  exchange of both dispatches (the flat one over `expert`, the two-stage one's stage 2)."""
+  (of the w1.shape[0] here) and routing weight; the expert kernel on what arrived (each row
+  gated by its weight); the outputs back the same way: [C, D], zeros for copies not sent. The
+  one exchange of both dispatches (the flat one over `expert`, the two-stage one's stage 2)."""
   d, e_local = x_SxD.shape[1], w1.shape[0]
   src_S, where_C = slot_maps(dst_C, slot_C, n_dst, n_slots)  # slot -> copy, copy -> slot
   send_x = move_rows(x_SxD, src_S, where_C, copies).reshape(n_dst, n_slots, d)

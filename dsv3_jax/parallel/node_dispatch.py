@@ -50,9 +50,9 @@ fast one, 16x at the report's shape): stage 1 takes its exact bound S1 = N (at m
 J / (factor * min(M, J)) times the fast S1, and equal to it at the report's shape with
 factor 2) and stage 2 sends in rounds of the fast S2, as many as the fullest forwarder needs
 (`fallback_rounds` at most; the count pmax'ed over the mesh, each extra round
-rematerialised), as the flat dispatch does with its single stage. Stage 2's counts are known before stage 1 runs: each rank
-all-gathers the [R] copy counts per destination rank of every rank (R*R integers) and sums
-them per forwarder.
+rematerialised), as the flat dispatch does with its single stage. Stage 2's counts are
+known before stage 1 runs: each rank all-gathers the [R] copy counts per destination rank of
+every rank (R*R integers) and sums them per forwarder.
 
 Traffic (`cross_node_traffic`): the flat dispatch sends every copy whose expert is on another
 node across nodes (and its output back); the two-stage one sends one vector per distinct
