@@ -235,6 +235,25 @@ def exchange(
   return move_rows(back.reshape(n_dst * n_slots, d), where_C, src_S)  # not sent: zeros
 
 
+def further_rounds(y, rounds: jax.Array, max_rounds: int, round_fn):
+  """`y` plus `round_fn(j)` for every round j in [1, max_rounds) below `rounds` (a count every
+  rank agrees on, so all run the same all_to_alls): a bounded dispatch's extra rounds.
+
+  One `scan` step per possible round, its body a `cond` on `rounds`: the program holds one
+  copy of a round (its all_to_alls and the expert kernel) however many the bound allows, 16
+  at DeepSeek-V3's shape. The round is rematerialised: a differentiated `cond` keeps the
+  residuals of both branches, so a round that ran would otherwise keep its buffers."""
+  if max_rounds <= 1:
+    return y
+  remat = jax.checkpoint(round_fn)
+
+  def body(acc, j):
+    extra = jax.lax.cond(rounds > j, remat, lambda j: jnp.zeros_like(acc), j)
+    return acc + extra, None
+
+  return jax.lax.scan(body, y, jnp.arange(1, max_rounds, dtype=jnp.int32))[0]
+
+
 # ----------------------------------------------------------------------------- the EP layer
 def flat_dispatch(
   x_NxD: jax.Array, routing: Routing, w1, w3, w2, *, cfg: ModelConfig, ep: ExpertParallel
@@ -276,14 +295,11 @@ def flat_dispatch(
   # Dropless with bounded buffers: one round of the fast buffer carries every copy unless
   # some rank overflows it; then all ranks run further rounds of the same size together
   # (the round count is pmax'ed, so every rank runs the same all_to_alls) until the last
-  # copy has gone — at most ceil(S / s_fast) rounds, never a worst-case buffer. The extra
-  # rounds are rematerialised: a differentiated `cond` keeps the residuals of both branches.
+  # copy has gone — at most ceil(S / s_fast) rounds, never a worst-case buffer.
   y_NxD, _ = run(s_fast)
   rounds = jax.lax.pmax(jnp.max(slot_C) // s_fast + 1, BATCH)
-  zeros = jnp.zeros_like(y_NxD)
-  for j in range(1, -(-s // s_fast)):
-    extra = jax.checkpoint(lambda j=j: run(s_fast, j * s_fast)[0])
-    y_NxD = y_NxD + jax.lax.cond(rounds > j, extra, lambda: zeros)
+  extra = lambda j: run(s_fast, j * s_fast)[0]
+  y_NxD = further_rounds(y_NxD, rounds, -(-s // s_fast), extra)
   return y_NxD, jnp.ones((n * k,), bool), rounds > 1
 
 

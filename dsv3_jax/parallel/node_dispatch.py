@@ -242,14 +242,9 @@ def _dispatch(
     return combine(y_CxD, k, x_NxD.dtype)
 
   y_TxD = stage2()
-  if rounds_up_to > 1:
-    # Further rounds of the same buffer, all ranks together, each rematerialised (a
-    # differentiated `cond` keeps the residuals of both branches; see `expert.flat_dispatch`).
+  if rounds_up_to > 1:  # further rounds of the same buffer, all ranks together
     rounds = jax.lax.pmax(jnp.max(slot2_C) // s2 + 1, BATCH)
-    zeros = jnp.zeros_like(y_TxD)
-    for r in range(1, rounds_up_to):
-      extra = jax.checkpoint(lambda r=r: stage2(r * s2))
-      y_TxD = y_TxD + jax.lax.cond(rounds > r, extra, lambda: zeros)
+    y_TxD = expert_lib.further_rounds(y_TxD, rounds, rounds_up_to, lambda r: stage2(r * s2))
 
   # Stage 1 inverse: one vector per (token, node) back to the source, summed over nodes.
   back1_JxSxD = _all_to_all(y_TxD.reshape(j, s1, d), nodes)

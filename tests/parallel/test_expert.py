@@ -225,6 +225,44 @@ def test_bounded_dispatch_keeps_no_worst_case_buffers_for_backward():
 
 
 @pytest.mark.parametrize("two_stage", [False, True], ids=["flat", "two_stage"])
+def test_extra_rounds_are_one_loop_in_the_program(two_stage):
+  """The bounded dispatches' extra rounds are one `scan` step each: the compiled training
+  program holds the same all-to-alls whether the bound allows 4 rounds or 8 (unrolled, each
+  round would add its all-to-alls and a copy of the expert kernel)."""
+  from dsv3_jax.parallel import node_dispatch
+
+  cfg = _cfg(n_routed_experts=32, n_group=4, topk_group=4, num_experts_per_tok=4)
+  graphdef, state = _layer(cfg)
+  x = jax.ShapeDtypeStruct((8, 64, cfg.hidden_size), jnp.float32)
+  n_local = 8 * 64 // 8
+
+  def program(factor):
+    if two_stage:
+      ep = _ep(1, 8, ranks_per_node=2, dispatch_factor=factor)
+      dispatch, bound = node_dispatch.two_stage_dispatch, node_dispatch.fallback_rounds
+    else:
+      ep = _ep(1, 8, dispatch_factor=factor)
+      dispatch = expert.flat_dispatch
+      bound = lambda n, cfg, ep: (
+        -(-expert.slots_per_rank(n, cfg, ep) // expert.fast_slots_per_rank(n, cfg, ep))
+      )
+
+    def f(state, x):
+      m = nnx.merge(graphdef, state)
+      y, aux = expert.routed_experts(
+        x, m.gate[...], m.bias[...], m.w1[...], m.w3[...], m.w2[...], m.cfg, ep, dispatch=dispatch
+      )
+      return jnp.sum(y * y) + aux["balance_loss"]
+
+    hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(state, x).compile().as_text()
+    return bound(n_local, cfg, ep), hlo.count(" all-to-all(")
+
+  (few, a2a_few), (many, a2a_many) = program(2.0), program(1.0)
+  assert (few, many) == (4, 8)
+  assert a2a_few == a2a_many > 0, (a2a_few, a2a_many)
+
+
+@pytest.mark.parametrize("two_stage", [False, True], ids=["flat", "two_stage"])
 def test_backward_keeps_no_row_per_copy_outside_the_expert_kernel(layer, two_stage):
   """The routing weights gate each copy at its expert (sent with it), and every buffer is
   filled and read by gathers: what the backward keeps of [.., D] rows is only the expert
