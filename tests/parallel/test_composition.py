@@ -92,6 +92,7 @@ def test_pipelined_ep_step_equals_the_unpipelined_model(piped):
   _assert_equals_unpipelined(piped)
 
 
+@pytest.mark.slow  # ~50 s; the flat dispatch inside the stages runs by default
 def test_pipelined_two_stage_dispatch_equals_the_unpipelined_model():
   """The node-then-GPU dispatch (§3.2.2) inside the pipeline stages: 2 nodes of 2 EP ranks,
   each token's experts on at most one node (n_group = nodes, topk_group = M = 1)."""
