@@ -288,10 +288,11 @@ def two_stage_dispatch(
     return run(s1, s2), keep_C, jnp.zeros((), bool)
   over = _overflows(routing.experts_Nxk, f1, f2, cfg=cfg, ep=ep).astype(jnp.int32)
   fallback = jax.lax.psum(over, BATCH) > 0
-  # The fallback: stage 1 with its exact bound (N tokens per node: J / (factor x min(M, J))
-  # times the fast buffer, 1.3x at the report's shape) and stage 2 in rounds of the fast
-  # buffer, never its worst case (21x the fast one there). It is rematerialised: a
-  # differentiated `cond` would otherwise keep its buffers as residuals whichever branch ran.
+  # The fallback: stage 1 with its exact bound (N tokens per node: at most
+  # J / (factor x min(M, J)) times the fast buffer, equal to it at the report's shape with
+  # factor 2) and stage 2 in rounds of the fast buffer, never its worst case (16x the fast one
+  # there). It is rematerialised: a differentiated `cond` would otherwise keep its buffers as
+  # residuals whichever branch ran.
   rounds = fallback_rounds(n, cfg, ep)
   slow = lambda: jax.checkpoint(functools.partial(run, rounds_up_to=rounds), static_argnums=(0, 1))(
     s1, f2
