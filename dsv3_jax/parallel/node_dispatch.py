@@ -294,9 +294,7 @@ def two_stage_dispatch(
   # there). It is rematerialised: a differentiated `cond` would otherwise keep its buffers as
   # residuals whichever branch ran.
   rounds = fallback_rounds(n, cfg, ep)
-  slow = lambda: jax.checkpoint(functools.partial(run, rounds_up_to=rounds), static_argnums=(0, 1))(
-    s1, f2
-  )
+  slow = jax.checkpoint(lambda: run(s1, f2, rounds_up_to=rounds))
   return jax.lax.cond(fallback, slow, lambda: run(f1, f2)), keep_C, fallback
 
 
