@@ -17,11 +17,11 @@ def test_step_times_time_each_call_after_one_warm_up():
 
 
 def test_tiny_run_reports_median_steps():
+  """Ours beside the peer; the bf16 and fp8 rows are the slow test below's (each compiles
+  the step again)."""
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
-  result = train_step.run(
-    "tiny", batch=2, seq_len=16, steps=3, peer=True, precisions=("bf16", "fp8")
-  )
+  result = train_step.run("tiny", batch=2, seq_len=16, steps=3, peer=True)
   sides = ["dsv3_jax", "dsv3_jax_without_mtp", "hf_transformers"]
   for side in sides:
     row = result[side]
@@ -32,9 +32,7 @@ def test_tiny_run_reports_median_steps():
   assert result["speedup_vs_hf"] == pytest.approx(
     result["hf_transformers"]["step_s"] / result["dsv3_jax"]["step_s"]
   )
-  assert result["fp8_over_bf16_step"] == pytest.approx(
-    result["dsv3_jax_fp8"]["step_s"] / result["dsv3_jax_bf16"]["step_s"]
-  )
+  assert "fp8_over_bf16_step" not in result and "fp8 / bf16" not in train_step.report(result)
   # The backward timed apart from the differentiated forward it reads the residuals of.
   ours = result["dsv3_jax"]
   assert ours["training_forward_s"] > 0 and ours["backward_s"] > 0
@@ -43,7 +41,6 @@ def test_tiny_run_reports_median_steps():
   )
   table = train_step.report(result)
   assert "backward / forward" in table
-  assert "fp8 / bf16 step time" in table and "fp8 matmuls" in table
   assert "speed-up vs HF" in table and table.count("steps ") == 2  # ours' and HF's spread
   # One profiled step of ours, by part: every part of the tiny model ran and took time.
   parts = result["dsv3_jax"]["time_by_part_s"]
@@ -51,6 +48,22 @@ def test_tiny_run_reports_median_steps():
     assert parts[f"{name} forward"] > 0 and parts[f"{name} backward"] > 0, parts
   assert parts["optimizer and metrics"] > 0
   assert "where our step's time goes" in table and "attention backward" in table
+
+
+@pytest.mark.slow  # two more compiles of the step, the fp8 one the longest
+def test_precision_rows_and_their_step_time_ratio():
+  result = train_step.run(
+    "tiny", batch=2, seq_len=16, steps=3, peer=False, precisions=("bf16", "fp8")
+  )
+  for precision in ("bf16", "fp8"):
+    row = result[f"dsv3_jax_{precision}"]
+    assert len(row["step_times_s"]) == 3 and row["step_s"] > 0
+  assert result["fp8_over_bf16_step"] == pytest.approx(
+    result["dsv3_jax_fp8"]["step_s"] / result["dsv3_jax_bf16"]["step_s"]
+  )
+  table = train_step.report(result)
+  assert "fp8 / bf16 step time" in table and "fp8 matmuls" in table and "bf16 matmuls" in table
+  assert "speed-up vs HF" not in table
 
 
 def test_time_by_part_files_instructions_by_scope_and_phase():
