@@ -32,7 +32,7 @@ def test_tiny_run_reports_median_steps():
   assert result["speedup_vs_hf"] == pytest.approx(
     result["hf_transformers"]["step_s"] / result["dsv3_jax"]["step_s"]
   )
-  assert "fp8_over_bf16_step" not in result and "fp8 / bf16" not in train_step.report(result)
+  assert "fp8_over_bf16_step" not in result  # no ratio claimed without both precision rows
   # The backward timed apart from the differentiated forward it reads the residuals of.
   ours = result["dsv3_jax"]
   assert ours["training_forward_s"] > 0 and ours["backward_s"] > 0
@@ -40,7 +40,7 @@ def test_tiny_run_reports_median_steps():
     ours["backward_s"] / ours["training_forward_s"]
   )
   table = train_step.report(result)
-  assert "backward / forward" in table
+  assert "backward / forward" in table and "fp8 / bf16" not in table
   assert "speed-up vs HF" in table and table.count("steps ") == 2  # ours' and HF's spread
   # One profiled step of ours, by part: every part of the tiny model ran and took time.
   parts = result["dsv3_jax"]["time_by_part_s"]
