@@ -288,13 +288,16 @@ class GroupedFfnTest(parameterized.TestCase):
   def test_matches_references(self, kind, block, path):
     x, w1, w3, w2 = self._weights()
     routing = self._routing(kind)
-    got = jax.jit(functools.partial(experts_lib.routed_ffn, path=path), static_argnums=(5, 6))(
-      x, routing, w1, w3, w2, block, "fp32"
-    )
+    fn = functools.partial(experts_lib.routed_ffn, block=block, precision="fp32", path=path)
+    got = jax.jit(fn)(x, routing, w1, w3, w2)
     dense = experts_lib.dense_reference(x, routing, w1, w3, w2)
     loop = _ref_experts(x, routing.experts_Nxk, np.asarray(routing.weights_Nxk), w1, w3, w2)
     chex.assert_trees_all_close(got, dense, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(got, loop, atol=1e-5, rtol=1e-5)
+    # Differentiated, the bucket path runs its own forward (inference on these few rows per
+    # expert takes the blocks): the buckets, plus the overflow pass where they overflow.
+    trained, _ = jax.jit(lambda x: jax.vjp(lambda x: fn(x, routing, w1, w3, w2), x))(x)
+    np.testing.assert_allclose(trained, loop, atol=1e-5, rtol=1e-5)
     self.assertGreater(np.abs(loop).min(), 0.0)  # every token got a non-trivial output
 
   @parameterized.product(kind=["random", "all_same"], block=[4, 5], path=["block", "bucket"])
@@ -355,28 +358,31 @@ class GroupedFfnTest(parameterized.TestCase):
     for a, b in zip(g_got, g_want):  # float32 sums of 64 copies: relative to the largest
       chex.assert_trees_all_close(a, b, atol=1e-5 * float(jnp.abs(b).max()), rtol=1e-4)
 
-  def test_inference_with_a_block_per_expert_runs_the_blocks(self):
-    """Not differentiated, with at least a block of rows per expert (prefill), the bucket path
-    runs every row through the padded blocks: no [E, C, D] bucket in the compiled program.
-    Differentiated (training), or with fewer rows (decode), it keeps the buckets."""
-    x, w1, w3, w2 = map(jnp.asarray, self._weights(seed=3))
-    x = jnp.tile(x, (4, 1))  # 64 rows x 2 copies over 8 experts: 16 per expert
-    routing = self._routing("random", seed=3)
-    routing = routing_lib.Routing(*(jnp.tile(a, (4, 1)) for a in routing))
-    rows = x.shape[0] * self.k
+  def test_inference_with_a_block_or_a_few_rows_per_expert_runs_the_blocks(self):
+    """Not differentiated, with at least a block of rows per expert (prefill) or at most
+    `FEW_ROWS_PER_EXPERT` (decode), the bucket path runs every row through the padded blocks:
+    no [E, C, D] bucket in the compiled program. Differentiated (training), or between the
+    two, it keeps the buckets."""
+    x1, w1, w3, w2 = map(jnp.asarray, self._weights(seed=3))
+    routing1 = self._routing("random", seed=3)
 
-    def has_buckets(block, grad):
+    def has_buckets(tile, block, grad):
+      x = jnp.tile(x1, (tile, 1))  # 16 x tile tokens x 2 copies over 8 experts: 4 x tile each
+      routing = routing_lib.Routing(*(jnp.tile(a, (tile, 1)) for a in routing1))
       fn = functools.partial(experts_lib.routed_ffn, block=block, precision="fp32", path="bucket")
-      c = experts_lib.capacity(rows, self.e)
+      c = experts_lib.capacity(x.shape[0] * self.k, self.e)
       if grad:
         text = jax.jit(jax.grad(lambda x: jnp.sum(fn(x, routing, w1, w3, w2)))).lower(x).as_text()
       else:
         text = jax.jit(lambda x: fn(x, routing, w1, w3, w2)).lower(x).as_text()
       return f"tensor<{self.e}x{c}x{self.d}xf32>" in text
 
-    self.assertFalse(has_buckets(block=4, grad=False))  # 16 rows per expert >= a block of 4
-    self.assertTrue(has_buckets(block=4, grad=True))
-    self.assertTrue(has_buckets(block=32, grad=False))  # under a block per expert
+    self.assertEqual(experts_lib.FEW_ROWS_PER_EXPERT, 4)
+    self.assertFalse(has_buckets(4, block=4, grad=False))  # 16 rows per expert >= a block of 4
+    self.assertTrue(has_buckets(4, block=4, grad=True))
+    self.assertTrue(has_buckets(4, block=32, grad=False))  # 16: over a few, under a block
+    self.assertFalse(has_buckets(1, block=32, grad=False))  # 4 per expert: a few
+    self.assertTrue(has_buckets(1, block=32, grad=True))
 
   def test_scanned_layers_keep_no_weight_copies_for_the_backward(self):
     """Under a scan over stacked layers (the model's walk), the forward's residuals are
