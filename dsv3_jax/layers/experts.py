@@ -388,13 +388,25 @@ def block_layout(expert_R: jax.Array, n_experts: int, block: int) -> BlockLayout
   return BlockLayout(order, dest, block_expert.astype(jnp.int32), n_used, n_blocks)
 
 
-def effective_block(block: int, rows: int, n_experts: int) -> int:
-  """Rows per block: `block`, shrunk (to a power of two) when experts get few rows each.
+# With at least a block of rows per expert, blocks of at most a third of the mean rows per
+# expert (a power of two): each expert's last block pads it by half a block on average.
+PADDING_DIVISOR = 3
+
+
+def effective_block(block: int, rows: int, n_experts: int, fp8: bool = False) -> int:
+  """Rows per block: `block`, shrunk (to a power of two) when experts get few rows each, and
+  (not under `fp8`, whose weight-gradient tiles are 128 rows of a block) kept to a third of
+  an expert's mean rows when they get more than a block each.
 
   A decode step routes a handful of copies over many experts; padding each to a 64-row block
-  would multiply the expert FLOPs by ~64. Shapes are static, so this is a trace-time choice.
+  would multiply the expert FLOPs by ~64. A prefill of 2048 tokens x 6 copies over 64
+  experts has 192 rows per expert: 128-row blocks would pad each to 256 (a third more work),
+  64-row blocks fit 192 exactly and pad a skewed count by 32 rows on average. Shapes are
+  static, so this is a trace-time choice.
   """
   per_expert = max(1, rows // max(n_experts, 1))
+  if per_expert >= block and PADDING_DIVISOR and not fp8:
+    return max(1, min(block, 1 << (per_expert // PADDING_DIVISOR).bit_length() - 1))
   return min(block, 1 << (per_expert - 1).bit_length())
 
 
@@ -403,7 +415,7 @@ def _block_rows(x_SxD, expert_R, w1, w3, w2, block, precision, copies=1, gate_R=
   SwiGLU output scaled by gate_R[i] (default 1) before W2."""
   e_loc = w1.shape[0]
   r, d = expert_R.shape[0], x_SxD.shape[1]
-  block = effective_block(block, r, e_loc)
+  block = effective_block(block, r, e_loc, precision == "fp8")
   lay = block_layout(expert_R, e_loc + 1, block)  # empty slots: an extra last group
   counts = jnp.zeros((e_loc,), jnp.int32).at[expert_R].add(1, mode="drop")
   real_blocks = jnp.sum((counts + block - 1) // block)

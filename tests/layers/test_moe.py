@@ -414,6 +414,18 @@ class GroupedFfnTest(parameterized.TestCase):
     self.assertEqual(experts_lib.capacity(8 * 6, 64), 5)  # batch 8 decode: mean 0.75
     self.assertEqual(experts_lib.capacity(32 * 6, 64), 16)  # batch 32: mean 3
 
+  def test_block_size_follows_the_rows_per_expert(self):
+    """Few rows per expert: a block covers an expert's rows; over a block each: blocks of at
+    most a third of the mean (a power of two), so the last block's padding stays small;
+    under fp8 the configured block (its weight-gradient tiles run along a block's rows)."""
+    block = experts_lib.effective_block
+    self.assertEqual(block(128, 8 * 6, 64), 1)  # batch 8 decode
+    self.assertEqual(block(128, 32 * 6, 64), 4)  # batch 32 decode: 3 per expert
+    self.assertEqual(block(128, 2048 * 6, 64), 64)  # prefill 4 x 512: 192 per expert
+    self.assertEqual(block(128, 4096 * 6, 64), 128)  # 384 per expert
+    self.assertEqual(block(128, 2048 * 6, 64, fp8=True), 128)
+    self.assertEqual(block(128, 32 * 6, 64, fp8=True), 4)
+
   def test_empty_rows_are_zero(self):
     """Rows with expert id E (empty slots of the expert-parallel buffer) come back as zeros."""
     x, w1, w3, w2 = map(jnp.asarray, self._weights())
