@@ -390,6 +390,7 @@ def block_layout(expert_R: jax.Array, n_experts: int, block: int) -> BlockLayout
 
 # With at least a block of rows per expert, blocks of at most a third of the mean rows per
 # expert (a power of two): each expert's last block pads it by half a block on average.
+# 0 turns this off (the configured block).
 PADDING_DIVISOR = 3
 
 
