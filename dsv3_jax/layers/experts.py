@@ -235,7 +235,7 @@ def _bucket_ffn_fwd(x_SxD, w1, w3, w2, gate_R, lay, static):
   nothing: its backward recomputes it, and only when it ran. The routing weight (gate_R)
   scales the SwiGLU output before W2, so the gate's gradient comes from the backward's own
   dh and no [R, D] expert output is kept for the combine (the report's recipe, §3.3.3)."""
-  args = tuple(map(jnp.asarray, (x_SxD, w1, w3, w2, gate_R)))  # numpy inputs: arrays
+  args = (x_SxD, w1, w3, w2, gate_R)  # arrays (`expert_rows` converts numpy inputs)
   y_RxD, (buf, gate, a1, a3) = _bucket_forward(*args, lay, static)
   overflow = jnp.any(lay.overflow_R(w1.shape[0]) < w1.shape[0])
   y_RxD = jax.lax.cond(
@@ -390,7 +390,6 @@ def block_layout(expert_R: jax.Array, n_experts: int, block: int) -> BlockLayout
 
 # With at least a block of rows per expert, blocks of at most a third of the mean rows per
 # expert (a power of two): each expert's last block pads it by half a block on average.
-# 0 turns this off (the configured block).
 PADDING_DIVISOR = 3
 
 
@@ -406,7 +405,7 @@ def effective_block(block: int, rows: int, n_experts: int, fp8: bool = False) ->
   static, so this is a trace-time choice.
   """
   per_expert = max(1, rows // max(n_experts, 1))
-  if per_expert >= block and PADDING_DIVISOR and not fp8:
+  if per_expert >= block and not fp8:
     return max(1, min(block, 1 << (per_expert // PADDING_DIVISOR).bit_length() - 1))
   return min(block, 1 << (per_expert - 1).bit_length())
 
@@ -472,8 +471,10 @@ def expert_rows(
   before W2 (so their backward needs no [R, D] output for the gate's gradient), the gather
   path to the output.
   """
-  # numpy inputs (constants under a trace) as arrays: the block loop indexes them by a tracer
+  # numpy inputs (constants under a trace) as arrays, once for every path: the block loop
+  # indexes them by a tracer, and the bucket VJP keeps them as residuals
   x_RxD, w1_ExDxF, w3_ExDxF, w2_ExFxD = map(jnp.asarray, (x_RxD, w1_ExDxF, w3_ExDxF, w2_ExFxD))
+  gate_R = None if gate_R is None else jnp.asarray(gate_R)
   e = w1_ExDxF.shape[0]
   r = expert_R.shape[0]
   if x_RxD.shape[0] * copies != r:
