@@ -128,8 +128,11 @@ _VARIANTS = {
     ),
     # 8 devices as data 2 x expert 4: 4 experts per EP rank, each rank its own "node"
     # (ep_ranks_per_node=1), so the 4 expert groups are 4 nodes and topk_group=2 caps
-    # every token at 2 of them.
-    parallel=dict(data=2, expert=4),
+    # every token at 2 of them. The two-stage dispatch sends a token once to each chosen
+    # node (§3.2.2), here once per rank instead of once per copy: at most 2 rows where the
+    # flat dispatch sends 4. On 2 cores the step was 3-12% faster in each of 4 alternated
+    # rounds (0.953 vs 1.019 s median).
+    parallel=dict(data=2, expert=4, ep_two_stage=True),
   ),
   "bench": dict(
     model=dict(

@@ -22,9 +22,10 @@ from dsv3_jax.layers import routing as routing_lib
 from dsv3_jax.parallel import expert, node_dispatch
 from dsv3_jax.parallel import mesh as mesh_lib
 
-# (data, expert, ranks per node): 4 nodes x 2 GPUs, 2 nodes x 4 GPUs, 2 data x 2 nodes x 2.
-MESHES = [(1, 8, 2), (1, 8, 4), (2, 4, 2)]
-IDS = ["4x2", "2x4", "dp2-2x2"]
+# (data, expert, ranks per node): 4 nodes x 2 GPUs, 2 nodes x 4 GPUs, 2 data x 2 nodes x 2,
+# and `make run`'s 2 data x 4 nodes of one rank (a token crosses once per rank it routes to).
+MESHES = [(1, 8, 2), (1, 8, 4), (2, 4, 2), (2, 4, 1)]
+IDS = ["4x2", "2x4", "dp2-2x2", "dp2-4x1"]
 B, L = 8, 6
 
 
