@@ -52,6 +52,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jcore
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig, ParallelConfig
@@ -241,17 +242,64 @@ def further_rounds(y, rounds: jax.Array, max_rounds: int, round_fn):
 
   One `scan` step per possible round, its body a `cond` on `rounds`: the program holds one
   copy of a round (its all_to_alls and the expert kernel) however many the bound allows, 16
-  at DeepSeek-V3's shape. The round is rematerialised: a differentiated `cond` keeps the
-  residuals of both branches, so a round that ran would otherwise keep its buffers."""
+  at DeepSeek-V3's shape. The VJP is written out (`_rounds_sum`): differentiating the
+  scan-of-cond directly keeps each possible round's inputs -- the local expert weights among
+  them -- as a stacked per-round residual (15 x the weights at DeepSeek-V3's shape) even when
+  no round runs. Here the backward keeps only the inputs, once, and reruns each round that
+  ran under its VJP (a rematerialised round, as before)."""
   if max_rounds <= 1:
     return y
-  remat = jax.checkpoint(round_fn)
+  js = jnp.arange(1, max_rounds, dtype=jnp.int32)
+  # Every value the round closes over becomes an argument (integers too: a closure over
+  # them would leak the enclosing trace into the custom VJP).
+  closed = jax.make_jaxpr(round_fn)(js[0])
+  jaxpr = closed.jaxpr
+  opened = jcore.ClosedJaxpr(
+    jaxpr.replace(constvars=[], invars=[*jaxpr.constvars, *jaxpr.invars]), []
+  )
+  fn = lambda j, *consts: jcore.jaxpr_as_fun(opened)(*consts, j)[0]
+  return _rounds_sum(fn, y, rounds, js, *closed.consts)
 
+
+def _add_rounds(fn, y, rounds, js, consts):
   def body(acc, j):
-    extra = jax.lax.cond(rounds > j, remat, lambda j: jnp.zeros_like(acc), j)
+    extra = jax.lax.cond(rounds > j, lambda j: fn(j, *consts), lambda j: jnp.zeros_like(acc), j)
     return acc + extra, None
 
-  return jax.lax.scan(body, y, jnp.arange(1, max_rounds, dtype=jnp.int32))[0]
+  return jax.lax.scan(body, y, js)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _rounds_sum(fn, y, rounds, js, *consts):
+  return _add_rounds(fn, y, rounds, js, consts)
+
+
+def _rounds_sum_fwd(fn, y, rounds, js, *consts):
+  return _add_rounds(fn, y, rounds, js, consts), (rounds, js, consts)
+
+
+def _rounds_sum_bwd(fn, res, ct):
+  rounds, js, consts = res
+  inexact = [jnp.issubdtype(c.dtype, jnp.inexact) for c in consts]
+  diff = [c for c, d in zip(consts, inexact) if d]
+
+  def with_diff(j, *diff_consts):
+    it = iter(diff_consts)
+    return fn(j, *[next(it) if d else c for c, d in zip(consts, inexact)])
+
+  def body(acc, j):
+    def vjp_round(j):
+      return jax.vjp(functools.partial(with_diff, j), *diff)[1](ct)
+
+    grads = jax.lax.cond(rounds > j, vjp_round, lambda j: tuple(jnp.zeros_like(c) for c in diff), j)
+    return tuple(a + g for a, g in zip(acc, grads)), None
+
+  acc = jax.lax.scan(body, tuple(jnp.zeros_like(c) for c in diff), js)[0]
+  it = iter(acc)
+  return (ct, None, None, *[next(it) if d else None for d in inexact])
+
+
+_rounds_sum.defvjp(_rounds_sum_fwd, _rounds_sum_bwd)
 
 
 # ----------------------------------------------------------------------------- the EP layer

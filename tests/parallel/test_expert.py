@@ -263,6 +263,42 @@ def test_extra_rounds_are_one_loop_in_the_program(two_stage):
 
 
 @pytest.mark.parametrize("two_stage", [False, True], ids=["flat", "two_stage"])
+def test_extra_rounds_keep_their_inputs_once_for_backward(two_stage):
+  """What the backward keeps does not grow with the number of rounds the bound allows: the
+  rounds' inputs (the local expert weights among them) are kept once, not stacked per
+  possible round (a differentiated scan of `cond`s keeps every step's branch inputs: 15 x the
+  local expert weights at DeepSeek-V3's shape, whether or not a round runs)."""
+  from dsv3_jax.parallel import node_dispatch
+
+  cfg = _cfg(n_routed_experts=32, n_group=4, topk_group=4, num_experts_per_tok=4)
+  graphdef, state = _layer(cfg)
+  m = nnx.merge(graphdef, state)
+  x = jax.random.normal(jax.random.key(3), (8, 64, cfg.hidden_size), jnp.float32)
+
+  def kept_bytes(factor):
+    if two_stage:
+      ep = _ep(1, 8, ranks_per_node=2, dispatch_factor=factor)
+      dispatch = node_dispatch.two_stage_dispatch
+    else:
+      ep, dispatch = _ep(1, 8, dispatch_factor=factor), expert.flat_dispatch
+
+    def f(x, w1, w3, w2):
+      return expert.routed_experts(
+        x, m.gate[...], m.bias[...], w1, w3, w2, cfg, ep, dispatch=dispatch
+      )[0]
+
+    _, vjp = jax.vjp(f, x, m.w1[...], m.w3[...], m.w2[...])
+    leaves = {id(a): a for a in jax.tree.leaves(vjp) if hasattr(a, "nbytes")}
+    return sum(a.nbytes for a in leaves.values())
+
+  weights = sum(w.nbytes for w in (m.w1[...], m.w3[...], m.w2[...]))
+  few, many = kept_bytes(2.0), kept_bytes(1.0)  # bounds of 4 and 8 rounds
+  # Half the fast buffer (factor 1): the rounds' buffers shrink; nothing grows by a
+  # per-round copy of the weights (which would add 4 x their bytes here).
+  assert many <= few + weights // 2, (many, few, weights)
+
+
+@pytest.mark.parametrize("two_stage", [False, True], ids=["flat", "two_stage"])
 def test_backward_keeps_no_row_per_copy_outside_the_expert_kernel(layer, two_stage):
   """The routing weights gate each copy at its expert (sent with it), and every buffer is
   filled and read by gathers: what the backward keeps of [.., D] rows is only the expert
