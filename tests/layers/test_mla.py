@@ -132,11 +132,69 @@ class AttendGradientTest(parameterized.TestCase):
     self.assertEqual(np.abs(np.asarray(vjp(ct)[1], np.float32)[1, :, 1]).max(), 0.0)
 
 
+class CausalAttendTest(parameterized.TestCase):
+  """`causal_attend` (query blocks, a FlashAttention-style backward) equals autodiff of the
+  full masked softmax attention, and keeps no probabilities or per-block key copies."""
+
+  @parameterized.product(
+    (dict(dtype=jnp.float32, tol=1e-5), dict(dtype=jnp.bfloat16, tol=3e-2)),
+    recompute=(False, True),
+  )
+  def test_vjp_equals_autodiff_of_full_attention(self, dtype, tol, recompute):
+    b, h, l, t, qk, v = 2, 3, 10, 13, 8, 4  # blocks of 4, 4, 2 queries; 3 keys never read
+    ks = jax.random.split(jax.random.key(5), 4)
+    q = jax.random.normal(ks[0], (b, h, l, qk)).astype(dtype)
+    k = jax.random.normal(ks[1], (b, h, t, qk)).astype(dtype)
+    val = jax.random.normal(ks[2], (b, h, t, v)).astype(dtype)
+    mask = jnp.broadcast_to(
+      (jnp.arange(t)[None, :] <= jnp.arange(l)[:, None])[None, None], (b, 1, l, t)
+    )
+    scale = 0.37
+
+    def reference(q, k, val):
+      p = mla_lib._probabilities(jnp.einsum("bhlq,bhtq->bhlt", q, k), mask, scale, dtype)
+      return jnp.einsum("bhlt,bhtv->bhlv", p, val)
+
+    ct = jax.random.normal(ks[3], (b, h, l, v)).astype(dtype)
+    with mock.patch.object(mla_lib, "QUERY_BLOCK", 4):
+      out, vjp = jax.vjp(lambda *a: mla_lib.causal_attend(*a, mask, scale, recompute), q, k, val)
+      grads = vjp(ct)
+    ref_out, ref_vjp = jax.vjp(reference, q, k, val)
+    np.testing.assert_allclose(
+      np.asarray(out, np.float32), np.asarray(ref_out, np.float32), atol=tol, rtol=tol
+    )
+    for got, want, name in zip(grads, ref_vjp(ct), ("dq", "dk", "dv")):
+      self.assertEqual(got.dtype, want.dtype, name)
+      got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+      scale_ = np.abs(want).max()
+      np.testing.assert_allclose(got / scale_, want / scale_, atol=tol, err_msg=name)
+    # Keys past the last query get no gradient.
+    self.assertEqual(np.abs(np.asarray(grads[1], np.float32)[:, :, l:]).max(), 0.0)
+    # Kept for the backward: q, k, v, the mask and the output once (no slice of the keys),
+    # and each block's probabilities, or with `recompute` a log-sum-exp per query.
+    kept = {(a.shape, str(a.dtype)) for a in jax.tree.leaves(vjp)}
+    once = {
+      ((b, h, l, qk), str(q.dtype)),
+      ((b, h, t, qk), str(q.dtype)),
+      ((b, h, t, v), str(q.dtype)),
+      ((b, 1, l, t), "bool"),
+      ((b, h, l, v), str(q.dtype)),
+    }
+    blocks = {
+      ((b, h, 4, 4), str(q.dtype)),
+      ((b, h, 4, 8), str(q.dtype)),
+      ((b, h, 2, 10), str(q.dtype)),
+    }
+    self.assertEqual(kept, once | ({((b, h, l), "float32")} if recompute else blocks))
+
+
 class CausalBlocksTest(parameterized.TestCase):
   """Causal query blocks (a sequence from position 0) skip only keys the mask hides."""
 
-  @parameterized.named_parameters(("no_cache", False), ("fresh_cache", True))
-  def test_blocks_equal_the_full_attention(self, with_cache):
+  @parameterized.named_parameters(
+    ("no_cache", False, 2048), ("fresh_cache", True, 2048), ("recomputed", False, 8)
+  )
+  def test_blocks_equal_the_full_attention(self, with_cache, recompute_from):
     cfg = _model_cfg()
     module = mla_lib.MLA(dataclasses.replace(cfg, init_std=0.3), rngs=nnx.Rngs(params=0))
     graphdef, state = nnx.split(module)
@@ -150,10 +208,20 @@ class CausalBlocksTest(parameterized.TestCase):
       return jnp.sum(out * r), (out, new_cache)
 
     grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
-    with mock.patch.object(mla_lib, "QUERY_BLOCK", 4):
+    with (
+      mock.patch.object(mla_lib, "QUERY_BLOCK", 4),
+      mock.patch.object(mla_lib, "RECOMPUTE_FROM", recompute_from),
+    ):
       (g_state, g_x), (out, new_cache) = jax.jit(grad, static_argnums=2)(state, x, True)
       jaxpr = str(jax.make_jaxpr(lambda s, x: loss(s, x, True)[0])(state, x))
-    self.assertEqual(jaxpr.count("name=attend"), 3)  # three blocks of queries
+      kept = {a.shape for a in jax.tree.leaves(jax.vjp(lambda x: loss(state, x, True)[0], x)[1])}
+    self.assertEqual(jaxpr.count("name=causal_attend"), 1)
+    # A block's probabilities are kept for the backward below `RECOMPUTE_FROM` queries.
+    h = cfg.num_attention_heads
+    self.assertEqual((b, h, 4, 8) in kept, l < recompute_from)
+    # Three blocks of queries, reading keys up to 4, 8 and 10: their score blocks.
+    for rows, keys in ((4, 4), (4, 8), (2, 10)):
+      self.assertIn(f"f32[{b},{h},{rows},{keys}]", jaxpr)
     (w_state, w_x), (want, want_cache) = jax.jit(grad, static_argnums=2)(state, x, False)
     chex.assert_trees_all_close(out, want, atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close(new_cache, want_cache, atol=0, rtol=0)
@@ -172,12 +240,14 @@ class CausalBlocksTest(parameterized.TestCase):
       positions = jnp.broadcast_to(jnp.arange(10), (2, 10)) if explicit else None
       return nnx.merge(graphdef, state).forward(tokens, positions).logits_BxLxV
 
-    def attend_calls(explicit):
-      return str(jax.make_jaxpr(logits, static_argnums=1)(tokens, explicit)).count("name=attend")
+    def calls(explicit, name):
+      return str(jax.make_jaxpr(logits, static_argnums=1)(tokens, explicit)).count(f"name={name}")
 
     with mock.patch.object(mla_lib, "QUERY_BLOCK", 4):
       blocked = logits(tokens, False)
-      self.assertEqual(attend_calls(False), 3 * attend_calls(True))  # 10 queries: 3 blocks
+      self.assertEqual(calls(False, "causal_attend"), calls(True, "attend"))  # one per layer
+      self.assertEqual(calls(False, "attend"), 0)
+      self.assertEqual(calls(True, "causal_attend"), 0)
     np.testing.assert_allclose(blocked, logits(tokens, True), atol=1e-4, rtol=1e-4)
 
 
