@@ -149,8 +149,9 @@ def _causal_attend_bwd(scale, recompute, res, do_BxHxLxV):
     dv = _add_head(
       dv, jnp.einsum("bhlt,bhlv->bhtv", p, do_b.astype(v.dtype), preferred_element_type=f32)
     )
-    dp = jnp.einsum("bhlv,bhtv->bhlt", do_b.astype(v.dtype), v_b)
-    ds = ((dp.astype(f32) - delta_BxHxL[:, :, a:e, None]) * p.astype(f32) * scale).astype(q.dtype)
+    # dP in f32: it nearly cancels against delta.
+    dp = jnp.einsum("bhlv,bhtv->bhlt", do_b.astype(v.dtype), v_b, preferred_element_type=f32)
+    ds = ((dp - delta_BxHxL[:, :, a:e, None]) * p.astype(f32) * scale).astype(q.dtype)
     dq_blocks.append(jnp.einsum("bhlt,bhtq->bhlq", ds, k_b))
     dk = _add_head(dk, jnp.einsum("bhlt,bhlq->bhtq", ds, q_b, preferred_element_type=f32))
   dq = jnp.concatenate(dq_blocks, axis=2)
@@ -165,7 +166,7 @@ def causal_attend(
   `QUERY_BLOCK` queries, each reading only the keys up to its last query (about half the
   work of the full [L, T] scores, for many blocks).
 
-  The backward keeps q, k, v and the output once (autodiff of the blocks would keep each
+  The backward keeps q, k, v, the mask and the output once (autodiff of the blocks would keep each
   block's own copy of the keys and values up to its end), and either each block's
   probabilities or, with `recompute`, only each query's log-sum-exp, from which it
   recomputes a block's probabilities (what flash attention keeps: one more score GEMM per

@@ -4,8 +4,8 @@ On 8 emulated devices the planned per-device memory of a small config (parameter
 ZeRO-1 optimizer state from the sharding plan's specs, and the activations this code keeps,
 traced) is within 10% of `compiled.memory_analysis()` of the real train step (the activation
 part alone within 14%: a fixed gap, see the test). The 671B layout of the report (PP16 x
-EP64 x ZeRO-1 on 2048 H800s, arXiv 2412.19437 §3.2) plans without devices; a mesh that does not divide the config fails
-before anything is traced or compiled, naming both numbers.
+EP64 x ZeRO-1 on 2048 H800s, arXiv 2412.19437 §3.2) plans without devices; a mesh that does
+not divide the config fails before anything is traced or compiled, naming both numbers.
 """
 
 import jax
