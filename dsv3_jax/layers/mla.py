@@ -61,30 +61,54 @@ QUERY_BLOCK = 128
 RECOMPUTE_FROM = 2048
 
 
+def _softmax(scores_BxHxLxT, mask_Bx1xLxT, scale: float, dtype):
+  """Masked softmax over keys, in float32: (probabilities in `dtype`, log-sum-exp [B, H, L])."""
+  scores = jnp.where(mask_Bx1xLxT, scores_BxHxLxT.astype(jnp.float32) * scale, -jnp.inf)
+  top = jnp.max(scores, axis=-1, keepdims=True)
+  e = jnp.exp(scores - top)
+  total = jnp.sum(e, axis=-1, keepdims=True)
+  return (e / total).astype(dtype), (top + jnp.log(total))[..., 0]
+
+
 def _probabilities(scores_BxHxLxT, mask_Bx1xLxT, scale: float, dtype):
   """Masked softmax over keys, in float32, returned in `dtype`."""
-  scores = jnp.where(mask_Bx1xLxT, scores_BxHxLxT.astype(jnp.float32) * scale, -jnp.inf)
-  return jax.nn.softmax(scores, axis=-1).astype(dtype)
+  return _softmax(scores_BxHxLxT, mask_Bx1xLxT, scale, dtype)[0]
+
+
+def _attend_probs(q_BxHxLxQK, k_BxHxTxQK, v_BxHxTxV, mask_Bx1xLxT, scale):
+  """(output, probabilities in v's dtype, log-sum-exp per query)."""
+  scores = jnp.einsum("bhlq,bhtq->bhlt", q_BxHxLxQK, k_BxHxTxQK)
+  p_BxHxLxT, lse_BxHxL = _softmax(scores, mask_Bx1xLxT, scale, v_BxHxTxV.dtype)
+  return jnp.einsum("bhlt,bhtv->bhlv", p_BxHxLxT, v_BxHxTxV), p_BxHxLxT, lse_BxHxL
+
+
+def _attend_grads(q, k, v, p, do_BxHxLxV, delta_BxHxL, scale):
+  """dQ (q's dtype), dK and dV (float32) of softmax attention from its probabilities, with
+  delta = rowsum(dO * O) (equal to rowsum(P * dP) since O = P V: one [B, H, L] reduction
+  over V instead of over T). dP is float32: it nearly cancels against delta."""
+  f32 = jnp.float32
+  do = do_BxHxLxV.astype(v.dtype)
+  dv = jnp.einsum("bhlt,bhlv->bhtv", p, do, preferred_element_type=f32)
+  dp = jnp.einsum("bhlv,bhtv->bhlt", do, v, preferred_element_type=f32)
+  ds = ((dp - delta_BxHxL[..., None]) * p.astype(f32) * scale).astype(q.dtype)
+  dq = jnp.einsum("bhlt,bhtq->bhlq", ds, k)
+  dk = jnp.einsum("bhlt,bhlq->bhtq", ds, q, preferred_element_type=f32)
+  return dq, dk, dv
+
+
+def _delta(do_BxHxLxV, o_BxHxLxV):
+  return jnp.sum(do_BxHxLxV.astype(jnp.float32) * o_BxHxLxV.astype(jnp.float32), -1)
 
 
 def _attend_fwd(q_BxHxLxQK, k_BxHxTxQK, v_BxHxTxV, mask_Bx1xLxT, scale):
-  scores = jnp.einsum("bhlq,bhtq->bhlt", q_BxHxLxQK, k_BxHxTxQK)
-  p_BxHxLxT = _probabilities(scores, mask_Bx1xLxT, scale, v_BxHxTxV.dtype)
-  o_BxHxLxV = jnp.einsum("bhlt,bhtv->bhlv", p_BxHxLxT, v_BxHxTxV)
+  o_BxHxLxV, p_BxHxLxT, _ = _attend_probs(q_BxHxLxQK, k_BxHxTxQK, v_BxHxTxV, mask_Bx1xLxT, scale)
   return o_BxHxLxV, (q_BxHxLxQK, k_BxHxTxQK, v_BxHxTxV, p_BxHxLxT, o_BxHxLxV)
 
 
 def _attend_bwd(scale, res, do_BxHxLxV):
   q, k, v, p, o = res
-  f32 = jnp.float32
-  dv = jnp.einsum("bhlt,bhlv->bhtv", p, do_BxHxLxV.astype(p.dtype))
-  dp = jnp.einsum("bhlv,bhtv->bhlt", do_BxHxLxV.astype(v.dtype), v)
-  # sum_t p * dp = sum_v do * o: one [B, H, L] reduction over V instead of over T.
-  delta_BxHxLx1 = jnp.sum(do_BxHxLxV.astype(f32) * o.astype(f32), -1, keepdims=True)
-  ds = ((dp.astype(f32) - delta_BxHxLx1) * p.astype(f32) * scale).astype(q.dtype)
-  dq = jnp.einsum("bhlt,bhtq->bhlq", ds, k)
-  dk = jnp.einsum("bhlt,bhlq->bhtq", ds, q)
-  return dq, dk, dv, None
+  dq, dk, dv = _attend_grads(q, k, v, p, do_BxHxLxV, _delta(do_BxHxLxV, o), scale)
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -115,17 +139,15 @@ def _add_head(acc_BxHxTxX, part_BxHxExX):
 
 
 def _causal_attend_fwd(q_BxHxLxQK, k_BxHxTxQK, v_BxHxTxV, mask_Bx1xLxT, scale, recompute):
-  outs, lses, probs = [], [], []
+  outs, probs, lses = [], [], []
   for a, e in _causal_blocks(q_BxHxLxQK.shape[2]):
-    scores = jnp.einsum("bhlq,bhtq->bhlt", q_BxHxLxQK[:, :, a:e], k_BxHxTxQK[:, :, :e])
-    scores = jnp.where(mask_Bx1xLxT[:, :, a:e, :e], scores.astype(jnp.float32) * scale, -jnp.inf)
-    # The softmax's own max and sum also give the log-sum-exp the backward reads.
-    top = jnp.max(scores, axis=-1, keepdims=True)
-    e_ = jnp.exp(scores - top)
-    total = jnp.sum(e_, axis=-1, keepdims=True)
-    lses.append((top + jnp.log(total))[..., 0])
-    probs.append((e_ / total).astype(v_BxHxTxV.dtype))
-    outs.append(jnp.einsum("bhlt,bhtv->bhlv", probs[-1], v_BxHxTxV[:, :, :e]))
+    o, p, lse = _attend_probs(
+      q_BxHxLxQK[:, :, a:e], k_BxHxTxQK[:, :, :e], v_BxHxTxV[:, :, :e],
+      mask_Bx1xLxT[:, :, a:e, :e], scale,
+    )  # fmt: skip
+    outs.append(o)
+    probs.append(p)
+    lses.append(lse)
   o_BxHxLxV = jnp.concatenate(outs, axis=2)
   kept = jnp.concatenate(lses, axis=2) if recompute else tuple(probs)
   return o_BxHxLxV, (q_BxHxLxQK, k_BxHxTxQK, v_BxHxTxV, mask_Bx1xLxT, o_BxHxLxV, kept)
@@ -133,27 +155,23 @@ def _causal_attend_fwd(q_BxHxLxQK, k_BxHxTxQK, v_BxHxTxV, mask_Bx1xLxT, scale, r
 
 def _causal_attend_bwd(scale, recompute, res, do_BxHxLxV):
   q, k, v, mask, o, kept = res
-  f32 = jnp.float32
   dq_blocks = []
-  dk = jnp.zeros(k.shape, f32)
-  dv = jnp.zeros(v.shape, f32)
-  delta_BxHxL = jnp.sum(do_BxHxLxV.astype(f32) * o.astype(f32), -1)
+  dk = jnp.zeros(k.shape, jnp.float32)
+  dv = jnp.zeros(v.shape, jnp.float32)
+  delta_BxHxL = _delta(do_BxHxLxV, o)
   for i, (a, e) in enumerate(_causal_blocks(q.shape[2])):
-    q_b, k_b, v_b, do_b = q[:, :, a:e], k[:, :, :e], v[:, :, :e], do_BxHxLxV[:, :, a:e]
+    q_b, k_b, v_b = q[:, :, a:e], k[:, :, :e], v[:, :, :e]
     if recompute:  # the block's probabilities again, from its scores and the log-sum-exp
-      scores = jnp.einsum("bhlq,bhtq->bhlt", q_b, k_b).astype(f32) * scale
+      scores = jnp.einsum("bhlq,bhtq->bhlt", q_b, k_b).astype(jnp.float32) * scale
       p = jnp.where(mask[:, :, a:e, :e], jnp.exp(scores - kept[:, :, a:e, None]), 0.0)
       p = p.astype(v.dtype)
     else:
       p = kept[i]
-    dv = _add_head(
-      dv, jnp.einsum("bhlt,bhlv->bhtv", p, do_b.astype(v.dtype), preferred_element_type=f32)
+    dq_b, dk_b, dv_b = _attend_grads(
+      q_b, k_b, v_b, p, do_BxHxLxV[:, :, a:e], delta_BxHxL[:, :, a:e], scale
     )
-    # dP in f32: it nearly cancels against delta.
-    dp = jnp.einsum("bhlv,bhtv->bhlt", do_b.astype(v.dtype), v_b, preferred_element_type=f32)
-    ds = ((dp - delta_BxHxL[:, :, a:e, None]) * p.astype(f32) * scale).astype(q.dtype)
-    dq_blocks.append(jnp.einsum("bhlt,bhtq->bhlq", ds, k_b))
-    dk = _add_head(dk, jnp.einsum("bhlt,bhlq->bhtq", ds, q_b, preferred_element_type=f32))
+    dq_blocks.append(dq_b)
+    dk, dv = _add_head(dk, dk_b), _add_head(dv, dv_b)
   dq = jnp.concatenate(dq_blocks, axis=2)
   return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
@@ -166,15 +184,16 @@ def causal_attend(
   `QUERY_BLOCK` queries, each reading only the keys up to its last query (about half the
   work of the full [L, T] scores, for many blocks).
 
-  The backward keeps q, k, v, the mask and the output once (autodiff of the blocks would keep each
-  block's own copy of the keys and values up to its end), and either each block's
+  The backward keeps q, k, v, the mask and the output once (autodiff of the blocks would
+  keep each block's own copy of the keys and values up to its end), and either each block's
   probabilities or, with `recompute`, only each query's log-sum-exp, from which it
   recomputes a block's probabilities (what flash attention keeps: one more score GEMM per
-  block in the backward). At DeepSeek-V3's 4096 tokens and 128 heads autodiff of the blocks
-  kept 9.2 GB per layer; recomputing keeps 0.8 GB. `MLA` recomputes from
-  `RECOMPUTE_FROM` queries on: below it the probabilities are small and the extra GEMM
-  costs time (bench model, 2 CPU cores, alternated: train step 10.16 s keeping them, 10.80
-  recomputing, 11.04 for autodiff of the blocks).
+  block in the backward). Each block's gradients are `attend`'s (`_attend_grads`). At
+  DeepSeek-V3's 4096 tokens and 128 heads autodiff of the blocks kept 9.2 GB per layer;
+  recomputing keeps 0.8 GB. `MLA` recomputes from `RECOMPUTE_FROM` queries on: below it the
+  probabilities are small and the extra GEMM costs time (bench model, 2 CPU cores,
+  alternated: train step 10.16 s keeping them, 10.80 recomputing, 11.04 for autodiff of the
+  blocks).
   """
   return _causal_attend_fwd(q_BxHxLxQK, k_BxHxTxQK, v_BxHxTxV, mask_Bx1xLxT, scale, recompute)[0]
 

@@ -52,6 +52,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax._src.interpreters import partial_eval as pe  # convert_constvars_jaxpr
 from jax.extend import core as jcore
 from jax.sharding import Mesh, PartitionSpec as P
 
@@ -253,10 +254,7 @@ def further_rounds(y, rounds: jax.Array, max_rounds: int, round_fn):
   # Every value the round closes over becomes an argument (integers too: a closure over
   # them would leak the enclosing trace into the custom VJP).
   closed = jax.make_jaxpr(round_fn)(js[0])
-  jaxpr = closed.jaxpr
-  opened = jcore.ClosedJaxpr(
-    jaxpr.replace(constvars=[], invars=[*jaxpr.constvars, *jaxpr.invars]), []
-  )
+  opened = jcore.ClosedJaxpr(pe.convert_constvars_jaxpr(closed.jaxpr), ())
   fn = lambda j, *consts: jcore.jaxpr_as_fun(opened)(*consts, j)[0]
   return _rounds_sum(fn, y, rounds, js, *closed.consts)
 
