@@ -16,12 +16,40 @@ import jax.numpy as jnp
 from dsv3_jax.config import TrainConfig
 
 
+@jax.custom_vjp
+def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+  """-log softmax(logits)[target] per position, float32: log-sum-exp minus the target's logit.
+
+  Its VJP keeps the logits and the log-sum-exp and forms softmax - one-hot in the backward,
+  where autodiff of `log_softmax` keeps a second [B, L, V] float32 array (the log-probs)."""
+  return _token_nll_fwd(logits_BxLxV, targets_BxL)[0]
+
+
+def _token_nll_fwd(logits, targets):
+  lf = logits.astype(jnp.float32)
+  top = jnp.max(lf, axis=-1, keepdims=True)  # shift first: no cancellation at large logits
+  shifted = lf - top
+  lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+  nll = lse - jnp.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
+  return nll, (logits, targets, lse + top[..., 0])
+
+
+def _token_nll_bwd(res, g):
+  logits, targets, lse = res
+  v = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  p = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+  d = (p - (v == targets[..., None]).astype(jnp.float32)) * g[..., None]
+  return d.astype(logits.dtype), None
+
+
+token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
 def cross_entropy(
   logits_BxLxV: jax.Array, targets_BxL: jax.Array, mask_BxL: jax.Array | None = None
 ) -> jax.Array:
   """Mean token cross-entropy in nats (float32), over the positions where mask is true."""
-  logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
+  nll = token_nll(logits_BxLxV, targets_BxL)
   if mask_BxL is None:
     return jnp.mean(nll)
   mask = mask_BxL.astype(jnp.float32)

@@ -84,6 +84,27 @@ class CrossEntropyTest(parameterized.TestCase):
     want = (p - np.eye(7)[targets]) / targets.size
     np.testing.assert_allclose(grad, want, atol=1e-6)
 
+  def test_masked_bfloat16_gradient_and_what_the_backward_keeps(self):
+    logits, targets = self._batch(seed=6, b=2, l=4, v=9, offset=50.0)
+    mask = np.array([[1, 1, 0, 1], [0, 1, 1, 1]], bool)
+    for dtype in (jnp.float32, jnp.bfloat16):
+      lg = jnp.asarray(logits, dtype)
+      args = (jnp.asarray(targets), jnp.asarray(mask))
+      grad = jax.grad(loss_lib.cross_entropy)(lg, *args)
+      self.assertEqual(grad.dtype, dtype)
+      z = np.asarray(lg, np.float64)
+      p = np.exp(z - z.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      want = (p - np.eye(9)[targets]) * mask[..., None] / mask.sum()
+      np.testing.assert_allclose(
+        np.asarray(grad, np.float32), want, atol=1e-6 if dtype == jnp.float32 else 4e-3
+      )
+      # The backward keeps the logits as they came and a log-sum-exp per position: one
+      # [B, L, V] array in the logits' dtype (autodiff of log_softmax kept float32 log-probs).
+      _, vjp = jax.vjp(lambda x: loss_lib.cross_entropy(x, *args), lg)
+      vocab_sized = [r for r in jax.tree.leaves(vjp) if np.shape(r)[-1:] == (9,)]
+      self.assertEqual([r.dtype for r in vocab_sized], [dtype])
+
 
 class BiasUpdateTest(parameterized.TestCase):
   def test_sign_of_the_update(self):
