@@ -19,6 +19,7 @@ DTYPES = ("float32", "bfloat16")
 PIPELINES = ("none", "1f1b", "dualpipe")
 LR_SCHEDULES = ("cosine", "report")
 ROPE_SCALINGS = ("none", "yarn")
+REMATS = ("none", "blocks")
 
 
 def _require(ok: bool, field: str, rule: str, value: Any) -> None:
@@ -77,6 +78,13 @@ class ModelConfig:
   # slice of the stacked arrays (and writes its gradients back into the stack) every step.
   # Compile time and the compiled program grow with depth, so deep models keep the scan.
   unroll_layers: bool = False
+  # Activation recomputation. "none": the backward reads what the forward kept. "blocks": each
+  # block keeps only its input and reruns its forward inside the backward; the readout (final
+  # norm, head, cross-entropy, MTP) keeps only the final norm's output. Training memory then
+  # holds one hidden state per layer instead of every matmul input and the fp32 logits, for
+  # about one more forward pass of compute (what deep pipelines at the 671B shape need; the
+  # report itself recomputes only RMSNorm and the MLA up-projections, §3.3.2).
+  remat: str = "none"
 
   @property
   def qk_head_dim(self) -> int:
@@ -214,6 +222,7 @@ class ModelConfig:
       f"must be one of {PRECISIONS}",
       self.matmul_precision,
     )
+    _require(self.remat in REMATS, "model.remat", f"must be one of {REMATS}", self.remat)
     return self
 
 

@@ -27,7 +27,7 @@ from dsv3_jax.layers.norms import RMSNorm
 
 
 class Output(NamedTuple):
-  logits_BxLxV: jax.Array  # float32
+  logits_BxLxV: Optional[jax.Array]  # float32; None from `forward(head=False)`
   hidden_BxLxD: jax.Array  # after the final norm: what the head reads and MTP consumes
   load_LxE: jax.Array  # token copies per expert, per MoE layer
   balance_loss: jax.Array  # sum over MoE layers of the sequence-wise loss (no alpha)
@@ -63,6 +63,8 @@ class Context(NamedTuple):
   causal: bool = False
   # Unroll the scan over a stack's layers (`ModelConfig.unroll_layers`).
   unroll: bool = False
+  # Recompute each block's forward in the backward (`ModelConfig.remat` = "blocks").
+  remat: bool = False
 
 
 def _halves(t, shards: int):
@@ -141,6 +143,8 @@ def run_stack(
       layer_state, layer_cache = xs
       return step(nnx.merge(graphdef, layer_state), x, layer_cache)
 
+    if ctx.remat:  # keep the block's input (the scan's carry); rerun the block for its VJP
+      body = jax.checkpoint(body, prevent_cse=False)  # inside a scan: nothing to CSE across
     x, (aux, cache, hidden) = jax.lax.scan(body, x_BxLxD, (state, cache), unroll=ctx.unroll)
   stats = {k: v.sum() for k, v in aux.items() if k not in ("load", "balance_loss")}
   return StackResult(x, aux["load"], aux["balance_loss"].sum(), stats, cache, hidden)
@@ -226,6 +230,7 @@ class Transformer(nnx.Module):
       batch_shards,
       causal,
       self.cfg.unroll_layers,
+      self.cfg.remat == "blocks",
     )
 
   def embed_tokens(self, tokens_BxL: jax.Array) -> jax.Array:
@@ -260,11 +265,13 @@ class Transformer(nnx.Module):
     microbatches: int = 1,
     batch_shards: int = 1,
     logits_at_B: Optional[jax.Array] = None,
+    head: bool = True,
   ) -> Output:
     """The model walk. `logits_at_B`: one position per sequence whose logits alone are
     computed (logits [B, 1, V]; a prefill samples only from its last token, and the head is
     the largest GEMM of a short model); None = every position. The hidden state stays
-    whole."""
+    whole. `head=False`: no logits (None); the objective applies the head itself
+    (`train/loss.head_losses`)."""
     cfg = self.cfg
     b, l = tokens_BxL.shape
     if positions_BxL is None:
@@ -284,7 +291,9 @@ class Transformer(nnx.Module):
       x, moe_cache = res.x_BxLxD, res.cache
       load, balance, stats = res.load_LxE, res.balance_loss, res.stats
       hiddens.append(res.hidden_LxBxLxD)
-    if logits_at_B is None:
+    if not head:
+      h, logits = self.norm(x), None
+    elif logits_at_B is None:
       h, logits = self.readout(x)
     else:
       h = self.norm(x)

@@ -1,5 +1,6 @@
 """Tests for dsv3_jax.model's walk: an unrolled stack (`ModelConfig.unroll_layers`) computes
-what the scanned stack computes, without the scans over its layers."""
+what the scanned stack computes, without the scans over its layers; recomputation
+(`ModelConfig.remat`) gives the same loss and gradients while keeping less for the backward."""
 
 import dataclasses
 
@@ -38,6 +39,49 @@ class UnrollLayersTest(absltest.TestCase):
     np.testing.assert_allclose(loss_u, loss, rtol=1e-6)
     for g, g_u in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_u)):
       np.testing.assert_allclose(g_u, g, rtol=1e-5, atol=1e-7)
+
+
+class RematTest(absltest.TestCase):
+  def test_blocks_remat_same_gradients_fewer_residuals(self):
+    from dsv3_jax.parallel.planner import _stored_residual_bytes
+
+    cfg = config_lib.from_dict(get_config("tiny"))
+    self.assertGreater(cfg.model.num_nextn_predict_layers, 0)  # the readout reruns MTP too
+    tokens = np.random.default_rng(1).integers(0, cfg.model.vocab_size, (2, 17))
+    tokens = jnp.asarray(tokens, jnp.int32)
+
+    def run(remat):
+      model = model_lib.create(dataclasses.replace(cfg.model, remat=remat), seed=0)
+      graphdef, params = nnx.split(model)
+      loss = lambda p, toks: model_losses(nnx.merge(graphdef, p), toks, cfg.train)[0]
+      stored, avals = _stored_residual_bytes(
+        lambda p, x, toks: ((loss(p, toks) + 0 * x,), {}),
+        params,
+        jnp.zeros((), jnp.float32),
+        tokens,
+        [True],
+      )
+      return jax.jit(jax.value_and_grad(loss))(params, tokens), stored, avals
+
+    (loss, grads), kept, _ = run("none")
+    (loss_r, grads_r), kept_r, avals_r = run("blocks")
+    np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+    for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
+      np.testing.assert_allclose(g_r, g, rtol=1e-5, atol=1e-7)
+    # What stays for the backward: each stack's block inputs and the final norm's output
+    # (hidden-sized), no fp32 logits and no per-matmul inputs.
+    m = cfg.model
+    self.assertLess(kept_r, kept / 4)
+    largest = max(a.size for a in avals_r)
+    self.assertLessEqual(
+      largest, max(m.n_dense_layers, m.n_moe_layers) * tokens.size * m.hidden_size
+    )
+    self.assertFalse([a for a in avals_r if a.shape[-1:] == (m.vocab_size,)])
+
+  def test_bad_remat_is_named(self):
+    cfg = config_lib.from_dict(get_config("tiny"))
+    with self.assertRaisesRegex(ValueError, "model.remat"):
+      dataclasses.replace(cfg.model, remat="layers").validate()
 
 
 if __name__ == "__main__":

@@ -483,6 +483,49 @@ def _local_tree(tree, specs, sizes: dict, drop_lead: int = 0, lead=None):
   return jax.tree.map(one, tree, specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def _recompute_working_set(cfg: Config, params: dict, biases: dict, tokens, routed) -> dict:
+  """Under `ModelConfig.remat` = "blocks": bytes live while the backward reruns one piece.
+
+  The backward reruns one block (or the readout: final norm's output -> head, CE, MTP) at a
+  time and holds, until that piece's gradient is done, what the piece would have kept
+  without recomputation. Traced per piece at the planned shapes, with recomputation off;
+  the largest of them is live at the peak, once per device. `params`/`biases`: the local
+  pure dicts the step merges (a pipeline stage's chunk under the stacked key)."""
+  from dsv3_jax.train.loss import head_losses
+
+  m = dataclasses.replace(cfg.model, remat="none")
+  gd = nnx.split(model_lib.abstract(m), nnx.Param, RouterBias)[0]
+  b, l = tokens.shape[0], tokens.shape[1] - 1
+  h = jax.ShapeDtypeStruct((b, l, m.hidden_size), jnp.dtype(m.dtype))
+  out = {}
+
+  def block_fn(name):
+    def fn(p, x, consts):
+      model = nnx.merge(gd, p, consts)
+      g, st = nnx.split(getattr(model, name))
+      block = nnx.merge(g, jax.tree.map(lambda a: a[0], st))
+      ctx = model.context((b, l), routed=routed)
+      y = block(x, ctx.positions_BxL, ctx.cos, ctx.sin, None, None, ctx.routed, ctx.causal)[0]
+      return (y,), {}
+
+    return fn
+
+  for name in ("dense", "moe"):
+    if name in params:
+      n_b = len(jax.tree.leaves(biases))
+      out[name], _ = _stored_residual_bytes(block_fn(name), params, h, biases, [False] * n_b)
+
+  def readout_fn(p, x, consts):
+    bb, tok = consts
+    return (head_losses(nnx.merge(gd, p, bb), x, tok, cfg.train, routed).loss,), {}
+
+  n_b = len(jax.tree.leaves(biases))
+  out["readout"], _ = _stored_residual_bytes(
+    readout_fn, params, h, (biases, tokens), [False] * n_b + [True]
+  )
+  return out
+
+
 def traced_activations(cfg: Config, mesh, state: _State, layout: Layout) -> dict:
   """Activation bytes this code keeps per device, traced at the planned shapes (no compile).
 
@@ -492,6 +535,8 @@ def traced_activations(cfg: Config, mesh, state: _State, layout: Layout) -> dict
   for `train/pipeline_step.make_stage_fn` -- whose conds over the stage index keep the
   embedding, dense-layer and readout residuals in every stage's entry -- times the entries
   its free-list allocates over the schedule, plus the read and the new entry of each tick.
+  Under `ModelConfig.remat` the stored residuals are the blocks' inputs, and the largest
+  piece the backward reruns is live once (`_recompute_working_set`).
   """
   from dsv3_jax.train.loss import model_losses
 
@@ -502,6 +547,7 @@ def traced_activations(cfg: Config, mesh, state: _State, layout: Layout) -> dict
   tokens = jax.ShapeDtypeStruct((n_mb_tok, layout.seq_len + 1), jnp.int32)
   biases = jax.tree.map(lambda b: jax.ShapeDtypeStruct(b.shape, b.dtype), state.biases)
   cell = {}
+  remat = cfg.model.remat != "none"
 
   if layout.schedule is None:
     params = _local_tree(state.pure, state.specs, sizes)
@@ -519,6 +565,8 @@ def traced_activations(cfg: Config, mesh, state: _State, layout: Layout) -> dict
         fn, params, jnp.zeros((), jnp.float32), (biases, tokens), [False] * n_b + [True]
       )
       cell["largest"] = _largest(avals)
+      if remat:
+        cell["recompute"] = _recompute_working_set(cfg, params, biases, tokens, routed)
       return jnp.zeros(())
   else:
     from dsv3_jax.train import pipeline_step
@@ -562,16 +610,28 @@ def traced_activations(cfg: Config, mesh, state: _State, layout: Layout) -> dict
       sv = StageVJP(fn, (chunk_p, shared_p), act, consts, [False] * n_c + [True, False])
       cell.update(sv.residual_bytes())
       cell["largest"] = _largest(sv.r1_avals)
+      if remat:
+        cell["recompute"] = _recompute_working_set(
+          stage_cfg,
+          dict(shared_p, **{sharding.STAGED: chunk_p}),
+          dict(shared_b, **{sharding.STAGED: chunk_b}),
+          tokens,
+          routed,
+        )
       return jnp.zeros(())
 
   jax.eval_shape(jax.shard_map(body, mesh=mesh, in_specs=(), out_specs=P(), check_vma=False))
   working = dispatch_working_set(cfg, plan, layout.tokens_per_mb)
+  rerun = cell.get("recompute", {})
+  extra = {"recompute_working_set": max(rerun.values()), "recompute_pieces": rerun} if rerun else {}
+  working += extra.get("recompute_working_set", 0)
   if layout.schedule is None:
     per_mb = cell["bytes"]
     return {
       "per_microbatch_stage": per_mb,
       "in_flight": 1,
-      "dispatch_working_set": working,
+      "dispatch_working_set": working - extra.get("recompute_working_set", 0),
+      **extra,
       "activations": per_mb + working,
       "largest_residuals": cell["largest"],
     }
@@ -593,7 +653,8 @@ def traced_activations(cfg: Config, mesh, state: _State, layout: Layout) -> dict
     "buffer_entries": dict(sizes_),
     "buffers": buffers,
     "in_flight": sizes_["r1"],
-    "dispatch_working_set": working,
+    "dispatch_working_set": working - extra.get("recompute_working_set", 0),
+    **extra,
     "activations": sum(buffers.values()) + working,
     "largest_residuals": cell["largest"],
   }
@@ -835,8 +896,10 @@ def communication(cfg: Config, mesh, state: _State, layout: Layout) -> dict:
     local_fwd = m.num_experts_per_tok * (rpn - 1) / rpn  # copies forwarded inside a node
     disp = FP8_CACHE_BYTES if fp8 else a
     comb = 2 if fp8 else a
-    per_token_ib = remote * m.hidden_size * 2 * (disp + comb)  # fwd + bwd
-    per_token_nv = local_fwd * m.hidden_size * 2 * (disp + comb)
+    # fwd + bwd; recomputation (`ModelConfig.remat`) dispatches and combines once more.
+    trips = 3 if m.remat != "none" else 2
+    per_token_ib = remote * m.hidden_size * trips * (disp + comb)
+    per_token_nv = local_fwd * m.hidden_size * trips * (disp + comb)
     # MoE layers a token passes through on this rank: its chunks' layers (DualPipe runs each
     # micro-batch through one of its two chunks) and the MTP modules on the last stage's rank.
     passes = (
@@ -914,7 +977,11 @@ def timing(
     else 1.0
   )
   device_flops = model_flops / n_dev * imbalance
-  t_compute = device_flops / (peak * efficiency)
+  # Recomputation (`ModelConfig.remat` = "blocks") reruns the forward inside the backward:
+  # the device does 8 FLOPs per matmul parameter and token where the model needs 6.
+  rerun = 1 / 3 if m.remat != "none" else 0.0
+  t_model = device_flops / (peak * efficiency)
+  t_compute = t_model * (1 + rerun)
   a2a = comm.get("expert_all_to_all", {"nvlink": 0.0, "ib": 0.0})
   t_a2a = max(a2a["nvlink"] / hw.nvlink, a2a["ib"] / hw.ib)  # NVLink and IB run concurrently
   dp_keys = ("zero1_grad_reduce_scatter", "zero1_param_all_gather", "replicated_grad_all_reduce")
@@ -925,6 +992,7 @@ def timing(
     "model_flops_per_step": model_flops,
     "device_flops_per_step": device_flops,
     "compute_s": t_compute,
+    "recompute_s": t_compute - t_model,
     "expert_all_to_all_s": t_a2a,
     "dp_sync_s": t_dp,
     "comm_to_compute": t_a2a / t_compute if t_compute else 0.0,
@@ -934,8 +1002,12 @@ def timing(
     out.update(bubble_s=0.0, exposed_all_to_all_s=t_a2a)
   else:
     passes = layout.n_mb * layout.n_slots // layout.n_dirs  # chunk passes per rank per step
-    f = w = b = t_compute / passes / 3  # forward, input gradient, weight gradient
-    af = ab = t_a2a / passes / 2  # the all-to-all of one pass's forward / backward
+    f = w = b = t_model / passes / 3  # forward, input gradient, weight gradient
+    if rerun:
+      b += f  # the input-gradient pass reruns the forward first
+    # The all-to-all of one pass's forward / backward (the backward's holds the rerun's).
+    af = t_a2a / passes / (3 if rerun else 2)
+    ab = t_a2a / passes - af
     p2p = comm["pipeline_sends"]
     hop = (p2p["ib"] / hw.ib + p2p["nvlink"] / hw.nvlink) / (2 * passes)
     costs = schedules.Costs(
@@ -1035,6 +1107,7 @@ def plan_training(
       "global_batch": cfg.train.global_batch,
       "dtype": m.dtype,
       "matmul_precision": m.matmul_precision,
+      "remat": m.remat,
     },
     "mesh": sizes,
     "devices": mesh.size,
@@ -1104,6 +1177,9 @@ def format_table(r: dict) -> str:
     lines.append(f"  activations, this code (traced)  {g(mem['activations_traced'])}")
     size, name = r["activations_traced_detail"]["largest_residuals"][0]
     lines.append(f"    (largest residual {name}: {size / GB:.2f} GB per micro-batch-stage)")
+    rerun = r["activations_traced_detail"].get("recompute_working_set")
+    if rerun:
+      lines.append(f"    (of which the largest recomputed piece, live once: {rerun / GB:.2f} GB)")
   if "activations_traced" in mem:
     lines.append(
       f"  pipeline accumulators            {g(mem['pipeline_accumulators'])}"
@@ -1140,9 +1216,10 @@ def format_table(r: dict) -> str:
     f"  total                            {g(lay['total'])}"
     f"  (ranks {min(lay['rank_totals']) / GB:.1f}-{max(lay['rank_totals']) / GB:.1f} GB)",
   ]
+  rerun = c["remat"] != "none"
   lines += ["", "communication per device per step        NVLink           IB"]
   for key, label in (
-    ("expert_all_to_all", "expert all-to-all (fwd + bwd)"),
+    ("expert_all_to_all", "expert all-to-all (fwd + bwd)" + (" + rerun" if rerun else "")),
     ("pipeline_sends", "pipeline sends (act + grad)"),
     ("zero1_grad_reduce_scatter", "ZeRO-1 grad reduce-scatter"),
     ("zero1_param_all_gather", "ZeRO-1 param all-gather"),
@@ -1167,7 +1244,8 @@ def format_table(r: dict) -> str:
     "",
     f"time per step on {r['hardware']['name']} ({r['hardware']['source']})",
     f"  {'compute at ' + format(t['efficiency'], '.0%') + ' of ' + peak:<33}"
-    f"{t['compute_s']:10.3f} s",
+    f"{t['compute_s']:10.3f} s"
+    + (f"  (recomputation {t['recompute_s']:.3f} s of it)" if t["recompute_s"] else ""),
     f"  expert all-to-all                {t['expert_all_to_all_s']:10.3f} s  "
     f"(comm : compute = {t['comm_to_compute']:.2f} : 1)",
     f"  pipeline bubble                  {t['bubble_s']:10.3f} s",

@@ -3,9 +3,11 @@
   L = CE + lambda / D * sum_k CE_MTP_k + alpha * (sequence-wise balance loss of every MoE layer)
 
 `readout_losses` is the part after the main model's readout (CE on its logits, the MTP
-depths on its final-normed hidden state, and their balance loss); `model_losses` runs the whole model and adds the main MoE
-layers' balance loss. The plain step uses `model_losses`; the pipelined step runs the stacks
-stage by stage and calls `readout_losses` in the last stage — one objective for both.
+depths on its final-normed hidden state, and their balance loss); `head_losses` adds the
+head before it (and recomputes both in the backward under `ModelConfig.remat`);
+`model_losses` runs the whole model and adds the main MoE layers' balance loss. The plain
+step uses `model_losses`; the pipelined step runs the stacks stage by stage and calls
+`head_losses` in the last stage — one objective for both.
 """
 
 from typing import NamedTuple, Optional
@@ -93,10 +95,26 @@ def readout_losses(
   return Readout(loss, ce, jnp.mean(mtp_ce), mtp_load.astype(jnp.float32), mtp_balance)
 
 
+def head_losses(
+  model, h_BxLxD: jax.Array, tokens_BxL1: jax.Array, cfg: TrainConfig, routed=None
+) -> Readout:
+  """The head's logits from the final-normed hidden state `h`, then `readout_losses`. Under
+  `ModelConfig.remat` = "blocks" it keeps only `h` for the backward, which reruns the head,
+  the cross-entropy and the MTP depths: no fp32 logits [B, L, V] stay alive between the
+  forward and the backward."""
+
+  def run(h):
+    return readout_losses(model, h, model.logits(h), tokens_BxL1, cfg, routed)
+
+  if model.cfg.remat != "none":
+    run = jax.checkpoint(run)
+  return run(h_BxLxD)
+
+
 def model_losses(model, tokens_BxL1: jax.Array, cfg: TrainConfig, routed=None):
   """Runs the model and its MTP modules on one batch; returns (loss, metrics, loads)."""
-  out = model.forward(tokens_BxL1[:, :-1], routed=routed)
-  r = readout_losses(model, out.hidden_BxLxD, out.logits_BxLxV, tokens_BxL1, cfg, routed)
+  out = model.forward(tokens_BxL1[:, :-1], routed=routed, head=False)
+  r = head_losses(model, out.hidden_BxLxD, tokens_BxL1, cfg, routed)
   loss = r.loss + cfg.balance_alpha * out.balance_loss
   metrics = {
     "ce": r.ce,

@@ -30,7 +30,7 @@ from dsv3_jax.parallel import schedules
 from dsv3_jax.parallel.pipeline import Pipeline
 from dsv3_jax.parallel.expert import STATS
 from dsv3_jax.parallel.sharding import STAGED
-from dsv3_jax.train.loss import readout_losses
+from dsv3_jax.train.loss import head_losses
 from dsv3_jax.train.step import Trainer, TrainState
 
 
@@ -105,8 +105,7 @@ def make_stage_fn(graphdef, cfg: Config, n_stages: int, scale: float, routed=Non
     )
 
     def readout():  # the walk's last piece and the objective's readout part
-      hn, logits = model.readout(h)
-      r = readout_losses(model, hn, logits, tokens_BxL1, tcfg, routed)
+      r = head_losses(model, model.norm(h), tokens_BxL1, tcfg, routed)
       mtp_ce = r.mtp_ce if r.mtp_ce is not None else jnp.zeros((), jnp.float32)
       return r.loss, r.ce, mtp_ce, r.mtp_balance, r.mtp_load_DxE
 

@@ -108,6 +108,16 @@ def test_pipelined_two_stage_dispatch_equals_the_unpipelined_model():
   assert float(metrics["cross_node_copies"]) > 0  # tokens did cross nodes
 
 
+@pytest.mark.slow  # compiles the DualPipe executor with EP inside (~45 s)
+def test_dualpipe_with_recomputation_equals_the_unpipelined_model():
+  """`ModelConfig.remat` = "blocks" inside DualPipe's stages, whose executor cuts each
+  stage's backward into B and W (`parallel/stage_vjp.py`): the rerun blocks' VJPs split
+  like any others, and loss, loads and gradients still equal the unpipelined model's."""
+  cfg = _cfg("dualpipe", n_mb=4, model={"remat": "blocks"})
+  piped = PipelineTrainer(cfg, mesh_lib.make_mesh(cfg.parallel, jax.devices()[:8]))
+  _assert_equals_unpipelined(piped)
+
+
 def _assert_equals_unpipelined(piped):
   """The pipelined step's loss, loads and gradients equal the unpipelined model's (its
   metrics, returned, carry the EP statistics)."""
