@@ -5,7 +5,7 @@ of every event named after an instruction of the compiled program (`compiled.as_
 and files each instruction under a part of the model by the op name JAX recorded for it:
 the block's named scopes (`attention`, `moe`, `mlp`: `layers/block.py`; a path component
 of the op name in a scanned stack, `jvp(moe)` in unrolled layers), the routed experts'
-exact overflow pass (a `cond` inside `moe`), and forward or backward (`jvp(` / `transpose(`
+exact overflow pass (its `overflow` scope inside `moe`), and forward or backward (`jvp(` / `transpose(`
 in the op name); instructions outside the differentiated function are the optimizer update
 and the step's metrics, and those without an op name were added by XLA (copies).
 Control-flow instructions (while, conditional, call) are skipped: their events contain their
@@ -26,7 +26,7 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 # The block's named scopes as they appear in an op name: a path component inside a scanned
 # stack (`.../closed_call/moe/dot_general`), or wrapped by the transformation that traced it
 # when the layers are unrolled (`jvp(moe)/dot_general`, `transpose(jvp(moe))/cond/...`).
-_SCOPE = re.compile(r"(?:^|[/(])(attention|moe|mlp)(?=[/)])")
+_SCOPE = re.compile(r"(?:^|[/(])(attention|moe|mlp|overflow)(?=[/)])")
 
 
 def parse_instruction(line: str):
@@ -60,7 +60,9 @@ def part(op_name: str) -> str:
     scope = "attention"
   elif "moe" in scopes:
     inner = op_name[scopes["moe"] :]
-    scope = "routed experts, overflow pass" if "cond/" in inner else "MoE"
+    # The expert kernel's overflow pass runs under its own scope; the expert-parallel
+    # dispatch's fast/fallback `cond` is not an overflow pass of the kernel.
+    scope = "routed experts, overflow pass" if "overflow" in scopes else "MoE"
   elif "mlp" in scopes:
     scope = "dense MLP"
   else:

@@ -74,14 +74,16 @@ def test_time_by_part_files_instructions_by_scope_and_phase():
       "HloModule jit_step, entry_computation_layout={()->f32[]}",
       '  %fusion.1 = f32[4,8]{1,0} fusion(%p0, %p1), kind=kLoop, calls=%f1, metadata={op_name="jit(f)/jvp()/while/body/closed_call/attention/dot_general"}',
       '  %dot.2 = f32[4,8]{1,0} dot(%a, %b), metadata={op_name="jit(f)/transpose(jvp())/closed_call/moe/dot_general"}',
-      '  %ynn.3 = f32[4,8]{1,0} fusion(%a), kind=kCustom, metadata={op_name="jit(f)/transpose(jvp())/closed_call/moe/cond/branch_1_fun/while/body/dot_general"}',
+      '  %ynn.3 = f32[4,8]{1,0} fusion(%a), kind=kCustom, metadata={op_name="jit(f)/transpose(jvp())/closed_call/moe/cond/branch_1_fun/overflow/while/body/dot_general"}',
+      # The expert-parallel dispatch's fast/fallback cond: MoE, not the kernel's overflow pass.
+      '  %fusion.13 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/jvp()/closed_call/moe/shard_map/cond/branch_0_fun/dot_general"}',
       '  %while.4 = (s32[], f32[4,8]{1,0}) while(%t), condition=%c, body=%b, metadata={op_name="jit(f)/jvp()/closed_call/moe/while"}',
       '  ROOT %add.5 = f32[] add(%x, %y), metadata={op_name="jit(f)/add"}',
       "  %copy.6 = f32[4,8]{1,0} copy(%z)",
       # Unrolled layers (`unroll_layers`): the scope is wrapped by the transformation.
       '  %fusion.7 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/jvp(attention)/bhlq,bhtq->bhlt/dot_general"}',
       '  %fusion.8 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/transpose(jvp(moe))/dot_general"}',
-      '  %fusion.9 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/transpose(jvp(moe))/cond/branch_1_fun/add"}',
+      '  %fusion.9 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/transpose(jvp(moe))/cond/branch_1_fun/overflow/add"}',
       '  %fusion.10 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/jvp(mlp)/jit(silu)/mul"}',
       # Outside every scope: the loss's own ops, and a name that only contains "moe".
       '  %fusion.11 = f32[4,8]{1,0} fusion(%a), kind=kLoop, metadata={op_name="jit(f)/jvp(jit(log_softmax))/reduce_max"}',
@@ -97,6 +99,7 @@ def test_time_by_part_files_instructions_by_scope_and_phase():
     "optimizer and metrics",
     "unattributed (instructions XLA added, e.g. copies)",
   ]
+  assert profile.part(ops["fusion.13"][1]) == "MoE forward"
   unrolled = [profile.part(ops[f"fusion.{i}"][1]) for i in range(7, 13)]
   assert unrolled == [
     "attention forward",

@@ -238,9 +238,12 @@ def _bucket_ffn_fwd(x_SxD, w1, w3, w2, gate_R, lay, static):
   args = (x_SxD, w1, w3, w2, gate_R)  # arrays (`expert_rows` converts numpy inputs)
   y_RxD, (buf, gate, a1, a3) = _bucket_forward(*args, lay, static)
   overflow = jnp.any(lay.overflow_R(w1.shape[0]) < w1.shape[0])
-  y_RxD = jax.lax.cond(
-    overflow, lambda y: y + _overflow_rows(*args, lay, static), lambda y: y, y_RxD
-  )
+
+  def add_overflow_rows(y):
+    with jax.named_scope("overflow"):  # profiles tell the overflow pass apart by this scope
+      return y + _overflow_rows(*args, lay, static)
+
+  y_RxD = jax.lax.cond(overflow, add_overflow_rows, lambda y: y, y_RxD)
   return y_RxD, (*args, lay, buf, gate, a1, a3, overflow)
 
 
@@ -271,8 +274,9 @@ def _bucket_ffn_bwd(static, res, g_RxD):
   dgate_R = _gather_rows(dgate.reshape(e * c, 1), lay.slot_R)[:, 0].astype(gate_R.dtype)
 
   def add_overflow(grads):
-    _, vjp = jax.vjp(lambda *a: _overflow_rows(*a, lay, static), x_SxD, w1, w3, w2, gate_R)
-    return jax.tree.map(jnp.add, grads, vjp(g_RxD))
+    with jax.named_scope("overflow"):
+      _, vjp = jax.vjp(lambda *a: _overflow_rows(*a, lay, static), x_SxD, w1, w3, w2, gate_R)
+      return jax.tree.map(jnp.add, grads, vjp(g_RxD))
 
   grads = (dx, dw1, dw3, dw2, dgate_R)
   return jax.lax.cond(overflow, add_overflow, lambda g: g, grads) + (None,)
