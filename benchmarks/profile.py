@@ -59,7 +59,6 @@ def part(op_name: str) -> str:
   if "attention" in scopes:
     scope = "attention"
   elif "moe" in scopes:
-    inner = op_name[scopes["moe"] :]
     # The expert kernel's overflow pass runs under its own scope; the expert-parallel
     # dispatch's fast/fallback `cond` is not an overflow pass of the kernel.
     scope = "routed experts, overflow pass" if "overflow" in scopes else "MoE"

@@ -83,7 +83,9 @@ class ModelConfig:
   # norm, head, cross-entropy, MTP) keeps only the final norm's output. Training memory then
   # holds one hidden state per layer instead of every matmul input and the fp32 logits, for
   # about one more forward pass of compute (what deep pipelines at the 671B shape need; the
-  # report itself recomputes only RMSNorm and the MLA up-projections, §3.3.2).
+  # report itself recomputes only RMSNorm and the MLA up-projections, §3.3.2). It runs the
+  # stacks as rolled scans whatever `unroll_layers` says: unrolled, XLA schedules the reruns
+  # early and keeps their results, and memory hardly falls.
   remat: str = "none"
 
   @property

@@ -78,6 +78,20 @@ class RematTest(absltest.TestCase):
     )
     self.assertFalse([a for a in avals_r if a.shape[-1:] == (m.vocab_size,)])
 
+  def test_blocks_remat_rolls_an_unrolled_stack(self):
+    # Unrolled, XLA schedules the reruns early and keeps them (temporaries barely fall), so
+    # recomputation runs the stacks as rolled scans whatever `unroll_layers` says.
+    cfg = config_lib.from_dict(get_config("tiny"))
+    tokens = jnp.zeros((2, 17), jnp.int32)
+
+    def loops(remat):
+      m = dataclasses.replace(cfg.model, unroll_layers=True, remat=remat)
+      graphdef, params = nnx.split(model_lib.create(m, seed=0))
+      fn = jax.grad(lambda p: model_losses(nnx.merge(graphdef, p), tokens, cfg.train)[0])
+      return jax.jit(fn).lower(params).as_text().count("stablehlo.while")
+
+    self.assertGreater(loops("blocks"), loops("none"))
+
   def test_bad_remat_is_named(self):
     cfg = config_lib.from_dict(get_config("tiny"))
     with self.assertRaisesRegex(ValueError, "model.remat"):

@@ -15,7 +15,9 @@ module answers, without allocating or compiling anything (the mesh may be a
                   1F1B holds PP on rank 0, DualPipe PP + 1), in two estimates:
                     traced    what this code's autodiff keeps for the backward, read from the
                               traced forward (the residuals the backward really reads), at the
-                              planned shapes: this implementation, checked against XLA;
+                              planned shapes: this implementation, checked against XLA
+                              (under `ModelConfig.remat` the blocks' inputs, plus the
+                              largest piece the backward reruns, live once);
                     recipe    the report's recipe (§3.2.3, §3.3.3): RMSNorm and MLA
                               up-projections recomputed, flash attention (no score matrix),
                               GEMM inputs cached in FP8, SwiGLU outputs recomputed, dispatch
@@ -25,7 +27,8 @@ module answers, without allocating or compiling anything (the mesh may be a
                   weights, fp32 gradients, ZeRO-1 masters and moments, the recipe's
                   activations walked through the schedule rank by rank;
   communication   per step and device, on NVLink and IB: expert all-to-all (dispatch and
-                  combine, forward and backward) under node-limited routing, pipeline sends,
+                  combine, forward and backward, and once more where blocks are rerun)
+                  under node-limited routing, pipeline sends,
                   and the ZeRO-1 gradient reduce-scatter / parameter all-gather (plus the
                   all-reduce of parameters replicated over `pipe`), all from the specs;
   time            compute at the hardware's peak, the pipeline bubble from the schedule
@@ -1004,7 +1007,11 @@ def timing(
     passes = layout.n_mb * layout.n_slots // layout.n_dirs  # chunk passes per rank per step
     f = w = b = t_model / passes / 3  # forward, input gradient, weight gradient
     if rerun:
-      b += f  # the input-gradient pass reruns the forward first
+      # The input-gradient pass reruns the block first; and since a rerun block stores
+      # nothing that only its weight gradient reads, its weight gradients come out of that
+      # pass too (`StageVJP` defers only the non-rerun parts): W has nothing left to fill
+      # the schedule's bubbles with.
+      b, w = b + f + w, 0.0
     # The all-to-all of one pass's forward / backward (the backward's holds the rerun's).
     af = t_a2a / passes / (3 if rerun else 2)
     ab = t_a2a / passes - af
@@ -1219,7 +1226,10 @@ def format_table(r: dict) -> str:
   rerun = c["remat"] != "none"
   lines += ["", "communication per device per step        NVLink           IB"]
   for key, label in (
-    ("expert_all_to_all", "expert all-to-all (fwd + bwd)" + (" + rerun" if rerun else "")),
+    (
+      "expert_all_to_all",
+      "expert all-to-all (fwd+bwd+rerun)" if rerun else "expert all-to-all (fwd + bwd)",
+    ),
     ("pipeline_sends", "pipeline sends (act + grad)"),
     ("zero1_grad_reduce_scatter", "ZeRO-1 grad reduce-scatter"),
     ("zero1_param_all_gather", "ZeRO-1 param all-gather"),

@@ -20,7 +20,8 @@ from dsv3_jax.config import TrainConfig
 
 @jax.custom_vjp
 def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
-  """-log softmax(logits)[target] per position, float32: log-sum-exp minus the target's logit.
+  """-log softmax(logits)[target] per position, float32: log-sum-exp minus the target's logit
+  (targets in [0, V): the callers' token ids, checked where they enter).
 
   Its VJP keeps the logits and the log-sum-exp and forms softmax - one-hot in the backward,
   where autodiff of `log_softmax` keeps a second [B, L, V] float32 array (the log-probs)."""

@@ -111,11 +111,19 @@ def test_pipelined_two_stage_dispatch_equals_the_unpipelined_model():
 @pytest.mark.slow  # compiles the DualPipe executor with EP inside (~45 s)
 def test_dualpipe_with_recomputation_equals_the_unpipelined_model():
   """`ModelConfig.remat` = "blocks" inside DualPipe's stages, whose executor cuts each
-  stage's backward into B and W (`parallel/stage_vjp.py`): the rerun blocks' VJPs split
-  like any others, and loss, loads and gradients still equal the unpipelined model's."""
+  stage's backward into B and W (`parallel/stage_vjp.py`): the rerun blocks' weight
+  gradients come out of B (nothing they store is weight-only), and loss, loads and
+  gradients still equal the unpipelined model's."""
   cfg = _cfg("dualpipe", n_mb=4, model={"remat": "blocks"})
   piped = PipelineTrainer(cfg, mesh_lib.make_mesh(cfg.parallel, jax.devices()[:8]))
   _assert_equals_unpipelined(piped)
+  # The recomputation reached the stages: F stores no vocabulary-sized logits for B, and a
+  # rerun block stores nothing only its weight gradient reads, so B computes the staged
+  # blocks' weight gradients itself (without recomputation W takes them: 49 of 51 leaves).
+  sv = piped.pipeline.stage_vjp
+  assert not [a for a in sv.r1_avals if a.shape[-1:] == (cfg.model.vocab_size,)]
+  staged_in_w = sv._dp_in_w[: len(jax.tree.leaves(piped.init().params[STAGED]))]
+  assert not any(staged_in_w), staged_in_w
 
 
 def _assert_equals_unpipelined(piped):
