@@ -93,6 +93,11 @@ class ModelConfig:
     return self.qk_nope_head_dim + self.qk_rope_head_dim
 
   @property
+  def recomputes(self) -> bool:
+    """Whether the backward reruns the blocks and the readout (`remat` = "blocks")."""
+    return self.remat == "blocks"
+
+  @property
   def n_dense_layers(self) -> int:
     return min(self.first_k_dense_replace, self.num_hidden_layers)
 

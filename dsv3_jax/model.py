@@ -236,7 +236,7 @@ class Transformer(nnx.Module):
       batch_shards,
       causal,
       self.cfg.unroll_layers,
-      self.cfg.remat == "blocks",
+      self.cfg.recomputes,
     )
 
   def embed_tokens(self, tokens_BxL: jax.Array) -> jax.Array:

@@ -513,16 +513,15 @@ def _recompute_working_set(cfg: Config, params: dict, biases: dict, tokens, rout
 
     return fn
 
+  n_b = len(jax.tree.leaves(biases))
   for name in ("dense", "moe"):
     if name in params:
-      n_b = len(jax.tree.leaves(biases))
       out[name], _ = _stored_residual_bytes(block_fn(name), params, h, biases, [False] * n_b)
 
   def readout_fn(p, x, consts):
     bb, tok = consts
     return (head_losses(nnx.merge(gd, p, bb), x, tok, cfg.train, routed).loss,), {}
 
-  n_b = len(jax.tree.leaves(biases))
   out["readout"], _ = _stored_residual_bytes(
     readout_fn, params, h, (biases, tokens), [False] * n_b + [True]
   )
@@ -550,7 +549,7 @@ def traced_activations(cfg: Config, mesh, state: _State, layout: Layout) -> dict
   tokens = jax.ShapeDtypeStruct((n_mb_tok, layout.seq_len + 1), jnp.int32)
   biases = jax.tree.map(lambda b: jax.ShapeDtypeStruct(b.shape, b.dtype), state.biases)
   cell = {}
-  remat = cfg.model.remat != "none"
+  remat = cfg.model.recomputes
 
   if layout.schedule is None:
     params = _local_tree(state.pure, state.specs, sizes)
@@ -625,17 +624,17 @@ def traced_activations(cfg: Config, mesh, state: _State, layout: Layout) -> dict
 
   jax.eval_shape(jax.shard_map(body, mesh=mesh, in_specs=(), out_specs=P(), check_vma=False))
   working = dispatch_working_set(cfg, plan, layout.tokens_per_mb)
-  rerun = cell.get("recompute", {})
-  extra = {"recompute_working_set": max(rerun.values()), "recompute_pieces": rerun} if rerun else {}
-  working += extra.get("recompute_working_set", 0)
+  pieces = cell.get("recompute", {})
+  rerun = max(pieces.values()) if pieces else 0  # the largest rerun piece, live once
+  extra = {"recompute_working_set": rerun, "recompute_pieces": pieces} if pieces else {}
   if layout.schedule is None:
     per_mb = cell["bytes"]
     return {
       "per_microbatch_stage": per_mb,
       "in_flight": 1,
-      "dispatch_working_set": working - extra.get("recompute_working_set", 0),
+      "dispatch_working_set": working,
       **extra,
-      "activations": per_mb + working,
+      "activations": per_mb + working + rerun,
       "largest_residuals": cell["largest"],
     }
   # The executor's buffers: entries sized by its free-list over the schedule, plus an
@@ -656,9 +655,9 @@ def traced_activations(cfg: Config, mesh, state: _State, layout: Layout) -> dict
     "buffer_entries": dict(sizes_),
     "buffers": buffers,
     "in_flight": sizes_["r1"],
-    "dispatch_working_set": working - extra.get("recompute_working_set", 0),
+    "dispatch_working_set": working,
     **extra,
-    "activations": sum(buffers.values()) + working,
+    "activations": sum(buffers.values()) + working + rerun,
     "largest_residuals": cell["largest"],
   }
 
@@ -900,7 +899,7 @@ def communication(cfg: Config, mesh, state: _State, layout: Layout) -> dict:
     disp = FP8_CACHE_BYTES if fp8 else a
     comb = 2 if fp8 else a
     # fwd + bwd; recomputation (`ModelConfig.remat`) dispatches and combines once more.
-    trips = 3 if m.remat != "none" else 2
+    trips = 3 if m.recomputes else 2
     per_token_ib = remote * m.hidden_size * trips * (disp + comb)
     per_token_nv = local_fwd * m.hidden_size * trips * (disp + comb)
     # MoE layers a token passes through on this rank: its chunks' layers (DualPipe runs each
@@ -982,7 +981,7 @@ def timing(
   device_flops = model_flops / n_dev * imbalance
   # Recomputation (`ModelConfig.remat` = "blocks") reruns the forward inside the backward:
   # the device does 8 FLOPs per matmul parameter and token where the model needs 6.
-  rerun = 1 / 3 if m.remat != "none" else 0.0
+  rerun = 1 / 3 if m.recomputes else 0.0
   t_model = device_flops / (peak * efficiency)
   t_compute = t_model * (1 + rerun)
   a2a = comm.get("expert_all_to_all", {"nvlink": 0.0, "ib": 0.0})

@@ -107,7 +107,7 @@ def head_losses(
   def run(h):
     return readout_losses(model, h, model.logits(h), tokens_BxL1, cfg, routed)
 
-  if model.cfg.remat != "none":
+  if model.cfg.recomputes:
     run = jax.checkpoint(run)
   return run(h_BxLxD)
 
