@@ -7,6 +7,12 @@ at collection time, ahead of every test module.
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Compiling, not running, is most of this suite's time (tiny models, hundreds of programs):
+# LLVM's optimisation level 0 compiles them faster (the whole suite ~17% faster on 2 cores).
+# It changes how the CPU code is generated, not the HLO program, so values, buffer sizes and
+# `memory_analysis()` stay XLA's own. An XLA_FLAGS that sets a level keeps it.
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
