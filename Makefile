@@ -32,9 +32,12 @@ run: $(VENV)/.base
 	    --prompt="import " --prompt="class Config:" --max_new_tokens=96 \
 	    --temperature=0.7 --top_p=0.9
 
+# Two pytest workers (pytest-xdist): one compiles while the other runs, on 2 cores ~20% less
+# wall time; each peaks at ~6 GB. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.test
 	$(BIN)/ruff format --check --quiet . || (echo "run 'make format' (ruff format)"; exit 1)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist worksteal tests
 
 format: $(VENV)/.test
 	$(BIN)/ruff format .
