@@ -333,12 +333,14 @@ class Transformer(nnx.Module):
     tokens_BxLpD: jax.Array,
     positions_BxL: Optional[jax.Array] = None,
     routed: Optional[RoutedExperts] = None,
+    emb_DxBxLxD: Optional[jax.Array] = None,
   ):
     """Runs every MTP depth over the main model's hidden states.
 
     `tokens_BxLpD` holds the main inputs followed by D more tokens (D = depth), so depth k
-    sees `tokens[:, k : k+L]`. Returns (list of logits [B, L, V] predicting t_{i+k+1},
-    loads [D, E], balance loss summed over depths).
+    sees `tokens[:, k : k+L]`; `emb_DxBxLxD`, when given, is their embeddings, looked up by
+    the caller. Returns (list of logits [B, L, V] predicting t_{i+k+1}, loads [D, E],
+    balance loss summed over depths).
     """
     cfg = self.cfg
     b, l, _ = hidden_BxLxD.shape
@@ -346,7 +348,10 @@ class Transformer(nnx.Module):
     h = hidden_BxLxD
     logits, loads, balance = [], [], jnp.zeros((), jnp.float32)
     for k, module in enumerate(self.mtp, start=1):
-      emb = self.embed_tokens(tokens_BxLpD[:, k : k + l])
+      if emb_DxBxLxD is None:
+        emb = self.embed_tokens(tokens_BxLpD[:, k : k + l])
+      else:
+        emb = emb_DxBxLxD[k - 1]
       # Each depth consumes the previous depth's normed hidden state (what its head read),
       # as transformers' and vLLM's MTP drafting do with the published checkpoint.
       _, h, aux, _ = module(

@@ -74,8 +74,11 @@ def readout_losses(
   tokens_BxL1: jax.Array,
   cfg: TrainConfig,
   routed=None,
+  mtp_emb=None,
 ) -> Readout:
-  """Everything after the main model's readout (`model.readout`: final norm `h` and logits)."""
+  """Everything after the main model's readout (`model.readout`: final norm `h` and logits).
+  `mtp_emb`: the MTP depths' input embeddings [D, B, L, hidden], when the caller looked them
+  up from `mtp_tokens`)."""
   targets = tokens_BxL1[:, 1:]
   b, l = targets.shape
   ce = cross_entropy(logits_BxLxV, targets)
@@ -85,7 +88,9 @@ def readout_losses(
     zero = jnp.zeros((), jnp.float32)
     return Readout(ce, ce, None, jnp.zeros((0, n_exp), jnp.float32), zero)
   padded = jnp.concatenate([tokens_BxL1, jnp.zeros((b, depth), tokens_BxL1.dtype)], axis=1)
-  mtp_logits, mtp_load, mtp_balance = model.mtp_forward(h_BxLxD, padded, routed=routed)
+  mtp_logits, mtp_load, mtp_balance = model.mtp_forward(
+    h_BxLxD, padded, routed=routed, emb_DxBxLxD=mtp_emb
+  )
   mtp_ce = []
   for k, lg in enumerate(mtp_logits, start=1):
     # Depth k at position i predicts t_{i+k+1}; the last k positions have no target.
@@ -96,20 +101,28 @@ def readout_losses(
   return Readout(loss, ce, jnp.mean(mtp_ce), mtp_load.astype(jnp.float32), mtp_balance)
 
 
+def mtp_tokens(tokens_BxL1: jax.Array, depth: int) -> jax.Array:
+  """The MTP depths' input tokens [D, B, L]: depth k reads the inputs shifted by k (zeros
+  past the end, where no target is scored)."""
+  b, l = tokens_BxL1.shape[0], tokens_BxL1.shape[1] - 1
+  padded = jnp.concatenate([tokens_BxL1, jnp.zeros((b, depth), tokens_BxL1.dtype)], axis=1)
+  return jnp.stack([padded[:, k : k + l] for k in range(1, depth + 1)])
+
+
 def head_losses(
-  model, h_BxLxD: jax.Array, tokens_BxL1: jax.Array, cfg: TrainConfig, routed=None
+  model, h_BxLxD: jax.Array, tokens_BxL1: jax.Array, cfg: TrainConfig, routed=None, mtp_emb=None
 ) -> Readout:
   """The head's logits from the final-normed hidden state `h`, then `readout_losses`. Under
-  `ModelConfig.remat` = "blocks" it keeps only `h` for the backward, which reruns the head,
-  the cross-entropy and the MTP depths: no fp32 logits [B, L, V] stay alive between the
-  forward and the backward."""
+  `ModelConfig.remat` = "blocks" it keeps only `h` (and `mtp_emb`, when given) for the
+  backward, which reruns the head, the cross-entropy and the MTP depths: no fp32 logits
+  [B, L, V] stay alive between the forward and the backward."""
 
-  def run(h):
-    return readout_losses(model, h, model.logits(h), tokens_BxL1, cfg, routed)
+  def run(h, emb):
+    return readout_losses(model, h, model.logits(h), tokens_BxL1, cfg, routed, emb)
 
   if model.cfg.recomputes:
     run = jax.checkpoint(run)
-  return run(h_BxLxD)
+  return run(h_BxLxD, mtp_emb)
 
 
 def model_losses(model, tokens_BxL1: jax.Array, cfg: TrainConfig, routed=None):

@@ -30,7 +30,7 @@ from dsv3_jax.parallel import schedules
 from dsv3_jax.parallel.pipeline import Pipeline
 from dsv3_jax.parallel.expert import STATS
 from dsv3_jax.parallel.sharding import STAGED
-from dsv3_jax.train.loss import head_losses
+from dsv3_jax.train.loss import head_losses, mtp_tokens
 from dsv3_jax.train.step import Trainer, TrainState
 
 
@@ -89,13 +89,25 @@ def make_stage_fn(graphdef, cfg: Config, n_stages: int, scale: float, routed=Non
     b, l = inputs.shape
     ctx = model.context((b, l), routed=routed)  # sequences from position 0
 
-    def embed():  # the walk's first pieces: embedding, then the dense blocks
-      h = model.embed_tokens(inputs)
-      if model.dense is not None:
-        h = model.run_dense(h, ctx).x_BxLxD
-      return h.astype(x_BxLxD.dtype)
+    # Every embedding lookup of the step -- the inputs' and each MTP depth's -- is one
+    # gather on every stage, outside the stage conds. Under the B/W split the first stage's
+    # whole backward (the dense blocks, the table's share from the inputs) is weight work
+    # and goes to W, while the last stage's MTP share is computed in B; the table's two
+    # shares then meet in W. Looked up in the readout's `cond`, the MTP share crossed from B
+    # to W as a [vocab, hidden] float32 table gradient in every micro-batch's r2 entry (3.7
+    # of the 671B plan's 3.9 GB under recomputation); from one lookup it crosses as the
+    # MTP embeddings' cotangent, [depth, batch, length, hidden].
+    look = (
+      inputs[None] if not depth else jnp.concatenate([inputs[None], mtp_tokens(tokens_BxL1, depth)])
+    )
+    emb = model.embed_tokens(look)
 
-    h = jax.lax.cond(stage == 0, embed, lambda: x_BxLxD)
+    def embed(e):  # the walk's first pieces: embedding, then the dense blocks
+      if model.dense is not None:
+        e = model.run_dense(e, ctx).x_BxLxD
+      return e.astype(x_BxLxD.dtype)
+
+    h = jax.lax.cond(stage == 0, embed, lambda e: x_BxLxD, emb[0])
     res = model.run_moe(h, ctx)  # this stage's slice of the MoE stack
     h = res.x_BxLxD
     load = jax.lax.dynamic_update_slice(
@@ -105,7 +117,7 @@ def make_stage_fn(graphdef, cfg: Config, n_stages: int, scale: float, routed=Non
     )
 
     def readout():  # the walk's last piece and the objective's readout part
-      r = head_losses(model, model.norm(h), tokens_BxL1, tcfg, routed)
+      r = head_losses(model, model.norm(h), tokens_BxL1, tcfg, routed, emb[1:] if depth else None)
       mtp_ce = r.mtp_ce if r.mtp_ce is not None else jnp.zeros((), jnp.float32)
       return r.loss, r.ce, mtp_ce, r.mtp_balance, r.mtp_load_DxE
 

@@ -11,6 +11,7 @@ node-then-GPU two-stage dispatch.
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -124,6 +125,24 @@ def test_dualpipe_with_recomputation_equals_the_unpipelined_model():
   assert not [a for a in sv.r1_avals if a.shape[-1:] == (cfg.model.vocab_size,)]
   staged_in_w = sv._dp_in_w[: len(jax.tree.leaves(piped.init().params[STAGED]))]
   assert not any(staged_in_w), staged_in_w
+
+
+def test_recomputed_dualpipe_defers_no_table_gradient():
+  """Under the B/W split the first stage's whole backward is weight work (W), while the last
+  stage computes the MTP depths' share of the embedding table's gradient in B. Looked up in
+  the readout's `cond`, that share crossed from B to W as a [vocab, hidden] float32 table
+  gradient in every micro-batch's r2 entry (3.7 of 3.9 GB per entry in the 671B plan under
+  recomputation); the stage now looks every embedding up once, outside the conds, and the
+  share crosses as the embeddings' cotangent. Traced only, nothing compiles."""
+  cfg = _cfg("dualpipe", n_mb=4, model={"remat": "blocks"})
+  piped = PipelineTrainer(cfg, mesh_lib.make_mesh(cfg.parallel, jax.devices()[:8]))
+  state = piped.init()
+  tokens = jax.ShapeDtypeStruct((cfg.train.global_batch, 17), jnp.int32)
+  jax.eval_shape(piped.loss_and_grads, state.params, state.biases, tokens)
+  sv = piped.pipeline.stage_vjp
+  assert cfg.model.num_nextn_predict_layers and sv.deferred  # MTP, and a W to defer to
+  table = (cfg.model.vocab_size, cfg.model.hidden_size)
+  assert not [a for a in sv.r2_avals if a.shape == table], sv.r2_avals
 
 
 def _assert_equals_unpipelined(piped):
