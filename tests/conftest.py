@@ -9,8 +9,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # Compiling, not running, is most of this suite's time (tiny models, hundreds of programs):
 # LLVM's optimisation level 0 compiles them faster (the whole suite ~17% faster on 2 cores).
-# It changes how the CPU code is generated, not the HLO program, so values, buffer sizes and
-# `memory_analysis()` stay XLA's own. An XLA_FLAGS that sets a level keeps it.
+# It changes how the CPU code is generated, not the HLO program, so buffer sizes and
+# `memory_analysis()` stay XLA's own, and values up to float rounding (LLVM may fuse fewer
+# multiply-adds); the tolerances hold. An XLA_FLAGS that sets a level keeps it.
 if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -20,7 +21,8 @@ import jax  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_threefry_partitionable", True)
 
-# Identical programs (the same tiny train step in several tests) compile once per session.
+# Identical programs (the same tiny train step in several tests) compile once per session
+# (per pytest worker under `make test`'s two).
 import tempfile  # noqa: E402
 
 jax.config.update(

@@ -78,7 +78,7 @@ def readout_losses(
 ) -> Readout:
   """Everything after the main model's readout (`model.readout`: final norm `h` and logits).
   `mtp_emb`: the MTP depths' input embeddings [D, B, L, hidden], when the caller looked them
-  up from `mtp_tokens`)."""
+  up (from `mtp_tokens`)."""
   targets = tokens_BxL1[:, 1:]
   b, l = targets.shape
   ce = cross_entropy(logits_BxLxV, targets)

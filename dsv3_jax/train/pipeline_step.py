@@ -9,7 +9,10 @@ embedding and the output head sit on the same rank, and MTP -- which needs both 
 runs there with no extra transfer, as DeepSeek-V3 does.  Under 1F1B they are on
 ranks 0 and ``S-1``; rather than sending MTP's embeddings down the pipe, those
 "shared" parameters are replicated on every pipe rank and their gradients summed
-(`Pipeline`'s ``shared_params``); each rank runs only what its stage needs.
+(`Pipeline`'s ``shared_params``); each rank runs only what its stage needs, except the
+embedding lookups: every stage gathers the inputs' and the MTP depths' embeddings (one
+gather, outside the stage conds; its backward scatter-adds zeros off the ends), so that the
+B/W split defers no table-sized gradient (`make_stage_fn`).
 
 Everything else is `Trainer`'s: the state, its sharding, the optimizer, the bias
 update and the metrics.  Loss, gradients and loads equal the unpipelined step's up

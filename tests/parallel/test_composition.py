@@ -133,7 +133,7 @@ def test_recomputed_dualpipe_defers_no_table_gradient():
   the readout's `cond`, that share crossed from B to W as a [vocab, hidden] float32 table
   gradient in every micro-batch's r2 entry (3.7 of 3.9 GB per entry in the 671B plan under
   recomputation); the stage now looks every embedding up once, outside the conds, and the
-  share crosses as the embeddings' cotangent. Traced only, nothing compiles."""
+  share crosses as the embeddings' cotangent. The step is traced, not compiled."""
   cfg = _cfg("dualpipe", n_mb=4, model={"remat": "blocks"})
   piped = PipelineTrainer(cfg, mesh_lib.make_mesh(cfg.parallel, jax.devices()[:8]))
   state = piped.init()
