@@ -135,6 +135,24 @@ def test_finished_arms_are_skipped_and_shared(tmp_path, corpus, monkeypatch):
   assert logs == ["mtp/mtp1: the same run as fp8/bf16"]
 
 
+def test_gradient_agreement_sees_rounding_not_another_gradient():
+  """The BF16 arm's check (`gradient_agreement`) on the quick model at its initial weights:
+  FP32 against itself agrees exactly, BF16 dots differ by rounding only."""
+  from dsv3_jax.parallel import mesh as mesh_lib
+  from dsv3_jax.train.step import Trainer
+
+  cfg = ablations.ablation_config(quick=True)
+  init = Trainer(cfg, mesh_lib.make_mesh(cfg.parallel)).init()
+  shape = (cfg.train.global_batch, cfg.train.seq_len + 1)
+  tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, shape).astype(np.int32)
+  g = ablations.gradient_agreement(
+    cfg, init.params, init.biases, {"tokens": tokens}, precisions=("fp32", "bf16")
+  )
+  assert g["fp32"]["global_rel_error"] == 0 and g["fp32"]["cosine"] == pytest.approx(1)
+  assert 0 < g["bf16"]["global_rel_error"] < 0.2 and g["bf16"]["cosine"] > 0.98, g["bf16"]
+  assert len(g["bf16"]["worst_params"]) == 5
+
+
 @pytest.mark.slow
 def test_fp8_ablation_end_to_end_and_resume(tmp_path, corpus):
   out = str(tmp_path)
