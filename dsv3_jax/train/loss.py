@@ -78,7 +78,7 @@ def readout_losses(
 ) -> Readout:
   """Everything after the main model's readout (`model.readout`: final norm `h` and logits).
   `mtp_emb`: the MTP depths' input embeddings [D, B, L, hidden], when the caller looked them
-  up (from `mtp_tokens`)."""
+  up (`shifted_inputs(...)[1:]`)."""
   targets = tokens_BxL1[:, 1:]
   b, l = targets.shape
   ce = cross_entropy(logits_BxLxV, targets)
@@ -87,7 +87,7 @@ def readout_losses(
   if not depth:
     zero = jnp.zeros((), jnp.float32)
     return Readout(ce, ce, None, jnp.zeros((0, n_exp), jnp.float32), zero)
-  padded = jnp.concatenate([tokens_BxL1, jnp.zeros((b, depth), tokens_BxL1.dtype)], axis=1)
+  padded = _pad_for_mtp(tokens_BxL1, depth)
   mtp_logits, mtp_load, mtp_balance = model.mtp_forward(
     h_BxLxD, padded, routed=routed, emb_DxBxLxD=mtp_emb
   )
@@ -101,12 +101,18 @@ def readout_losses(
   return Readout(loss, ce, jnp.mean(mtp_ce), mtp_load.astype(jnp.float32), mtp_balance)
 
 
-def mtp_tokens(tokens_BxL1: jax.Array, depth: int) -> jax.Array:
-  """The MTP depths' input tokens [D, B, L]: depth k reads the inputs shifted by k (zeros
-  past the end, where no target is scored)."""
-  b, l = tokens_BxL1.shape[0], tokens_BxL1.shape[1] - 1
-  padded = jnp.concatenate([tokens_BxL1, jnp.zeros((b, depth), tokens_BxL1.dtype)], axis=1)
-  return jnp.stack([padded[:, k : k + l] for k in range(1, depth + 1)])
+def _pad_for_mtp(tokens_BxL1: jax.Array, depth: int) -> jax.Array:
+  """The tokens followed by `depth` zeros: MTP depth k reads positions k .. k + L - 1."""
+  b = tokens_BxL1.shape[0]
+  return jnp.concatenate([tokens_BxL1, jnp.zeros((b, depth), tokens_BxL1.dtype)], axis=1)
+
+
+def shifted_inputs(tokens_BxL1: jax.Array, depth: int) -> jax.Array:
+  """The inputs shifted by 0 .. depth [1 + D, B, L]: entry 0 is the main model's, entry k
+  MTP depth k's (zeros past the end, where no target is scored)."""
+  l = tokens_BxL1.shape[1] - 1
+  padded = _pad_for_mtp(tokens_BxL1, depth)
+  return jnp.stack([padded[:, k : k + l] for k in range(depth + 1)])
 
 
 def head_losses(

@@ -33,7 +33,7 @@ from dsv3_jax.parallel import schedules
 from dsv3_jax.parallel.pipeline import Pipeline
 from dsv3_jax.parallel.expert import STATS
 from dsv3_jax.parallel.sharding import STAGED
-from dsv3_jax.train.loss import head_losses, mtp_tokens
+from dsv3_jax.train.loss import head_losses, shifted_inputs
 from dsv3_jax.train.step import Trainer, TrainState
 
 
@@ -100,10 +100,7 @@ def make_stage_fn(graphdef, cfg: Config, n_stages: int, scale: float, routed=Non
     # to W as a [vocab, hidden] float32 table gradient in every micro-batch's r2 entry (3.7
     # of the 671B plan's 3.9 GB under recomputation); from one lookup it crosses as the
     # MTP embeddings' cotangent, [depth, batch, length, hidden].
-    look = (
-      inputs[None] if not depth else jnp.concatenate([inputs[None], mtp_tokens(tokens_BxL1, depth)])
-    )
-    emb = model.embed_tokens(look)
+    emb = model.embed_tokens(shifted_inputs(tokens_BxL1, depth))  # [1 + depth, B, L, hidden]
 
     def embed(e):  # the walk's first pieces: embedding, then the dense blocks
       if model.dense is not None:
