@@ -39,7 +39,11 @@ Known costs (measured by `experiments/pipeline_schedules.py`): every tick reads 
 entry of each residual buffer and writes one (the scratch entry when the op has
 nothing to write), so a tick moves a micro-batch's residuals even when idle;
 writing inside the switched branches instead made XLA copy whole buffers, which
-is slower still.  For the MoE layers ``B`` then ``W`` can cost more than
+is slower still.  Gradients are summed per leaf in the scan carry; the op's `switch`
+returns the new sums in buffers of its own (XLA does not alias a conditional's outputs
+with its operands), so a rank keeps two copies of the gradients of what it holds.
+(Flattening them into one vector per slot, as before, added the op's flat gradient as a
+third.)  For the MoE layers ``B`` then ``W`` can cost more than
 ``BW``: partial evaluation of the routed experts' overflow ``cond`` hands ``W`` that
 branch's known values (see `stage_vjp`).
 """
@@ -52,7 +56,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv3_jax.parallel import schedules as S
@@ -508,8 +511,6 @@ class Pipeline:
     self.stage_vjp = sv
     (y0, loss0), aux0 = jax.eval_shape(fn, p0, x0, consts0)
     pk1, pk2 = _Packer(sv.r1_avals), _Packer(sv.r2_avals)
-    flat_sp, unravel_sp = ravel_pytree(_index(slot_p, 0))
-    flat_shp, unravel_shp = ravel_pytree(shared_p)
     size = plan.sizes
     buf = lambda n, a: jnp.zeros((n + 2, *a.shape), a.dtype)
     carry = dict(
@@ -517,8 +518,8 @@ class Pipeline:
       grad=buf(size["grad"], act),
       r1=pk1.buffers(size["r1"] + 2),
       r2=pk2.buffers(size["r2"] + 2),
-      g_slot=jnp.zeros((plan.n_slots, flat_sp.size), flat_sp.dtype),
-      g_shared=jnp.zeros_like(flat_shp),
+      g_slot=_zeros(slot_p),
+      g_shared=_zeros(shared_p),
       loss=jnp.zeros((), loss0.dtype),
       aux=_zeros(aux0),
     )
@@ -537,8 +538,8 @@ class Pipeline:
 
     def add_grads(gs, gsh, row, dp):
       dsp, dshp = dp
-      gs = gs.at[row[FI["b_slot"]]].add(ravel_pytree(dsp)[0])
-      return gs, gsh + ravel_pytree(dshp)[0]
+      gs = jax.tree.map(lambda a, d: a.at[row[FI["b_slot"]]].add(d), gs, dsp)
+      return gs, jax.tree.map(jnp.add, gsh, dshp)
 
     # Branch outputs: (y, loss, aux, packed r1, dx, packed r2, g_slot, g_shared).
     def noop(gs, gsh, row, x, g, r1, r2):
@@ -647,10 +648,10 @@ class Pipeline:
       axes = self._reduce_axes(spec, extra)
       return jax.lax.psum(g, axes) if axes else g
 
-    g_slot = jax.vmap(unravel_sp)(c["g_slot"])
+    g_slot = c["g_slot"]
     g_slot = jax.tree.map(lambda s, g: reduce(g, s)[:, None], p_specs[0], g_slot, is_leaf=is_spec)
     g_shared = jax.tree.map(
-      lambda s, g: reduce(g, s, (axis,)), p_specs[1], unravel_shp(c["g_shared"]), is_leaf=is_spec
+      lambda s, g: reduce(g, s, (axis,)), p_specs[1], c["g_shared"], is_leaf=is_spec
     )
     loss, aux = jax.lax.psum((c["loss"], c["aux"]), all_axes)
     return loss, aux, g_slot, g_shared

@@ -385,13 +385,13 @@ def state_memory(cfg: Config, mesh, state: _State, layout: Layout) -> dict:
   tokens = layout.local_batch * (layout.seq_len + 1) * 4
   # DualPipe: each rank also holds the mirrored chunk (parameters and their gradients).
   slot_copies = (layout.param_copies - 1) * staged * 2
-  # This code's executor (`parallel/pipeline.py`) accumulates flat f32 gradients of its slots
-  # and of the shared parameters in its scan carry; each tick's op returns new accumulators
-  # next to the carried ones and its own flattened gradient: three copies. DualPipe's slots
-  # are a stacked copy of the rank's chunks.
+  # This code's executor (`parallel/pipeline.py`) accumulates f32 gradients of its slots and
+  # of the shared parameters in its scan carry, leaf by leaf; each tick's op (a `switch`)
+  # returns the new sums in buffers of its own, next to the carried ones: two copies.
+  # DualPipe's slots are a stacked copy of the rank's chunks.
   accumulators = 0
   if layout.schedule is not None:
-    accumulators = 3 * (layout.param_copies * staged + params - staged)
+    accumulators = 2 * (layout.param_copies * staged + params - staged)
     accumulators += layout.param_copies * staged if layout.n_slots > 1 else 0
   # The donated step writes the new parameters and moments next to the old ones (XLA
   # releases the old state only once the update is done): one more copy of each.
