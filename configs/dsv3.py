@@ -55,7 +55,13 @@ _DSV3 = dict(
 )
 # Pretraining at 4K: 15360 sequences per step (the batch size the report ramps up to) and a
 # 2K-step warmup to the 2.2e-4 peak (the default rate).
-_DSV3_TRAIN = dict(global_batch=15360, seq_len=4096, warmup_steps=2000, lr_schedule="report")
+# `logits_chunk`: the head and its cross-entropy 1024 positions at a time (rerun in the
+# backward): a 4096-token sequence's float32 logits over 129,280 tokens are 2.1 GB per head,
+# kept in every pipeline stage's entry otherwise (the 671B plan: 914.7 -> 772.4 GB without
+# recomputation, 154.6 -> 150.3 GB with it).
+_DSV3_TRAIN = dict(
+  global_batch=15360, seq_len=4096, warmup_steps=2000, lr_schedule="report", logits_chunk=1024
+)
 
 _VARIANTS = {
   "tiny": dict(

@@ -259,6 +259,10 @@ class TrainConfig:
   moment_dtype: str = "bfloat16"  # AdamW moments; master weights stay float32
   mtp_lambda: float = 0.3  # MTP loss weight lambda (divided by the depth D)
   balance_alpha: float = 1e-4  # complementary sequence-wise balance loss weight alpha
+  # > 0: the training loss applies the output head and its cross-entropy this many positions
+  # at a time, rerunning each piece in the backward, so no [B, L, vocab] float32 logits are
+  # kept or live at once (`train/loss.head_nll`); 0: all positions at once.
+  logits_chunk: int = 0
   bias_update_gamma: float = 1e-3  # aux-loss-free bias update speed gamma, per step
   seed: int = 0  # parameter init and data order
   log_every: int = 10  # steps between metric writes
@@ -309,6 +313,12 @@ class TrainConfig:
       v = getattr(self, name)
       _require(isinstance(v, int) and v > 0, f"train.{name}", "must be a positive integer", v)
     _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", self.warmup_steps)
+    _require(
+      isinstance(self.logits_chunk, int) and self.logits_chunk >= 0,
+      "train.logits_chunk",
+      "must be an integer >= 0 (0 = the whole sequence at once)",
+      self.logits_chunk,
+    )
     _require(self.learning_rate > 0, "train.learning_rate", "must be positive", self.learning_rate)
     _require(
       0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio

@@ -334,13 +334,15 @@ class Transformer(nnx.Module):
     positions_BxL: Optional[jax.Array] = None,
     routed: Optional[RoutedExperts] = None,
     emb_DxBxLxD: Optional[jax.Array] = None,
+    head: bool = True,
   ):
     """Runs every MTP depth over the main model's hidden states.
 
     `tokens_BxLpD` holds the main inputs followed by D more tokens (D = depth), so depth k
     sees `tokens[:, k : k+L]`; `emb_DxBxLxD`, when given, is their embeddings, looked up by
     the caller. Returns (list of logits [B, L, V] predicting t_{i+k+1}, loads [D, E],
-    balance loss summed over depths).
+    balance loss summed over depths); `head=False`: each depth's normed hidden state [B, L,
+    hidden] in place of its logits (the objective applies the head itself).
     """
     cfg = self.cfg
     b, l, _ = hidden_BxLxD.shape
@@ -357,7 +359,7 @@ class Transformer(nnx.Module):
       _, h, aux, _ = module(
         h, emb, ctx.positions_BxL, ctx.cos, ctx.sin, routed=ctx.routed, causal=ctx.causal
       )
-      logits.append(self.logits(h))
+      logits.append(self.logits(h) if head else h)
       loads.append(aux["load"])
       balance = balance + aux["balance_loss"]
     loads = jnp.stack(loads) if loads else jnp.zeros((0, cfg.n_routed_experts), jnp.float32)

@@ -983,7 +983,12 @@ def timing(
   # the device does 8 FLOPs per matmul parameter and token where the model needs 6.
   rerun = 1 / 3 if m.recomputes else 0.0
   t_model = device_flops / (peak * efficiency)
-  t_compute = t_model * (1 + rerun)
+  # `TrainConfig.logits_chunk` reruns the head's GEMM (main and every MTP depth) in the
+  # backward, piece by piece: one more head forward per token.
+  chunked = 0 < cfg.train.logits_chunk < cfg.train.seq_len
+  head_flops = 2 * m.hidden_size * m.vocab_size * (1 + m.num_nextn_predict_layers)
+  t_head = head_flops * tokens_step / n_dev / (peak * efficiency) if chunked else 0.0
+  t_compute = t_model * (1 + rerun) + t_head
   a2a = comm.get("expert_all_to_all", {"nvlink": 0.0, "ib": 0.0})
   t_a2a = max(a2a["nvlink"] / hw.nvlink, a2a["ib"] / hw.ib)  # NVLink and IB run concurrently
   dp_keys = ("zero1_grad_reduce_scatter", "zero1_param_all_gather", "replicated_grad_all_reduce")
@@ -1011,6 +1016,7 @@ def timing(
       # pass too (`StageVJP` defers only the non-rerun parts): W has nothing left to fill
       # the schedule's bubbles with.
       b, w = b + f + w, 0.0
+    b += t_head / passes
     # The all-to-all of one pass's forward / backward (the backward's holds the rerun's).
     af = t_a2a / passes / (3 if rerun else 2)
     ab = t_a2a / passes - af

@@ -2,9 +2,10 @@
 
   L = CE + lambda / D * sum_k CE_MTP_k + alpha * (sequence-wise balance loss of every MoE layer)
 
-`readout_losses` is the part after the main model's readout (CE on its logits, the MTP
-depths on its final-normed hidden state, and their balance loss); `head_losses` adds the
-head before it (and recomputes both in the backward under `ModelConfig.remat`);
+`readout_losses` is the part after the main model's final norm (the head and its CE, a
+piece of positions at a time under `TrainConfig.logits_chunk`; the MTP depths and their
+balance loss); `head_losses` runs it (and recomputes it in the backward under
+`ModelConfig.remat`);
 `model_losses` runs the whole model and adds the main MoE layers' balance loss. The plain
 step uses `model_losses`; the pipelined step runs the stacks stage by stage and calls
 `head_losses` in the last stage — one objective for both.
@@ -52,11 +53,34 @@ def cross_entropy(
   logits_BxLxV: jax.Array, targets_BxL: jax.Array, mask_BxL: jax.Array | None = None
 ) -> jax.Array:
   """Mean token cross-entropy in nats (float32), over the positions where mask is true."""
-  nll = token_nll(logits_BxLxV, targets_BxL)
+  return _mean(token_nll(logits_BxLxV, targets_BxL), mask_BxL)
+
+
+def _mean(nll_BxL: jax.Array, mask_BxL: jax.Array | None) -> jax.Array:
   if mask_BxL is None:
-    return jnp.mean(nll)
+    return jnp.mean(nll_BxL)
   mask = mask_BxL.astype(jnp.float32)
-  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return jnp.sum(nll_BxL * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def head_nll(model, h_BxLxD: jax.Array, targets_BxL: jax.Array, chunk: int = 0) -> jax.Array:
+  """`token_nll` of the head's logits of the final-normed hidden state `h` [B, L] (float32).
+
+  `chunk` > 0: `chunk` positions of every sequence at a time (a `lax.map` over pieces, the
+  last padded), each piece under `jax.checkpoint`: the backward reruns a piece's head GEMM
+  rather than keeping its logits, so one piece's [B, chunk, V] float32 logits are live at a
+  time and none are kept between the forward and the backward. It costs one more head GEMM
+  (forward); the values are the unchunked ones up to float rounding."""
+  b, l, d = h_BxLxD.shape
+  if not chunk or chunk >= l:
+    return token_nll(model.logits(h_BxLxD), targets_BxL)
+  n = -(-l // chunk)
+  pad = n * chunk - l
+  h = jnp.pad(h_BxLxD, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d)
+  t = jnp.pad(targets_BxL, ((0, 0), (0, pad))).reshape(b, n, chunk)
+  piece = jax.checkpoint(lambda hh, tt: token_nll(model.logits(hh), tt))
+  nll = jax.lax.map(lambda a: piece(*a), (jnp.swapaxes(h, 0, 1), jnp.swapaxes(t, 0, 1)))
+  return jnp.swapaxes(nll, 0, 1).reshape(b, n * chunk)[:, :l]
 
 
 class Readout(NamedTuple):
@@ -70,32 +94,33 @@ class Readout(NamedTuple):
 def readout_losses(
   model,
   h_BxLxD: jax.Array,
-  logits_BxLxV: jax.Array,
   tokens_BxL1: jax.Array,
   cfg: TrainConfig,
   routed=None,
   mtp_emb=None,
 ) -> Readout:
-  """Everything after the main model's readout (`model.readout`: final norm `h` and logits).
-  `mtp_emb`: the MTP depths' input embeddings [D, B, L, hidden], when the caller looked them
-  up (`shifted_inputs(...)[1:]`)."""
+  """Everything after the main model's final norm `h`: the head and its cross-entropy, then
+  the MTP depths (`cfg.logits_chunk` positions at a time, `head_nll`). `mtp_emb`: the MTP
+  depths' input embeddings [D, B, L, hidden], when the caller looked them up
+  (`shifted_inputs(...)[1:]`)."""
   targets = tokens_BxL1[:, 1:]
   b, l = targets.shape
-  ce = cross_entropy(logits_BxLxV, targets)
+  ce = _mean(head_nll(model, h_BxLxD, targets, cfg.logits_chunk), None)
   depth = len(model.mtp)
   n_exp = max(model.cfg.n_routed_experts, 1)
   if not depth:
     zero = jnp.zeros((), jnp.float32)
     return Readout(ce, ce, None, jnp.zeros((0, n_exp), jnp.float32), zero)
   padded = _pad_for_mtp(tokens_BxL1, depth)
-  mtp_logits, mtp_load, mtp_balance = model.mtp_forward(
-    h_BxLxD, padded, routed=routed, emb_DxBxLxD=mtp_emb
+  mtp_h, mtp_load, mtp_balance = model.mtp_forward(
+    h_BxLxD, padded, routed=routed, emb_DxBxLxD=mtp_emb, head=False
   )
   mtp_ce = []
-  for k, lg in enumerate(mtp_logits, start=1):
+  for k, hk in enumerate(mtp_h, start=1):
     # Depth k at position i predicts t_{i+k+1}; the last k positions have no target.
     mask = jnp.broadcast_to(jnp.arange(l) < l - k, (b, l))
-    mtp_ce.append(cross_entropy(lg, padded[:, k + 1 : k + 1 + l], mask))
+    nll = head_nll(model, hk, padded[:, k + 1 : k + 1 + l], cfg.logits_chunk)
+    mtp_ce.append(_mean(nll, mask))
   mtp_ce = jnp.stack(mtp_ce)
   loss = ce + cfg.mtp_lambda / depth * jnp.sum(mtp_ce) + cfg.balance_alpha * mtp_balance
   return Readout(loss, ce, jnp.mean(mtp_ce), mtp_load.astype(jnp.float32), mtp_balance)
@@ -118,13 +143,13 @@ def shifted_inputs(tokens_BxL1: jax.Array, depth: int) -> jax.Array:
 def head_losses(
   model, h_BxLxD: jax.Array, tokens_BxL1: jax.Array, cfg: TrainConfig, routed=None, mtp_emb=None
 ) -> Readout:
-  """The head's logits from the final-normed hidden state `h`, then `readout_losses`. Under
-  `ModelConfig.remat` = "blocks" it keeps only `h` (and `mtp_emb`, when given) for the
-  backward, which reruns the head, the cross-entropy and the MTP depths: no fp32 logits
-  [B, L, V] stay alive between the forward and the backward."""
+  """`readout_losses` of the final-normed hidden state `h`. Under `ModelConfig.remat` =
+  "blocks" it keeps only `h` (and `mtp_emb`, when given) for the backward, which reruns the
+  head, the cross-entropy and the MTP depths: no fp32 logits [B, L, V] stay alive between
+  the forward and the backward."""
 
   def run(h, emb):
-    return readout_losses(model, h, model.logits(h), tokens_BxL1, cfg, routed, emb)
+    return readout_losses(model, h, tokens_BxL1, cfg, routed, emb)
 
   if model.cfg.recomputes:
     run = jax.checkpoint(run)

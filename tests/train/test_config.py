@@ -50,6 +50,7 @@ INVALID = [
   ("zero_steps", "train", {"steps": 0}, "train.steps"),
   ("bad_b2", "train", {"b2": 1.0}, "train.b2"),
   ("bad_moment_dtype", "train", {"moment_dtype": "int8"}, "train.moment_dtype"),
+  ("negative_logits_chunk", "train", {"logits_chunk": -1}, "train.logits_chunk"),
   ("heldout_fraction", "data", {"heldout_fraction": 1.5}, "data.heldout_fraction"),
   ("split_seed", "data", {"split_seed": -1}, "data.split_seed"),
   ("pipeline_kind", "parallel", {"pipeline": "gpipe2"}, "parallel.pipeline"),
