@@ -348,7 +348,7 @@ class Transformer(nnx.Module):
     b, l, _ = hidden_BxLxD.shape
     ctx = self.context((b, l) if positions_BxL is None else positions_BxL, routed=routed)
     h = hidden_BxLxD
-    logits, loads, balance = [], [], jnp.zeros((), jnp.float32)
+    outs, loads, balance = [], [], jnp.zeros((), jnp.float32)
     for k, module in enumerate(self.mtp, start=1):
       if emb_DxBxLxD is None:
         emb = self.embed_tokens(tokens_BxLpD[:, k : k + l])
@@ -359,11 +359,11 @@ class Transformer(nnx.Module):
       _, h, aux, _ = module(
         h, emb, ctx.positions_BxL, ctx.cos, ctx.sin, routed=ctx.routed, causal=ctx.causal
       )
-      logits.append(self.logits(h) if head else h)
+      outs.append(self.logits(h) if head else h)
       loads.append(aux["load"])
       balance = balance + aux["balance_loss"]
     loads = jnp.stack(loads) if loads else jnp.zeros((0, cfg.n_routed_experts), jnp.float32)
-    return logits, loads, balance
+    return outs, loads, balance
 
 
 def create(cfg: ModelConfig, seed: int = 0) -> Transformer:

@@ -40,8 +40,8 @@ entry of each residual buffer and writes one (the scratch entry when the op has
 nothing to write), so a tick moves a micro-batch's residuals even when idle;
 writing inside the switched branches instead made XLA copy whole buffers, which
 is slower still.  Gradients are summed per leaf in the scan carry; the op's `switch`
-returns the new sums in buffers of its own (XLA does not alias a conditional's outputs
-with its operands), so a rank keeps two copies of the gradients of what it holds.
+returns the new sums in buffers of its own (XLA:CPU gives a conditional's outputs their
+own buffers here, measured), so a rank keeps two copies of the gradients of what it holds.
 (Flattening them into one vector per slot, as before, added the op's flat gradient as a
 third.)  For the MoE layers ``B`` then ``W`` can cost more than
 ``BW``: partial evaluation of the routed experts' overflow ``cond`` hands ``W`` that

@@ -387,7 +387,9 @@ def state_memory(cfg: Config, mesh, state: _State, layout: Layout) -> dict:
   slot_copies = (layout.param_copies - 1) * staged * 2
   # This code's executor (`parallel/pipeline.py`) accumulates f32 gradients of its slots and
   # of the shared parameters in its scan carry, leaf by leaf; each tick's op (a `switch`)
-  # returns the new sums in buffers of its own, next to the carried ones: two copies.
+  # returns the new sums in buffers of its own, next to the carried ones (so XLA:CPU does,
+  # measured): two copies. An op's own gradient of a leaf, live while it is added, is not
+  # counted.
   # DualPipe's slots are a stacked copy of the rank's chunks.
   accumulators = 0
   if layout.schedule is not None:
@@ -984,7 +986,8 @@ def timing(
   rerun = 1 / 3 if m.recomputes else 0.0
   t_model = device_flops / (peak * efficiency)
   # `TrainConfig.logits_chunk` reruns the head's GEMM (main and every MTP depth) in the
-  # backward, piece by piece: one more head forward per token.
+  # backward, piece by piece: one more head forward per token. Spread evenly over the
+  # devices, as this model spreads the ends' compute (only the end stages run it).
   chunked = 0 < cfg.train.logits_chunk < cfg.train.seq_len
   head_flops = 2 * m.hidden_size * m.vocab_size * (1 + m.num_nextn_predict_layers)
   t_head = head_flops * tokens_step / n_dev / (peak * efficiency) if chunked else 0.0

@@ -99,10 +99,10 @@ def readout_losses(
   routed=None,
   mtp_emb=None,
 ) -> Readout:
-  """Everything after the main model's final norm `h`: the head and its cross-entropy, then
-  the MTP depths (`cfg.logits_chunk` positions at a time, `head_nll`). `mtp_emb`: the MTP
-  depths' input embeddings [D, B, L, hidden], when the caller looked them up
-  (`shifted_inputs(...)[1:]`)."""
+  """Everything after the main model's final norm `h`: the head and its cross-entropy
+  (`cfg.logits_chunk` positions at a time, `head_nll`), then the MTP depths, each with the
+  head the same way. `mtp_emb`: the MTP depths' input embeddings [D, B, L, hidden], when the
+  caller looked them up (`shifted_inputs(...)[1:]`)."""
   targets = tokens_BxL1[:, 1:]
   b, l = targets.shape
   ce = _mean(head_nll(model, h_BxLxD, targets, cfg.logits_chunk), None)

@@ -71,43 +71,6 @@ class MTPCausalityTest(absltest.TestCase):
 
 
 class MTPLossTest(absltest.TestCase):
-  def test_logits_chunk_keeps_no_logits_and_changes_nothing_else(self):
-    """`train.logits_chunk`: the head and its cross-entropy (main and MTP) run a piece of
-    positions at a time, rerun in the backward: loss, metrics and every gradient equal the
-    whole-sequence objective's (a piece that divides L and one that does not), and the
-    backward keeps no vocabulary-sized array, where the whole-sequence one keeps the logits."""
-    depth, b, l = 1, 2, 12
-    cfg = _config(num_nextn_predict_layers=depth, init_std=0.1)
-    model = model_lib.create(cfg.model, seed=5)
-    tokens = jax.random.randint(jax.random.key(6), (b, l + 1), 0, cfg.model.vocab_size)
-    graphdef, state = nnx.split(model)
-    v = cfg.model.vocab_size
-
-    def objective(chunk):
-      tcfg = dataclasses.replace(cfg.train, logits_chunk=chunk)
-
-      def f(state):
-        loss, metrics, _ = loss_lib.model_losses(nnx.merge(graphdef, state), tokens, tcfg)
-        return loss, metrics
-
-      return f
-
-    (want, want_m), want_g = jax.jit(jax.value_and_grad(objective(0), has_aux=True))(state)
-    for chunk in (4, 5):
-      (got, got_m), got_g = jax.jit(jax.value_and_grad(objective(chunk), has_aux=True))(state)
-      np.testing.assert_allclose(got, want, rtol=1e-6)
-      np.testing.assert_allclose(got_m["mtp_ce"], want_m["mtp_ce"], rtol=1e-6)
-      flat_got = jax.tree_util.tree_flatten_with_path(got_g)[0]
-      for (path, g), w in zip(flat_got, jax.tree.leaves(want_g)):
-        np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
-
-    def kept(chunk):
-      _, vjp = jax.vjp(lambda s: objective(chunk)(s)[0], state)
-      return [r.shape for r in jax.tree.leaves(vjp) if np.shape(r)[-1:] == (v,) and r.ndim >= 3]
-
-    self.assertNotEmpty(kept(0))  # the logits [B, L, V] (main and MTP)
-    self.assertEmpty(kept(4))
-
   def test_model_losses_masks_last_k_positions(self):
     depth, b, l = 2, 2, 7
     cfg = _config(num_nextn_predict_layers=depth, init_std=0.1)

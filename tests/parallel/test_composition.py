@@ -114,8 +114,11 @@ def test_dualpipe_with_recomputation_equals_the_unpipelined_model():
   """`ModelConfig.remat` = "blocks" inside DualPipe's stages, whose executor cuts each
   stage's backward into B and W (`parallel/stage_vjp.py`): the rerun blocks' weight
   gradients come out of B (nothing they store is weight-only), and loss, loads and
-  gradients still equal the unpipelined model's."""
+  gradients still equal the unpipelined model's. The readout runs its head in pieces
+  (`train.logits_chunk`, 5 of 16 positions: a checkpointed `lax.map` inside the rerun
+  readout inside the last stage's `cond`), in both steps."""
   cfg = _cfg("dualpipe", n_mb=4, model={"remat": "blocks"})
+  cfg = config_lib.replace(cfg, train={"logits_chunk": 5})
   piped = PipelineTrainer(cfg, mesh_lib.make_mesh(cfg.parallel, jax.devices()[:8]))
   _assert_equals_unpipelined(piped)
   # The recomputation reached the stages: F stores no vocabulary-sized logits for B, and a
@@ -133,8 +136,10 @@ def test_recomputed_dualpipe_defers_no_table_gradient():
   the readout's `cond`, that share crossed from B to W as a [vocab, hidden] float32 table
   gradient in every micro-batch's r2 entry (3.7 of 3.9 GB per entry in the 671B plan under
   recomputation); the stage now looks every embedding up once, outside the conds, and the
-  share crosses as the embeddings' cotangent. The step is traced, not compiled."""
+  share crosses as the embeddings' cotangent. The step is traced, not compiled; the head
+  runs in pieces (`train.logits_chunk`), which the B/W split traces through too."""
   cfg = _cfg("dualpipe", n_mb=4, model={"remat": "blocks"})
+  cfg = config_lib.replace(cfg, train={"logits_chunk": 5})
   piped = PipelineTrainer(cfg, mesh_lib.make_mesh(cfg.parallel, jax.devices()[:8]))
   state = piped.init()
   tokens = jax.ShapeDtypeStruct((cfg.train.global_batch, 17), jnp.int32)

@@ -197,16 +197,18 @@ def _toy_stage(n_stages, scale):
 
 
 def _toy_params(n_stages, batch, seed=0, *, vocab=V, width=D):
-  V, D = vocab, width
   k = jax.random.split(jax.random.key(seed), 5)
   sp = {
-    "w": jax.random.normal(k[0], (n_stages, D, D)) * 0.4,
-    "b": jax.random.normal(k[1], (n_stages, D)) * 0.1,
+    "w": jax.random.normal(k[0], (n_stages, width, width)) * 0.4,
+    "b": jax.random.normal(k[1], (n_stages, width)) * 0.1,
   }
-  shp = {"emb": jax.random.normal(k[2], (V, D)), "head": jax.random.normal(k[3], (D, V)) * 0.3}
+  shp = {
+    "emb": jax.random.normal(k[2], (vocab, width)),
+    "head": jax.random.normal(k[3], (width, vocab)) * 0.3,
+  }
   sc = {"gain": 1.0 + 0.1 * jnp.arange(n_stages, dtype=jnp.float32)}
-  shc = {"bias": jnp.linspace(-0.1, 0.1, V)}
-  tokens = jax.random.randint(k[4], (batch, L + 1), 0, V)
+  shc = {"bias": jnp.linspace(-0.1, 0.1, vocab)}
+  tokens = jax.random.randint(k[4], (batch, L + 1), 0, vocab)
   return sp, shp, sc, shc, tokens
 
 

@@ -1,13 +1,19 @@
-"""Tests for dsv3_jax.train.loss (cross-entropy) and dsv3_jax.train.balance (the
+"""Tests for dsv3_jax.train.loss (cross-entropy, the head in pieces) and dsv3_jax.train.balance (the
 aux-loss-free bias update and MaxVio), against NumPy formulas written here.
 """
+
+import dataclasses
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
+from flax import nnx
 
+from configs.dsv3 import get_config
+from dsv3_jax import config as config_lib
+from dsv3_jax import model as model_lib
 from dsv3_jax.layers import routing as balance
 from dsv3_jax.train import loss as loss_lib
 
@@ -104,6 +110,50 @@ class CrossEntropyTest(parameterized.TestCase):
       _, vjp = jax.vjp(lambda x: loss_lib.cross_entropy(x, *args), lg)
       vocab_sized = [r for r in jax.tree.leaves(vjp) if np.shape(r)[-1:] == (9,)]
       self.assertEqual([r.dtype for r in vocab_sized], [dtype])
+
+
+class LogitsChunkTest(parameterized.TestCase):
+  @parameterized.parameters("none", "blocks")
+  def test_keeps_no_logits_and_changes_nothing_else(self, remat):
+    """`train.logits_chunk`: the head and its cross-entropy (main and two MTP depths) run a
+    piece of positions at a time, rerun in the backward: loss, MTP CE and every gradient
+    equal the whole-sequence objective's (a piece that divides L and one that does not),
+    with and without the blocks' recomputation; without it, the backward keeps no
+    vocabulary-sized array where the whole-sequence objective keeps the logits."""
+    depth, b, l = 2, 2, 12
+    c = get_config("tiny")
+    c.model.update(num_nextn_predict_layers=depth, init_std=0.1, remat=remat)
+    cfg = config_lib.from_dict(c)
+    model = model_lib.create(cfg.model, seed=5)
+    tokens = jax.random.randint(jax.random.key(6), (b, l + 1), 0, cfg.model.vocab_size)
+    graphdef, state = nnx.split(model)
+
+    def objective(chunk):
+      tcfg = dataclasses.replace(cfg.train, logits_chunk=chunk)
+
+      def f(state):
+        loss, metrics, _ = loss_lib.model_losses(nnx.merge(graphdef, state), tokens, tcfg)
+        return loss, metrics
+
+      return f
+
+    (want, want_m), want_g = jax.jit(jax.value_and_grad(objective(0), has_aux=True))(state)
+    for chunk in (4, 5):
+      (got, got_m), got_g = jax.jit(jax.value_and_grad(objective(chunk), has_aux=True))(state)
+      np.testing.assert_allclose(got, want, rtol=1e-6)
+      np.testing.assert_allclose(got_m["mtp_ce"], want_m["mtp_ce"], rtol=1e-6)
+      flat_got = jax.tree_util.tree_flatten_with_path(got_g)[0]
+      for (path, g), w in zip(flat_got, jax.tree.leaves(want_g)):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    if remat == "none":
+      v = cfg.model.vocab_size
+
+      def kept(chunk):
+        _, vjp = jax.vjp(lambda s: objective(chunk)(s)[0], state)
+        return [r.shape for r in jax.tree.leaves(vjp) if r.shape[-1:] == (v,) and r.ndim >= 3]
+
+      self.assertNotEmpty(kept(0))  # the logits [B, L, V] (main and MTP)
+      self.assertEmpty(kept(4))
 
 
 class BiasUpdateTest(parameterized.TestCase):
