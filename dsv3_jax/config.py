@@ -259,9 +259,10 @@ class TrainConfig:
   moment_dtype: str = "bfloat16"  # AdamW moments; master weights stay float32
   mtp_lambda: float = 0.3  # MTP loss weight lambda (divided by the depth D)
   balance_alpha: float = 1e-4  # complementary sequence-wise balance loss weight alpha
-  # > 0: the training loss applies the output head and its cross-entropy this many positions
-  # at a time, rerunning each piece in the backward, so no [B, L, vocab] float32 logits are
-  # kept or live at once (`train/loss.head_nll`); 0 (or >= seq_len): all positions at once.
+  # > 0: the training and held-out losses apply the output head and its cross-entropy this
+  # many positions at a time, rerunning each piece in the backward, so no [B, L, vocab]
+  # float32 logits are kept or live at once (`train/loss.head_nll`); 0 (or >= seq_len): all
+  # positions at once.
   logits_chunk: int = 0
   bias_update_gamma: float = 1e-3  # aux-loss-free bias update speed gamma, per step
   seed: int = 0  # parameter init and data order

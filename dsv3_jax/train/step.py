@@ -26,7 +26,7 @@ from dsv3_jax.config import Config
 from dsv3_jax.layers import routing
 from dsv3_jax.layers.routing import RouterBias
 from dsv3_jax.parallel import sharding
-from dsv3_jax.train.loss import cross_entropy, model_losses
+from dsv3_jax.train.loss import head_nll, model_losses
 from dsv3_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 
@@ -158,6 +158,9 @@ class Trainer:
     return TrainState(params, biases, opt_state, state.step + 1), metrics
 
   def _eval_fn(self, state: TrainState, batch: dict):
+    """Held-out cross-entropy of the main head (its logits a piece at a time under
+    `train.logits_chunk`, as the training loss takes them)."""
     tokens = batch["tokens"]
-    out = self.merge(state.params, state.biases).forward(tokens[:, :-1], routed=self.plan.routed)
-    return cross_entropy(out.logits_BxLxV, tokens[:, 1:])
+    model = self.merge(state.params, state.biases)
+    out = model.forward(tokens[:, :-1], routed=self.plan.routed, head=False)
+    return jnp.mean(head_nll(model, out.hidden_BxLxD, tokens[:, 1:], self.cfg.train.logits_chunk))

@@ -155,6 +155,30 @@ class LogitsChunkTest(parameterized.TestCase):
       self.assertNotEmpty(kept(0))  # the logits [B, L, V] (main and MTP)
       self.assertEmpty(kept(4))
 
+  def test_held_out_loss_takes_the_head_in_pieces_too(self):
+    """`Trainer.eval_step` applies the head as the training loss does: with pieces (5 of 16
+    positions) no logits of every position exist, and the held-out cross-entropy is the
+    same as without, on one device."""
+    from dsv3_jax.parallel import mesh as mesh_lib
+    from dsv3_jax.train.step import Trainer
+
+    c = get_config("tiny")
+    c.parallel.update(data=1, expert=1, pipe=1)
+    c.train.seq_len = 16
+    tokens = jax.random.randint(jax.random.key(7), (2, 17), 0, c.model.vocab_size)
+    losses = []
+    for chunk in (0, 5):
+      c.train.logits_chunk = chunk
+      cfg = config_lib.from_dict(c)
+      trainer = Trainer(cfg, mesh_lib.make_mesh(cfg.parallel, jax.devices()[:1]))
+      batch = {"tokens": jax.device_put(tokens, trainer.batch_sharding)}
+      state = trainer.init()
+      losses.append(float(trainer.eval_step(state, batch)))
+      whole = f"f32[2,16,{c.model.vocab_size}]"  # the logits of every position at once
+      self.assertEqual(whole in str(jax.make_jaxpr(trainer._eval_fn)(state, batch)), not chunk)
+    self.assertGreater(losses[0], 0.0)
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
+
 
 class BiasUpdateTest(parameterized.TestCase):
   def test_sign_of_the_update(self):
