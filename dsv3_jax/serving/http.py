@@ -407,9 +407,9 @@ def serve_checkpoint(
   server = make_server(engine, served.tokenizer, host, port, served.name)
   engine.warmup()  # before the engine thread starts: every program compiled when it returns
   with engine:
-    if ready is not None:
-      ready(server)
-    try:
+    try:  # an interrupt as early as `ready` (the socket already listens) stops cleanly too
+      if ready is not None:
+        ready(server)
       server.serve_forever()
     except KeyboardInterrupt:
       pass

@@ -336,6 +336,21 @@ def test_sigint_stops_a_server_started_with_sigint_ignored(export):
       ignoring.proc.wait()
 
 
+def test_an_interrupt_while_ready_runs_stops_cleanly(export):
+  # SIGINT can land once the `serving ...` line is out but before `ready` has returned (the
+  # test above saw it: exit -2 from a KeyboardInterrupt in the print); it stops the server as
+  # cleanly as one during `serve_forever`: `serve_checkpoint` returns.
+  from dsv3_jax.serving.http import serve_checkpoint
+
+  def ready(srv):
+    raise KeyboardInterrupt
+
+  try:
+    serve_checkpoint(export, port=0, slots=2, ready=ready)
+  except KeyboardInterrupt:  # caught here, so that a regression fails this test, not the run
+    pytest.fail("the interrupt escaped serve_checkpoint")
+
+
 def test_every_program_is_compiled_before_the_server_listens(export):
   """`ready` (the moment the server prints `serving ...`) comes after the warmup has compiled
   the prefill, the insert, the decode step and the slot release: the first request pays no
