@@ -648,8 +648,9 @@ class Pipeline:
       axes = self._reduce_axes(spec, extra)
       return jax.lax.psum(g, axes) if axes else g
 
-    g_slot = c["g_slot"]
-    g_slot = jax.tree.map(lambda s, g: reduce(g, s)[:, None], p_specs[0], g_slot, is_leaf=is_spec)
+    g_slot = jax.tree.map(
+      lambda s, g: reduce(g, s)[:, None], p_specs[0], c["g_slot"], is_leaf=is_spec
+    )
     g_shared = jax.tree.map(
       lambda s, g: reduce(g, s, (axis,)), p_specs[1], c["g_shared"], is_leaf=is_spec
     )

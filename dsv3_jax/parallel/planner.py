@@ -988,7 +988,9 @@ def timing(
   # `TrainConfig.logits_chunk` reruns the head's GEMM (main and every MTP depth) in the
   # backward, piece by piece: one more head forward per token. Spread evenly over the
   # devices, as this model spreads the ends' compute (only the end stages run it).
-  chunked = 0 < cfg.train.logits_chunk < cfg.train.seq_len
+  from dsv3_jax.train.loss import head_pieces  # train depends on parallel, not back
+
+  chunked = head_pieces(cfg.train.logits_chunk, cfg.train.seq_len) > 1
   head_flops = 2 * m.hidden_size * m.vocab_size * (1 + m.num_nextn_predict_layers)
   t_head = head_flops * tokens_step / n_dev / (peak * efficiency) if chunked else 0.0
   t_compute = t_model * (1 + rerun) + t_head

@@ -63,6 +63,12 @@ def _mean(nll_BxL: jax.Array, mask_BxL: jax.Array | None) -> jax.Array:
   return jnp.sum(nll_BxL * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def head_pieces(chunk: int, length: int) -> int:
+  """How many pieces `head_nll` cuts `length` positions into for `TrainConfig.logits_chunk`
+  = `chunk` (1: the whole sequence at once, for 0 or a chunk of at least `length`)."""
+  return -(-length // chunk) if 0 < chunk < length else 1
+
+
 def head_nll(model, h_BxLxD: jax.Array, targets_BxL: jax.Array, chunk: int = 0) -> jax.Array:
   """`token_nll` of the head's logits of the final-normed hidden state `h` [B, L] (float32).
 
@@ -72,15 +78,23 @@ def head_nll(model, h_BxLxD: jax.Array, targets_BxL: jax.Array, chunk: int = 0) 
   time and none are kept between the forward and the backward. It costs one more head GEMM
   (forward); the values are the unchunked ones up to float rounding."""
   b, l, d = h_BxLxD.shape
-  if not chunk or chunk >= l:
+  n = head_pieces(chunk, l)
+  if n == 1:
     return token_nll(model.logits(h_BxLxD), targets_BxL)
-  n = -(-l // chunk)
   pad = n * chunk - l
   h = jnp.pad(h_BxLxD, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d)
   t = jnp.pad(targets_BxL, ((0, 0), (0, pad))).reshape(b, n, chunk)
   piece = jax.checkpoint(lambda hh, tt: token_nll(model.logits(hh), tt))
   nll = jax.lax.map(lambda a: piece(*a), (jnp.swapaxes(h, 0, 1), jnp.swapaxes(t, 0, 1)))
   return jnp.swapaxes(nll, 0, 1).reshape(b, n * chunk)[:, :l]
+
+
+def head_cross_entropy(
+  model, h_BxLxD: jax.Array, targets_BxL: jax.Array, chunk: int = 0, mask_BxL=None
+) -> jax.Array:
+  """`cross_entropy` of the head's logits of `h`, taken `chunk` positions at a time
+  (`head_nll`)."""
+  return _mean(head_nll(model, h_BxLxD, targets_BxL, chunk), mask_BxL)
 
 
 class Readout(NamedTuple):
@@ -105,7 +119,7 @@ def readout_losses(
   caller looked them up (`shifted_inputs(...)[1:]`)."""
   targets = tokens_BxL1[:, 1:]
   b, l = targets.shape
-  ce = _mean(head_nll(model, h_BxLxD, targets, cfg.logits_chunk), None)
+  ce = head_cross_entropy(model, h_BxLxD, targets, cfg.logits_chunk)
   depth = len(model.mtp)
   n_exp = max(model.cfg.n_routed_experts, 1)
   if not depth:
@@ -119,8 +133,9 @@ def readout_losses(
   for k, hk in enumerate(mtp_h, start=1):
     # Depth k at position i predicts t_{i+k+1}; the last k positions have no target.
     mask = jnp.broadcast_to(jnp.arange(l) < l - k, (b, l))
-    nll = head_nll(model, hk, padded[:, k + 1 : k + 1 + l], cfg.logits_chunk)
-    mtp_ce.append(_mean(nll, mask))
+    mtp_ce.append(
+      head_cross_entropy(model, hk, padded[:, k + 1 : k + 1 + l], cfg.logits_chunk, mask)
+    )
   mtp_ce = jnp.stack(mtp_ce)
   loss = ce + cfg.mtp_lambda / depth * jnp.sum(mtp_ce) + cfg.balance_alpha * mtp_balance
   return Readout(loss, ce, jnp.mean(mtp_ce), mtp_load.astype(jnp.float32), mtp_balance)

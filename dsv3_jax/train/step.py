@@ -26,7 +26,7 @@ from dsv3_jax.config import Config
 from dsv3_jax.layers import routing
 from dsv3_jax.layers.routing import RouterBias
 from dsv3_jax.parallel import sharding
-from dsv3_jax.train.loss import head_nll, model_losses
+from dsv3_jax.train.loss import head_cross_entropy, model_losses
 from dsv3_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 
@@ -163,4 +163,4 @@ class Trainer:
     tokens = batch["tokens"]
     model = self.merge(state.params, state.biases)
     out = model.forward(tokens[:, :-1], routed=self.plan.routed, head=False)
-    return jnp.mean(head_nll(model, out.hidden_BxLxD, tokens[:, 1:], self.cfg.train.logits_chunk))
+    return head_cross_entropy(model, out.hidden_BxLxD, tokens[:, 1:], self.cfg.train.logits_chunk)

@@ -235,11 +235,15 @@ def _toy_reference(n_stages, n_mb, sp, shp, sc, shc, tokens):
   return jax.value_and_grad(total, argnums=(0, 1))(sp, shp)
 
 
+def _toy_mesh(pp, data=1):
+  devices = np.asarray(jax.devices()[: pp * data]).reshape(data, 1, pp)
+  return Mesh(devices, ("data", "expert", "pipe"), axis_types=(AxisType.Auto,) * 3)
+
+
 def _run_toy(name, pp, n_mb, granularity, *, data=1, probe=None):
   sched = S.SCHEDULES[name](pp, n_mb)
   n_st = sched.n_stages
-  devices = np.asarray(jax.devices()[: pp * data]).reshape(data, 1, pp)
-  mesh = Mesh(devices, ("data", "expert", "pipe"), axis_types=(AxisType.Auto,) * 3)
+  mesh = _toy_mesh(pp, data)
   mb = 2  # sequences per micro-batch
   sp, shp, sc, shc, tokens = _toy_params(n_st, mb * n_mb * data)
   pipe = P.Pipeline(
@@ -299,18 +303,14 @@ def test_toy_pipeline_with_data_parallel_axis():
 
 
 def test_gradient_sums_are_kept_at_most_twice():
-  """The executor sums each op's gradients into its scan carry, leaf by leaf. A conditional's
-  outputs are buffers of their own, so the carried sums and the switch's new sums are two
-  copies; that is the most XLA may keep (`planner.state_memory` counts two). Here the shared
+  """The executor sums each op's gradients into its scan carry, leaf by leaf. XLA:CPU gives
+  the switch's outputs buffers of their own, so the carried sums and the switch's new sums
+  are two copies; that is the most XLA may keep (`planner.state_memory` counts two). Here the shared
   embedding and head (8 MB in f32) outweigh everything else, so the compiled step's
   temporaries stay under 2.2 of them (1.95 measured; 2.44 when the sums were flattened into
   one vector per slot, which added the op's own flat gradient as a third copy)."""
   sched = S.SCHEDULES["1f1b"](2, 4)
-  mesh = Mesh(
-    np.asarray(jax.devices()[:2]).reshape(1, 1, 2),
-    ("data", "expert", "pipe"),
-    axis_types=(AxisType.Auto,) * 3,
-  )
+  mesh = _toy_mesh(2)
   sp, shp, sc, shc, tokens = _toy_params(sched.n_stages, 2 * 4, vocab=4096, width=256)
   pipe = P.Pipeline(_toy_stage(sched.n_stages, 0.25), sched, mesh, batch_axes=("data", "expert"))
   act = jax.ShapeDtypeStruct((2, L, 256), jnp.float32)

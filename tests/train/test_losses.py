@@ -1,5 +1,6 @@
-"""Tests for dsv3_jax.train.loss (cross-entropy, the head in pieces) and dsv3_jax.train.balance (the
-aux-loss-free bias update and MaxVio), against NumPy formulas written here.
+"""Tests for dsv3_jax.train.loss (cross-entropy, the head in pieces) and
+dsv3_jax.train.balance (the aux-loss-free bias update and MaxVio), against NumPy formulas
+written here.
 """
 
 import dataclasses
